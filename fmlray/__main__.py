@@ -1,0 +1,5 @@
+import sys
+
+from fmlray.cli import main
+
+sys.exit(main())

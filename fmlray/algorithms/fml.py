@@ -1,0 +1,42 @@
+"""Federated Mutual Learning (Shen et al., arXiv 2006.16765).
+
+Each client trains a private local model and a meme (a fork of the global model) on the same
+batches, each learning from the label and from the other's detached output (deep mutual
+learning, Zhang et al., arXiv 1706.00384). Only the meme is averaged.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from fmlray.algorithms.base import Algorithm
+
+
+def distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(p_teacher ‖ p_student) at temperature T, batch mean, times T² (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student / t, dim=1),
+        F.log_softmax(teacher.detach() / t, dim=1),  # the peer teaches; no gradient reaches it
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def mutual_losses(z_local: Tensor, z_meme: Tensor, y: Tensor, *, alpha: float, beta: float,
+                  temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(L_local, L_meme) of DESIGN.md §1: α·CE + (1−α)·KL(p_meme‖p_local), and β likewise."""
+    l_local = alpha * F.cross_entropy(z_local, y) + (1 - alpha) * distill(z_local, z_meme, temperature)
+    l_meme = beta * F.cross_entropy(z_meme, y) + (1 - beta) * distill(z_meme, z_local, temperature)
+    return l_local, l_meme
+
+
+def make(*, alpha: float, beta: float, temperature: float = 1.0, schedule=None) -> Algorithm:
+    """FML; `schedule(rnd) -> (alpha, beta)` overrides the constants (dynamic balancing)."""
+    def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
+        a, b = schedule(rnd) if schedule else (alpha, beta)
+        l_local, l_meme = mutual_losses(logits["local"], logits["meme"], y, alpha=a, beta=b, temperature=temperature)
+        return {"local": l_local, "meme": l_meme}
+
+    return Algorithm(name="fml", trains=("local", "meme"), loss=loss)

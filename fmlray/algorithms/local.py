@@ -1,0 +1,16 @@
+"""Local training: each client trains its private model alone; nothing is shared or averaged."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from fmlray.algorithms.base import Algorithm
+
+
+def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
+    return {"local": F.cross_entropy(logits["local"], y)}
+
+
+def make() -> Algorithm:
+    return Algorithm(name="local", trains=("local",), loss=loss)

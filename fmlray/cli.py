@@ -1,0 +1,117 @@
+"""`fmlray run | compare | report | partition`. Bad input ends with one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from fmlray.errors import FmlrayError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: the embedded digits default)")
+    p.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one setting, e.g. --set training.lr=0.05 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fmlray", description="Federated Mutual Learning simulator on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one experiment and write runs/<name>/")
+    _config_args(run)
+    compare = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
+    _config_args(compare)
+    compare.add_argument("--algorithms", default="fml,fedavg,fedprox,local",
+                         help="comma-separated (default: fml,fedavg,fedprox,local)")
+    report = sub.add_parser("report", help="reprint a finished run's summary")
+    report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
+    part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
+    _config_args(part)
+    part.add_argument("--save", metavar="FILE.csv", help="also write the table as CSV")
+    return parser
+
+
+def _load(args):
+    from fmlray.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args) -> int:
+    from fmlray.metrics import format_summary
+    from fmlray.simulation import run_experiment, title
+
+    cfg = _load(args)
+    path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True))
+    print(format_summary(summary, title(cfg)))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fmlray.config import ALGORITHMS, ConfigError
+    from fmlray.metrics import format_comparison
+    from fmlray.simulation import prepare, run_experiment
+
+    names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ALGORITHMS]
+    if not names or unknown:
+        raise ConfigError(f"--algorithms: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")
+    cfg = _load(args)
+    prepared = prepare(cfg)  # one dataset and partition for every algorithm
+    finals = {}
+    for name in names:
+        one = replace(cfg, algorithm=replace(cfg.algorithm, name=name),
+                      run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
+        path, finals[name] = run_experiment(one, prepared, echo=lambda s: print(s, flush=True))
+        print(f"wrote {path}", flush=True)
+    print(format_comparison(finals))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fmlray.metrics import format_summary, summaries
+    from fmlray.rundir import read_run
+
+    table, title = read_run(args.run_dir)
+    print(format_summary(summaries(table)[-1], title))
+    return 0
+
+
+def cmd_partition(args) -> int:
+    import pyarrow.csv
+
+    from fmlray.data import format_partition, partition_counts
+    from fmlray.simulation import prepare
+
+    prepared = prepare(_load(args))
+    table = partition_counts(prepared.dataset, prepared.partition)
+    print(format_partition(table))
+    if args.save:
+        pyarrow.csv.write_csv(table, args.save)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "partition": cmd_partition}
+    try:
+        return commands[args.command](args)
+    except FmlrayError as exc:
+        print(f"fmlray: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fmlray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""FedProx's Synthetic(alpha, beta) (Li et al., arXiv 1812.06127, section 5.1): natural clients.
+
+Client k draws its own softmax model and its own feature mean, so alpha controls how much the
+clients' models differ and beta how much their inputs differ. As in the authors' generator,
+N(m, s) takes s as the standard deviation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fmlray.data.dataset import Dataset
+
+MAX_SAMPLES_PER_CLIENT = 1000  # the paper's lognormal(4, 2) tail reaches 10^5; keep runs small
+
+
+def _client_sizes(num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows per client: lognormal(4, 2) + 50 as in the paper, capped."""
+    sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
+    return np.minimum(sizes, MAX_SAMPLES_PER_CLIENT)
+
+
+def _client_rows(n: int, *, alpha: float, beta: float, dim: int, classes: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of one client: its own model W, b ~ N(u, 1) and feature mean v ~ N(B, 1)."""
+    u = rng.normal(0, alpha)
+    w = rng.normal(u, 1, (classes, dim))
+    b = rng.normal(u, 1, classes)
+    v = rng.normal(rng.normal(0, beta), 1, dim)
+    sd = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of the diagonal j^-1.2
+    x = v + rng.standard_normal((n, dim)) * sd
+    y = np.argmax(x @ w.T + b, axis=1)  # softmax is monotone: its argmax is the logits' argmax
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def make_synthetic(*, num_clients: int, alpha: float, beta: float, dim: int, classes: int,
+                   test_fraction: float, seed: int) -> Dataset:
+    """Synthetic(alpha, beta) with `num_clients` natural clients, each split train/test."""
+    rng = np.random.default_rng((seed, 0x5E7))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xtr", "ytr", "otr", "xte", "yte", "ote")}
+    for k, n in enumerate(_client_sizes(num_clients, rng)):
+        x, y = _client_rows(int(n), alpha=alpha, beta=beta, dim=dim, classes=classes, rng=rng)
+        n_test = int(np.clip(round(n * test_fraction), 1, n - 1))  # every client keeps both splits
+        order = rng.permutation(int(n))
+        test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+        for key, rows in (("xtr", x[train]), ("ytr", y[train]), ("xte", x[test]), ("yte", y[test])):
+            parts[key].append(rows)
+        parts["otr"].append(np.full(len(train), k, dtype=np.int64))
+        parts["ote"].append(np.full(len(test), k, dtype=np.int64))
+    cat = {key: np.concatenate(rows) for key, rows in parts.items()}
+    return Dataset(name="synthetic", x_train=cat["xtr"], y_train=cat["ytr"], x_test=cat["xte"],
+                   y_test=cat["yte"], num_classes=classes, train_owner=cat["otr"], test_owner=cat["ote"])

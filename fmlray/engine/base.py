@@ -1,0 +1,40 @@
+"""The seam between the round loop and the machinery that runs client updates.
+
+An engine hosts the clients (data, private models), runs a round for some client ids against
+a broadcast global state and returns the new global state, and evaluates. The serial engine
+does this in-process; the Ray engine with client actors and an aggregator actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from fmlray.aggregate import State
+from fmlray.config import Config
+from fmlray.data import Dataset, Partition
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    global_state: object  # the new global (meme) model, as the engine keeps it (see Engine.fetch)
+    clients: list[dict]  # per trained client: client, samples, seconds, <model>_loss, <model>_accuracy
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    clients: list[dict]  # per client: client, test_samples, local_/global_ loss and accuracy
+    global_test: tuple[float, float] | None  # (loss, accuracy) of the global model on the global test set
+
+
+class Engine(Protocol):
+    def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None: ...
+
+    def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult: ...
+
+    def evaluate(self, global_state: State | None) -> EvalResult: ...
+
+    def fetch(self, state) -> State | None:
+        """The global state as numpy arrays (an engine may keep it elsewhere between rounds)."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,183 @@
+"""`ClientHost`: a set of clients with their data and private state, and what they do in a round.
+
+Both engines run this same class — the serial engine as one host of every client, the Ray
+engine as one host per client actor — so their results can only differ by float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fmlray import aggregate
+from fmlray.aggregate import PartialSum, State
+from fmlray.algorithms import build_algorithm, evaluate, make_optimizer, train_client
+from fmlray.config import Config
+from fmlray.data import Dataset, Partition
+from fmlray.errors import FmlrayError, TrainingError
+from fmlray.models import build_model
+from fmlray.seeding import BATCH_ORDER, GLOBAL_INIT, LOCAL_INIT, derive_seed
+
+
+def state_of(model: nn.Module) -> State:
+    """A module's state as numpy arrays (copies: the module goes on training)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_state(model: nn.Module, state: State) -> None:
+    """Copy numpy arrays (possibly read-only views of Ray's object store) into a module."""
+    model.load_state_dict({k: shared_tensor(v) for k, v in state.items()})
+
+
+def seeded_model(name: str, dataset: Dataset, seed: int) -> nn.Module:
+    """`build_model` with its initial weights drawn from `seed` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, dataset.input_shape, dataset.num_classes)
+
+
+def initial_global_state(cfg: Config, dataset: Dataset) -> State | None:
+    """The round-0 global (meme) model, or None for algorithms that share nothing."""
+    if not build_algorithm(cfg.algorithm, cfg.run.rounds).shares_meme:
+        return None
+    return state_of(seeded_model(cfg.model.meme, dataset, derive_seed(cfg.run.seed, GLOBAL_INIT)))
+
+
+def evaluate_global(cfg: Config, dataset: Dataset, state: State | None) -> tuple[float, float] | None:
+    """(loss, accuracy) of the global model on the global test set."""
+    if state is None:
+        return None
+    model = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
+    load_state(model, state)
+    return evaluate(model, shared_tensor(dataset.x_test), shared_tensor(dataset.y_test))
+
+
+@dataclass
+class Client:
+    cid: int
+    group: str
+    local_model: str
+    train_rows: torch.Tensor  # indices into the host's (shared, read-only) dataset arrays
+    test_rows: torch.Tensor
+    local: nn.Module | None = None  # private; created on first use from (seed, cid)
+    local_opt: torch.optim.Optimizer | None = None  # persists across rounds, like the model
+
+
+def shared_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor view of a numpy array without copying, even when Ray's object store made it read-only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "array is not writable": nothing writes to it
+        return torch.from_numpy(a)
+
+
+class ClientHost:
+    """Owns clients' rows and private models; trains and evaluates them in client-id order."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, client_ids: list[int],
+                 device: str = "cpu"):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+        # Zero-copy views of the dataset; a client's rows are gathered when it trains or is evaluated.
+        self.x, self.y = shared_tensor(dataset.x_train), shared_tensor(dataset.y_train)
+        self.x_test, self.y_test = shared_tensor(dataset.x_test), shared_tensor(dataset.y_test)
+        groups, group_of = cfg.clients.groups, cfg.clients.group_of_clients()
+        self.clients: dict[int, Client] = {}
+        for cid in sorted(client_ids):
+            g = groups[group_of[cid]]
+            self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(partition.train[cid]),
+                                       torch.from_numpy(partition.test[cid]))
+        self._meme: nn.Module | None = None  # one workspace, loaded with the global state per client
+
+    def _rows(self, c: Client, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if test:
+            return self.x_test[c.test_rows].to(self.device), self.y_test[c.test_rows].to(self.device)
+        return self.x[c.train_rows].to(self.device), self.y[c.train_rows].to(self.device)
+
+    def _local(self, c: Client) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if c.local is None:
+            seed = derive_seed(self.cfg.run.seed, LOCAL_INIT, c.cid)
+            c.local = seeded_model(c.local_model, self.dataset, seed).to(self.device)
+            c.local_opt = self._optimizer(c.local)
+        return c.local, c.local_opt
+
+    def _meme_from(self, state: State) -> nn.Module:
+        if self._meme is None:
+            self._meme = build_model(self.cfg.model.meme, self.dataset.input_shape, self.dataset.num_classes)
+            self._meme.to(self.device)
+        load_state(self._meme, state)
+        return self._meme
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.training
+        return make_optimizer(model.parameters(), name=t.optimizer, lr=t.lr, momentum=t.momentum,
+                              weight_decay=t.weight_decay)
+
+    def train(self, rnd: int, client_ids: list[int], global_state: State | None) -> tuple[PartialSum | None, list[dict]]:
+        """Train the given clients for round `rnd`; return their memes' weighted partial sum and metrics."""
+        partial, results = None, []
+        for cid in sorted(client_ids):
+            c = self.clients[cid]
+            started = time.perf_counter()
+            with _stage(c, rnd, "training"):
+                metrics, meme = self._train_one(c, rnd, global_state)
+            if meme is not None:
+                weight = len(c.train_rows) if self.cfg.algorithm.weighting == "samples" else 1.0
+                one = aggregate.weighted(state_of(meme), weight)
+                partial = one if partial is None else aggregate.add(partial, one)
+            results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started, **metrics})
+        return partial, results
+
+    def _train_one(self, c: Client, rnd: int, global_state: State | None) -> tuple[dict, nn.Module | None]:
+        models, opts, anchor = {}, {}, None
+        if self.algo.has_local:
+            models["local"], opts["local"] = self._local(c)
+        if self.algo.shares_meme:
+            meme = models["meme"] = self._meme_from(global_state)
+            opts["meme"] = self._optimizer(meme)  # the meme's optimiser starts fresh every round
+            if self.algo.penalty is not None:
+                anchor = [p.detach().clone() for p in meme.parameters()]
+        t = self.cfg.training
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
+        x, y = self._rows(c)
+        metrics = train_client(self.algo, models, opts, x, y, epochs=t.epochs, batch_size=t.batch_size,
+                               generator=gen, rnd=rnd, anchor=anchor)
+        return metrics, models.get("meme")
+
+    def evaluate(self, global_state: State | None) -> list[dict]:
+        """Each client's local model and the global model on the client's own test split."""
+        rows = []
+        meme = None if global_state is None else self._meme_from(global_state)
+        for c in self.clients.values():
+            row = {"client": c.cid, "test_samples": len(c.test_rows)}
+            with _stage(c, None, "evaluation"):
+                x, y = self._rows(c, test=True)
+                if self.algo.has_local:
+                    row["local_loss"], row["local_accuracy"] = evaluate(self._local(c)[0], x, y)
+                if meme is not None:
+                    row["global_loss"], row["global_accuracy"] = evaluate(meme, x, y)
+            rows.append(row)
+        return rows
+
+
+class _stage:
+    """Name the client, round and stage in any error raised inside (the debug backend's promise)."""
+
+    def __init__(self, c: Client, rnd: int | None, stage: str):
+        self.where = f"client {c.cid} (group {c.group}){f', round {rnd}' if rnd else ''}, {stage}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, tp, exc, tb):
+        if isinstance(exc, FmlrayError):
+            raise type(exc)(f"{self.where}: {exc}") from None
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            exc.add_note(f"in {self.where}")
+        return False

@@ -1,0 +1,67 @@
+"""How many client actors fit, and which clients each one hosts. All resource maths is here.
+
+Each client group asks for `num_cpus` / `num_gpus` per actor. A group gets actors in proportion
+to its share of the clients, as many as the cluster holds, never more than it has clients; a
+group that cannot fit even one actor is an error naming what to lower — never a silent hang.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fmlray.config import Config
+from fmlray.errors import ResourceError
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    group: str
+    num_cpus: float
+    num_gpus: float
+    client_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float  # in the whole cluster
+    gpus: float
+    node_cpus: float  # on the largest node: one actor cannot span nodes
+    node_gpus: float
+
+
+def _fits(n: float, per: float) -> int:
+    return math.inf if per == 0 else int(math.floor(n / per + 1e-9))
+
+
+def plan_actors(cfg: Config, cap: Capacity) -> list[ActorSpec]:
+    """Actors per group and their clients (contiguous id blocks, so partial sums stay in id order)."""
+    sizes = cfg.clients.group_sizes()
+    groups = [(g, n) for g, n in zip(cfg.clients.groups, sizes) if n > 0]
+    for g, _ in groups:
+        key = f"clients.groups[{g.name}]"
+        if g.num_cpus > cap.node_cpus:
+            raise ResourceError(f"{key}.num_cpus = {g.num_cpus} but the largest node has {cap.node_cpus:g} CPUs; "
+                                f"lower it to at most {cap.node_cpus:g}")
+        if g.num_gpus > cap.node_gpus:
+            raise ResourceError(f"{key}.num_gpus = {g.num_gpus} but the largest node has {cap.node_gpus:g} GPUs; "
+                                f"lower it (0 runs on CPUs)")
+    total = sum(n for _, n in groups)
+    want = cfg.engine.num_actors or total
+    counts = []
+    for g, n in groups:
+        share = n / total
+        fit = min(_fits(cap.cpus * share, g.num_cpus), _fits(cap.gpus * share, g.num_gpus))
+        counts.append(max(1, min(n, fit, max(1, round(want * share)))))
+    cpus = sum(c * g.num_cpus for c, (g, _) in zip(counts, groups))
+    gpus = sum(c * g.num_gpus for c, (g, _) in zip(counts, groups))
+    if cpus > cap.cpus + 1e-9 or gpus > cap.gpus + 1e-9:
+        asked = ", ".join(f"{c}×{g.name} ({g.num_cpus:g} CPU, {g.num_gpus:g} GPU)" for c, (g, _) in zip(counts, groups))
+        raise ResourceError(f"the actors ({asked}) need {cpus:g} CPUs and {gpus:g} GPUs but the cluster has "
+                            f"{cap.cpus:g} and {cap.gpus:g}; lower engine.num_actors or the groups' num_cpus/num_gpus")
+    specs, first = [], 0
+    for c, (g, n) in zip(counts, groups):
+        bounds = [first + (n * i) // c for i in range(c + 1)]
+        specs += [ActorSpec(g.name, g.num_cpus, g.num_gpus, tuple(range(bounds[i], bounds[i + 1]))) for i in range(c)]
+        first += n
+    return specs

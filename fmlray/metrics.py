@@ -1,0 +1,138 @@
+"""Run records: one row per round × client × model (plus round-level rows), and their summaries.
+
+Columns (the Parquet schema, also in the README):
+  round     int32   1-based round
+  client    int32   client id; -1 on round-level rows
+  group     string  the client's group; "" on round-level rows
+  model     string  "local" | "meme" (trained copy of the global model) | "global" | "" (round row)
+  split     string  "train" | "test" (the client's own test split) | "global_test" | "round"
+  loss      double  mean cross-entropy (train rows: the client's training loss)
+  accuracy  double
+  samples   int64   rows the figure is over (round row: clients sampled)
+  seconds   double  client update time (train rows), round wall time (round row)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA = pa.schema([
+    ("round", pa.int32()), ("client", pa.int32()), ("group", pa.string()), ("model", pa.string()),
+    ("split", pa.string()), ("loss", pa.float64()), ("accuracy", pa.float64()), ("samples", pa.int64()),
+    ("seconds", pa.float64()),
+])
+NAN = float("nan")
+
+
+def row(rnd: int, client: int = -1, group: str = "", model: str = "", split: str = "round", *,
+        loss: float = NAN, accuracy: float = NAN, samples: int = 0, seconds: float = NAN) -> dict:
+    return dict(round=rnd, client=client, group=group, model=model, split=split, loss=loss,
+                accuracy=accuracy, samples=samples, seconds=seconds)
+
+
+def train_rows(rnd: int, results: list[dict], groups: list[str]) -> list[dict]:
+    """Rows for the clients trained this round, one per model they trained."""
+    out = []
+    for r in results:
+        for model in ("local", "meme"):
+            if f"{model}_loss" in r:
+                out.append(row(rnd, r["client"], groups[r["client"]], model, "train", loss=r[f"{model}_loss"],
+                               accuracy=r[f"{model}_accuracy"], samples=r["samples"], seconds=r["seconds"]))
+    return out
+
+
+def eval_rows(rnd: int, clients: list[dict], global_test: tuple[float, float] | None,
+              test_samples: int, groups: list[str]) -> list[dict]:
+    """Rows for an evaluation: every client's local and global model on its split, and the global test."""
+    out = []
+    for r in clients:
+        for model in ("local", "global"):
+            if f"{model}_loss" in r:
+                out.append(row(rnd, r["client"], groups[r["client"]], model, "test", loss=r[f"{model}_loss"],
+                               accuracy=r[f"{model}_accuracy"], samples=r["test_samples"]))
+    if global_test is not None:
+        out.append(row(rnd, model="global", split="global_test", loss=global_test[0], accuracy=global_test[1],
+                       samples=test_samples))
+    return out
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def stats(values: list[float]) -> dict[str, float] | None:
+    """Mean, std, min and 10th percentile across clients (None when there are none)."""
+    if not values:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "p10": float(np.percentile(a, 10))}
+
+
+def round_summary(rows: list[dict]) -> dict:
+    """The accuracy figures FML is judged by, for one round's rows."""
+    def acc(model: str, split: str) -> list[float]:
+        return [r["accuracy"] for r in rows if r["model"] == model and r["split"] == split]
+
+    test = acc("global", "global_test")
+    timing = [r for r in rows if r["split"] == "round"]
+    return {
+        "round": rows[0]["round"],
+        "local": stats(acc("local", "test")),
+        "global_clients": stats(acc("global", "test")),
+        "global_test": test[0] if test else None,
+        "seconds": timing[0]["seconds"] if timing else None,
+    }
+
+
+def summaries(table: pa.Table) -> list[dict]:
+    """`round_summary` for every evaluated round of a run's table."""
+    rows = table.to_pylist()
+    by_round: dict[int, list[dict]] = {}
+    for r in rows:
+        by_round.setdefault(r["round"], []).append(r)
+    out = [round_summary(rs) for _, rs in sorted(by_round.items())]
+    return [s for s in out if s["local"] or s["global_clients"] or s["global_test"] is not None]
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def progress_line(s: dict, rounds: int) -> str:
+    """One line per round for the terminal and job logs."""
+    parts = [f"round {s['round']:>{len(str(rounds))}}/{rounds}"]
+    if s["local"]:
+        parts.append(f"local {s['local']['mean']:.3f}±{s['local']['std']:.3f} (p10 {s['local']['p10']:.3f})")
+    if s["global_clients"]:
+        parts.append(f"global/clients {s['global_clients']['mean']:.3f} (p10 {s['global_clients']['p10']:.3f})")
+    if s["global_test"] is not None:
+        parts.append(f"global/test {s['global_test']:.3f}")
+    if s["seconds"] is not None:
+        parts.append(f"{s['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def format_summary(s: dict, title: str) -> str:
+    """The end-of-run table: mean, std, min and p10 of accuracy across clients."""
+    lines = [title, f"{'accuracy (round ' + str(s['round']) + ')':<34}{'mean':>8}{'std':>8}{'min':>8}{'p10':>8}"]
+    for label, key in (("local models, own test splits", "local"), ("global model, client test splits", "global_clients")):
+        st = s[key]
+        if st:
+            lines.append(f"{label:<34}" + "".join(f"{_fmt(st[k]):>8}" for k in ("mean", "std", "min", "p10")))
+    if s["global_test"] is not None:
+        lines.append(f"{'global model, global test set':<34}{_fmt(s['global_test']):>8}")
+    return "\n".join(lines)
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+    """One table of final-round figures per algorithm (`fmlray compare`)."""
+    head = f"{'algorithm':<10}{'local mean':>12}{'local p10':>11}{'global/clients':>16}{'global p10':>12}{'global/test':>13}"
+    lines = [head]
+    for name, s in results.items():
+        loc, glo = s["local"] or {}, s["global_clients"] or {}
+        lines.append(f"{name:<10}{_fmt(loc.get('mean')):>12}{_fmt(loc.get('p10')):>11}{_fmt(glo.get('mean')):>16}"
+                     f"{_fmt(glo.get('p10')):>12}{_fmt(s['global_test']):>13}")
+    return "\n".join(lines)

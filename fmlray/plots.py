@@ -1,0 +1,32 @@
+"""PNG plots of accuracy over rounds (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def accuracy_plot(summary: list[dict], title: str, path: Path) -> None:
+    """Mean accuracy across clients with its p10 as a dashed line, and the global test accuracy."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rounds = [s["round"] for s in summary]
+    for key, label, color in (("local", "local models (own test split)", "tab:blue"),
+                              ("global_clients", "global model (client test splits)", "tab:orange")):
+        if summary and summary[0][key]:
+            mean = [s[key]["mean"] for s in summary]
+            ax.plot(rounds, mean, marker="o", color=color, label=f"{label}, mean")
+            ax.plot(rounds, [s[key]["p10"] for s in summary], ls="--", color=color, alpha=0.7, label=f"{label}, p10")
+    if summary and summary[0]["global_test"] is not None:
+        ax.plot(rounds, [s["global_test"] for s in summary], marker="s", color="tab:green", label="global model (global test set)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

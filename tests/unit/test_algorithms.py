@@ -1,0 +1,160 @@
+"""Client updates checked by hand on toy numbers, and the invariants DESIGN.md §1 promises."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fmlray.algorithms import fedavg, fedprox, fml, local
+from fmlray.algorithms.base import batches, make_optimizer, train_client
+from fmlray.errors import TrainingError
+
+
+def sgd(model, lr=1.0, momentum=0.0, weight_decay=0.0):
+    return make_optimizer(model.parameters(), name="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def linear(seed=0, zero=False):
+    torch.manual_seed(seed)
+    m = nn.Linear(2, 2)
+    if zero:
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+    return m
+
+
+def toy_data(n=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def run(algo, models, x, y, lr=0.1, seed=3, **kw):
+    opts = {name: sgd(m, lr=lr, momentum=0.9) for name, m in models.items()}
+    return train_client(algo, models, opts, x, y, epochs=2, batch_size=4, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_distill_matches_hand_computed_kl():
+    # p_teacher = softmax([ln 3, 0]) = [3/4, 1/4]; p_student = [1/2, 1/2]
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    student = torch.zeros(1, 2)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert fml.distill(student, teacher, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    # T = 2: softmax of logits / 2, and the KL multiplied by T² = 4
+    q = 3 ** 0.5 / (3 ** 0.5 + 1)
+    expected_t2 = 4 * (q * math.log(q / 0.5) + (1 - q) * math.log((1 - q) / 0.5))
+    assert fml.distill(student, teacher, 2.0).item() == pytest.approx(expected_t2, abs=1e-6)
+
+
+def test_distill_is_batch_mean():
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    student = torch.zeros(2, 2)
+    one = fml.distill(student[:1], teacher[:1], 1.0).item()
+    assert fml.distill(student, teacher, 1.0).item() == pytest.approx(one / 2, abs=1e-7)
+
+
+def test_mutual_losses_weights_label_and_peer():
+    z_local, z_meme = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    y = torch.tensor([0])
+    ce = nn.functional.cross_entropy
+    l_local, l_meme = fml.mutual_losses(z_local, z_meme, y, alpha=0.3, beta=0.8)
+    assert l_local.item() == pytest.approx(0.3 * ce(z_local, y).item() + 0.7 * fml.distill(z_local, z_meme, 1).item())
+    assert l_meme.item() == pytest.approx(0.8 * ce(z_meme, y).item() + 0.2 * fml.distill(z_meme, z_local, 1).item())
+
+
+def test_kl_term_sends_no_gradient_into_the_peer():
+    z_local = torch.randn(4, 3, requires_grad=True)
+    z_meme = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    l_local, _ = fml.mutual_losses(z_local, z_meme, y, alpha=0.0, beta=0.5)  # pure KL for the local model
+    l_local.backward()
+    assert z_meme.grad is None
+    assert z_local.grad is not None and z_local.grad.abs().sum() > 0
+
+
+def test_one_sgd_step_by_hand():
+    # zero weights → p = [1/2, 1/2]; CE gradient = (p − onehot(y)) xᵀ; lr 1 subtracts it
+    model = linear(zero=True)
+    x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    train_client(fedavg.make(), {"meme": model}, {"meme": sgd(model)}, x, y, epochs=1, batch_size=1,
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(model.weight, torch.tensor([[0.5, 0.0], [-0.5, 0.0]]))
+    assert torch.allclose(model.bias, torch.tensor([0.5, -0.5]))
+
+
+def test_fml_with_alpha_beta_one_trains_each_model_as_plain_cross_entropy():
+    x, y = toy_data()
+    local_m, meme_m = linear(1), linear(2)
+    run(fml.make(alpha=1.0, beta=1.0), {"local": local_m, "meme": meme_m}, x, y)
+    alone_local, alone_meme = linear(1), linear(2)
+    run(local.make(), {"local": alone_local}, x, y)
+    run(fedavg.make(), {"meme": alone_meme}, x, y)
+    for a, b in ((local_m, alone_local), (meme_m, alone_meme)):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_fml_models_do_learn_from_each_other():
+    x, y = toy_data()
+    local_m, meme_m = linear(1), linear(2)
+    run(fml.make(alpha=0.5, beta=0.5), {"local": local_m, "meme": meme_m}, x, y)
+    alone = linear(1)
+    run(local.make(), {"local": alone}, x, y)
+    assert not torch.allclose(local_m.weight, alone.weight)
+
+
+def test_fml_schedule_is_used_per_round():
+    seen = []
+    algo = fml.make(alpha=0.5, beta=0.5, schedule=lambda rnd: seen.append(rnd) or (1.0, 1.0))
+    x, y = toy_data(4)
+    run(algo, {"local": linear(1), "meme": linear(2)}, x, y, rnd=7)
+    assert set(seen) == {7}
+
+
+def test_fedprox_with_mu_zero_equals_fedavg():
+    x, y = toy_data()
+    a, b = linear(5), linear(5)
+    run(fedavg.make(), {"meme": a}, x, y)
+    run(fedprox.make(mu=0.0), {"meme": b}, x, y, anchor=[p.detach().clone() for p in linear(5).parameters()])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fedprox_penalty_by_hand_and_pulls_toward_anchor():
+    m = linear(zero=True)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
+    anchor = [torch.zeros(2, 2), torch.zeros(2)]
+    assert fedprox.proximal(0.5)(m, anchor).item() == pytest.approx(0.25 * 5)
+    x, y = toy_data()
+    start = linear(5)
+    anchor = [p.detach().clone() for p in start.parameters()]
+    plain, prox = copy.deepcopy(start), copy.deepcopy(start)
+    run(fedavg.make(), {"meme": plain}, x, y, lr=0.1)
+    run(fedprox.make(mu=1.0), {"meme": prox}, x, y, lr=0.1, anchor=anchor)
+    drift = lambda m: sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(m.parameters(), anchor))  # noqa: E731
+    assert drift(prox) < drift(plain)
+
+
+def test_nan_loss_is_a_training_error():
+    x, y = toy_data()
+    x[0, 0] = float("nan")
+    m = linear()
+    with pytest.raises(TrainingError, match="not finite"):
+        train_client(fedavg.make(), {"meme": m}, {"meme": sgd(m)}, x, y, epochs=1, batch_size=len(y),
+                     generator=torch.Generator().manual_seed(0))
+
+
+def test_batches_cover_every_row_once_and_never_leave_a_single_row():
+    for n, bs in ((10, 3), (9, 4), (5, 5), (1, 4), (33, 32)):
+        got = list(batches(n, bs, torch.Generator().manual_seed(0)))
+        assert sorted(torch.cat(got).tolist()) == list(range(n))
+        assert all(len(b) > 1 for b in got) or n == 1
+
+
+def test_train_metrics_report_each_trained_model():
+    x, y = toy_data()
+    out = run(fml.make(alpha=0.5, beta=0.5), {"local": linear(1), "meme": linear(2)}, x, y)
+    assert set(out) == {"local_loss", "local_accuracy", "meme_loss", "meme_accuracy"}
+    assert 0 <= out["local_accuracy"] <= 1 and out["meme_loss"] > 0

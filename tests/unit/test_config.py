@@ -1,0 +1,121 @@
+"""Config: defaults, presets, TOML, --set overrides, and the errors that name what to change."""
+
+import dataclasses
+
+import pytest
+
+from fmlray.config import PRESETS_DIR, ClientsConfig, Config, FMLConfig, GroupConfig, load_config, to_dict
+from fmlray.errors import ConfigError
+
+
+def write(tmp_path, text, name="c.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_embedded_default_preset_equals_the_defaults():
+    assert load_config(PRESETS_DIR / "digits.toml") == Config()
+
+
+def test_every_preset_loads():
+    for preset in sorted(PRESETS_DIR.glob("*.toml")):
+        assert isinstance(load_config(preset), Config)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().run.rounds = 3
+
+
+def test_file_overrides_defaults_key_by_key(tmp_path):
+    cfg = load_config(write(tmp_path, "[training]\nlr = 0.05\n[algorithm.fml]\nalpha = 0.3\n"))
+    assert cfg.training.lr == 0.05 and cfg.training.batch_size == 16
+    assert cfg.algorithm.fml.alpha == 0.3 and cfg.algorithm.fml.beta == 0.5
+
+
+def test_set_overrides_parse_values_with_types():
+    cfg = load_config(None, ["training.lr=0.05", "data.dataset=synthetic", "run.rounds=3",
+                             "data.download=true", "clients.groups.1.local_model=resnet8", "algorithm.fml.alpha_end=0.9"])
+    assert cfg.training.lr == 0.05 and cfg.run.rounds == 3 and cfg.data.download is True
+    assert cfg.data.dataset == "synthetic"
+    assert cfg.clients.groups[1].local_model == "resnet8"
+    assert cfg.algorithm.fml.alpha_end == 0.9
+
+
+def test_int_widens_to_float_but_not_the_reverse():
+    assert load_config(None, ["training.lr=1"]).training.lr == 1.0
+    with pytest.raises(ConfigError, match="run.rounds must be an integer"):
+        load_config(None, ["run.rounds=2.5"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("training.lrr=0.1", "unknown key 'training.lrr'; valid keys in training: epochs, batch_size"),
+    ("trainin.lr=0.1", "unknown key 'trainin'"),
+    ("training.lr=abc", "training.lr must be a number"),
+    ("training.lr=-1", "training.lr must be in (0, 10]"),
+    ("algorithm.fml.alpha=1.5", "algorithm.fml.alpha must be in [0, 1]"),
+    ("algorithm.fml.temperature=0", "algorithm.fml.temperature must be > 0"),
+    ("clients.fraction=0", "clients.fraction must be in (0, 1]"),
+    ("clients.num_clients=0", "clients.num_clients must be >= 1"),
+    ("algorithm.name=fedsgd", "algorithm.name = 'fedsgd' is unknown; choose one of fml, fedavg"),
+    ("data.dataset=imagenet", "data.dataset = 'imagenet' is unknown"),
+    ("model.meme=vgg", "model.meme = 'vgg' is unknown"),
+    ("data.partition=natural", "needs data.dataset = 'synthetic'"),
+    ("clients.groups.5.share=1", "not an index"),
+    ("run.name=a/b", "plain folder name"),
+    ("training.lr", "must look like section.key=value"),
+    ("engine.kind=spark", "engine.kind = 'spark' is unknown"),
+    ("data.download=yes", "data.download must be a bool"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_toml_file_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(write(tmp_path, "[run\nname = 1"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="run.name must be a str"):
+        load_config(write(tmp_path, "[run]\nname = 3\n"))
+
+
+def test_groups_need_exactly_one_of_count_or_share():
+    with pytest.raises(ConfigError, match="exactly one of count"):
+        GroupConfig(name="g", count=3, share=0.5)
+    with pytest.raises(ConfigError, match="exactly one of count"):
+        GroupConfig(name="g")
+    with pytest.raises(ConfigError, match="counts add up to 30 > clients.num_clients = 20"):
+        ClientsConfig(num_clients=20, groups=(GroupConfig(name="a", count=30),))
+    with pytest.raises(ConfigError, match="names must be unique"):
+        ClientsConfig(groups=(GroupConfig(name="a", share=1), GroupConfig(name="a", share=1)))
+    with pytest.raises(ConfigError, match="group needs a name|missing 1 required"):
+        load_config(None, ["clients.groups=[{local_model='mlp', share=1.0}]"])
+
+
+def test_group_sizes_counts_first_then_shares_by_largest_remainder():
+    c = ClientsConfig(num_clients=10, groups=(
+        GroupConfig(name="catfish", count=1), GroupConfig(name="a", share=1), GroupConfig(name="b", share=2)))
+    assert c.group_sizes() == (1, 3, 6)
+    assert c.group_of_clients() == (0, 1, 1, 1, 2, 2, 2, 2, 2, 2)
+    assert ClientsConfig(num_clients=7).group_sizes() == (4, 3)
+    assert sum(ClientsConfig(num_clients=1000).group_sizes()) == 1000
+
+
+def test_alpha_beta_schedule_is_linear_over_rounds():
+    f = FMLConfig(alpha=0.5, beta=0.5, alpha_end=0.1, beta_end=0.9)
+    assert f.at_round(1, 5) == (0.5, 0.5)
+    assert f.at_round(5, 5) == pytest.approx((0.1, 0.9))
+    assert f.at_round(3, 5) == pytest.approx((0.3, 0.7))
+    assert FMLConfig().at_round(4, 10) == (0.5, 0.5)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    import tomli_w
+    cfg = load_config(None, ["algorithm.fml.beta_end=0.8", "clients.num_clients=7"])
+    p = write(tmp_path, tomli_w.dumps(to_dict(cfg)))
+    assert load_config(p) == cfg

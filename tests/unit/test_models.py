@@ -1,0 +1,115 @@
+"""Unit tests for the model registry in fmlray.models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fmlray import config
+from fmlray.errors import ConfigError
+from fmlray.models import MODELS, build_model
+
+IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
+CONV_MODELS = [name for name in MODELS if name != "mlp"]
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_models_tuple_is_the_config_one() -> None:
+    assert MODELS is config.MODELS
+    assert MODELS == ("mlp", "lenet5", "cnn", "resnet8", "resnet18")
+
+
+@pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_on_images(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10)
+    batch = 2 if name == "resnet18" and shape[-1] > 8 else 4  # keeps resnet18 fast on CPU
+    logits = model(torch.randn(batch, *shape))
+    assert logits.shape == (batch, 10)
+    nn.functional.cross_entropy(logits, torch.arange(batch)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mlp_on_flat_features() -> None:
+    model = build_model("mlp", (60,), 2)
+    assert model(torch.randn(4, 60)).shape == (4, 2)
+
+
+@pytest.mark.parametrize("name", CONV_MODELS)
+def test_conv_models_reject_flat_input(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_model(name, (60,), 2)
+    message = str(info.value)
+    assert "mlp" in message and name in message and "(60,)" in message
+    assert "\n" not in message
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_model("vgg16", (1, 28, 28), 10)
+    assert "vgg16" in str(info.value)
+    assert all(name in str(info.value) for name in MODELS)
+
+
+@pytest.mark.parametrize("num_classes", [0, 1])
+def test_num_classes_below_two_rejected(num_classes: int) -> None:
+    with pytest.raises(ConfigError, match="num_classes"):
+        build_model("mlp", (1, 8, 8), num_classes)
+
+
+def test_image_too_small_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="cnn"):
+        build_model("cnn", (1, 2, 2), 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_seed_same_params_different_seed_different(name: str) -> None:
+    def built(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return _params(build_model(name, (1, 8, 8), 10))
+
+    first, again, other = built(1), built(1), built(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_build_uses_no_rng_beyond_init() -> None:
+    # Building twice from one seed must leave the global RNG in the same state both times.
+    states = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        build_model("lenet5", (1, 8, 8), 10)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_dropout(name: str) -> None:
+    model = build_model(name, (1, 8, 8), 10)
+    assert not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def test_resnet8_has_batchnorm_buffers() -> None:
+    buffers = dict(build_model("resnet8", (3, 32, 32), 10).named_buffers())
+    counters = [key for key in buffers if key.endswith("num_batches_tracked")]
+    assert counters and all(buffers[key].dtype == torch.long for key in counters)
+    assert any(key.endswith("running_mean") for key in buffers)
+    assert any(key.endswith("running_var") for key in buffers)
+
+
+def test_mlp_digits_parameter_count() -> None:
+    model = build_model("mlp", (1, 8, 8), 10)
+    expected = 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_eval_mode_is_deterministic() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet8", (1, 8, 8), 10).eval()
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(model(x), model(x))
