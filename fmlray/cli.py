@@ -101,7 +101,10 @@ def cmd_partition(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed on one line
+        return int(exit_.code or 0)
     commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "partition": cmd_partition}
     try:
         return commands[args.command](args)
