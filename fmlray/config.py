@@ -45,6 +45,16 @@ def _positive(key: str, value: float) -> None:
     _check(value > 0 and math.isfinite(value), f"{key} must be > 0, got {value}")
 
 
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """Split `total` in proportion to `weights` (largest remainder; ties to the first)."""
+    wsum = sum(weights)
+    exact = [total * w / wsum if wsum else 0.0 for w in weights]
+    out = [int(math.floor(e)) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: (out[i] - exact[i], i))[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "digits-fml"
@@ -147,15 +157,10 @@ class ClientsConfig:
                "fix the counts or give a group a share")
 
     def group_sizes(self) -> tuple[int, ...]:
-        """Clients per group: counts as given, the rest split by share (largest remainder)."""
+        """Clients per group: counts as given, the rest split by share."""
         rest = self.num_clients - sum(g.count for g in self.groups)
-        total_share = sum(g.share for g in self.groups)
-        exact = [rest * g.share / total_share if total_share else 0.0 for g in self.groups]
-        sizes = [int(math.floor(e)) for e in exact]
-        by_remainder = sorted(range(len(exact)), key=lambda i: (sizes[i] - exact[i], i))
-        for i in by_remainder[: rest - sum(sizes)]:
-            sizes[i] += 1
-        return tuple(g.count + s for g, s in zip(self.groups, sizes))
+        by_share = apportion(rest, [g.share for g in self.groups])
+        return tuple(g.count + s for g, s in zip(self.groups, by_share))
 
     def group_of_clients(self) -> tuple[int, ...]:
         """Group index of every client id; ids are given out group by group."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 
 import ray
@@ -78,28 +79,43 @@ class Aggregator:
         return evaluate_global(self.cfg, self.dataset, state)
 
 
+def _reachable(address: str) -> bool:
+    """A quick TCP check of a "host:port" address, so a wrong one fails now instead of after minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # "auto", "ray://...", or a form Ray itself will judge
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 def connect(address: str) -> bool:
     """Join `address` (or RAY_ADDRESS), else start a local Ray; True when this call started it."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
+    hint = "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray"
+    if address and not _reachable(address):
+        raise ResourceError(f"no Ray cluster answers at {address}; {hint}")
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        else:
-            ray.init(logging_level=logging.WARNING, include_dashboard=False)
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:  # a private single-node Ray: keep it on loopback
+            ray.init(logging_level=logging.WARNING, include_dashboard=False, _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ResourceError(f"cannot reach a Ray cluster at {address or 'a new local instance'} ({first}); "
-                            "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray") from None
+        raise ResourceError(f"cannot reach a Ray cluster at {address or 'a new local instance'} ({first}); {hint}") from None
     return True
 
 
 def capacity() -> Capacity:
-    """What the live nodes offer now."""
+    """What the live nodes hold in all. (Totals, not what is free this instant: actors of a run that
+    just ended free theirs a moment later; resources held for long are caught by the ready timeout.)"""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    avail = ray.available_resources()
-    return Capacity(cpus=avail.get("CPU", 0.0), gpus=avail.get("GPU", 0.0),
+    total = ray.cluster_resources()
+    return Capacity(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0),
                     node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
                     node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fmlray.config import Config
+from fmlray.config import Config, apportion
 from fmlray.errors import ResourceError
 
 
@@ -47,12 +47,14 @@ def plan_actors(cfg: Config, cap: Capacity) -> list[ActorSpec]:
             raise ResourceError(f"{key}.num_gpus = {g.num_gpus} but the largest node has {cap.node_gpus:g} GPUs; "
                                 f"lower it (0 runs on CPUs)")
     total = sum(n for _, n in groups)
-    want = cfg.engine.num_actors or total
+    # engine.num_actors (or one per client) split over groups by their clients, at least one each
+    desired = apportion(max(cfg.engine.num_actors or total, len(groups)), [n for _, n in groups])
+    gpu_clients = sum(n for g, n in groups if g.num_gpus > 0) or 1  # GPUs are split among groups that use them
     counts = []
-    for g, n in groups:
-        share = n / total
-        fit = min(_fits(cap.cpus * share, g.num_cpus), _fits(cap.gpus * share, g.num_gpus))
-        counts.append(max(1, min(n, fit, max(1, round(want * share)))))
+    for (g, n), d in zip(groups, desired):
+        fit = min(_fits(cap.cpus * n / total, g.num_cpus), _fits(cap.gpus * n / gpu_clients, g.num_gpus))
+        # an explicit engine.num_actors is honoured or refused below, never silently shrunk
+        counts.append(max(1, min(n, d) if cfg.engine.num_actors else min(n, d, fit)))
     cpus = sum(c * g.num_cpus for c, (g, _) in zip(counts, groups))
     gpus = sum(c * g.num_gpus for c, (g, _) in zip(counts, groups))
     if cpus > cap.cpus + 1e-9 or gpus > cap.gpus + 1e-9:
