@@ -48,6 +48,7 @@ ray job submit --address "$ADDRESS" --submission-id "$JOB_ID" --no-wait --workin
 # Stream the driver's output until the job ends (Ctrl-C stops following, not the job).
 ray job logs --address "$ADDRESS" --follow "$JOB_ID"
 
-# Final state; exit non-zero unless the job SUCCEEDED.
-ray job status --address "$ADDRESS" "$JOB_ID"
-ray job status --address "$ADDRESS" "$JOB_ID" | grep -q SUCCEEDED
+# Final state ("Job '<id>' succeeded" / "failed" / ...); exit non-zero unless it succeeded.
+status="$(ray job status --address "$ADDRESS" "$JOB_ID")"
+echo "$status"
+grep -q "' succeeded" <<<"$status"

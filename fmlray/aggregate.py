@@ -52,8 +52,8 @@ def finalize(total: PartialSum, like: Mapping[str, np.ndarray]) -> State:
     """The weighted mean, cast back to the dtypes of `like`."""
     if total.weight <= 0:
         raise ValueError("cannot average with a total weight of 0")
-    return {k: (v / total.weight).astype(like[k].dtype) if _is_float(v) else v.astype(like[k].dtype)
-            for k, v in total.sums.items()}
+    # np.asarray: 0-d entries (BatchNorm's counter) must stay arrays, not become numpy scalars
+    return {k: np.asarray(v / total.weight if _is_float(v) else v, dtype=like[k].dtype) for k, v in total.sums.items()}
 
 
 def average(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> State:

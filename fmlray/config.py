@@ -240,7 +240,7 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    kind: str = "serial"
+    kind: str = "ray"  # "serial" runs every client in-process: the debugging reference
     num_actors: int = 0  # 0 → as many as the cluster's resources allow (at most one per client)
     address: str = ""  # Ray cluster to join ("auto", "ray://..."); "" → RAY_ADDRESS or a local Ray
 

@@ -81,7 +81,8 @@ def prepare(cfg: Config) -> Prepared:
 def title(cfg: Config) -> str:
     groups = ", ".join(f"{g.name}:{g.local_model}" for g in cfg.clients.groups)
     return (f"{cfg.run.name}: {cfg.algorithm.name} on {cfg.data.dataset} ({cfg.data.partition}), "
-            f"{cfg.clients.num_clients} clients [{groups}], meme {cfg.model.meme}, seed {cfg.run.seed}")
+            f"{cfg.clients.num_clients} clients [{groups}], meme {cfg.model.meme}, seed {cfg.run.seed}, "
+            f"{cfg.engine.kind} engine")
 
 
 def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable[[str], None] = print):

@@ -103,7 +103,9 @@ def connect(address: str) -> bool:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:  # a private single-node Ray: keep it on loopback
-            ray.init(logging_level=logging.WARNING, include_dashboard=False, _node_ip_address="127.0.0.1")
+            # "local": a new instance, never one a `ray start` left behind on this machine
+            ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False,
+                     _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ResourceError(f"cannot reach a Ray cluster at {address or 'a new local instance'} ({first}); {hint}") from None

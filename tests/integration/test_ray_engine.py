@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fmlray.cli import main
 from fmlray.config import load_config
 from fmlray.engine.ray_engine import RayEngine
 from fmlray.engine.serial import SerialEngine
@@ -88,3 +89,10 @@ def test_a_group_too_big_for_the_cluster_fails_at_once(ray_session):
     with pytest.raises(ResourceError, match="lower engine.num_actors"):
         RayEngine().start(cfg, prepared.dataset, prepared.partition)
 
+
+
+def test_fmlray_run_uses_the_ray_engine_by_default(ray_session, tmp_path, capsys):
+    assert main(["run", "--set", "run.rounds=2", "--set", "training.epochs=1", "--set", f"run.output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "ray engine" in out and "round 2/2" in out
+    assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()

@@ -11,7 +11,7 @@ import pytest
 import fmlray.data
 from fmlray.cli import main
 
-QUICK = ["--set", "run.rounds=2", "--set", "training.epochs=1"]
+QUICK = ["--set", "run.rounds=2", "--set", "training.epochs=1", "--set", "engine.kind=serial"]  # Ray: integration/
 
 
 def fail(capsys, argv, fragment, out_dir=None):
@@ -76,7 +76,8 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
     out = tmp_path / "runs"
-    fail(capsys, argv + (["--set", f"run.output_dir={out}"] if argv[0] == "run" else []), fragment, out)
+    extra = ["--set", f"run.output_dir={out}", "--set", "engine.kind=serial"] if argv[0] == "run" else []
+    fail(capsys, argv + extra, fragment, out)
 
 
 def test_bad_toml_file(tmp_path, capsys):

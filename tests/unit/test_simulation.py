@@ -71,3 +71,11 @@ def test_each_algorithm_records_the_models_it_has(algo, models):
 def test_eval_every_skips_rounds_but_not_the_last():
     _, _, result = run(["run.rounds=3", "run.eval_every=2"])
     assert sorted({r["round"] for r in result.rows if r["split"] == "test"}) == [2, 3]
+
+
+def test_batchnorm_meme_survives_aggregation_rounds():
+    _, _, result = run(["model.meme=resnet8", "algorithm.name=fedavg", "run.rounds=2", "training.epochs=1",
+                        "clients.num_clients=4"])
+    assert result.global_state["0.1.num_batches_tracked"].dtype == np.int64
+    assert result.global_state["0.1.num_batches_tracked"].shape == ()
+    assert int(result.global_state["0.1.num_batches_tracked"]) > 0

@@ -1,0 +1,46 @@
+"""Run a short simulation on a three-node `ray.cluster_utils.Cluster` (three raylets on this
+machine) and save where the actors ran and what came out. Run as a script, in its own process:
+one process can hold one Ray connection, and the test session already has its own."""
+
+import json
+import sys
+
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+
+from fmlray.config import load_config
+from fmlray.engine.ray_engine import RayEngine
+from fmlray.simulation import prepare, simulate
+
+
+def main(overrides: list[str], out: str) -> None:
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    for _ in range(2):
+        cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    # Every raylet listens on loopback only; Ray would rewrite a 127.0.0.1 address to the host's
+    # outward IP before connecting, so keep it as given.
+    ray._private.services.resolve_ip_for_localhost = lambda host: host
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
+    try:
+        cfg = load_config(None, overrides)
+        prepared = prepare(cfg)
+        engine = RayEngine()
+        engine.start(cfg, prepared.dataset, prepared.partition)
+        try:
+            result = simulate(cfg, prepared.dataset, prepared.partition, engine)
+        finally:
+            engine.close()
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        np.savez(out, **result.global_state)
+        with open(out + ".json", "w") as f:
+            json.dump({"nodes": nodes, "actor_nodes": [i["node"] for i in engine.infos], "rows": result.rows}, f)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]), sys.argv[2])

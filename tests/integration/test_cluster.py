@@ -1,0 +1,74 @@
+"""Beyond one process: three raylets on this machine, and `ray job submit` to a private head."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmlray.config import load_config
+from fmlray.engine.serial import SerialEngine
+from fmlray.simulation import prepare, simulate
+import raynodes
+from raynodes import BIN, PrivateHead
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def test_three_nodes_each_host_an_actor_and_match_the_serial_run(tmp_path):
+    overrides = ["run.rounds=2", "training.epochs=1", "engine.kind=ray",
+                 "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1}]"]
+    out = str(tmp_path / "multinode.npz")
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(overrides), out],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(Path(out + ".json").read_text())
+    assert len(info["nodes"]) == 3 and len(info["actor_nodes"]) == 3
+    assert sorted(info["actor_nodes"]) == info["nodes"], "SPREAD should put one actor on every node"
+
+    cfg = load_config(None, overrides)
+    prepared = prepare(cfg)
+    engine = SerialEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    serial = simulate(cfg, prepared.dataset, prepared.partition, engine)
+    multi = np.load(out)
+    for k, v in serial.global_state.items():
+        np.testing.assert_allclose(multi[k], v, atol=1e-6, err_msg=k)
+    key = lambda r: (r["round"], r["client"], r["model"], r["split"])  # noqa: E731
+    a = {key(r): r["accuracy"] for r in serial.rows}
+    b = {key(r): r["accuracy"] for r in info["rows"]}
+    assert a.keys() == b.keys()
+    assert max(abs(a[k] - b[k]) for k in a if not np.isnan(a[k])) < 1e-6
+
+
+@pytest.fixture
+def private_head():
+    head = PrivateHead(num_cpus=2)
+    head.start()
+    yield head
+    head.stop()
+    assert [p for p in head.processes() if raynodes._alive(p)] == [], "the private head left processes behind"
+
+
+def test_ray_job_submit_runs_fmlray_and_writes_its_outputs(private_head, tmp_path):
+    # Ray 2.60 turns on token auth for a new head and writes ~/.ray/auth_token; the job CLI sends
+    # that token only in token mode.
+    env = raynodes.env(RAY_AUTH_MODE="token")
+    runs = tmp_path / "runs"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", private_head.dashboard, "--working-dir", str(REPO), "--",
+           "python", "-m", "fmlray", "run", "--set", "engine.kind=ray", "--set", "run.rounds=2",
+           "--set", "training.epochs=1", "--set", f"run.output_dir={runs}", "--set", "run.name=job"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-3000:]
+    assert "succeeded" in logs and "round 2/2" in logs and "global model, global test set" in logs
+    table = pq.read_table(runs / "job" / "metrics.parquet")
+    assert set(table.column("round").to_pylist()) == {1, 2}
+    assert (runs / "job" / "accuracy.png").stat().st_size > 0
