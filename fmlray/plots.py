@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +25,7 @@ def accuracy_plot(summary: list[dict], title: str, path: Path) -> None:
         ax.plot(rounds, [s["global_test"] for s in summary], marker="s", color="tab:green", label="global model (global test set)")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 85)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
