@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import replace
 
@@ -21,6 +22,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: the embedded digits default)")
     p.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting, e.g. --set training.lr=0.05 (repeatable)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (same as --set engine.address=ADDR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     from fmlray.config import load_config
-    return load_config(args.config, args.overrides)
+    address = [f"engine.address={args.address!r}"] if args.address is not None else []
+    return load_config(args.config, [*args.overrides, *address])
 
 
 def cmd_run(args) -> int:
@@ -68,13 +72,31 @@ def cmd_compare(args) -> int:
     cfg = _load(args)
     prepared = prepare(cfg)  # one dataset and partition for every algorithm
     finals = {}
-    for name in names:
-        one = replace(cfg, algorithm=replace(cfg.algorithm, name=name),
-                      run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
-        path, finals[name] = run_experiment(one, prepared, echo=lambda s: print(s, flush=True))
-        print(f"wrote {path}", flush=True)
+    with _shared_ray(cfg):
+        for name in names:
+            one = replace(cfg, algorithm=replace(cfg.algorithm, name=name),
+                          run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
+            path, finals[name] = run_experiment(one, prepared, echo=lambda s: print(s, flush=True))
+            print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
     return 0
+
+
+@contextlib.contextmanager
+def _shared_ray(cfg):
+    """One Ray for several runs (each engine leaves alone a Ray it did not start)."""
+    if cfg.engine.kind != "ray":
+        yield
+        return
+    import ray
+
+    from fmlray.engine.ray_engine import connect
+    started = connect(cfg.engine.address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def cmd_report(args) -> int:

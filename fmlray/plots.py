@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -23,6 +24,7 @@ def accuracy_plot(summary: list[dict], title: str, path: Path) -> None:
             ax.plot(rounds, [s[key]["p10"] for s in summary], ls="--", color=color, alpha=0.7, label=f"{label}, p10")
     if summary and summary[0]["global_test"] is not None:
         ax.plot(rounds, [s["global_test"] for s in summary], marker="s", color="tab:green", label="global model (global test set)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_title("\n".join(textwrap.wrap(title, 85)), fontsize=9)
