@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import warnings
 
 import ray
@@ -70,10 +71,18 @@ class Aggregator:
         import torch
         torch.set_num_threads(1)
         self.cfg, self.dataset = cfg, dataset
+        self.seconds: list[float] = []
 
     def aggregate(self, previous: State, *partials: aggregate.PartialSum | None) -> State:
+        started = time.perf_counter()
         total = aggregate.combine(p for p in partials if p is not None)  # in actor = client-id order
-        return previous if total is None else aggregate.finalize(total, previous)
+        new = previous if total is None else aggregate.finalize(total, previous)
+        self.seconds.append(time.perf_counter() - started)
+        return new
+
+    def aggregate_seconds(self) -> list[float]:
+        """Time spent averaging, per call (for benchmarks)."""
+        return self.seconds
 
     def evaluate(self, state: State | None):
         return evaluate_global(self.cfg, self.dataset, state)
