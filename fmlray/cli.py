@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one experiment and write runs/<name>/")
     _config_args(run)
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<name> from its last checkpoint "
+                     "(its own config; --set may extend run.rounds)")
     compare = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
     _config_args(compare)
     compare.add_argument("--algorithms", default="fml,fedavg,fedprox,local",
@@ -43,18 +45,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args) -> list[str]:
+    return [*args.overrides, *([f"engine.address={args.address!r}"] if args.address is not None else [])]
+
+
 def _load(args):
     from fmlray.config import load_config
-    address = [f"engine.address={args.address!r}"] if args.address is not None else []
-    return load_config(args.config, [*args.overrides, *address])
+    return load_config(args.config, _overrides(args))
 
 
 def cmd_run(args) -> int:
+    from fmlray.config import ConfigError
     from fmlray.metrics import format_summary
     from fmlray.simulation import run_experiment, title
 
-    cfg = _load(args)
-    path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True))
+    from pathlib import Path
+
+    from fmlray.rundir import resumable_config
+    from fmlray.simulation import RunInterrupted
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.toml; drop --config")
+        cfg = resumable_config(args.resume, _overrides(args))
+    else:
+        cfg = _load(args)
+    try:
+        path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True),
+                                       resume_dir=Path(args.resume) if args.resume else None)
+    except RunInterrupted as stop:
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        print(f"fmlray: stopped after round {stop.round}; continue with: fmlray run --resume {run_dir}",
+              file=sys.stderr)
+        return 130
     print(format_summary(summary, title(cfg)))
     print(f"wrote {path}")
     return 0

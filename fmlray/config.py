@@ -62,6 +62,9 @@ class RunConfig:
     rounds: int = 10
     output_dir: str = "runs"
     eval_every: int = 1  # evaluate every N rounds (and always after the last one)
+    # checkpoint every N rounds (0: only when stopped by a signal); each pulls every client's
+    # private state to the driver, so on big runs raise it
+    checkpoint_every: int = 1
 
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
@@ -69,6 +72,7 @@ class RunConfig:
         _check(self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
         _check(self.rounds >= 1, f"run.rounds must be >= 1, got {self.rounds}")
         _check(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}")
+        _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True, kw_only=True)

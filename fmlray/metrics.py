@@ -10,6 +10,8 @@ Columns (the Parquet schema, also in the README):
   accuracy  double
   samples   int64   rows the figure is over (round row: clients sampled)
   seconds   double  client update time (train rows), round wall time (round row)
+  note      string  why a client's update was "excluded" (NaN/Inf), or how it was "recovered"
+                    after its actor was lost; "" otherwise
 """
 
 from __future__ import annotations
@@ -22,21 +24,24 @@ import pyarrow as pa
 SCHEMA = pa.schema([
     ("round", pa.int32()), ("client", pa.int32()), ("group", pa.string()), ("model", pa.string()),
     ("split", pa.string()), ("loss", pa.float64()), ("accuracy", pa.float64()), ("samples", pa.int64()),
-    ("seconds", pa.float64()),
+    ("seconds", pa.float64()), ("note", pa.string()),
 ])
 NAN = float("nan")
 
 
 def row(rnd: int, client: int = -1, group: str = "", model: str = "", split: str = "round", *,
-        loss: float = NAN, accuracy: float = NAN, samples: int = 0, seconds: float = NAN) -> dict:
+        loss: float = NAN, accuracy: float = NAN, samples: int = 0, seconds: float = NAN, note: str = "") -> dict:
     return dict(round=rnd, client=client, group=group, model=model, split=split, loss=loss,
-                accuracy=accuracy, samples=samples, seconds=seconds)
+                accuracy=accuracy, samples=samples, seconds=seconds, note=note)
 
 
 def train_rows(rnd: int, results: list[dict], groups: list[str]) -> list[dict]:
     """Rows for the clients trained this round, one per model they trained."""
     out = []
     for r in results:
+        if "excluded" in r:
+            out.append(row(rnd, r["client"], groups[r["client"]], split="excluded", samples=r["samples"],
+                           seconds=r["seconds"], note=r["excluded"]))
         for model in ("local", "meme"):
             if f"{model}_loss" in r:
                 out.append(row(rnd, r["client"], groups[r["client"]], model, "train", loss=r[f"{model}_loss"],
@@ -57,6 +62,11 @@ def eval_rows(rnd: int, clients: list[dict], global_test: tuple[float, float] | 
         out.append(row(rnd, model="global", split="global_test", loss=global_test[0], accuracy=global_test[1],
                        samples=test_samples))
     return out
+
+
+def recovery_rows(rnd: int, failures: list[dict], groups: list[str]) -> list[dict]:
+    """One row per client whose actor was lost this round and whose update was re-run elsewhere."""
+    return [row(rnd, cid, groups[cid], split="recovered", note=f["note"]) for f in failures for cid in f["clients"]]
 
 
 def to_table(rows: list[dict]) -> pa.Table:

@@ -1,11 +1,13 @@
-"""A run's folder, `runs/<name>/`, written whole or not at all.
+"""A run's folder, `runs/<name>/`: made when the run starts, completed when it ends.
 
-Everything goes to a hidden sibling folder first and is renamed into place at the end, so a
-failed or interrupted run leaves nothing half-written behind.
+While the run goes on it holds config.toml, partition.csv and checkpoint.npz (so it can be
+resumed); metrics, summaries and the plot arrive at the end. Each file is written under a
+temporary name and renamed, so no file is ever half-written.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -24,37 +26,54 @@ CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PLOT = (
     "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "accuracy.png")
 
 
-def write_run(cfg: Config, table: pa.Table, partition_table: pa.Table, title: str) -> Path:
-    """Write config, metrics, summary, partition and plot; return the final folder."""
-    out = Path(cfg.run.output_dir)
-    final = out / cfg.run.name
-    tmp = out / f".{cfg.run.name}.partial-{os.getpid()}"
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def create(cfg: Config, partition_table: pa.Table) -> Path:
+    """A fresh runs/<name>/ (an older run of that name is replaced) with the config and partition."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:
-        tmp.mkdir(parents=True, exist_ok=False)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
     except OSError as exc:
-        raise FmlrayError(f"cannot create {tmp}: {exc.strerror}; set run.output_dir to a writable folder") from None
-    try:
-        (tmp / CONFIG).write_bytes(tomli_w.dumps(to_dict(cfg)).encode())
-        pq.write_table(table, tmp / METRICS)
-        pa.csv.write_csv(partition_table, tmp / PARTITION)
-        summary = metrics.summaries(table)
-        (tmp / SUMMARY).write_text(metrics.format_summary(summary[-1], title) + "\n")
-        (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=1) + "\n")
-        plots.accuracy_plot(summary, title, tmp / PLOT)
-        _swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        raise FmlrayError(f"cannot create {run_dir}: {exc.strerror}; set run.output_dir to a writable folder") from None
+    write_config(run_dir, cfg)
+    buf = io.BytesIO()
+    pa.csv.write_csv(partition_table, buf)
+    _atomic(run_dir / PARTITION, buf.getvalue())
+    return run_dir
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp`; an older run of the same name is removed only once the new one is in."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def write_config(run_dir: Path, cfg: Config) -> None:
+    _atomic(run_dir / CONFIG, tomli_w.dumps(to_dict(cfg)).encode())
+
+
+def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
+    """The config a run in `run_dir` was started with, plus `overrides`, still writing to `run_dir`."""
+    from fmlray.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise FmlrayError(f"{run_dir} is not an fmlray run folder (no {CONFIG}); give a folder under runs/")
+    place = [f"run.output_dir={str(run_dir.parent)!r}", f"run.name={run_dir.name!r}"]
+    return load_config(run_dir / CONFIG, [*overrides, *place])
+
+
+def finish(run_dir: Path, table: pa.Table, title: str) -> None:
+    """Metrics, summaries and the plot of a finished run."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _atomic(run_dir / METRICS, buf.getvalue())
+    summary = metrics.summaries(table)
+    _atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
+    _atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
+    tmp = run_dir / f".{PLOT}.tmp.png"
+    plots.accuracy_plot(summary, title, tmp)
+    os.replace(tmp, run_dir / PLOT)
 
 
 def read_run(path: str | Path) -> tuple[pa.Table, str]:

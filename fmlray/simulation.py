@@ -6,18 +6,24 @@ algorithm); it only decides who trains when, and writes down what came back.
 
 from __future__ import annotations
 
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fmlray import metrics
 from fmlray.aggregate import State
+from fmlray.checkpoint import Checkpoint
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
 from fmlray.engine.host import initial_global_state
+from fmlray.errors import FmlrayError, TrainingError
 from fmlray.seeding import SAMPLING, derive_seed
 
 
@@ -37,19 +43,35 @@ def sample_clients(cfg: Config, rnd: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(k, size=m, replace=False))
 
 
+class RunInterrupted(Exception):
+    """A signal stopped the run after `round`; its checkpoint was written."""
+
+    def __init__(self, rnd: int):
+        super().__init__(f"stopped after round {rnd}")
+        self.round = rnd
+
+
 def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine,
-             on_round: Callable[[dict], None] | None = None) -> Result:
-    """Run cfg.run.rounds rounds on a started engine; call `on_round(summary)` after each."""
+             on_round: Callable[[dict], None] | None = None, *, resume: Checkpoint | None = None,
+             save: Callable[[Checkpoint], None] | None = None, stop: Callable[[], bool] = lambda: False) -> Result:
+    """Run rounds on a started engine (from `resume` on, if given); call `on_round(summary)` after
+    each, `save(checkpoint)` every run.checkpoint_every rounds and when `stop()` turns true."""
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
-    state = initial_global_state(cfg, dataset)
-    rows: list[dict] = []
-    rounds = cfg.run.rounds
-    for rnd in range(1, rounds + 1):
+    state, rows, first = initial_global_state(cfg, dataset), [], 1
+    if resume is not None:
+        state, rows, first = resume.global_state, list(resume.rows), resume.round + 1
+        engine.restore(resume.private)
+    rounds, every = cfg.run.rounds, cfg.run.checkpoint_every
+    for rnd in range(first, rounds + 1):
         started = time.perf_counter()
         ids = sample_clients(cfg, rnd)
         result = engine.train_round(rnd, ids, state)
+        bad = [c["excluded"] for c in result.clients if "excluded" in c]
+        if bad and len(bad) == len(result.clients):
+            raise TrainingError(f"round {rnd}: every client's update was NaN/Inf, nothing to average "
+                                f"(first: {bad[0]}); lower training.lr or check the data")
         state = result.global_state
-        new = metrics.train_rows(rnd, result.clients, groups)
+        new = metrics.train_rows(rnd, result.clients, groups) + metrics.recovery_rows(rnd, result.failures, groups)
         if rnd % cfg.run.eval_every == 0 or rnd == rounds:
             ev = engine.evaluate(state)
             new += metrics.eval_rows(rnd, ev.clients, ev.global_test, len(dataset.y_test), groups)
@@ -57,6 +79,11 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         rows += new
         if on_round is not None:
             on_round(metrics.round_summary(new))
+        stopping = stop()
+        if save is not None and (stopping or (every and (rnd % every == 0 or rnd == rounds))):
+            save(Checkpoint(rnd, engine.fetch(state), engine.snapshot(rnd), rows))
+        if stopping and rnd < rounds:
+            raise RunInterrupted(rnd)
     return Result(rows, engine.fetch(state))
 
 
@@ -85,21 +112,75 @@ def title(cfg: Config) -> str:
             f"{cfg.engine.kind} engine")
 
 
-def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable[[str], None] = print):
-    """Prepare, simulate on the configured engine, write runs/<name>/; return (folder, final summary)."""
+def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable[[str], None] = print,
+                   resume_dir: Path | None = None):
+    """Prepare, simulate on the configured engine, write runs/<name>/; return (folder, final summary).
+
+    The folder is made once the engine is up; it holds the config, the partition and the latest
+    checkpoint while the run goes on, and the metrics, summary and plot once it ends. A run that
+    fails before its first checkpoint leaves no folder behind.
+    """
+    from fmlray import checkpoint, rundir
     from fmlray.data import partition_counts
     from fmlray.engine import make_engine
-    from fmlray.rundir import write_run
 
     prepared = prepared or prepare(cfg)
+    resume = checkpoint.load(resume_dir) if resume_dir is not None else None
+    if resume is not None and resume.round >= cfg.run.rounds:
+        raise FmlrayError(f"{resume_dir} already ran its {resume.round} rounds; "
+                          f"add --set run.rounds=N (N > {resume.round}) to continue it")
     engine = make_engine(cfg)
-    echo(title(cfg))
+    echo(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
     engine.start(cfg, prepared.dataset, prepared.partition)
+    saved, run_dir = resume is not None, None
     try:
-        result = simulate(cfg, prepared.dataset, prepared.partition, engine,
-                          on_round=lambda s: echo(metrics.progress_line(s, cfg.run.rounds)))
+        if resume_dir is not None:
+            run_dir = resume_dir
+            rundir.write_config(run_dir, cfg)  # e.g. with more rounds than before
+        else:
+            run_dir = rundir.create(cfg, partition_counts(prepared.dataset, prepared.partition))
+
+        def save(ckpt: Checkpoint) -> None:
+            nonlocal saved
+            checkpoint.save(run_dir, ckpt)
+            saved = True
+
+        with StopOnSignal(echo) as stop:
+            result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save, stop=stop,
+                              on_round=lambda s: echo(metrics.progress_line(s, cfg.run.rounds)))
+    except BaseException:
+        if not saved and run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth resuming
+        raise
     finally:
         engine.close()
     table = metrics.to_table(result.rows)
-    path = write_run(cfg, table, partition_counts(prepared.dataset, prepared.partition), title(cfg))
-    return path, metrics.summaries(table)[-1]
+    rundir.finish(run_dir, table, title(cfg))
+    return run_dir, metrics.summaries(table)[-1]
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM ask the run to stop after the current round (and checkpoint); a second
+    SIGINT aborts at once."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo, self.requested, self.previous = echo, False, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.echo(f"{signal.Signals(signum).name}: stopping after this round, with a checkpoint")
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -7,7 +7,7 @@ does this in-process; the Ray engine with client actors and an aggregator actor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from fmlray.aggregate import State
@@ -19,6 +19,8 @@ from fmlray.data import Dataset, Partition
 class RoundResult:
     global_state: object  # the new global (meme) model, as the engine keeps it (see Engine.fetch)
     clients: list[dict]  # per trained client: client, samples, seconds, <model>_loss, <model>_accuracy
+    # (or "excluded": why its update was left out); failures: {"clients": [...], "note": ...} per lost actor
+    failures: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,12 @@ class Engine(Protocol):
     def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult: ...
 
     def evaluate(self, global_state: State | None) -> EvalResult: ...
+
+    def snapshot(self, rnd: int) -> State:
+        """Every client's private state after round `rnd` (kept, too, for recovering lost actors)."""
+
+    def restore(self, private: State) -> None:
+        """Put back what `snapshot` returned (when resuming a run)."""
 
     def fetch(self, state) -> State | None:
         """The global state as numpy arrays (an engine may keep it elsewhere between rounds)."""

@@ -87,13 +87,49 @@ class ClientHost:
         # Zero-copy views of the dataset; a client's rows are gathered when it trains or is evaluated.
         self.x, self.y = shared_tensor(dataset.x_train), shared_tensor(dataset.y_train)
         self.x_test, self.y_test = shared_tensor(dataset.x_test), shared_tensor(dataset.y_test)
-        groups, group_of = cfg.clients.groups, cfg.clients.group_of_clients()
+        self.partition = partition
         self.clients: dict[int, Client] = {}
+        self.add_clients(client_ids)
+        self._meme: nn.Module | None = None  # one workspace, loaded with the global state per client
+
+    def add_clients(self, client_ids: list[int], private: State | None = None) -> None:
+        """Host these clients (e.g. adopted from a lost actor), with their private state if given."""
+        groups, group_of = self.cfg.clients.groups, self.cfg.clients.group_of_clients()
         for cid in sorted(client_ids):
             g = groups[group_of[cid]]
-            self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(partition.train[cid]),
-                                       torch.from_numpy(partition.test[cid]))
-        self._meme: nn.Module | None = None  # one workspace, loaded with the global state per client
+            self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(self.partition.train[cid]),
+                                       torch.from_numpy(self.partition.test[cid]))
+        if private:
+            self.load_private_state(private)
+
+    def private_state(self, client_ids: list[int] | None = None) -> State:
+        """Clients' local model and optimiser state, flat: '<cid>/local/<key>', '<cid>/opt/<i>/<name>'."""
+        out: State = {}
+        for cid in sorted(self.clients if client_ids is None else client_ids):
+            c = self.clients[cid]
+            if c.local is None:  # never used: it is recreated from (seed, cid) exactly as it was
+                continue
+            out.update({f"{c.cid}/local/{k}": v for k, v in state_of(c.local).items()})
+            for i, st in c.local_opt.state_dict()["state"].items():
+                for name, t in st.items():
+                    out[f"{c.cid}/opt/{i}/{name}"] = t.detach().cpu().numpy().copy() if torch.is_tensor(t) else np.array(t)
+        return out
+
+    def load_private_state(self, flat: State) -> None:
+        """Restore what `private_state` returned (for the clients this host has)."""
+        per_client: dict[int, dict[str, np.ndarray]] = {}
+        for key, v in flat.items():
+            cid, rest = key.split("/", 1)
+            per_client.setdefault(int(cid), {})[rest] = v
+        for cid, entries in per_client.items():
+            model, opt = self._local(self.clients[cid])
+            load_state(model, {k[len("local/"):]: v for k, v in entries.items() if k.startswith("local/")})
+            state: dict[int, dict] = {}
+            for k, v in entries.items():
+                if k.startswith("opt/"):
+                    _, i, name = k.split("/", 2)
+                    state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(v)).to(self.device)
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
     def _rows(self, c: Client, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if test:
@@ -125,8 +161,15 @@ class ClientHost:
         for cid in sorted(client_ids):
             c = self.clients[cid]
             started = time.perf_counter()
-            with _stage(c, rnd, "training"):
-                metrics, meme = self._train_one(c, rnd, global_state)
+            try:
+                with _stage(c, rnd, "training"):
+                    metrics, meme = self._train_one(c, rnd, global_state)
+                    if meme is not None and not all(torch.isfinite(p).all() for p in meme.state_dict().values()):
+                        raise TrainingError("the meme's parameters are not finite")
+            except TrainingError as exc:  # a bad update is left out of the average, not fatal
+                results.append({"client": cid, "samples": len(c.train_rows), "excluded": str(exc),
+                                "seconds": time.perf_counter() - started})
+                continue
             if meme is not None:
                 weight = len(c.train_rows) if self.cfg.algorithm.weighting == "samples" else 1.0
                 one = aggregate.weighted(state_of(meme), weight)
@@ -150,11 +193,12 @@ class ClientHost:
                                generator=gen, rnd=rnd, anchor=anchor)
         return metrics, models.get("meme")
 
-    def evaluate(self, global_state: State | None) -> list[dict]:
+    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> list[dict]:
         """Each client's local model and the global model on the client's own test split."""
         rows = []
         meme = None if global_state is None else self._meme_from(global_state)
-        for c in self.clients.values():
+        for cid in sorted(self.clients if client_ids is None else client_ids):
+            c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}
             with _stage(c, None, "evaluation"):
                 x, y = self._rows(c, test=True)

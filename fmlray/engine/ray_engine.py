@@ -24,7 +24,7 @@ from fmlray.data import Dataset, Partition
 from fmlray.engine.base import EvalResult, RoundResult
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import ActorSpec, Capacity, plan_actors
-from fmlray.errors import ResourceError
+from fmlray.errors import FmlrayError, ResourceError
 
 READY_TIMEOUT_S = float(os.environ.get("FMLRAY_READY_TIMEOUT_S", "180"))
 
@@ -41,6 +41,12 @@ def pick_device(num_gpus: float) -> str:
     if num_gpus < 1:
         torch.cuda.set_per_process_memory_fraction(num_gpus, 0)
     return "cuda:0"
+
+
+def _subset(private: State, client_ids: list[int]) -> State:
+    """The entries of a flat private state that belong to `client_ids`."""
+    keep = {str(c) for c in client_ids}
+    return {k: v for k, v in private.items() if k.split("/", 1)[0] in keep}
 
 
 class ClientActor:
@@ -60,8 +66,18 @@ class ClientActor:
     def train(self, rnd: int, client_ids: list[int], global_state: State | None):
         return self.host.train(rnd, client_ids, global_state)
 
-    def evaluate(self, global_state: State | None) -> list[dict]:
-        return self.host.evaluate(global_state)
+    def evaluate(self, global_state: State | None, client_ids: list[int]) -> list[dict]:
+        return self.host.evaluate(global_state, client_ids)
+
+    def private_state(self, client_ids: list[int]) -> State:
+        return self.host.private_state(client_ids)
+
+    def load_private_state(self, private: State) -> None:
+        self.host.load_private_state(private)
+
+    def adopt(self, client_ids: list[int], private: State) -> None:
+        """Take over clients of a lost actor, with their last saved private state."""
+        self.host.add_clients(client_ids, private)
 
 
 class Aggregator:
@@ -143,6 +159,11 @@ class RayEngine:
         # The aggregator reserves no CPU: it works between rounds, while client actors wait.
         self.aggregator = agg_cls.options(num_cpus=0).remote(cfg, data_ref)
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
+        self.lost: set[int] = set()
+        self.failures: list[dict] = []
+        # the private state of the last snapshot (checkpoint): what a lost actor's clients restart from
+        self.saved: State = {}
+        self.saved_round = "round 0 (no checkpoint yet: their initial models)"
         self.infos = self._wait_ready()
 
     def _wait_ready(self) -> list[dict]:
@@ -157,23 +178,87 @@ class RayEngine:
 
     def train_round(self, rnd: int, client_ids: list[int], global_state) -> RoundResult:
         g_ref = global_state if isinstance(global_state, ray.ObjectRef) else ray.put(global_state)
-        per_actor: dict[int, list[int]] = {}
-        for cid in client_ids:
-            per_actor.setdefault(self.owner[cid], []).append(cid)
-        partials, metric_refs = [], []
-        for i in sorted(per_actor):
-            partial_ref, metrics_ref = self.actors[i].train.options(num_returns=2).remote(rnd, per_actor[i], g_ref)
-            partials.append(partial_ref)
-            metric_refs.append(metrics_ref)
+        done, failures = self._dispatch(client_ids, lambda a, ids: a.train.options(num_returns=2).remote(rnd, ids, g_ref))
+        partials = [refs[0] for _, refs, _ in done]  # in client-id order; they go to the aggregator unread
         new_ref = self.aggregator.aggregate.remote(g_ref, *partials) if global_state is not None else None
-        clients = [m for ms in ray.get(metric_refs) for m in ms]
-        return RoundResult(new_ref, clients)
+        clients = [m for _, _, ms in done for m in ms]
+        return RoundResult(new_ref, clients, self._take_failures() + failures)
 
     def evaluate(self, global_state) -> EvalResult:
-        refs = [a.evaluate.remote(global_state) for a in self.actors]
         test_ref = self.aggregator.evaluate.remote(global_state)
-        clients = sorted((r for rs in ray.get(refs) for r in rs), key=lambda r: r["client"])
+        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.evaluate.remote(global_state, ids))
+        self.failures += failures  # reported with the next round
+        clients = sorted((r for _, _, rs in done for r in rs), key=lambda r: r["client"])
         return EvalResult(clients, ray.get(test_ref))
+
+    def snapshot(self, rnd: int) -> State:
+        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.private_state.remote(ids))
+        self.failures += failures
+        self.saved = {k: v for _, _, part in done for k, v in part.items()}
+        self.saved_round = f"round {rnd}"
+        return self.saved
+
+    def restore(self, private: State) -> None:
+        self.saved, self.saved_round = dict(private), "the resumed checkpoint"
+        self._dispatch(sorted(self.owner), lambda a, ids: a.load_private_state.remote(_subset(private, ids)))
+
+    def _take_failures(self) -> list[dict]:
+        out, self.failures = self.failures, []
+        return out
+
+    def _dispatch(self, client_ids: list[int], call) -> tuple[list, list[dict]]:
+        """`call(actor, its client ids)` on every actor owning some of `client_ids`; when an actor is
+        lost, its clients move to the survivors and the call is made again for them there.
+        Returns [(first client id, refs, value of the last ref)] in client-id order, and the failures."""
+        done, failures = [], []
+        todo = self._by_owner(client_ids)
+        while todo:
+            calls = [(i, ids, call(self.actors[i], ids)) for i, ids in sorted(todo.items())]
+            todo = {}
+            for i, ids, refs in calls:
+                try:
+                    value = ray.get(refs[-1] if isinstance(refs, (list, tuple)) else refs)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    failures.append({"clients": ids, "note": self._recover(i, exc)})
+                    for j, moved in self._by_owner(ids).items():
+                        todo.setdefault(j, []).extend(moved)
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.as_instanceof_cause()
+                    if isinstance(cause, FmlrayError):  # the user's problem: one line, no remote traceback
+                        raise type(cause)(str(exc.cause)) from None
+                    raise
+                done.append((ids[0], refs, value))
+        return sorted(done, key=lambda d: d[0]), failures
+
+    def _by_owner(self, client_ids) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for cid in sorted(client_ids):
+            out.setdefault(self.owner[cid], []).append(cid)
+        return out
+
+    def _recover(self, lost: int, exc: Exception) -> str:
+        """Hand a lost actor's clients to the least-loaded survivors, with their last saved state."""
+        self.lost.add(lost)
+        alive = [j for j in range(len(self.actors)) if j not in self.lost]
+        if not alive:
+            raise ResourceError(f"every client actor was lost (last: {type(exc).__name__}); "
+                                "the cluster cannot host this run any more") from None
+        load = {j: 0 for j in alive}
+        for a in self.owner.values():
+            if a in load:
+                load[a] += 1
+        plan: dict[int, list[int]] = {}
+        for cid in sorted(c for c, a in self.owner.items() if a == lost):
+            j = min(alive, key=lambda j: (load[j], j))
+            plan.setdefault(j, []).append(cid)
+            load[j] += 1
+        ray.get([self.actors[j].adopt.remote(ids, _subset(self.saved, ids)) for j, ids in plan.items()])
+        for j, ids in plan.items():
+            self.owner.update(dict.fromkeys(ids, j))
+        moved = ", ".join(f"{len(ids)} to actor {j}" for j, ids in sorted(plan.items()))
+        return (f"actor {lost} lost ({type(exc).__name__}); its clients moved ({moved}) with their private "
+                f"state of {self.saved_round}; this round's update re-run")
 
     def fetch(self, state):
         return ray.get(state) if isinstance(state, ray.ObjectRef) else state
@@ -181,7 +266,10 @@ class RayEngine:
     def close(self) -> None:
         for a in getattr(self, "actors", []) + [getattr(self, "aggregator", None)]:
             if a is not None:
-                ray.kill(a)
+                try:
+                    ray.kill(a)
+                except Exception:  # already gone with its node  # noqa: BLE001
+                    pass
         self.actors, self.aggregator = [], None
         if getattr(self, "owns_ray", False):
             ray.shutdown()

@@ -24,6 +24,12 @@ class SerialEngine:
     def evaluate(self, global_state: State | None) -> EvalResult:
         return EvalResult(self.host.evaluate(global_state), evaluate_global(self.cfg, self.dataset, global_state))
 
+    def snapshot(self, rnd: int) -> State:
+        return self.host.private_state()
+
+    def restore(self, private: State) -> None:
+        self.host.load_private_state(private)
+
     def fetch(self, state: State | None) -> State | None:
         return state
 
