@@ -16,6 +16,7 @@ import time
 import warnings
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fmlray import aggregate
 from fmlray.aggregate import State
@@ -156,8 +157,10 @@ class RayEngine:
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
         self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy="SPREAD",
                                          name=None).remote(cfg, data_ref, part_ref, s) for s in self.specs]
-        # The aggregator reserves no CPU: it works between rounds, while client actors wait.
-        self.aggregator = agg_cls.options(num_cpus=0).remote(cfg, data_ref)
+        # The aggregator reserves no CPU (it works between rounds, while client actors wait) and
+        # lives beside the driver, on the head: losing a worker node must not take the global model.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=here).remote(cfg, data_ref)
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
         self.failures: list[dict] = []

@@ -1,5 +1,6 @@
 """Run a short simulation on a three-node `ray.cluster_utils.Cluster` (three raylets on this
-machine) and save where the actors ran and what came out. Run as a script, in its own process:
+machine) and save where the actors ran and what came out; optionally remove a worker node
+(its raylet and the actor on it) right after the checkpoint of a given round. Run as a script, in its own process:
 one process can hold one Ray connection, and the test session already has its own."""
 
 import json
@@ -14,11 +15,10 @@ from fmlray.engine.ray_engine import RayEngine
 from fmlray.simulation import prepare, simulate
 
 
-def main(overrides: list[str], out: str) -> None:
+def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args=node)
-    for _ in range(2):
-        cluster.add_node(**node)
+    workers = [cluster.add_node(**node) for _ in range(2)]
     cluster.wait_for_nodes()
     # Every raylet listens on loopback only; Ray would rewrite a 127.0.0.1 address to the host's
     # outward IP before connecting, so keep it as given.
@@ -30,7 +30,11 @@ def main(overrides: list[str], out: str) -> None:
         engine = RayEngine()
         engine.start(cfg, prepared.dataset, prepared.partition)
         try:
-            result = simulate(cfg, prepared.dataset, prepared.partition, engine)
+            def save(ckpt):  # the engine keeps this snapshot in memory; a node dies right after it
+                if ckpt.round == remove_after:
+                    cluster.remove_node(workers[0])
+
+            result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=save)
         finally:
             engine.close()
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
@@ -43,4 +47,4 @@ def main(overrides: list[str], out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]), sys.argv[2])
+    main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -21,31 +21,54 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def test_three_nodes_each_host_an_actor_and_match_the_serial_run(tmp_path):
-    overrides = ["run.rounds=2", "training.epochs=1", "engine.kind=ray",
-                 "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1}]"]
+OVERRIDES = ["run.rounds=3", "training.epochs=1", "engine.kind=ray",
+             "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1}]"]
+
+
+def run_on_three_nodes(tmp_path, remove_after=0):
     out = str(tmp_path / "multinode.npz")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(overrides), out],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(OVERRIDES), out,
+                           str(remove_after)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(Path(out + ".json").read_text())
-    assert len(info["nodes"]) == 3 and len(info["actor_nodes"]) == 3
-    assert sorted(info["actor_nodes"]) == info["nodes"], "SPREAD should put one actor on every node"
+    return np.load(out), json.loads(Path(out + ".json").read_text())
 
-    cfg = load_config(None, overrides)
+
+@pytest.fixture(scope="module")
+def serial_reference():
+    cfg = load_config(None, OVERRIDES)
     prepared = prepare(cfg)
     engine = SerialEngine()
     engine.start(cfg, prepared.dataset, prepared.partition)
-    serial = simulate(cfg, prepared.dataset, prepared.partition, engine)
-    multi = np.load(out)
+    return simulate(cfg, prepared.dataset, prepared.partition, engine)
+
+
+def assert_matches(serial, state, rows):
     for k, v in serial.global_state.items():
-        np.testing.assert_allclose(multi[k], v, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(state[k], v, atol=1e-6, err_msg=k)
     key = lambda r: (r["round"], r["client"], r["model"], r["split"])  # noqa: E731
     a = {key(r): r["accuracy"] for r in serial.rows}
-    b = {key(r): r["accuracy"] for r in info["rows"]}
+    b = {key(r): r["accuracy"] for r in rows if r["split"] != "recovered"}
     assert a.keys() == b.keys()
     assert max(abs(a[k] - b[k]) for k in a if not np.isnan(a[k])) < 1e-6
+
+
+def test_three_nodes_each_host_an_actor_and_match_the_serial_run(tmp_path, serial_reference):
+    state, info = run_on_three_nodes(tmp_path)
+    assert len(info["nodes"]) == 3 and len(info["actor_nodes"]) == 3
+    assert sorted(info["actor_nodes"]) == info["nodes"], "SPREAD should put one actor on every node"
+    assert_matches(serial_reference, state, info["rows"])
+
+
+def test_losing_a_node_mid_run_loses_nothing(tmp_path, serial_reference):
+    state, info = run_on_three_nodes(tmp_path, remove_after=1)
+    assert len(info["nodes"]) == 2  # one raylet gone for good
+    recovered = [r for r in info["rows"] if r["split"] == "recovered"]
+    assert recovered and {r["round"] for r in recovered} == {2}
+    assert "private state of round 1" in recovered[0]["note"]
+    for rnd in (1, 2, 3):
+        assert {r["client"] for r in info["rows"] if r["round"] == rnd and r["split"] == "train"} == set(range(20))
+    assert_matches(serial_reference, state, info["rows"])
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from fmlray.config import load_config
 from fmlray.engine.ray_engine import RayEngine
 from fmlray.engine.serial import SerialEngine
 from fmlray.errors import ResourceError
-from fmlray.simulation import prepare, simulate
+from fmlray.simulation import Result, prepare, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +108,80 @@ def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path):
         "fmlray: error: no Ray cluster answers at 127.0.0.1:9; check engine.address / RAY_ADDRESS, "
         "or leave both empty for a local Ray")]
     assert list(tmp_path.iterdir()) == []
+
+
+class KillsAnActorMidRound(RayEngine):
+    """Kills actor 0 right after handing it its clients of round `at` (a fault, injected)."""
+
+    at = 2
+
+    def train_round(self, rnd, client_ids, global_state):
+        self.kill_now = rnd == self.at
+        return super().train_round(rnd, client_ids, global_state)
+
+    def _dispatch(self, client_ids, call):
+        if getattr(self, "kill_now", False):
+            self.kill_now = False
+            victim, inner = self.actors[0], call
+
+            def call(actor, ids):
+                refs = inner(actor, ids)
+                if actor is victim:
+                    ray_kill(victim)
+                return refs
+        return super()._dispatch(client_ids, call)
+
+
+def ray_kill(actor):
+    import ray
+    ray.kill(actor, no_restart=True)
+
+
+def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session, serial_one_group):
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])
+    prepared = prepare(cfg)
+    engine = KillsAnActorMidRound()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:  # `save` is what makes the engine keep a snapshot of private state after every round
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=lambda ckpt: None)
+    finally:
+        engine.close()
+    recovered = [r for r in result.rows if r["split"] == "recovered"]
+    assert {r["round"] for r in recovered} == {2} and {r["client"] for r in recovered} == set(range(10))
+    assert "actor 0 lost" in recovered[0]["note"] and "private state of round 1" in recovered[0]["note"]
+    for rnd in (1, 2, 3):
+        assert {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"} == set(range(20))
+    assert engine.lost == {0} and set(engine.owner.values()) == {1}
+    assert_same(serial_one_group, Result(
+        [r for r in result.rows if r["split"] != "recovered"], result.global_state))
+
+
+def test_sigterm_checkpoints_shuts_ray_down_and_resume_matches(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    cmd = [sys.executable, "-m", "fmlray", "run", "--set", "run.rounds=30", "--set", "training.epochs=1",
+           "--set", f"run.output_dir={tmp_path}"]  # the default engine: a private local Ray
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("round"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGTERM: stopping after this round" in out and "Traceback" not in err
+    run_dir = tmp_path / "digits-fml"
+    from fmlray import checkpoint
+    stopped = checkpoint.load(run_dir).round
+    # finish on the test session's Ray, and compare with one uninterrupted serial run
+    total = stopped + 1
+    assert main(["run", "--resume", str(run_dir), "--set", f"run.rounds={total}"]) == 0
+    assert main(["run", "--set", "engine.kind=serial", "--set", f"run.rounds={total}", "--set", "training.epochs=1",
+                 "--set", f"run.output_dir={tmp_path}", "--set", "run.name=whole"]) == 0
+    acc = lambda d: {(r["round"], r["client"], r["model"], r["split"]): r["accuracy"]  # noqa: E731
+                     for r in pq.read_table(d / "metrics.parquet").to_pylist() if r["split"] != "round"}
+    a, b = acc(run_dir), acc(tmp_path / "whole")
+    assert a.keys() == b.keys()
+    assert max(abs(a[k] - b[k]) for k in a if not np.isnan(a[k])) < 1e-6
