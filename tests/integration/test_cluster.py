@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,12 @@ def test_ray_job_submit_runs_fmlray_and_writes_its_outputs(private_head, tmp_pat
     cmd = [str(BIN / "ray"), "job", "submit", "--address", private_head.dashboard, "--working-dir", str(REPO), "--",
            "python", "-m", "fmlray", "run", "--set", "engine.kind=ray", "--set", "run.rounds=2",
            "--set", "training.epochs=1", "--set", f"run.output_dir={runs}", "--set", "run.name=job"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
-    logs = proc.stdout + proc.stderr
+    for _ in range(30):  # a fresh head's job agent may take a few seconds to come up
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+        logs = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in logs:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, logs[-3000:]
     assert "succeeded" in logs and "round 2/2" in logs and "global model, global test set" in logs
     table = pq.read_table(runs / "job" / "metrics.parquet")

@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end at a tiny size and write what their READMEs promise (no timing checks)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE_TIMEOUT_S = 180  # each run takes well under 60 s on 2 cores; this only stops a hang
+
+
+def run_script(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run benchmarks/<name> --smoke into `out` in a fresh process (it starts its own private Ray)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), "--smoke", "--out", str(out), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def only(out: Path, pattern: str) -> Path:
+    found = sorted(out.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {out}, found {[p.name for p in found]}"
+    return found[0]
+
+
+def no_nan(values) -> bool:
+    return all(v is not None and not math.isnan(v) for v in values)
+
+
+def test_overhead_smoke_writes_parquet_and_markdown(tmp_path):
+    run_script("overhead.py", tmp_path, "--workload", "digits")
+    table = pq.read_table(only(tmp_path, "overhead-digits-smoke-*.parquet"))
+    assert {"phase", "algorithm", "way", "kind", "actors", "threads", "round", "warmup", "seconds",
+            "client_seconds"} <= set(table.column_names)
+    rows = table.to_pylist()
+    assert {r["way"] for r in rows} >= {"floor-1t", "serial", "ray-1"}
+    assert {r["algorithm"] for r in rows} == {"fedavg", "fml"}
+    assert no_nan(r["seconds"] for r in rows) and all(r["seconds"] > 0 for r in rows)
+    assert b"fmlray_benchmark" in table.schema.metadata  # hardware, versions and config ride along
+    report = only(tmp_path, "overhead-digits-smoke-*.md").read_text()
+    assert "× floor(a)" in report and "## Targets" in report and "## Config" in report
+
+
+def test_scaling_smoke_writes_parquet_markdown_and_plots(tmp_path):
+    run_script("scaling.py", tmp_path)
+    table = pq.read_table(only(tmp_path, "scaling-synthetic-smoke-*[0-9].parquet"))
+    assert {"dataset", "clients", "actors", "fraction", "round", "warmup", "sampled", "wall_s", "compute_s",
+            "overhead_s", "overhead_ms_per_client", "aggregate_s", "bytes_round", "pss_driver_mib",
+            "pss_actors_mib", "pss_ray_system_mib", "pss_total_mib"} <= set(table.column_names)
+    rows = table.to_pylist()
+    assert {r["clients"] for r in rows} == {10, 20}
+    assert no_nan(r["wall_s"] for r in rows) and no_nan(r["aggregate_s"] for r in rows)
+    assert all(r["pss_actors_mib"] > 0 and r["bytes_round"] > 0 for r in rows)
+    startup = pq.read_table(only(tmp_path, "scaling-synthetic-smoke-*-startup.parquet"))
+    assert {"data_put_s", "actors_ready_s", "engine_start_s", "dataset_bytes"} <= set(startup.column_names)
+    for plot in ("time", "overhead", "memory"):
+        assert only(tmp_path, f"scaling-*-{plot}.png").stat().st_size > 0
+    assert "## Start-up" in only(tmp_path, "scaling-*.md").read_text()
