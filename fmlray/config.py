@@ -19,7 +19,7 @@ from typing import Any
 from fmlray.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "fmnist", "mnist", "cifar10", "cifar100", "emnist")
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "file")
 MODELS = ("mlp", "lenet5", "cnn", "resnet8", "resnet18")
 ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
 ENGINES = ("serial", "ray")
@@ -84,6 +84,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.5  # label skew: smaller is more skewed
     classes_per_client: int = 2  # for partition = "shards"
     quantity_alpha: float = 1.0  # size skew for partition = "quantity": smaller is more skewed
+    partition_file: str = ""  # for partition = "file": an .npz with train_<c> / test_<c> indices
     test_fraction: float = 0.2  # held out where the dataset has no official test split
     min_samples: int = 10  # fewest training samples a client may be left with
     max_train_samples: int = 0  # stratified subsample of the training set; 0 keeps all
@@ -99,6 +100,8 @@ class DataConfig:
         _one_of("data.partition", self.partition, PARTITIONS)
         _check(self.partition != "natural" or self.dataset == "synthetic",
                "data.partition = 'natural' needs data.dataset = 'synthetic' (only it has natural clients)")
+        _check((self.partition == "file") == bool(self.partition_file),
+               "data.partition = 'file' goes with data.partition_file = <path.npz> (and only then)")
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _positive("data.quantity_alpha", self.quantity_alpha)
         _check(self.classes_per_client >= 1, f"data.classes_per_client must be >= 1, got {self.classes_per_client}")

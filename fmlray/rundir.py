@@ -22,8 +22,8 @@ from fmlray import metrics, plots
 from fmlray.config import Config, to_dict
 from fmlray.errors import FmlrayError
 
-CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PLOT = (
-    "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "accuracy.png")
+CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT = (
+    "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "partition.npz", "accuracy.png")
 
 
 def _atomic(path: Path, data: bytes) -> None:
@@ -32,8 +32,10 @@ def _atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def create(cfg: Config, partition_table: pa.Table) -> Path:
+def create(cfg: Config, partition_table: pa.Table, partition) -> Path:
     """A fresh runs/<name>/ (an older run of that name is replaced) with the config and partition."""
+    from fmlray.data import save_partition
+
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:
         if run_dir.exists():
@@ -45,6 +47,9 @@ def create(cfg: Config, partition_table: pa.Table) -> Path:
     buf = io.BytesIO()
     pa.csv.write_csv(partition_table, buf)
     _atomic(run_dir / PARTITION, buf.getvalue())
+    tmp = run_dir / f".{PARTITION_FILE}.tmp.npz"
+    save_partition(tmp, partition)
+    os.replace(tmp, run_dir / PARTITION_FILE)
     return run_dir
 
 

@@ -138,7 +138,7 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
             run_dir = resume_dir
             rundir.write_config(run_dir, cfg)  # e.g. with more rounds than before
         else:
-            run_dir = rundir.create(cfg, partition_counts(prepared.dataset, prepared.partition))
+            run_dir = rundir.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition)
 
         def save(ckpt: Checkpoint) -> None:
             nonlocal saved

@@ -48,6 +48,9 @@ def partition_dataset(dataset: Dataset, cfg: DataConfig, *, num_clients: int, se
                         f"or data.min_samples")
     if cfg.partition == "natural":
         return _natural(dataset, num_clients, cfg.min_samples)
+    if cfg.partition == "file":
+        from fmlray.data.partition_file import load_partition  # noqa: PLC0415 (it imports this module)
+        return load_partition(cfg.partition_file, dataset, num_clients)
     train = _SCHEMES[cfg.partition](dataset.y_train, num_clients, cfg, seed)
     _check_sizes(train, cfg)
     test = split_test(dataset, train, np.random.default_rng((seed, _TAGS["test"])))

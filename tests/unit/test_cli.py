@@ -32,7 +32,7 @@ def test_run_writes_every_output_and_report_reprints_it(tmp_path, capsys):
     assert "round 2/2" in printed and "global model, global test set" in printed
     run_dir = out / "t"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "accuracy.png", "checkpoint.npz", "config.toml", "metrics.parquet", "partition.csv", "summary.json", "summary.txt"]
+        "accuracy.png", "checkpoint.npz", "config.toml", "metrics.parquet", "partition.csv", "partition.npz", "summary.json", "summary.txt"]
     table = pq.read_table(run_dir / "metrics.parquet")
     assert {"round", "client", "group", "model", "split", "loss", "accuracy", "samples", "seconds"} <= set(table.column_names)
     local = [r for r in table.to_pylist() if r["model"] == "local" and r["split"] == "test" and r["round"] == 2]

@@ -1,0 +1,54 @@
+"""Partitions as files: `.npz` with `train_<client>` / `test_<client>` index arrays.
+
+Every run saves its partition this way, and `data.partition = "file"` loads one, so results can
+be compared with other frameworks on identical splits.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fmlray.data.dataset import Dataset
+from fmlray.data.partition import Partition
+from fmlray.errors import DataError
+
+
+def save_partition(path: Path, partition: Partition) -> None:
+    arrays = {f"train_{c}": t for c, t in enumerate(partition.train)}
+    arrays.update({f"test_{c}": t for c, t in enumerate(partition.test)})
+    np.savez(path, **arrays)
+
+
+def load_partition(path: str | Path, dataset: Dataset, num_clients: int) -> Partition:
+    """Read and check a partition file against the dataset; any misfit is a one-line DataError."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"data.partition_file {path} does not exist") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"data.partition_file {path} is not a readable .npz ({type(exc).__name__})") from None
+    expected = {f"{s}_{c}" for s in ("train", "test") for c in range(num_clients)}
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays))[:3], sorted(set(arrays) - expected)[:3]
+        raise DataError(f"data.partition_file {path} does not hold train_<c>/test_<c> for clients 0..{num_clients - 1} "
+                        f"(missing {missing}, unexpected {extra}); set clients.num_clients to match the file")
+    train = tuple(_indices(arrays[f"train_{c}"], len(dataset.y_train), f"train_{c}", path) for c in range(num_clients))
+    test = tuple(_indices(arrays[f"test_{c}"], len(dataset.y_test), f"test_{c}", path) for c in range(num_clients))
+    for name, parts in (("train", train), ("test", test)):
+        all_rows = np.concatenate(parts)
+        if len(np.unique(all_rows)) != len(all_rows):
+            raise DataError(f"data.partition_file {path}: some {name} rows are given to two clients (or twice)")
+    return Partition(train, test)
+
+
+def _indices(a: np.ndarray, n: int, key: str, path: Path) -> np.ndarray:
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or len(a) == 0:
+        raise DataError(f"data.partition_file {path}: {key} must be a non-empty 1-D integer array")
+    if a.min() < 0 or a.max() >= n:
+        raise DataError(f"data.partition_file {path}: {key} has indices outside 0..{n - 1} of this dataset")
+    return np.sort(a.astype(np.int64))

@@ -1,0 +1,59 @@
+"""Partitions as files: every run saves one; a config can load one; a misfit is one clear line."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmlray.cli import main
+
+SERIAL = ["--set", "engine.kind=serial", "--set", "run.rounds=2", "--set", "training.epochs=1"]
+
+
+def test_a_saved_partition_reproduces_the_run(tmp_path, capsys):
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=a"]) == 0
+    saved = tmp_path / "a" / "partition.npz"
+    with np.load(saved) as z:
+        assert len(z.files) == 40 and z["train_0"].dtype == np.int64
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=b",
+                 "--set", "data.partition=file", "--set", f"data.partition_file={str(saved)!r}"]) == 0
+    acc = lambda d: [r["accuracy"] for r in pq.read_table(tmp_path / d / "metrics.parquet").to_pylist()]  # noqa: E731
+    np.testing.assert_array_equal(acc("a"), acc("b"))
+
+
+def write(tmp_path, **arrays):
+    path = tmp_path / "p.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def good(n=20):
+    return {**{f"train_{c}": np.arange(c * 10, c * 10 + 10) for c in range(n)},
+            **{f"test_{c}": np.array([c]) for c in range(n)}}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda a: a.update(train_3=np.array([99999])), "train_3 has indices outside"),
+    (lambda a: a.update(train_4=np.arange(0, 10)), "some train rows are given to two clients"),
+    (lambda a: a.update(test_5=np.array([0])), "some test rows are given to two clients"),
+    (lambda a: a.pop("test_19"), "missing ['test_19']"),
+    (lambda a: a.update(train_2=np.array([[1, 2]])), "train_2 must be a non-empty 1-D integer array"),
+])
+def test_a_file_that_does_not_fit_is_one_line_and_exit_2(tmp_path, capsys, change, fragment):
+    arrays = good()
+    change(arrays)
+    path = write(tmp_path, **arrays)
+    out = tmp_path / "runs"
+    code = main(["run", *SERIAL, "--set", f"run.output_dir={out}", "--set", "data.partition=file",
+                 "--set", f"data.partition_file={str(path)!r}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert not out.exists()
+
+
+def test_missing_or_unreadable_file(tmp_path, capsys):
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    for path, fragment in ((tmp_path / "none.npz", "does not exist"), (tmp_path / "bad.npz", "not a readable .npz")):
+        assert main(["run", *SERIAL, "--set", "data.partition=file", "--set", f"data.partition_file={str(path)!r}"]) == 2
+        assert fragment in capsys.readouterr().err
+    assert main(["run", *SERIAL, "--set", "data.partition=file"]) == 2
+    assert "goes with data.partition_file" in capsys.readouterr().err
