@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(compare)
     compare.add_argument("--algorithms", default="fml,fedavg,fedprox,local",
                          help="comma-separated (default: fml,fedavg,fedprox,local)")
+    sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
+    sweep.add_argument("sweep_file", help="a TOML sweep file, e.g. experiments/digits.toml")
     report = sub.add_parser("report", help="reprint a finished run's summary")
     report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
@@ -122,6 +124,21 @@ def _shared_ray(cfg):
             ray.shutdown()
 
 
+def cmd_sweep(args) -> int:
+    from fmlray.simulation import RunInterrupted
+    from fmlray.sweep import plan, run_sweep
+
+    _, runs = plan(args.sweep_file)  # every config checked before the first run starts
+    try:
+        with _shared_ray(runs[0].cfg):
+            out = run_sweep(args.sweep_file, echo=lambda s: print(s, flush=True))
+    except RunInterrupted as stop:
+        print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)
+        return 130
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from fmlray.metrics import format_summary, summaries
     from fmlray.rundir import read_run
@@ -150,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed on one line
         return int(exit_.code or 0)
-    commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "partition": cmd_partition}
+    commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "report": cmd_report,
+                "partition": cmd_partition}
     try:
         return commands[args.command](args)
     except FmlrayError as exc:
