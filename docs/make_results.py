@@ -1,0 +1,203 @@
+"""Regenerate docs/RESULTS.md and its plots from the sweeps' saved Parquet tables.
+
+    python docs/make_results.py [--runs runs/sweeps]
+
+Every table and plot comes from runs/sweeps/<sweep>/results.parquet (written by `fmlray sweep`);
+the plain-language reading of each experiment comes from docs/readings.toml, written by a person.
+Experiments whose sweep has not finished are listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from fmlray.metrics import SCHEMA  # noqa: E402
+
+DOCS = Path(__file__).parent
+EXPERIMENTS = [  # (sweep name, title)
+    ("fmnist-heterogeneity", "1. Data heterogeneity (Fashion-MNIST)"),
+    ("fmnist-participation", "2. Partial participation at scale (Fashion-MNIST)"),
+    ("fmnist-models", "3. Model heterogeneity and the catfish (Fashion-MNIST)"),
+    ("fmnist-alpha-beta", "4. The balance α / β (Fashion-MNIST)"),
+    ("digits", "5. The heterogeneity grid on digits"),
+]
+FIGURES = ("local", "local_p10", "global_clients", "global_test")
+
+
+def per_run(rows: list[dict], axes: list[str]) -> dict[str, dict]:
+    """Final evaluated round of each run: client-mean figures, and the per-client accuracies."""
+    out: dict[str, dict] = {}
+    last = {}
+    for r in rows:
+        if r["split"] in ("test", "global_test"):
+            last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    for r in rows:
+        if r["round"] != last.get(r["run"]) or r["split"] not in ("test", "global_test"):
+            continue
+        run = out.setdefault(r["run"], {"labels": tuple(r[a] for a in axes), "local": [], "global": [], "test": None})
+        if r["split"] == "global_test":
+            run["test"] = r["accuracy"]
+        else:
+            run[r["model"]].append(r["accuracy"])
+    return out
+
+
+def curves(rows: list[dict], axes: list[str]) -> dict[tuple, dict[str, dict[int, list[float]]]]:
+    """Per variant: round → client-mean local accuracy and global test accuracy, one value per seed."""
+    by_run: dict[str, dict] = {}
+    for r in rows:
+        if r["split"] not in ("test", "global_test"):
+            continue
+        d = by_run.setdefault(r["run"], {"labels": tuple(r[a] for a in axes), "local": {}, "test": {}})
+        if r["split"] == "global_test":
+            d["test"][r["round"]] = r["accuracy"]
+        elif r["model"] == "local":
+            d["local"].setdefault(r["round"], []).append(r["accuracy"])
+    out: dict[tuple, dict] = {}
+    for d in by_run.values():
+        v = out.setdefault(d["labels"], {"local": {}, "test": {}})
+        for rnd, accs in d["local"].items():
+            v["local"].setdefault(rnd, []).append(float(np.mean(accs)))
+        for rnd, acc in d["test"].items():
+            v["test"].setdefault(rnd, []).append(acc)
+    return out
+
+
+def summary_table(runs: dict[str, dict], axes: list[str]) -> str:
+    """Mean ± std across seeds of the final-round client means, one row per variant."""
+    variants: dict[tuple, dict[str, list[float]]] = {}
+    for run in runs.values():
+        v = variants.setdefault(run["labels"], {k: [] for k in FIGURES} | {"seeds": []})
+        v["seeds"].append(1)
+        if run["local"]:
+            v["local"].append(np.mean(run["local"]))
+            v["local_p10"].append(np.percentile(run["local"], 10))
+        if run["global"]:
+            v["global_clients"].append(np.mean(run["global"]))
+        if run["test"] is not None:
+            v["global_test"].append(run["test"])
+
+    def cell(xs: list[float]) -> str:
+        return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+
+    head = [*axes, "seeds", "local (own test)", "local p10", "global (client tests)", "global (global test)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for labels, v in variants.items():
+        lines.append("| " + " | ".join([*labels, str(len(v["seeds"])), *(cell(v[k]) for k in FIGURES)]) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(cv: dict, axes: list[str], title: str, path: Path) -> None:
+    """Accuracy over rounds (mean across seeds): solid = local models, dashed = global on the test set."""
+    panel_axis = axes[1] if len(axes) > 1 else None
+    panels = sorted({k[1] for k in cv}) if panel_axis else [None]
+    fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    colors = {}
+    for ax, panel in zip(axs[0], panels):
+        for labels, v in sorted(cv.items()):
+            if panel is not None and labels[1] != panel:
+                continue
+            color = colors.setdefault(labels[0], f"C{len(colors)}")
+            for key, style in (("local", "-"), ("test", "--")):
+                if v[key]:
+                    rounds = sorted(v[key])
+                    ax.plot(rounds, [np.mean(v[key][r]) for r in rounds], style, color=color,
+                            label=f"{labels[0]} {'local' if key == 'local' else 'global'}")
+        ax.set_title(f"{panel_axis} = {panel}" if panel else title, fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axs[0][0].set_ylabel("accuracy")
+    axs[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_clients(runs: dict, axes: list[str], path: Path) -> None:
+    """Per-client accuracy at the final round, pooled over seeds: local models and the global model."""
+    variants: dict[tuple, dict[str, list[float]]] = {}
+    for run in runs.values():
+        v = variants.setdefault(run["labels"], {"local": [], "global": []})
+        v["local"] += run["local"]
+        v["global"] += run["global"]
+    keys = sorted(variants)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(keys) * 2), 3.8))
+    data, names, pos = [], [], []
+    for i, k in enumerate(keys):
+        for j, model in enumerate(("local", "global")):
+            if variants[k][model]:
+                data.append(variants[k][model])
+                names.append(f"{'/'.join(k)}\n{model}")
+                pos.append(3 * i + j)
+    ax.boxplot(data, positions=pos, widths=0.8)
+    ax.set_xticks(pos, names, fontsize=6, rotation=60)
+    ax.set_ylabel("accuracy on the client's test split")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "ray", "numpy", "pyarrow"))
+    return f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, {versions}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs/sweeps", help="where `fmlray sweep` wrote its folders")
+    args = parser.parse_args()
+    readings = tomllib.loads((DOCS / "readings.toml").read_text()) if (DOCS / "readings.toml").exists() else {}
+    figdir = DOCS / "results"
+    figdir.mkdir(exist_ok=True)
+    base = {f.name for f in SCHEMA} | {"run", "seed"}
+    parts = ["# fmlray results\n",
+             "Generated by `python docs/make_results.py` from the Parquet tables `fmlray sweep` writes; "
+             "the readings are in `docs/readings.toml`. Figures are the final round's accuracy, averaged "
+             "over clients, then mean ± std over seeds.\n",
+             f"Hardware and versions: {hardware()}.\n"]
+    for name, title in EXPERIMENTS:
+        parts.append(f"## {title}\n")
+        parts.append(f"Command: `fmlray sweep experiments/{name}.toml` (sizes and settings in that file), "
+                     f"then `python docs/make_results.py`.\n")
+        table_path = Path(args.runs) / name / "results.parquet"
+        if not table_path.is_file():
+            parts.append("**Not run yet**: no results table. Run the command above.\n")
+            continue
+        table = pq.read_table(table_path)
+        axes = [c for c in table.column_names if c not in base]
+        rows = table.to_pylist()
+        runs = per_run(rows, axes)
+        parts.append(summary_table(runs, axes) + "\n")
+        plot_curves(curves(rows, axes), axes, title, figdir / f"{name}-curves.png")
+        plot_clients(runs, axes, figdir / f"{name}-clients.png")
+        parts.append(f"![accuracy over rounds](results/{name}-curves.png)\n")
+        parts.append(f"![per-client accuracy](results/{name}-clients.png)\n")
+        if name in readings:
+            parts.append(readings[name]["text"].strip() + "\n")
+    (DOCS / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {DOCS / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
