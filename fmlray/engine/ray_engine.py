@@ -271,7 +271,7 @@ class RayEngine:
             if a is not None:
                 try:
                     ray.kill(a)
-                except Exception:  # already gone with its node  # noqa: BLE001
+                except ValueError:  # not an actor handle any more: it went down with its node
                     pass
         self.actors, self.aggregator = [], None
         if getattr(self, "owns_ray", False):
