@@ -221,16 +221,15 @@ class RayEngine:
             for i, ids, refs in calls:
                 try:
                     value = ray.get(refs[-1] if isinstance(refs, (list, tuple)) else refs)
+                except ray.exceptions.RayTaskError as exc:  # first: it can wrap an ActorDiedError of
+                    if isinstance(exc.cause, FmlrayError):  # an input, which is not this actor's death
+                        raise type(exc.cause)(str(exc.cause)) from None  # one line, no remote traceback
+                    raise
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                     failures.append({"clients": ids, "note": self._recover(i, exc)})
                     for j, moved in self._by_owner(ids).items():
                         todo.setdefault(j, []).extend(moved)
                     continue
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.as_instanceof_cause()
-                    if isinstance(cause, FmlrayError):  # the user's problem: one line, no remote traceback
-                        raise type(cause)(str(exc.cause)) from None
-                    raise
                 done.append((ids[0], refs, value))
         return sorted(done, key=lambda d: d[0]), failures
 

@@ -30,9 +30,13 @@ def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
         engine = RayEngine()
         engine.start(cfg, prepared.dataset, prepared.partition)
         try:
+            # a worker node that is not the driver's (the driver's node holds the aggregator)
+            driver_node = ray.get_runtime_context().get_node_id()
+            victim = next(w for w in workers if w.node_id != driver_node)
+
             def save(ckpt):  # the engine keeps this snapshot in memory; a node dies right after it
                 if ckpt.round == remove_after:
-                    cluster.remove_node(workers[0])
+                    cluster.remove_node(victim)
 
             result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=save)
         finally:
