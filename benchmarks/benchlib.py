@@ -1,0 +1,228 @@
+"""Shared pieces of the benchmark scripts: environment facts, a private Ray, memory sampling, output files."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+MIB = 1 << 20
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def hardware() -> dict:
+    """CPU model, logical and physical cores, RAM, OS."""
+    return {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": f"{platform.system()} {platform.release()}"}
+
+
+def git_commit() -> str:
+    """HEAD of the repository, with '+dirty' when the work tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    """Versions of the libraries that set the numbers."""
+    import numpy
+    import ray
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "numpy": numpy.__version__, "pyarrow": pa.__version__, "fmlray_commit": git_commit()}
+
+
+def start_ray(num_cpus: float, num_gpus: float | None = None) -> float:
+    """Start a private Ray on loopback (never one a `ray start` left behind); return the seconds it took."""
+    import ray
+    os.environ.pop("RAY_ADDRESS", None)  # address="local" ignores it, but fmlray's connect() would not
+    started = time.perf_counter()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+             num_gpus=num_gpus, logging_level=logging.WARNING)
+    return time.perf_counter() - started
+
+
+def comma_list(kind: type) -> Callable[[str], list]:
+    """An argparse type for a comma-separated list of `kind` (e.g. '1,2,4')."""
+    def parse(text: str) -> list:
+        try:
+            items = [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+        if not items:
+            raise argparse.ArgumentTypeError("the list is empty")
+        return items
+    return parse
+
+
+def result_stem(script: str, workload: str, variant: str) -> str:
+    """'<script>-<workload>[-<variant>]-<N>cpu-<date>', the name every output of a run shares."""
+    tag = f"-{variant}" if variant else ""
+    return f"{script}-{workload}{tag}-{os.cpu_count()}cpu-{datetime.date.today().isoformat()}"
+
+
+def write_parquet(rows: list[dict], path: Path, meta: dict) -> None:
+    """Rows as Parquet, with `meta` (hardware, versions, config) as JSON in the schema metadata."""
+    table = pa.Table.from_pylist(rows)
+    table = table.replace_schema_metadata({b"fmlray_benchmark": json.dumps(meta, default=str).encode()})
+    pq.write_table(table, path)
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A table cell: floats formatted, None / NaN as '-'."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A Markdown table of `rows`; columns are (key, header, format spec)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k), spec) for k, _, spec in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def environment_markdown(meta: dict) -> str:
+    """The hardware and versions as a Markdown bullet list."""
+    hw, ver = meta["hardware"], meta["versions"]
+    return "\n".join([
+        f"- CPU: {hw['cpu_model']}, {hw['logical_cores']} logical cores ({hw['physical_cores']} physical), "
+        f"{hw['ram_gib']} GiB RAM, {hw['os']}",
+        "- " + ", ".join(f"{k} {v}" for k, v in ver.items()),
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        "- load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in meta["load_before"])
+        + "; after: " + ", ".join(f"{x:.2f}" for x in meta.get("load_after", ())),
+    ])
+
+
+def run_meta(args: argparse.Namespace) -> dict:
+    """What every output records beside the numbers."""
+    return {"hardware": hardware(), "versions": versions(), "args": vars(args),
+            "command": "python " + " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def pss(pid: int) -> tuple[int, int]:
+    """(PSS, peak RSS) of a process in bytes; (0, 0) once it has gone."""
+    try:
+        p = psutil.Process(pid)
+        return p.memory_full_info().pss, _peak_rss(pid)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0, 0
+
+
+def _peak_rss(pid: int) -> int:
+    """The kernel's high-water mark of resident memory (VmHWM): a true peak, unlike sampled PSS."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class MemorySampler:
+    """Samples the PSS of this process tree in a thread; keeps the peak of each category's sum.
+
+    Categories: the driver, the pids `actor_pids()` names (client actors, aggregator), and the
+    rest of the tree (Ray's gcs/raylet/agents and idle workers). PSS splits shared pages (the
+    object store, shared libraries) among the processes mapping them, so the sums do not double count.
+    """
+
+    def __init__(self, actor_pids: Callable[[], set[int]] = set, interval_s: float | None = 0.25):
+        self.actor_pids, self.interval_s = actor_pids, interval_s
+        self.me = psutil.Process()
+        self.lock = threading.Lock()
+        self.reset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        if self.interval_s is not None:  # None: read only when asked (keeps timed windows unperturbed)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def reset(self) -> None:
+        """Start a new window for `peak()`."""
+        with self.lock:
+            self._peak = {"driver": 0, "actors": 0, "ray_system": 0, "total": 0}
+
+    def sample(self) -> dict[str, int]:
+        """One reading of the tree, folded into the window's peaks; returns the reading."""
+        actors = self.actor_pids()
+        now = {"driver": pss(self.me.pid)[0], "actors": 0, "ray_system": 0}
+        try:
+            children = self.me.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            now["actors" if child.pid in actors else "ray_system"] += pss(child.pid)[0]
+        now["total"] = sum(now.values())
+        with self.lock:
+            self._peak = {k: max(v, now[k]) for k, v in self._peak.items()}
+        return now
+
+    def peak(self) -> dict[str, int]:
+        """Peaks since the last reset, after one more reading (a window may be shorter than the interval)."""
+        self.sample()
+        with self.lock:
+            return dict(self._peak)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+
+def actor_pids(engine) -> set[int]:
+    """Pids of a Ray engine's client actors and its aggregator."""
+    import ray
+    pids = {int(i["pid"]) for i in getattr(engine, "infos", [])}
+    agg = getattr(engine, "aggregator", None)
+    if agg is not None:
+        pids.add(ray.get(agg.__ray_call__.remote(lambda self: os.getpid())))
+    return pids
+
+
+def wait_state(state) -> None:
+    """Block until a Ray engine's new global state exists (aggregation done), without fetching it."""
+    import ray
+    if isinstance(state, ray.ObjectRef):
+        ray.wait([state], fetch_local=False)
