@@ -20,7 +20,7 @@ from fmlray.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "fmnist", "mnist", "cifar10", "cifar100", "emnist")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "file")
-MODELS = ("mlp", "lenet5", "cnn", "resnet8", "resnet18")
+MODELS = ("mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18")
 ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
 ENGINES = ("serial", "ray")
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -77,6 +77,21 @@ def _cnn(shape: Shape, num_classes: int) -> nn.Module:
     return nn.Sequential(body, nn.Linear(_flat_size(body, shape), 128), nn.ReLU(), nn.Linear(128, num_classes))
 
 
+def _cnn5(shape: Shape, num_classes: int) -> nn.Module:
+    """The CNN of the FedAvg paper (McMahan et al., arXiv 1602.05629): two 5x5 'same' convs (32, 64),
+    each followed by 2x2 max-pooling, then fc 512 -> classes. 1,663,370 parameters on 28x28x1."""
+    body = nn.Sequential(
+        nn.Conv2d(shape[0], 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    return nn.Sequential(body, nn.Linear(_flat_size(body, shape), 512), nn.ReLU(), nn.Linear(512, num_classes))
+
+
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
     """Bias-free conv followed by BatchNorm."""
     conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
@@ -125,6 +140,7 @@ _BUILDERS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "mlp": _mlp,
     "lenet5": _lenet5,
     "cnn": _cnn,
+    "cnn5": _cnn5,
     "resnet8": _resnet8,
     "resnet18": _resnet18,
 }

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmlray import aggregate
 from fmlray.aggregate import PartialSum, State
 from fmlray.algorithms import build_algorithm, evaluate, make_optimizer, train_client
 from fmlray.config import Config
@@ -143,11 +142,28 @@ class ClientHost:
             c.local_opt = self._optimizer(c.local)
         return c.local, c.local_opt
 
-    def _meme_from(self, state: State) -> nn.Module:
+    def _meme_from(self, state: State) -> tuple[nn.Module, list[torch.Tensor]]:
+        """The meme workspace and the global `state` as tensors in its key order, checked once per call."""
         if self._meme is None:
             self._meme = build_model(self.cfg.model.meme, self.dataset.input_shape, self.dataset.num_classes)
             self._meme.to(self.device)
-        load_state(self._meme, state)
+            self._meme_state = self._meme.state_dict()  # detached views of the live parameters and buffers
+            self._meme_opt = self._optimizer(self._meme)
+        if set(state) != set(self._meme_state):
+            raise TrainingError(f"the global state's keys do not match model {self.cfg.model.meme!r}")
+        tensors = []
+        for k, live in self._meme_state.items():
+            if tuple(state[k].shape) != tuple(live.shape):
+                raise TrainingError(f"global state entry {k!r} has shape {tuple(state[k].shape)}, "
+                                    f"model {self.cfg.model.meme!r} wants {tuple(live.shape)}")
+            tensors.append(shared_tensor(state[k]).to(self.device))
+        return self._meme, tensors
+
+    def _reset_meme(self, global_tensors: list[torch.Tensor]) -> nn.Module:
+        """Load the global model into the meme (one fused copy, not load_state_dict) and give it a fresh
+        optimiser state: what a new model and a new optimiser would be, without building either."""
+        torch._foreach_copy_(list(self._meme_state.values()), global_tensors)
+        self._meme_opt.state.clear()
         return self._meme
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -157,33 +173,34 @@ class ClientHost:
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None) -> tuple[PartialSum | None, list[dict]]:
         """Train the given clients for round `rnd`; return their memes' weighted partial sum and metrics."""
-        partial, results = None, []
+        shared = None if global_state is None else self._meme_from(global_state)[1]  # converted once a round
+        total, results = None, []
         for cid in sorted(client_ids):
             c = self.clients[cid]
             started = time.perf_counter()
             try:
                 with _stage(c, rnd, "training"):
-                    metrics, meme = self._train_one(c, rnd, global_state)
-                    if meme is not None and not all(torch.isfinite(p).all() for p in meme.state_dict().values()):
-                        raise TrainingError("the meme's parameters are not finite")
+                    metrics, meme = self._train_one(c, rnd, shared)
+                    if meme is not None and not _finite(self._meme_state.values()):
+                        raise TrainingError("the meme's parameters are not finite (or beyond ~1e19)")
             except TrainingError as exc:  # a bad update is left out of the average, not fatal
                 results.append({"client": cid, "samples": len(c.train_rows), "excluded": str(exc),
                                 "seconds": time.perf_counter() - started})
                 continue
             if meme is not None:
                 weight = len(c.train_rows) if self.cfg.algorithm.weighting == "samples" else 1.0
-                one = aggregate.weighted(state_of(meme), weight)
-                partial = one if partial is None else aggregate.add(partial, one)
+                total = total or _Sum(self._meme_state)
+                total.add(self._meme_state.values(), weight)
             results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started, **metrics})
-        return partial, results
+        return (None if total is None else total.partial()), results
 
-    def _train_one(self, c: Client, rnd: int, global_state: State | None) -> tuple[dict, nn.Module | None]:
+    def _train_one(self, c: Client, rnd: int, shared: list[torch.Tensor] | None) -> tuple[dict, nn.Module | None]:
         models, opts, anchor = {}, {}, None
         if self.algo.has_local:
             models["local"], opts["local"] = self._local(c)
         if self.algo.shares_meme:
-            meme = models["meme"] = self._meme_from(global_state)
-            opts["meme"] = self._optimizer(meme)  # the meme's optimiser starts fresh every round
+            meme = models["meme"] = self._reset_meme(shared)
+            opts["meme"] = self._meme_opt  # its state was just cleared: it starts fresh every round
             if self.algo.penalty is not None:
                 anchor = [p.detach().clone() for p in meme.parameters()]
         t = self.cfg.training
@@ -196,7 +213,7 @@ class ClientHost:
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> list[dict]:
         """Each client's local model and the global model on the client's own test split."""
         rows = []
-        meme = None if global_state is None else self._meme_from(global_state)
+        meme = None if global_state is None else self._reset_meme(self._meme_from(global_state)[1])
         for cid in sorted(self.clients if client_ids is None else client_ids):
             c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}
@@ -208,6 +225,39 @@ class ClientHost:
                     row["global_loss"], row["global_accuracy"] = evaluate(meme, x, y)
             rows.append(row)
         return rows
+
+
+def _finite(tensors) -> bool:
+    """Whether the floating tensors' L2 norms are finite: NaN and inf entries make them NaN or inf.
+    (The fused L2 norm is ~10x cheaper here than isfinite per tensor or the max-abs norm; its one
+    false alarm, an entry beyond ~1e19 overflowing the float32 norm, is a diverged model too.)"""
+    floats = [t for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(torch._foreach_norm(floats)).isfinite().all())
+
+
+class _Sum:
+    """A host's running Σ wᵢ·memeᵢ in float64 (max for integer buffers), as tensors on the host's device
+    until the round ends: one fused add per client instead of a numpy copy of every entry."""
+
+    def __init__(self, like: dict[str, torch.Tensor]):
+        self.keys = list(like)
+        self.is_float = [t.is_floating_point() for t in like.values()]
+        self.sums = [torch.zeros_like(t, dtype=torch.float64) if f else t.clone()
+                     for t, f in zip(like.values(), self.is_float)]
+        self.weight, self.count = 0.0, 0
+
+    def add(self, tensors, weight: float) -> None:
+        tensors = list(tensors)
+        floats = [(s, t) for s, t, f in zip(self.sums, tensors, self.is_float) if f]
+        torch._foreach_add_([s for s, _ in floats], [t for _, t in floats], alpha=float(weight))
+        for s, t, f in zip(self.sums, tensors, self.is_float):
+            if not f:
+                torch.maximum(s, t, out=s)
+        self.weight += float(weight)
+        self.count += 1
+
+    def partial(self) -> PartialSum:
+        return PartialSum({k: s.cpu().numpy() for k, s in zip(self.keys, self.sums)}, self.weight, self.count)
 
 
 class _stage:

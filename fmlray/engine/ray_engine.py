@@ -12,16 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 import warnings
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fmlray import aggregate
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
+from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import ActorSpec, Capacity, plan_actors
@@ -81,30 +80,6 @@ class ClientActor:
         self.host.add_clients(client_ids, private)
 
 
-class Aggregator:
-    """Receives partial sums straight from the object store; owns the global test evaluation."""
-
-    def __init__(self, cfg: Config, dataset: Dataset):
-        import torch
-        torch.set_num_threads(1)
-        self.cfg, self.dataset = cfg, dataset
-        self.seconds: list[float] = []
-
-    def aggregate(self, previous: State, *partials: aggregate.PartialSum | None) -> State:
-        started = time.perf_counter()
-        total = aggregate.combine(p for p in partials if p is not None)  # in actor = client-id order
-        new = previous if total is None else aggregate.finalize(total, previous)
-        self.seconds.append(time.perf_counter() - started)
-        return new
-
-    def aggregate_seconds(self) -> list[float]:
-        """Time spent averaging, per call (for benchmarks)."""
-        return self.seconds
-
-    def evaluate(self, state: State | None):
-        return evaluate_global(self.cfg, self.dataset, state)
-
-
 def _reachable(address: str) -> bool:
     """A quick TCP check of a "host:port" address, so a wrong one fails now instead of after minutes."""
     host, _, port = address.rpartition(":")
@@ -150,7 +125,7 @@ def capacity() -> Capacity:
 
 class RayEngine:
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
-        self.cfg = cfg
+        self.cfg, self.dataset = cfg, dataset
         self.owns_ray = connect(cfg.engine.address)
         self.specs = plan_actors(cfg, capacity())
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
@@ -160,7 +135,7 @@ class RayEngine:
         # The aggregator reserves no CPU (it works between rounds, while client actors wait) and
         # lives beside the driver, on the head: losing a worker node must not take the global model.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=here).remote(cfg, data_ref)
+        self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=here).remote()
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
         self.failures: list[dict] = []
@@ -188,11 +163,14 @@ class RayEngine:
         return RoundResult(new_ref, clients, self._take_failures() + failures)
 
     def evaluate(self, global_state) -> EvalResult:
-        test_ref = self.aggregator.evaluate.remote(global_state)
-        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.evaluate.remote(global_state, ids))
+        # the actors' evaluations are submitted first, so the driver's own global-test pass overlaps them
+        test: list = []
+        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.evaluate.remote(global_state, ids),
+                                        meanwhile=lambda: test.append(
+                                            evaluate_global(self.cfg, self.dataset, self.fetch(global_state))))
         self.failures += failures  # reported with the next round
         clients = sorted((r for _, _, rs in done for r in rs), key=lambda r: r["client"])
-        return EvalResult(clients, ray.get(test_ref))
+        return EvalResult(clients, test[0])
 
     def snapshot(self, rnd: int) -> State:
         done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.private_state.remote(ids))
@@ -209,15 +187,19 @@ class RayEngine:
         out, self.failures = self.failures, []
         return out
 
-    def _dispatch(self, client_ids: list[int], call) -> tuple[list, list[dict]]:
+    def _dispatch(self, client_ids: list[int], call, meanwhile=None) -> tuple[list, list[dict]]:
         """`call(actor, its client ids)` on every actor owning some of `client_ids`; when an actor is
         lost, its clients move to the survivors and the call is made again for them there.
+        `meanwhile()`, if given, runs in the driver once the first calls are submitted.
         Returns [(first client id, refs, value of the last ref)] in client-id order, and the failures."""
         done, failures = [], []
         todo = self._by_owner(client_ids)
         while todo:
             calls = [(i, ids, call(self.actors[i], ids)) for i, ids in sorted(todo.items())]
             todo = {}
+            if meanwhile is not None:
+                meanwhile, run = None, meanwhile
+                run()
             for i, ids, refs in calls:
                 try:
                     value = ray.get(refs[-1] if isinstance(refs, (list, tuple)) else refs)

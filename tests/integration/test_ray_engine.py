@@ -49,6 +49,25 @@ def test_ray_matches_serial_whatever_the_number_of_actors(ray_session, serial_on
     assert_same(serial_one_group, result)
 
 
+def _has_torch(actor) -> bool:
+    import ray
+    return ray.get(actor.__ray_call__.remote(lambda self: __import__("sys").modules.get("torch") is not None))
+
+
+def test_the_aggregator_process_never_imports_torch(ray_session):
+    # torch costs ~450 MiB per process; the aggregator only averages numpy arrays (issue 4's memory target)
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=1"])
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        simulate(cfg, prepared.dataset, prepared.partition, engine)  # aggregates and evaluates each round
+        assert _has_torch(engine.actors[0])
+        assert not _has_torch(engine.aggregator)
+    finally:
+        engine.close()
+
+
 def test_heterogeneous_groups_and_partial_participation_match_serial(ray_session):
     overrides = [*QUICK, "clients.fraction=0.5"]
     serial = simulate_with(SerialEngine(), overrides)[0]
@@ -119,7 +138,7 @@ class KillsAnActorMidRound(RayEngine):
         self.kill_now = rnd == self.at
         return super().train_round(rnd, client_ids, global_state)
 
-    def _dispatch(self, client_ids, call):
+    def _dispatch(self, client_ids, call, **kwargs):
         if getattr(self, "kill_now", False):
             self.kill_now = False
             victim, inner = self.actors[0], call
@@ -129,7 +148,7 @@ class KillsAnActorMidRound(RayEngine):
                 if actor is victim:
                     ray_kill(victim)
                 return refs
-        return super()._dispatch(client_ids, call)
+        return super()._dispatch(client_ids, call, **kwargs)
 
 
 def ray_kill(actor):

@@ -20,7 +20,7 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
 
 def test_models_tuple_is_the_config_one() -> None:
     assert MODELS is config.MODELS
-    assert MODELS == ("mlp", "lenet5", "cnn", "resnet8", "resnet18")
+    assert MODELS == ("mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18")
 
 
 @pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -33,6 +33,14 @@ def test_forward_backward_on_images(name: str, shape: tuple[int, ...]) -> None:
     assert logits.shape == (batch, 10)
     nn.functional.cross_entropy(logits, torch.arange(batch)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cnn5_is_the_fedavg_papers_cnn() -> None:
+    # McMahan et al. (2017), section 3: "1,663,370 total parameters" on 28x28 MNIST
+    model = build_model("cnn5", (1, 28, 28), 10)
+    assert sum(p.numel() for p in model.parameters()) == 1_663_370
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (5, 5)), (64, (5, 5))]
 
 
 def test_mlp_on_flat_features() -> None:
