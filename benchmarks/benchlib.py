@@ -162,9 +162,10 @@ class MemorySampler:
     object store, shared libraries) among the processes mapping them, so the sums do not double count.
     """
 
-    def __init__(self, actor_pids: Callable[[], set[int]] = set, interval_s: float | None = 0.25):
+    def __init__(self, actor_pids: Callable[[], set[int]] = set, interval_s: float | None = 0.25,
+                 root: int | None = None):
         self.actor_pids, self.interval_s = actor_pids, interval_s
-        self.me = psutil.Process()
+        self.me = psutil.Process(root)  # the "driver": this process unless another root is named
         self.lock = threading.Lock()
         self.reset()
         self._stop = threading.Event()
@@ -219,6 +220,22 @@ def actor_pids(engine) -> set[int]:
     if agg is not None:
         pids.add(ray.get(agg.__ray_call__.remote(lambda self: os.getpid())))
     return pids
+
+
+def actor_pids_by_title(root: int) -> set[int]:
+    """Pids of the client actors and aggregator under `root`, found by Ray's process titles."""
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return set()
+    found = set()
+    for child in children:
+        try:
+            if child.cmdline()[:1] in (["ray::ClientActor"], ["ray::Aggregator"]):
+                found.add(child.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 def wait_state(state) -> None:

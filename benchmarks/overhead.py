@@ -13,11 +13,14 @@ import argparse
 import dataclasses
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 import torch
 import torch.nn.functional as F
 
@@ -240,19 +243,21 @@ def run_phase(phase: str, ways: list, warmup: int, rounds: int, sampler: benchli
                 w.close()
 
 
-def isolated_memory(way: "EngineWay", rounds: int = 2) -> dict:
-    """Peak PSS of the tree while `way` (a Ray way) runs `rounds` rounds with no other way alive."""
-    fresh = EngineWay(way.name, way.cfg, way.prepared, way.threads)
-    try:
-        fresh.start()
-        pids = benchlib.actor_pids(fresh.engine)
-        with benchlib.MemorySampler(lambda: pids, interval_s=0.1) as sampler:
-            for rnd in range(1, rounds + 1):
-                fresh.round(rnd, list(range(NUM_CLIENTS)))
-            return sampler.peak()
-    finally:
-        if hasattr(fresh, "engine"):
-            fresh.close()
+def isolated_memory(way: "EngineWay", rounds: int = 3) -> dict:
+    """Peak PSS of a whole `fmlray run` of this way's config (`rounds` rounds, evaluated at the end),
+    started as a child process: its driver, its actors and its own private Ray, nothing of this script."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(tomli_w.dumps(to_dict(way.cfg)))
+        cmd = [sys.executable, "-m", "fmlray", "run", "--config", str(path), "--set", f"run.rounds={rounds}",
+               "--set", f"run.output_dir='{tmp}'"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with benchlib.MemorySampler(lambda: benchlib.actor_pids_by_title(proc.pid), interval_s=0.1,
+                                    root=proc.pid) as sampler:
+            _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"the memory run of {way.name} failed: {err.strip().splitlines()[-1:]}")
+        return sampler.peak()
 
 
 def memory_rows(phases: list, log=print) -> list[dict]:
@@ -342,8 +347,9 @@ def markdown(w: Workload, args, meta: dict, summary: list[dict], memory: dict, a
     mem_cols = [("way", "Ray way, run alone", "")] + [(f"{k}_mib", f"{k} MiB", ".0f")
                                                         for k in ("driver", "actors", "ray_system", "total")]
     parts += ["## Memory", "", f"Peak PSS of the process tree with every way alive, sampled between rounds: {mem}.",
-              "", "Each algorithm's Ray way with the most actors, run alone for 2 rounds after the timing "
-              "(PSS sampled every 0.1 s; actors = client actors + aggregator; ray_system = the rest of the tree):",
+              "", "Each algorithm's Ray way with the most actors, run alone after the timing as a whole `fmlray run` "
+              "of 3 rounds, evaluated at the end, in a child process with its own private Ray (PSS sampled every 0.1 s; "
+              "driver = that `fmlray` process; actors = client actors + aggregator; ray_system = the rest of its tree):",
               "", benchlib.markdown_table(alone, mem_cols), "",
               f"## Config ({first}; other algorithms differ only in algorithm.name; Ray ways set "
               "engine.kind/num_actors and the group's num_cpus/num_gpus)", "",
