@@ -33,6 +33,9 @@ EXPERIMENTS = [  # (sweep name, title)
     ("digits", "5. The heterogeneity grid on digits"),
 ]
 FIGURES = ("local", "local_p10", "global_clients", "global_test")
+# Sweeps whose client groups differ between variants get a per-group table; the named variant's
+# accuracies on the *same clients* (same data: the partition depends on the seed only) are the baseline.
+GROUP_BASELINE = {"fmnist-models": ("locals", "homogeneous")}
 
 
 def per_run(rows: list[dict], axes: list[str]) -> dict[str, dict]:
@@ -95,6 +98,43 @@ def summary_table(runs: dict[str, dict], axes: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for labels, v in variants.items():
         lines.append("| " + " | ".join([*labels, str(len(v["seeds"])), *(cell(v[k]) for k in FIGURES)]) + " |")
+    return "\n".join(lines)
+
+
+def group_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) -> str:
+    """Final-round local accuracy per variant and client group (mean over the group's clients, then
+    mean ± std over seeds), beside the baseline's accuracy on exactly those clients: the variant with
+    the same labels except `baseline` = (axis, value)."""
+    axis, value = baseline
+    at = axes.index(axis)
+    last: dict[str, int] = {}
+    for r in rows:
+        if r["split"] == "test":
+            last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    acc: dict[tuple, dict[int, dict]] = {}  # (labels, group) -> seed -> client -> accuracy
+    base: dict[tuple, dict[int, float]] = {}  # (other labels, seed) -> client -> baseline accuracy
+    for r in rows:
+        if r["split"] != "test" or r["model"] != "local" or r["round"] != last[r["run"]]:
+            continue
+        labels = tuple(r[a] for a in axes)
+        acc.setdefault((labels, r["group"]), {}).setdefault(r["seed"], {})[r["client"]] = r["accuracy"]
+        others = labels[:at] + labels[at + 1:]
+        if labels[at] == value:
+            base.setdefault((others, r["seed"]), {})[r["client"]] = r["accuracy"]
+
+    def cell(xs: list[float]) -> str:
+        return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+
+    head = [*axes, "group", "clients", "local (own test)", f"same clients, {value}", "difference"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (labels, group), seeds in sorted(acc.items()):
+        mine = [float(np.mean(list(c.values()))) for c in seeds.values()]
+        key = labels[:at] + labels[at + 1:]
+        theirs = [float(np.mean([base[key, s][cid] for cid in c])) for s, c in seeds.items() if (key, s) in base]
+        diff = [a - b for a, b in zip(mine, theirs)] if len(theirs) == len(mine) else []
+        n = len(next(iter(seeds.values())))
+        lines.append("| " + " | ".join([*labels, group, str(n), cell(mine), cell(theirs),
+                                        "–" if not diff else f"{np.mean(diff):+.3f} ± {np.std(diff):.3f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -189,6 +229,9 @@ def main() -> None:
         rows = table.to_pylist()
         runs = per_run(rows, axes)
         parts.append(summary_table(runs, axes) + "\n")
+        if name in GROUP_BASELINE:
+            parts.append("Per client group (local models only):\n")
+            parts.append(group_table(rows, axes, GROUP_BASELINE[name]) + "\n")
         plot_curves(curves(rows, axes), axes, title, figdir / f"{name}-curves.png")
         plot_clients(runs, axes, figdir / f"{name}-clients.png")
         parts.append(f"![accuracy over rounds](results/{name}-curves.png)\n")
