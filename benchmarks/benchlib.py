@@ -184,28 +184,38 @@ class MemorySampler:
     def reset(self) -> None:
         """Start a new window for `peak()`."""
         with self.lock:
-            self._peak = {"driver": 0, "actors": 0, "ray_system": 0, "total": 0}
+            self._readings: list[dict[int, int]] = []
 
-    def sample(self) -> dict[str, int]:
-        """One reading of the tree, folded into the window's peaks; returns the reading."""
-        actors = self.actor_pids()
-        now = {"driver": pss(self.me.pid)[0], "actors": 0, "ray_system": 0}
+    def sample(self) -> None:
+        """One reading of every process in the tree (pid -> PSS), kept for `peak()`."""
+        self.actor_pids()  # lets a title-based lookup see actors while they live
+        now = {self.me.pid: pss(self.me.pid)[0]}
         try:
             children = self.me.children(recursive=True)
         except psutil.Error:
             children = []
         for child in children:
-            now["actors" if child.pid in actors else "ray_system"] += pss(child.pid)[0]
-        now["total"] = sum(now.values())
+            now[child.pid] = pss(child.pid)[0]
         with self.lock:
-            self._peak = {k: max(v, now[k]) for k, v in self._peak.items()}
-        return now
+            self._readings.append(now)
 
     def peak(self) -> dict[str, int]:
-        """Peaks since the last reset, after one more reading (a window may be shorter than the interval)."""
+        """Per category, the peak of its sum since the last reset, after one more reading. Readings are
+        sorted into categories only now, by the actor pids known at the end: a worker process is an
+        actor from its start, though Ray names it one only once its class is loaded."""
         self.sample()
+        actors = self.actor_pids()
         with self.lock:
-            return dict(self._peak)
+            readings = list(self._readings)
+        peak = {"driver": 0, "actors": 0, "ray_system": 0, "total": 0}
+        for reading in readings:
+            now = {"driver": reading.get(self.me.pid, 0), "actors": 0, "ray_system": 0}
+            for pid, value in reading.items():
+                if pid != self.me.pid:
+                    now["actors" if pid in actors else "ray_system"] += value
+            now["total"] = sum(now.values())
+            peak = {k: max(v, now[k]) for k, v in peak.items()}
+        return peak
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -222,20 +232,24 @@ def actor_pids(engine) -> set[int]:
     return pids
 
 
-def actor_pids_by_title(root: int) -> set[int]:
-    """Pids of the client actors and aggregator under `root`, found by Ray's process titles."""
-    try:
-        children = psutil.Process(root).children(recursive=True)
-    except psutil.Error:
-        return set()
-    found = set()
-    for child in children:
+def actors_by_title(root: int) -> Callable[[], set[int]]:
+    """A lookup of the client actors and aggregator under `root` by Ray's process titles, remembering
+    every pid it has seen (an actor that has exited still counts for the readings taken while it lived)."""
+    seen: set[int] = set()
+
+    def lookup() -> set[int]:
         try:
-            if child.cmdline()[:1] in (["ray::ClientActor"], ["ray::Aggregator"]):
-                found.add(child.pid)
+            children = psutil.Process(root).children(recursive=True)
         except psutil.Error:
-            pass
-    return found
+            children = []
+        for child in children:
+            try:
+                if child.cmdline()[:1] in (["ray::ClientActor"], ["ray::Aggregator"]):
+                    seen.add(child.pid)
+            except psutil.Error:
+                pass
+        return seen
+    return lookup
 
 
 def wait_state(state) -> None:

@@ -50,7 +50,7 @@ WORKLOADS = {
     "digits": Workload("overhead-bound", "digits", "mlp", {"full": 0, "quick": 0, "smoke": 400},
                        {"full": 100, "quick": 30, "smoke": 2}),
     # the CNN (conv 32 5x5, pool, conv 64 5x5, pool, fc 512, fc 10): fmlray's `cnn5`
-    "fmnist": Workload("compute-bound", "fmnist", "cnn5", {"full": 0, "quick": 2000, "smoke": 200},
+    "fmnist": Workload("compute-bound", "fmnist", "cnn5", {"full": 10000, "quick": 2000, "smoke": 200},
                        {"full": 5, "quick": 4, "smoke": 1}),
 }
 ALGORITHMS = ("fedavg", "fml")
@@ -252,7 +252,7 @@ def isolated_memory(way: "EngineWay", rounds: int = 3) -> dict:
         cmd = [sys.executable, "-m", "fmlray", "run", "--config", str(path), "--set", f"run.rounds={rounds}",
                "--set", f"run.output_dir='{tmp}'"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        with benchlib.MemorySampler(lambda: benchlib.actor_pids_by_title(proc.pid), interval_s=0.1,
+        with benchlib.MemorySampler(benchlib.actors_by_title(proc.pid), interval_s=0.1,
                                     root=proc.pid) as sampler:
             _, err = proc.communicate()
         if proc.returncode != 0:

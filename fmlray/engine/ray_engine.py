@@ -127,7 +127,7 @@ class RayEngine:
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
         self.cfg, self.dataset = cfg, dataset
         self.owns_ray = connect(cfg.engine.address)
-        self.specs = plan_actors(cfg, capacity())
+        self.specs = plan_actors(cfg, capacity(), cost=[len(rows) for rows in partition.train])
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
         self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy="SPREAD",

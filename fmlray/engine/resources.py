@@ -34,8 +34,26 @@ def _fits(n: float, per: float) -> int:
     return math.inf if per == 0 else int(math.floor(n / per + 1e-9))
 
 
-def plan_actors(cfg: Config, cap: Capacity) -> list[ActorSpec]:
-    """Actors per group and their clients (contiguous id blocks, so partial sums stay in id order)."""
+def _blocks(first: int, n: int, parts: int, cost) -> list[int]:
+    """Bounds of `parts` contiguous blocks of clients first..first+n-1, each non-empty, splitting their
+    summed `cost` as evenly as boundaries allow (equal client counts when no cost is given)."""
+    if cost is None:
+        return [first + (n * i) // parts for i in range(parts + 1)]
+    cum = [0.0]
+    for cid in range(first, first + n):
+        cum.append(cum[-1] + float(cost[cid]))
+    bounds = [0]
+    for i in range(1, parts):
+        target = cum[n] * i / parts
+        lo, hi = bounds[-1] + 1, n - (parts - i)  # leave at least one client to each later block
+        bounds.append(min(range(lo, hi + 1), key=lambda k: (abs(cum[k] - target), k)))
+    return [first + b for b in [*bounds, n]]
+
+
+def plan_actors(cfg: Config, cap: Capacity, cost=None) -> list[ActorSpec]:
+    """Actors per group and their clients (contiguous id blocks, so partial sums stay in id order).
+    `cost[cid]` (e.g. training rows) balances the blocks of a group: an actor that gets the big
+    clients would otherwise hold every round up."""
     sizes = cfg.clients.group_sizes()
     groups = [(g, n) for g, n in zip(cfg.clients.groups, sizes) if n > 0]
     for g, _ in groups:
@@ -63,7 +81,7 @@ def plan_actors(cfg: Config, cap: Capacity) -> list[ActorSpec]:
                             f"{cap.cpus:g} and {cap.gpus:g}; lower engine.num_actors or the groups' num_cpus/num_gpus")
     specs, first = [], 0
     for c, (g, n) in zip(counts, groups):
-        bounds = [first + (n * i) // c for i in range(c + 1)]
+        bounds = _blocks(first, n, c, cost)
         specs += [ActorSpec(g.name, g.num_cpus, g.num_gpus, tuple(range(bounds[i], bounds[i + 1]))) for i in range(c)]
         first += n
     return specs

@@ -58,3 +58,17 @@ def test_heterogeneous_groups_get_their_own_resources():
         by_group.setdefault(s.group, []).append(s)
     assert {g: len(v) for g, v in by_group.items()} == {"cpu": 2, "gpu": 2}
     assert [c for s in by_group["gpu"] for c in s.client_ids] == [6, 7, 8, 9]
+
+
+def test_blocks_balance_the_clients_training_rows_not_their_count():
+    one_group = "clients.groups=[{name='a', share=1.0, num_cpus=0.5}]"
+    cfg = load_config(None, [one_group, "clients.num_clients=6", "engine.num_actors=2"])
+    rows = [100, 100, 100, 10, 10, 10]  # equal counts would give one actor 300 rows, the other 30
+    specs = plan_actors(cfg, LAPTOP, cost=rows)
+    assert [s.client_ids for s in specs] == [(0, 1), (2, 3, 4, 5)]  # 200 vs 130: the best contiguous cut
+    # every block keeps at least one client, even when one client outweighs all the rest
+    specs = plan_actors(load_config(None, [one_group, "clients.num_clients=4", "engine.num_actors=3"]), LAPTOP,
+                        cost=[1000, 1, 1, 1])
+    assert [s.client_ids for s in specs] == [(0,), (1,), (2, 3)]
+    # no cost: equal client counts, as before
+    assert [len(s.client_ids) for s in plan_actors(cfg, LAPTOP)] == [3, 3]
