@@ -129,6 +129,24 @@ def start_engine(cfg: Config, prepared) -> tuple[RayEngine, dict]:
     return engine, {"data_put_s": put_s, "engine_start_s": start_s, "actors_ready_s": max(0.0, start_s - put_s)}
 
 
+def private_bytes(engine: RayEngine) -> int:
+    """Bytes the client actors hold for their clients' private models: parameters and buffers, any
+    gradients left on them, and the optimiser's state (read from the actors, between rounds)."""
+    import ray
+
+    def count(actor) -> int:
+        import torch
+        total = 0
+        for c in actor.host.clients.values():
+            if c.local is None:
+                continue
+            tensors = list(c.local.state_dict().values()) + [p.grad for p in c.local.parameters() if p.grad is not None]
+            tensors += [v for st in c.local_opt.state.values() for v in st.values() if torch.is_tensor(v)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+    return sum(ray.get([a.__ray_call__.remote(count) for a in engine.actors]))
+
+
 def measure_round(engine: RayEngine, cfg: Config, rnd: int, state, sampler: benchlib.MemorySampler):
     """Run round `rnd` on a started engine; (new state, the round's measurements)."""
     import ray
@@ -150,6 +168,7 @@ def measure_round(engine: RayEngine, cfg: Config, rnd: int, state, sampler: benc
         "overhead_s": wall - compute / used, "critical_s": max(per_actor.values()),
         "overhead_crit_s": wall - max(per_actor.values()), "aggregate_s": agg[-1] if agg else float("nan"),
         **{f"pss_{k}_mib": v / benchlib.MIB for k, v in peak.items()},
+        "private_mib": private_bytes(engine) / benchlib.MIB,
     }
 
 
@@ -207,7 +226,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         for k in ("wall_s", "compute_s", "overhead_s", "overhead_ms_per_client", "overhead_crit_ms_per_client",
                   "aggregate_s", "bytes_round"):
             s[k] = statistics.median(r[k] for r in rs)
-        s.update({k: max(r[k] for r in rs) for k in rs[0] if k.startswith("pss_")})
+        s.update({k: max(r[k] for r in rs) for k in rs[0] if k.startswith("pss_") or k == "private_mib"})
+        s["actors_less_private_mib"] = s["pss_actors_mib"] - s["private_mib"]
         s["mib_round"] = s["bytes_round"] / benchlib.MIB
         s["aggregate_ms"] = 1000 * s["aggregate_s"]
         out.append(s)
@@ -255,7 +275,8 @@ def plot(summary: list[dict], path_stem: Path) -> list[Path]:
            + [(f"{d}: excl. load imbalance", "x--", d, *xy(d, "overhead_crit_ms_per_client")) for d in datasets],
            hline=1.0)
     figure("memory", "peak PSS, MiB", [(f"{d}: {k}", st, d, *xy(d, f"pss_{k}_mib")) for d in datasets
-                                      for k, st in (("total", "o-"), ("actors", "x--"), ("driver", "s:"))])
+                                      for k, st in (("total", "o-"), ("actors", "x--"), ("driver", "s:"))]
+           + [(f"{d}: actors − private models", "^-.", d, *xy(d, "actors_less_private_mib")) for d in datasets])
     return paths
 
 
@@ -266,7 +287,8 @@ POINT_COLUMNS = [("dataset", "dataset", ""), ("clients", "clients", ""), ("actor
                  ("overhead_crit_ms_per_client", "excl. imbalance ms/client", ".3f"),
                  ("aggregate_ms", "aggregate ms", ".2f"), ("mib_round", "MiB moved/round", ".2f"),
                  ("pss_driver_mib", "PSS driver MiB", ".0f"), ("pss_actors_mib", "PSS actors MiB", ".0f"),
-                 ("pss_ray_system_mib", "PSS Ray MiB", ".0f"), ("pss_total_mib", "PSS total MiB", ".0f")]
+                 ("pss_ray_system_mib", "PSS Ray MiB", ".0f"), ("pss_total_mib", "PSS total MiB", ".0f"),
+                 ("private_mib", "private models MiB", ".0f"), ("actors_less_private_mib", "actors − private MiB", ".0f")]
 STARTUP_COLUMNS = [("dataset", "dataset", ""), ("clients", "clients", ""), ("actors", "actors", ""),
                    ("prepare_s", "data prepare s", ".2f"), ("data_put_s", "data put s", ".3f"),
                    ("actors_ready_s", "actors ready s", ".2f"), ("engine_start_s", "engine start s", ".2f"),
