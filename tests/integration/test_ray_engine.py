@@ -166,7 +166,8 @@ def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session,
     finally:
         engine.close()
     recovered = [r for r in result.rows if r["split"] == "recovered"]
-    assert {r["round"] for r in recovered} == {2} and {r["client"] for r in recovered} == set(range(10))
+    victims = set(engine.specs[0].client_ids)  # actor 0's block (cut by training rows, so not always 0-9)
+    assert {r["round"] for r in recovered} == {2} and {r["client"] for r in recovered} == victims
     assert "actor 0 lost" in recovered[0]["note"] and "private state of round 1" in recovered[0]["note"]
     for rnd in (1, 2, 3):
         assert {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"} == set(range(20))
