@@ -142,8 +142,9 @@ class ClientHost:
             c.local_opt = self._optimizer(c.local)
         return c.local, c.local_opt
 
-    def _meme_from(self, state: State) -> tuple[nn.Module, list[torch.Tensor]]:
-        """The meme workspace and the global `state` as tensors in its key order, checked once per call."""
+    def _global_tensors(self, state: State) -> list[torch.Tensor]:
+        """The global `state` as tensors in the meme workspace's key order (built on first use), on this
+        host's device; checked and converted once a round, not once a client."""
         if self._meme is None:
             self._meme = build_model(self.cfg.model.meme, self.dataset.input_shape, self.dataset.num_classes)
             self._meme.to(self.device)
@@ -157,13 +158,11 @@ class ClientHost:
                 raise TrainingError(f"global state entry {k!r} has shape {tuple(state[k].shape)}, "
                                     f"model {self.cfg.model.meme!r} wants {tuple(live.shape)}")
             tensors.append(shared_tensor(state[k]).to(self.device))
-        return self._meme, tensors
+        return tensors
 
-    def _reset_meme(self, global_tensors: list[torch.Tensor]) -> nn.Module:
-        """Load the global model into the meme (one fused copy, not load_state_dict) and give it a fresh
-        optimiser state: what a new model and a new optimiser would be, without building either."""
+    def _load_meme(self, global_tensors: list[torch.Tensor]) -> nn.Module:
+        """The meme workspace holding the global model (one fused copy, not load_state_dict)."""
         torch._foreach_copy_(list(self._meme_state.values()), global_tensors)
-        self._meme_opt.state.clear()
         return self._meme
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -173,7 +172,7 @@ class ClientHost:
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None) -> tuple[PartialSum | None, list[dict]]:
         """Train the given clients for round `rnd`; return their memes' weighted partial sum and metrics."""
-        shared = None if global_state is None else self._meme_from(global_state)[1]  # converted once a round
+        shared = None if global_state is None else self._global_tensors(global_state)
         total, results = None, []
         for cid in sorted(client_ids):
             c = self.clients[cid]
@@ -189,7 +188,8 @@ class ClientHost:
                 continue
             if meme is not None:
                 weight = len(c.train_rows) if self.cfg.algorithm.weighting == "samples" else 1.0
-                total = total or _Sum(self._meme_state)
+                if total is None:
+                    total = _Sum(self._meme_state)
                 total.add(self._meme_state.values(), weight)
             results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started, **metrics})
         return (None if total is None else total.partial()), results
@@ -199,8 +199,9 @@ class ClientHost:
         if self.algo.has_local:
             models["local"], opts["local"] = self._local(c)
         if self.algo.shares_meme:
-            meme = models["meme"] = self._reset_meme(shared)
-            opts["meme"] = self._meme_opt  # its state was just cleared: it starts fresh every round
+            meme = models["meme"] = self._load_meme(shared)
+            self._meme_opt.state.clear()  # as a new optimiser would be: the meme's starts fresh every round
+            opts["meme"] = self._meme_opt
             if self.algo.penalty is not None:
                 anchor = [p.detach().clone() for p in meme.parameters()]
         t = self.cfg.training
@@ -215,7 +216,7 @@ class ClientHost:
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> list[dict]:
         """Each client's local model and the global model on the client's own test split."""
         rows = []
-        meme = None if global_state is None else self._reset_meme(self._meme_from(global_state)[1])
+        meme = None if global_state is None else self._load_meme(self._global_tensors(global_state))
         for cid in sorted(self.clients if client_ids is None else client_ids):
             c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}

@@ -197,9 +197,9 @@ class RayEngine:
         while todo:
             calls = [(i, ids, call(self.actors[i], ids)) for i, ids in sorted(todo.items())]
             todo = {}
-            if meanwhile is not None:
-                meanwhile, run = None, meanwhile
-                run()
+            if meanwhile is not None:  # only after the first submissions, not again for re-runs
+                meanwhile()
+                meanwhile = None
             for i, ids, refs in calls:
                 try:
                     value = ray.get(refs[-1] if isinstance(refs, (list, tuple)) else refs)
