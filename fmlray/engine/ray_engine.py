@@ -134,7 +134,9 @@ class RayEngine:
                                          name=None).remote(cfg, data_ref, part_ref, s) for s in self.specs]
         # The aggregator reserves no CPU (it works between rounds, while client actors wait) and
         # lives beside the driver, on the head: losing a worker node must not take the global model.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # Hard affinity: a soft one counts a node whose CPUs are all held by client actors as
+        # unavailable and spills the aggregator to any other node (seen on the three-node test).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=here).remote()
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()

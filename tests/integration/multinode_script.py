@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import ray
+import ray.util.state
 from ray.cluster_utils import Cluster
 
 from fmlray.config import load_config
@@ -42,9 +43,11 @@ def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
         finally:
             engine.close()
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        aggregator = ray.util.state.list_actors(filters=[("class_name", "=", "Aggregator")])
         np.savez(out, **result.global_state)
         with open(out + ".json", "w") as f:
-            json.dump({"nodes": nodes, "actor_nodes": [i["node"] for i in engine.infos], "rows": result.rows}, f)
+            json.dump({"nodes": nodes, "actor_nodes": [i["node"] for i in engine.infos], "rows": result.rows,
+                       "driver_node": driver_node, "aggregator_nodes": [a.node_id for a in aggregator]}, f)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -58,6 +58,7 @@ def test_three_nodes_each_host_an_actor_and_match_the_serial_run(tmp_path, seria
     state, info = run_on_three_nodes(tmp_path)
     assert len(info["nodes"]) == 3 and len(info["actor_nodes"]) == 3
     assert sorted(info["actor_nodes"]) == info["nodes"], "SPREAD should put one actor on every node"
+    assert info["aggregator_nodes"] == [info["driver_node"]], "the aggregator belongs beside the driver"
     assert_matches(serial_reference, state, info["rows"])
 
 
