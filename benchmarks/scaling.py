@@ -151,13 +151,14 @@ def measure_round(engine: RayEngine, cfg: Config, rnd: int, state, sampler: benc
     """Run round `rnd` on a started engine; (new state, the round's measurements)."""
     import ray
     ids = sample_clients(cfg, rnd)
+    before = len(ray.get(engine.aggregator.aggregate_seconds.remote()))
     sampler.reset()
     t0 = time.perf_counter()
     result = engine.train_round(rnd, ids, state)
     benchlib.wait_state(result.global_state)  # the aggregation is part of the round
     wall = time.perf_counter() - t0
     peak = sampler.peak()
-    agg = ray.get(engine.aggregator.aggregate_seconds.remote())
+    agg = ray.get(engine.aggregator.aggregate_seconds.remote())[before:]  # none when one actor averaged itself
     per_actor: dict[int, float] = {}
     for c in result.clients:
         per_actor[engine.owner[c["client"]]] = per_actor.get(engine.owner[c["client"]], 0.0) + c["seconds"]
@@ -166,7 +167,7 @@ def measure_round(engine: RayEngine, cfg: Config, rnd: int, state, sampler: benc
     return result.global_state, {
         "sampled": len(ids), "actors_used": used, "wall_s": wall, "compute_s": compute,
         "overhead_s": wall - compute / used, "critical_s": max(per_actor.values()),
-        "overhead_crit_s": wall - max(per_actor.values()), "aggregate_s": agg[-1] if agg else float("nan"),
+        "overhead_crit_s": wall - max(per_actor.values()), "aggregate_s": sum(agg),
         **{f"pss_{k}_mib": v / benchlib.MIB for k, v in peak.items()},
         "private_mib": private_bytes(engine) / benchlib.MIB,
     }
@@ -188,7 +189,8 @@ def run_point(p: dict, args, sampler: benchlib.MemorySampler, log=print) -> tupl
         plain, partial = state_bytes(state)
         for rnd in range(1, args.warmup + args.rounds + 1):
             state, m = measure_round(engine, cfg, rnd, state, sampler)
-            moved = {"bytes_broadcast": plain, "bytes_partials": m["actors_used"] * partial, "bytes_new_global": plain}
+            partials = m["actors_used"] * partial if m["actors_used"] > 1 else 0  # one actor returns the average
+            moved = {"bytes_broadcast": plain, "bytes_partials": partials, "bytes_new_global": plain}
             rows.append({**p, "round": rnd, "warmup": rnd <= args.warmup, **m, **moved,
                          "bytes_round": sum(moved.values()),
                          "overhead_ms_per_client": 1000 * m["overhead_s"] / m["sampled"],

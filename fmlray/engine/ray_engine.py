@@ -3,8 +3,9 @@
 Per round the driver puts the global state in the object store once and hands the same ref to
 every actor; each actor trains its sampled clients in turn and returns one weighted partial sum,
 which goes from the object store straight into the aggregator (the driver only holds refs), so
-traffic per round is O(actors). The new global state stays in the object store as the next
-round's broadcast. The dataset is put once; actors index it zero-copy.
+traffic per round is O(actors). When one actor holds every sampled client, it averages itself and
+the aggregator is skipped. The new global state stays in the object store as the next round's
+broadcast. The dataset is put once; actors index it zero-copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import warnings
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fmlray import aggregate
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
@@ -63,8 +65,13 @@ class ClientActor:
         return {"node": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device,
                 "pid": os.getpid()}
 
-    def train(self, rnd: int, client_ids: list[int], global_state: State | None):
-        return self.host.train(rnd, client_ids, global_state)
+    def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False):
+        """The clients' partial sum and metrics; with `final` (this call holds every client of the
+        round), the new global state itself, averaged here instead of in the aggregator."""
+        partial, metrics = self.host.train(rnd, client_ids, global_state)
+        if not final:
+            return partial, metrics
+        return (global_state if partial is None else aggregate.finalize(partial, global_state)), metrics
 
     def evaluate(self, global_state: State | None, client_ids: list[int]) -> list[dict]:
         return self.host.evaluate(global_state, client_ids)
@@ -158,9 +165,18 @@ class RayEngine:
 
     def train_round(self, rnd: int, client_ids: list[int], global_state) -> RoundResult:
         g_ref = global_state if isinstance(global_state, ray.ObjectRef) else ray.put(global_state)
-        done, failures = self._dispatch(client_ids, lambda a, ids: a.train.options(num_returns=2).remote(rnd, ids, g_ref))
+        # A call holding every client of the round averages in the actor: one object-store hop per
+        # round fewer (~2 ms; a third of the 1-actor overhead). Its result is then the only entry of `done`.
+        whole = len(client_ids)
+        done, failures = self._dispatch(client_ids, lambda a, ids: a.train.options(num_returns=2).remote(
+            rnd, ids, g_ref, len(ids) == whole and global_state is not None))
         partials = [refs[0] for _, refs, _ in done]  # in client-id order; they go to the aggregator unread
-        new_ref = self.aggregator.aggregate.remote(g_ref, *partials) if global_state is not None else None
+        if global_state is None:
+            new_ref = None
+        elif len(done) == 1:
+            new_ref = partials[0]
+        else:
+            new_ref = self.aggregator.aggregate.remote(g_ref, *partials)
         clients = [m for _, _, ms in done for m in ms]
         return RoundResult(new_ref, clients, self._take_failures() + failures)
 

@@ -56,7 +56,7 @@ def _has_torch(actor) -> bool:
 
 def test_the_aggregator_process_never_imports_torch(ray_session):
     # torch costs ~450 MiB per process; the aggregator only averages numpy arrays (issue 4's memory target)
-    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=1"])
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])
     prepared = prepare(cfg)
     engine = RayEngine()
     engine.start(cfg, prepared.dataset, prepared.partition)
@@ -66,6 +66,24 @@ def test_the_aggregator_process_never_imports_torch(ray_session):
         assert not _has_torch(engine.aggregator)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("actors", "fraction", "aggregations"), [(1, 1.0, 0), (2, 1.0, 3), (2, 0.05, 0)])
+def test_the_aggregator_is_skipped_when_one_actor_holds_the_whole_round(ray_session, actors, fraction, aggregations):
+    # 0.05 of 20 clients: one client a round, so one actor; it returns the average itself
+    overrides = [*QUICK, ONE_GROUP, f"clients.fraction={fraction}"]
+    serial = simulate_with(SerialEngine(), overrides)[0]
+    cfg = load_config(None, [*overrides, "engine.kind=ray", f"engine.num_actors={actors}"])
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine)
+        import ray
+        assert len(ray.get(engine.aggregator.aggregate_seconds.remote())) == aggregations
+    finally:
+        engine.close()
+    assert_same(serial, result)
 
 
 def test_heterogeneous_groups_and_partial_participation_match_serial(ray_session):
