@@ -321,8 +321,9 @@ def markdown(meta: dict, summary: list[dict], startup: list[dict], probe: dict, 
         f"{args.rounds} timed rounds per configuration; medians over the timed rounds, memory the peak.", "",
         "overhead s = wall − compute ÷ actors_used (compute = Σ clients' update seconds); the ms/client columns "
         "divide by the clients sampled; 'excl. imbalance' uses wall − the busiest actor's compute instead. "
-        "MiB moved/round = one global state broadcast + one float64 partial sum per actor that trained + the new "
-        "global state (analytic, from the state dict sizes).", "",
+        "MiB moved/round = one global state broadcast + one float64 partial sum per actor that trained (none "
+        "when one actor trained them all: it returns the average, and aggregate ms is 0) + the new global state "
+        "(analytic, from the state dict sizes).", "",
         benchlib.markdown_table(summary, POINT_COLUMNS), "",
         *([f"Skipped (fmlray cannot partition them): {'; '.join(args.skipped)}", ""] if args.skipped else []),
         "## Start-up", "",
