@@ -68,9 +68,12 @@ def test_the_aggregator_process_never_imports_torch(ray_session):
         engine.close()
 
 
-@pytest.mark.parametrize(("actors", "fraction", "aggregations"), [(1, 1.0, 0), (2, 1.0, 3), (2, 0.05, 0)])
-def test_the_aggregator_is_skipped_when_one_actor_holds_the_whole_round(ray_session, actors, fraction, aggregations):
-    # 0.05 of 20 clients: one client a round, so one actor; it returns the average itself
+@pytest.mark.parametrize(("actors", "fraction", "beside_driver", "aggregations"),
+                         [(1, 1.0, True, 0), (2, 1.0, True, 3), (2, 0.05, True, 0), (1, 1.0, False, 3)])
+def test_the_aggregator_is_skipped_when_one_actor_beside_the_driver_holds_the_whole_round(
+        ray_session, actors, fraction, beside_driver, aggregations):
+    # 0.05 of 20 clients: one client a round, so one actor; it returns the average itself. An actor
+    # on another node (here: pretended) must not: the new global state has to live on the driver's node.
     overrides = [*QUICK, ONE_GROUP, f"clients.fraction={fraction}"]
     serial = simulate_with(SerialEngine(), overrides)[0]
     cfg = load_config(None, [*overrides, "engine.kind=ray", f"engine.num_actors={actors}"])
@@ -78,6 +81,8 @@ def test_the_aggregator_is_skipped_when_one_actor_holds_the_whole_round(ray_sess
     engine = RayEngine()
     engine.start(cfg, prepared.dataset, prepared.partition)
     try:
+        if not beside_driver:
+            engine.beside_driver = set()
         result = simulate(cfg, prepared.dataset, prepared.partition, engine)
         import ray
         assert len(ray.get(engine.aggregator.aggregate_seconds.remote())) == aggregations
