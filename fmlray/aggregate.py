@@ -56,6 +56,12 @@ def finalize(total: PartialSum, like: Mapping[str, np.ndarray]) -> State:
     return {k: np.asarray(v / total.weight if _is_float(v) else v, dtype=like[k].dtype) for k, v in total.sums.items()}
 
 
+def next_global(previous: State, total: PartialSum | None) -> State:
+    """The round's new global state: the mean of `total`, or `previous` unchanged when no update came
+    (every sampled client's was left out)."""
+    return previous if total is None else finalize(total, previous)
+
+
 def average(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> State:
     """Weighted mean of whole states: finalize(combine(weighted(...)))."""
     return finalize(combine(weighted(s, w) for s, w in zip(states, weights)), states[0])

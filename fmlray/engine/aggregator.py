@@ -22,7 +22,7 @@ class Aggregator:
     def aggregate(self, previous: State, *partials: PartialSum | None) -> State:
         started = time.perf_counter()
         total = aggregate.combine(p for p in partials if p is not None)  # in actor = client-id order
-        new = previous if total is None else aggregate.finalize(total, previous)
+        new = aggregate.next_global(previous, total)
         self.seconds.append(time.perf_counter() - started)
         return new
 

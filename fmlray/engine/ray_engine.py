@@ -4,8 +4,8 @@ Per round the driver puts the global state in the object store once and hands th
 every actor; each actor trains its sampled clients in turn and returns one weighted partial sum,
 which goes from the object store straight into the aggregator (the driver only holds refs), so
 traffic per round is O(actors). When one actor beside the driver holds every sampled client, it
-averages them itself and the aggregator is skipped. The new global state stays in the object store as the next round's
-broadcast. The dataset is put once; actors index it zero-copy.
+averages them itself and the aggregator is skipped. The new global state stays in the object
+store as the next round's broadcast. The dataset is put once; actors index it zero-copy.
 """
 
 from __future__ import annotations
@@ -69,9 +69,7 @@ class ClientActor:
         """The clients' partial sum and metrics; with `final` (this call holds every client of the
         round), the new global state itself, averaged here instead of in the aggregator."""
         partial, metrics = self.host.train(rnd, client_ids, global_state)
-        if not final:
-            return partial, metrics
-        return (global_state if partial is None else aggregate.finalize(partial, global_state)), metrics
+        return (aggregate.next_global(global_state, partial) if final else partial), metrics
 
     def evaluate(self, global_state: State | None, client_ids: list[int]) -> list[dict]:
         return self.host.evaluate(global_state, client_ids)
@@ -171,20 +169,19 @@ class RayEngine:
         g_ref = global_state if isinstance(global_state, ray.ObjectRef) else ray.put(global_state)
         # A call holding every client of the round, on the driver's node, averages in the actor: one
         # object-store hop a round fewer (~3 ms, half the 1-actor overhead).
-        final: dict[int, bool] = {}  # by first client id, as in `done`; a re-run's call overwrites
+        def final(actor, ids) -> bool:
+            return global_state is not None and len(ids) == len(client_ids) and actor in self.beside_driver
 
-        def train(actor, ids):
-            final[ids[0]] = global_state is not None and len(ids) == len(client_ids) and actor in self.beside_driver
-            return actor.train.options(num_returns=2).remote(rnd, ids, g_ref, final[ids[0]])
-
-        done, failures = self._dispatch(client_ids, train)
+        done, failures = self._dispatch(client_ids, lambda a, ids: a.train.options(num_returns=2).remote(
+            rnd, ids, g_ref, final(a, ids)))
         partials = [refs[0] for _, refs, _ in done]  # in client-id order; they go to the aggregator unread
-        if global_state is None:
-            new_ref = None
-        elif len(done) == 1 and final[done[0][0]]:
+        # one call done means it held every client, on the actor that owns them now (after any recovery)
+        if len(done) == 1 and final(self.actors[self.owner[client_ids[0]]], client_ids):
             new_ref = partials[0]  # already the new global state
-        else:
+        elif global_state is not None:
             new_ref = self.aggregator.aggregate.remote(g_ref, *partials)
+        else:
+            new_ref = None
         clients = [m for _, _, ms in done for m in ms]
         return RoundResult(new_ref, clients, self._take_failures() + failures)
 

@@ -18,8 +18,7 @@ class SerialEngine:
 
     def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult:
         partial, clients = self.host.train(rnd, client_ids, global_state)
-        new = global_state if partial is None else aggregate.finalize(partial, global_state)
-        return RoundResult(new, clients)
+        return RoundResult(aggregate.next_global(global_state, partial), clients)
 
     def evaluate(self, global_state: State | None) -> EvalResult:
         return EvalResult(self.host.evaluate(global_state), evaluate_global(self.cfg, self.dataset, global_state))

@@ -34,6 +34,13 @@ def test_partial_sums_in_any_grouping_give_the_same_mean():
     np.testing.assert_allclose(whole["w"], expected, atol=1e-6)
 
 
+def test_next_global_is_the_mean_or_the_previous_state_when_no_update_came():
+    previous = {"w": np.array([9.0], np.float32)}
+    part = aggregate.weighted({"w": np.array([1.0], np.float32)}, 2.0)
+    assert aggregate.next_global(previous, None) is previous
+    np.testing.assert_array_equal(aggregate.next_global(previous, part)["w"], [1.0])
+
+
 def test_batchnorm_float_buffers_average_and_counters_stay_integers():
     def bn(mean, count):
         m = nn.BatchNorm1d(2)
