@@ -62,8 +62,11 @@ class RunConfig:
     rounds: int = 10
     output_dir: str = "runs"
     eval_every: int = 1  # evaluate every N rounds (and always after the last one)
-    # checkpoint every N rounds (0: only when stopped by a signal); each pulls every client's
-    # private state to the driver, so on big runs raise it
+    # which clients' models an evaluation round tests: "all", "sampled" (the round's trained
+    # clients), or N: the round's trained clients plus a seeded sample of N of the others
+    eval_clients: int | str = "all"
+    # checkpoint every N rounds (0: only when stopped by a signal); each actor writes the rows
+    # of private state changed since the last one, so the cost follows the sampled clients
     checkpoint_every: int = 1
 
     def __post_init__(self):
@@ -73,6 +76,8 @@ class RunConfig:
         _check(self.rounds >= 1, f"run.rounds must be >= 1, got {self.rounds}")
         _check(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}")
         _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.eval_clients in ("all", "sampled") or (isinstance(self.eval_clients, int) and self.eval_clients >= 1),
+               f"run.eval_clients must be \"all\", \"sampled\" or a number >= 1, got {self.eval_clients!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,9 +255,15 @@ class EngineConfig:
     kind: str = "ray"  # "serial" runs every client in-process: the debugging reference
     num_actors: int = 0  # 0 → as many as the cluster's resources allow (at most one per client)
     address: str = ""  # Ray cluster to join ("auto", "ray://..."); "" → RAY_ADDRESS or a local Ray
+    # where clients' private state (local models, optimisers) lives between rounds: "memory",
+    # "disk" (memory-mapped files under state_dir, one row per client that has trained), or
+    # "auto": memory while the estimate fits in a quarter of the node's memory, else disk
+    state_store: str = "auto"
+    state_dir: str = ""  # node-local folder for the disk store; "" → a scratch folder removed at the end
 
     def __post_init__(self):
         _one_of("engine.kind", self.kind, ENGINES)
+        _one_of("engine.state_store", self.state_store, ("auto", "memory", "disk"))
         _check(self.num_actors >= 0, f"engine.num_actors must be >= 0, got {self.num_actors}")
 
 
@@ -293,8 +304,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner[:-1]:  # e.g. int | str: the first type the value is
+            try:
+                return _coerce(value, candidate, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         _check(isinstance(value, (list, tuple)), f"{key} must be a list of tables, got {value!r}")
