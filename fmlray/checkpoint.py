@@ -1,14 +1,22 @@
-"""Checkpoints: one `.npz` (numpy arrays only, read with allow_pickle=False), replaced atomically.
+"""Checkpoints written where the state lives: a folder of row files and one manifest, numpy and JSON only.
 
-It holds the round, the global model, every client's private state (local model and optimiser)
-and the metric rows so far. There is no RNG state to save: every draw derives from
-(seed, round, client), so the round number is the RNG state.
+`runs/<name>/checkpoint/` holds, per checkpoint, one `.npy` of rows per host and architecture with
+the private state of the clients that trained since the previous checkpoint (written by the host
+that holds them: an actor, on its node), the global model as `global-r<round>.npz` (written by the
+driver), and `manifest.json`, written last and atomically by the driver. The manifest lists every
+row file still needed, with each row's client and checksum, so a client's latest row is found
+without reading the others. A checkpoint is the manifest: files it does not name (a checkpoint cut
+short, superseded rows) are deleted after it is written, and are never read.
+
+There is no RNG state to save: every draw derives from (seed, round, client), so the round number is
+the RNG state. The metric rows are not here either: they stream to `metrics/` round by round.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,53 +24,154 @@ from pathlib import Path
 import numpy as np
 
 from fmlray.aggregate import State
-from fmlray.errors import FmlrayError
+from fmlray.config import Config, to_dict
+from fmlray.engine.state import RowRef, latest_rows
+from fmlray.errors import FmlrayError, ResourceError
 
-FILE = "checkpoint.npz"
-VERSION = 1
+FOLDER = "checkpoint"
+MANIFEST = "manifest.json"
+VERSION = 2
+# Keys that may differ between a checkpoint and the config that resumes it: how long and how often,
+# where and on what it runs. Anything else would make the resumed run a different experiment.
+MAY_CHANGE = {"run": ("rounds", "eval_every", "eval_clients", "checkpoint_every", "output_dir", "name"),
+              "engine": ("kind", "num_actors", "address", "state_store", "state_dir")}
+
+
+def fixed_config(cfg: Config) -> dict:
+    """The part of a config a checkpoint belongs to."""
+    d = to_dict(cfg)
+    for section, keys in MAY_CHANGE.items():
+        for k in keys:
+            d[section].pop(k, None)
+        for g in d["clients"]["groups"]:  # resources per actor may change too (e.g. onto GPUs)
+            g.pop("num_cpus", None)
+            g.pop("num_gpus", None)
+    return d
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Resume:
     round: int
     global_state: State | None
-    private: State  # see ClientHost.private_state
-    rows: list[dict]
+    shards: list[dict]  # the manifest's row files
+    folder: Path
+
+    def refs(self) -> dict[int, RowRef]:
+        return latest_rows(self.shards)
 
 
-def _text(obj) -> np.ndarray:
-    return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
-
-
-def save(run_dir: Path, ckpt: Checkpoint) -> Path:
-    """Write to a temporary name, flush to disk, then rename over the previous checkpoint."""
-    path = run_dir / FILE
-    tmp = run_dir / f".{FILE}.tmp"
-    arrays = {"meta": _text({"version": VERSION, "round": ckpt.round, "has_global": ckpt.global_state is not None}),
-              "rows": _text(ckpt.rows)}
-    arrays.update({f"global/{k}": v for k, v in (ckpt.global_state or {}).items()})
-    arrays.update({f"client/{k}": v for k, v in ckpt.private.items()})
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def load(run_dir: Path) -> Checkpoint:
-    """Read a checkpoint; any damage is a one-line FmlrayError, never an unpickled object."""
-    path = Path(run_dir) / FILE
-    if not path.is_file():
-        raise FmlrayError(f"{run_dir} has no {FILE}: it is not a resumable fmlray run")
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes())
-            rows = json.loads(z["rows"].tobytes())
-            glob = {k[len("global/"):]: z[k] for k in z.files if k.startswith("global/")}
-            private = {k[len("client/"):]: z[k] for k in z.files if k.startswith("client/")}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as exc:
-        raise FmlrayError(f"{path} is damaged ({type(exc).__name__}); delete {run_dir} and run again") from None
-    if meta.get("version") != VERSION or not isinstance(meta.get("round"), int):
-        raise FmlrayError(f"{path} is not a checkpoint this fmlray can read (version {meta.get('version')})")
-    return Checkpoint(meta["round"], glob if meta["has_global"] else None, private, rows)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Writer:
+    """Writes a run's checkpoints: hosts write their rows, then the driver the global model and the
+    manifest. Called as `writer(rnd, engine, global_state)`; returns what it wrote."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resume: Resume | None = None):
+        self.folder = Path(run_dir) / FOLDER
+        self.config = fixed_config(cfg)
+        self.shards: list[dict] = list(resume.shards) if resume else []
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ResourceError(f"cannot create {self.folder} ({exc.strerror}); set run.output_dir to a writable "
+                                "folder") from None
+
+    def __call__(self, rnd: int, engine, global_state: State | None) -> dict:
+        started = time.perf_counter()
+        new = engine.checkpoint(rnd, self.folder)
+        shards = _live([*self.shards, *new])
+        glob = f"global-r{rnd:06d}.npz"
+        try:
+            if global_state is not None:
+                tmp = self.folder / f".{glob}.tmp"
+                with open(tmp, "wb") as f:
+                    np.savez(f, **global_state)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.folder / glob)
+            manifest = {"version": VERSION, "round": rnd, "global": glob if global_state is not None else None,
+                        "config": self.config, "shards": shards}
+            tmp = self.folder / f".{MANIFEST}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / MANIFEST)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise ResourceError(f"cannot write the checkpoint in {self.folder} ({exc.strerror}); free space there "
+                                "or set run.output_dir elsewhere (the previous checkpoint is still resumable)") from None
+        self.shards = shards
+        keep = {MANIFEST, glob, *(s["file"] for s in shards)}
+        for p in self.folder.iterdir():  # what no manifest names any more: superseded or cut short
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+        written = sum(len(s["cids"]) * s["row_bytes"] for s in new)
+        return {"seconds": time.perf_counter() - started, "bytes": written,
+                "disk": sum((self.folder / f).stat().st_size for f in keep if (self.folder / f).exists())}
+
+
+def _live(shards: list[dict]) -> list[dict]:
+    """The row files that still hold some client's latest row, oldest first."""
+    latest = latest_rows(shards)
+    return [s for s in shards if any(latest[int(c)].file == s["file"] for c in s["cids"])]
+
+
+def exists(run_dir: Path) -> bool:
+    return (Path(run_dir) / FOLDER / MANIFEST).is_file()
+
+
+def load(run_dir: Path, cfg: Config | None = None) -> Resume:
+    """The last complete checkpoint of `run_dir`, checked against `cfg`; any damage or mismatch is a
+    one-line FmlrayError, never an unpickled object."""
+    folder = Path(run_dir) / FOLDER
+    path = folder / MANIFEST
+    if not path.is_file():
+        old = " (it was written by an older fmlray, whose checkpoints cannot be resumed)" \
+            if (Path(run_dir) / "checkpoint.npz").is_file() else ""
+        raise FmlrayError(f"{run_dir} has no complete checkpoint{old}: it is not a resumable fmlray run")
+    try:
+        manifest = json.loads(path.read_text())
+        rnd, shards = manifest["round"], manifest["shards"]
+        ok = (manifest.get("version") == VERSION and isinstance(rnd, int) and rnd >= 1 and isinstance(shards, list)
+              and all(isinstance(s, dict) and isinstance(s.get("file"), str) and "/" not in s["file"]
+                      and len(s["cids"]) == len(s["crc32"]) and all(isinstance(c, int) for c in s["cids"])
+                      and isinstance(s["layout"], str) and isinstance(s["row_bytes"], int) for s in shards)
+              and (manifest["global"] is None or isinstance(manifest["global"], str)))
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise FmlrayError(f"{path} is damaged or not a checkpoint this fmlray can read; start the run again")
+    if cfg is not None:
+        diff = _differences(manifest.get("config"), fixed_config(cfg))
+        if diff:
+            raise FmlrayError(f"the checkpoint in {run_dir} belongs to another config (differs in "
+                              f"{', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); on resume only "
+                              f"{', '.join(f'run.{k}' for k in MAY_CHANGE['run'][:4])} and engine.* may change")
+    glob = None
+    if manifest["global"] is not None:
+        try:
+            with np.load(folder / manifest["global"], allow_pickle=False) as z:
+                glob = {k: z[k] for k in z.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise FmlrayError(f"{folder / str(manifest['global'])} is missing or damaged ({type(exc).__name__}); "
+                              "the checkpoint cannot be resumed") from None
+    for s in shards:
+        f = folder / s["file"]
+        if not f.is_file():
+            raise FmlrayError(f"checkpoint file {f} is missing; the checkpoint cannot be resumed")
+    return Resume(rnd, glob, shards, folder)

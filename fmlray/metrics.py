@@ -122,6 +122,9 @@ def progress_line(s: dict, rounds: int) -> str:
         parts.append(f"global/test {s['global_test']:.3f}")
     if s["seconds"] is not None:
         parts.append(f"{s['seconds']:.1f}s")
+    if s.get("checkpoint"):
+        c = s["checkpoint"]
+        parts.append(f"checkpoint +{c['bytes'] / 2**20:.0f} MiB in {c['seconds']:.1f}s")
     return "  ".join(parts)
 
 

@@ -1,7 +1,8 @@
 """A run's folder, `runs/<name>/`: made when the run starts, completed when it ends.
 
-While the run goes on it holds config.toml, partition.csv and checkpoint.npz (so it can be
-resumed); metrics, summaries and the plot arrive at the end. Each file is written under a
+While the run goes on it holds config.toml, partition.csv, the latest checkpoint (checkpoint/, so it
+can be resumed) and each finished round's metric rows (metrics/); metrics.parquet, the summaries and
+the plot arrive at the end. Each file is written under a
 temporary name and renamed, so no file is ever half-written.
 """
 
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.csv
 import pyarrow.parquet as pq
 import tomli_w
@@ -22,8 +24,9 @@ from fmlray import metrics, plots
 from fmlray.config import Config, to_dict
 from fmlray.errors import FmlrayError
 
-CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT = (
-    "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "partition.npz", "accuracy.png")
+CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS = (
+    "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "partition.npz", "accuracy.png",
+    "metrics")
 
 
 def _atomic(path: Path, data: bytes) -> None:
@@ -68,12 +71,70 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     return load_config(run_dir / CONFIG, [*overrides, *place])
 
 
-def finish(run_dir: Path, table: pa.Table, title: str) -> None:
-    """Metrics, summaries and the plot of a finished run."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    _atomic(run_dir / METRICS, buf.getvalue())
-    summary = metrics.summaries(table)
+class Records:
+    """A run's metric rows, written round by round: each round's rows become one Parquet file under
+    `metrics/` as the round ends (so a crash loses at most the round in flight and the driver never holds
+    the whole run), merged into `metrics.parquet`, one row group per round, when the run ends or stops.
+    `upto` (a resumed run's checkpoint round) keeps the rows of rounds up to it and drops the rest."""
+
+    def __init__(self, run_dir: Path, upto: int = 0):
+        self.run_dir, self.parts = Path(run_dir), Path(run_dir) / PARTS
+        self.parts.mkdir(exist_ok=True)
+        merged = self.run_dir / METRICS
+        if upto and merged.is_file() and not any(self.parts.iterdir()):
+            # a finished (or stopped) run extended: its rounds go back into parts, one file per round
+            for rnd, table in _rounds(merged):
+                if rnd <= upto:
+                    self._write(rnd, table)
+        for part in self.parts.iterdir():
+            if not _part_round(part) or _part_round(part) > upto:
+                part.unlink()  # rounds after the checkpoint are run again; temporaries cut short
+
+    def _write(self, rnd: int, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        _atomic(self.parts / f"round-{rnd:06d}.parquet", buf.getvalue())
+
+    def append(self, rnd: int, rows: list[dict]) -> None:
+        self._write(rnd, metrics.to_table(rows))
+
+    def merge(self, final: bool = False) -> list[dict]:
+        """Write metrics.parquet from the parts (streamed, a round at a time); return the round summaries.
+        `final`: the run is complete, its parts go (an extension splits metrics.parquet again)."""
+        tmp = self.run_dir / f".{METRICS}.tmp"
+        summary = []
+        with pq.ParquetWriter(tmp, metrics.SCHEMA) as writer:
+            for part in sorted(self.parts.iterdir()):
+                table = pq.read_table(part, schema=metrics.SCHEMA)
+                writer.write_table(table)
+                s = metrics.summaries(table)
+                summary += s
+        os.replace(tmp, self.run_dir / METRICS)
+        if final:
+            shutil.rmtree(self.parts, ignore_errors=True)
+        return summary
+
+
+def _part_round(path: Path) -> int:
+    name = path.name
+    if name.startswith("round-") and name.endswith(".parquet") and name[6:-8].isdigit():
+        return int(name[6:-8])
+    return 0
+
+
+def _rounds(path: Path):
+    """(round, its rows) of a metrics file, a row group at a time."""
+    f = pq.ParquetFile(path)
+    for i in range(f.num_row_groups):
+        table = f.read_row_group(i)
+        for rnd in sorted(set(table.column("round").to_pylist())):
+            yield rnd, table.filter(pa.compute.equal(table.column("round"), rnd))
+
+
+def finish(run_dir: Path, summary: list[dict], title: str) -> None:
+    """Summaries and the plot of a finished run (its metrics.parquet is written by `Records.merge`)."""
+    if not summary:
+        return
     _atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
     _atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
     tmp = run_dir / f".{PLOT}.tmp.png"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-LOCAL_INIT, BATCH_ORDER, SAMPLING, GLOBAL_INIT, PARTITION = range(5)
+LOCAL_INIT, BATCH_ORDER, SAMPLING, GLOBAL_INIT, PARTITION, EVAL_SAMPLE = range(6)
 
 
 def derive_seed(*keys: int) -> int:

@@ -11,26 +11,27 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fmlray import metrics
 from fmlray.aggregate import State
-from fmlray.checkpoint import Checkpoint
+from fmlray.checkpoint import Resume
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
 from fmlray.engine.host import initial_global_state
 from fmlray.errors import FmlrayError, TrainingError
-from fmlray.seeding import SAMPLING, derive_seed
+from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
 
 
 @dataclass(frozen=True)
 class Result:
-    rows: list[dict]  # see fmlray.metrics for the columns
+    rows: list[dict]  # see fmlray.metrics for the columns; empty when they went to a `record` sink
     global_state: State | None
+    summaries: list[dict] = field(default_factory=list)  # metrics.round_summary of each evaluated round
 
 
 def sample_clients(cfg: Config, rnd: int) -> list[int]:
@@ -43,6 +44,22 @@ def sample_clients(cfg: Config, rnd: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(k, size=m, replace=False))
 
 
+def eval_clients(cfg: Config, rnd: int, trained: list[int]) -> list[int] | None:
+    """The clients an evaluation round tests (None: all): run.eval_clients."""
+    how = cfg.run.eval_clients
+    if how == "all":
+        return None
+    if how == "sampled":
+        return list(trained)
+    k = cfg.clients.num_clients
+    chosen = np.zeros(k, dtype=bool)
+    chosen[trained] = True
+    others = np.flatnonzero(~chosen)
+    rng = np.random.default_rng(derive_seed(cfg.run.seed, EVAL_SAMPLE, rnd))
+    chosen[rng.choice(others, size=min(how, len(others)), replace=False)] = True
+    return [int(c) for c in np.flatnonzero(chosen)]
+
+
 class RunInterrupted(Exception):
     """A signal stopped the run after `round`; its checkpoint was written."""
 
@@ -52,15 +69,17 @@ class RunInterrupted(Exception):
 
 
 def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine,
-             on_round: Callable[[dict], None] | None = None, *, resume: Checkpoint | None = None,
-             save: Callable[[Checkpoint], None] | None = None, stop: Callable[[], bool] = lambda: False) -> Result:
-    """Run rounds on a started engine (from `resume` on, if given); call `on_round(summary)` after
-    each, `save(checkpoint)` every run.checkpoint_every rounds and when `stop()` turns true."""
+             on_round: Callable[[dict], None] | None = None, *, resume: Resume | None = None,
+             save: Callable | None = None, record: Callable[[int, list[dict]], None] | None = None,
+             stop: Callable[[], bool] = lambda: False) -> Result:
+    """Run rounds on a started engine (from `resume` on, if given); call `on_round(summary)` after each,
+    `record(round, rows)` with each round's rows (else they are kept in the result), and
+    `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true."""
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
-    state, rows, first = initial_global_state(cfg, dataset), [], 1
+    state, kept, summaries, first = initial_global_state(cfg, dataset), [], [], 1
     if resume is not None:
-        state, rows, first = resume.global_state, list(resume.rows), resume.round + 1
-        engine.restore(resume.private)
+        state, first = resume.global_state, resume.round + 1
+        engine.restore(resume.folder, resume.refs())
     rounds, every = cfg.run.rounds, cfg.run.checkpoint_every
     for rnd in range(first, rounds + 1):
         started = time.perf_counter()
@@ -73,18 +92,24 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         state = result.global_state
         new = metrics.train_rows(rnd, result.clients, groups) + metrics.recovery_rows(rnd, result.failures, groups)
         if rnd % cfg.run.eval_every == 0 or rnd == rounds:
-            ev = engine.evaluate(state)
+            ev = engine.evaluate(state, eval_clients(cfg, rnd, ids))
             new += metrics.eval_rows(rnd, ev.clients, ev.global_test, len(dataset.y_test), groups)
         new.append(metrics.row(rnd, samples=len(ids), seconds=time.perf_counter() - started))
-        rows += new
-        if on_round is not None:
-            on_round(metrics.round_summary(new))
+        if record is None:
+            kept += new
+        else:
+            record(rnd, new)
+        summary = metrics.round_summary(new)
+        if summary["local"] or summary["global_clients"] or summary["global_test"] is not None:
+            summaries.append(summary)
         stopping = stop()
         if save is not None and (stopping or (every and (rnd % every == 0 or rnd == rounds))):
-            save(Checkpoint(rnd, engine.fetch(state), engine.snapshot(rnd), rows))
+            summary["checkpoint"] = save(rnd, engine, engine.fetch(state))
+        if on_round is not None:
+            on_round(summary)
         if stopping and rnd < rounds:
             raise RunInterrupted(rnd)
-    return Result(rows, engine.fetch(state))
+    return Result(kept, engine.fetch(state), summaries)
 
 
 @dataclass(frozen=True)
@@ -116,47 +141,60 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
                    resume_dir: Path | None = None):
     """Prepare, simulate on the configured engine, write runs/<name>/; return (folder, final summary).
 
-    The folder is made once the engine is up; it holds the config, the partition and the latest
-    checkpoint while the run goes on, and the metrics, summary and plot once it ends. A run that
-    fails before its first checkpoint leaves no folder behind.
+    The folder is made once the engine is up; while the run goes on it holds the config, the partition,
+    the latest checkpoint and each finished round's metric rows; metrics.parquet, the summary and the plot
+    come when it ends (metrics.parquet also when it is stopped). A run that fails before its first
+    checkpoint leaves no folder behind.
     """
     from fmlray import checkpoint, rundir
     from fmlray.data import partition_counts
     from fmlray.engine import make_engine
 
     prepared = prepared or prepare(cfg)
-    resume = checkpoint.load(resume_dir) if resume_dir is not None else None
+    resume = checkpoint.load(resume_dir, cfg) if resume_dir is not None else None
     if resume is not None and resume.round >= cfg.run.rounds:
         raise FmlrayError(f"{resume_dir} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")
     engine = make_engine(cfg)
     echo(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
     engine.start(cfg, prepared.dataset, prepared.partition)
-    saved, run_dir = resume is not None, None
+    for note in getattr(engine, "notes", []):
+        echo(note)
+    saved, run_dir, records = resume is not None, None, None
     try:
         if resume_dir is not None:
             run_dir = resume_dir
             rundir.write_config(run_dir, cfg)  # e.g. with more rounds than before
         else:
             run_dir = rundir.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition)
+        writer = checkpoint.Writer(run_dir, cfg, resume)
+        engine.check_writable(writer.folder)
+        records = rundir.Records(run_dir, upto=resume.round if resume else 0)
 
-        def save(ckpt: Checkpoint) -> None:
+        def save(rnd: int, engine, state) -> dict:
             nonlocal saved
-            checkpoint.save(run_dir, ckpt)
+            info = writer(rnd, engine, state)
             saved = True
+            return info
 
         with StopOnSignal(echo) as stop:
-            result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save, stop=stop,
+            result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
+                              record=records.append, stop=stop,
                               on_round=lambda s: echo(metrics.progress_line(s, cfg.run.rounds)))
     except BaseException:
         if not saved and run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth resuming
+        elif records is not None:
+            try:  # what ran so far stays readable; a resume drops the rounds after its checkpoint
+                records.merge()
+            except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
+                pass
         raise
     finally:
         engine.close()
-    table = metrics.to_table(result.rows)
-    rundir.finish(run_dir, table, title(cfg))
-    return run_dir, metrics.summaries(table)[-1]
+    summary = records.merge(final=True)
+    rundir.finish(run_dir, summary, title(cfg))
+    return run_dir, summary[-1]
 
 
 class StopOnSignal:

@@ -32,6 +32,11 @@ class Dataset:
                 raise ValueError(f"{self.name}: owners and labels differ in length")
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (one copy)."""
+        return sum(a.nbytes for a in (self.x_train, self.y_train, self.x_test, self.y_test) if a is not None)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input row, e.g. (1, 28, 28) or (60,)."""
         return tuple(self.x_train.shape[1:])

@@ -8,11 +8,13 @@ does this in-process; the Ray engine with client actors and an aggregator actor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
+from fmlray.engine.state import RowRef
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,18 @@ class Engine(Protocol):
 
     def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult: ...
 
-    def evaluate(self, global_state: State | None) -> EvalResult: ...
+    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> EvalResult:
+        """The given clients' (None: every client's) local and global models on their test splits."""
 
-    def snapshot(self, rnd: int) -> State:
-        """Every client's private state after round `rnd` (kept, too, for recovering lost actors)."""
+    def check_writable(self, folder: Path) -> None:
+        """Fail with one line unless every host can write checkpoint files into `folder` and the driver sees them."""
 
-    def restore(self, private: State) -> None:
-        """Put back what `snapshot` returned (when resuming a run)."""
+    def checkpoint(self, rnd: int, folder: Path) -> list[dict]:
+        """Each host writes the rows of private state changed since the last checkpoint into `folder`;
+        returns their manifest entries (and remembers them, to restore lost actors' clients from)."""
+
+    def restore(self, folder: Path, refs: dict[int, RowRef]) -> None:
+        """Load each client's row named in `refs` from the checkpoint `folder` (when resuming a run)."""
 
     def fetch(self, state) -> State | None:
         """The global state as numpy arrays (an engine may keep it elsewhere between rounds)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from fmlray.aggregate import PartialSum, State
 from fmlray.algorithms import build_algorithm, evaluate, make_optimizer, train_client
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
-from fmlray.errors import FmlrayError, TrainingError
+from fmlray.errors import FmlrayError, ResourceError, TrainingError
+from fmlray.engine.state import STORES, DiskStore, Layout, MemoryStore, RowRef, Workspace, crc, open_rows, write_rows
 from fmlray.models import build_model
 from fmlray.seeding import BATCH_ORDER, GLOBAL_INIT, LOCAL_INIT, derive_seed
 
@@ -63,8 +65,6 @@ class Client:
     local_model: str
     train_rows: torch.Tensor  # indices into the host's (shared, read-only) dataset arrays
     test_rows: torch.Tensor
-    local: nn.Module | None = None  # private; created on first use from (seed, cid)
-    local_opt: torch.optim.Optimizer | None = None  # persists across rounds, like the model
 
 
 def shared_tensor(a: np.ndarray) -> torch.Tensor:
@@ -75,10 +75,14 @@ def shared_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 class ClientHost:
-    """Owns clients' rows and private models; trains and evaluates them in client-id order."""
+    """Owns clients' rows and private state; trains and evaluates them in client-id order.
+
+    Private state (local model and optimiser) lives in a state store as one row per client that has
+    trained (see fmlray.engine.state); one workspace model per architecture is loaded from a row to
+    train or evaluate a client and stored back after, so memory follows the clients that trained."""
 
     def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, client_ids: list[int],
-                 device: str = "cpu"):
+                 device: str = "cpu", store: str = "memory", state_dir: str | Path | None = None):
         self.cfg = cfg
         self.dataset = dataset
         self.device = torch.device(device)
@@ -88,59 +92,124 @@ class ClientHost:
         self.x_test, self.y_test = shared_tensor(dataset.x_test), shared_tensor(dataset.y_test)
         self.partition = partition
         self.clients: dict[int, Client] = {}
+        self.store_kind = store
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        if store == "disk" and self.state_dir is None:
+            raise ValueError("a disk state store needs a state_dir")
+        self.workspaces: dict[str, Workspace] = {}  # by architecture
+        self.stores: dict[str, MemoryStore | DiskStore] = {}
+        self.dirty: set[int] = set()  # clients whose row changed since the last checkpoint
+        if store == "disk":
+            try:  # here, not at the first store: an unusable folder is an error at start
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                (self.state_dir / ".writable").touch()
+            except OSError as exc:
+                raise ResourceError(f"cannot write client state under {self.state_dir} ({exc.strerror}); "
+                                    "set engine.state_dir to a writable node-local folder") from None
         self.add_clients(client_ids)
         self._meme: nn.Module | None = None  # one workspace, loaded with the global state per client
 
-    def add_clients(self, client_ids: list[int], private: State | None = None) -> None:
-        """Host these clients (e.g. adopted from a lost actor), with their private state if given."""
+    def add_clients(self, client_ids: list[int], folder: Path | None = None, refs: dict | None = None) -> None:
+        """Host these clients (e.g. adopted from a lost actor), with their rows from a checkpoint if given."""
         groups, group_of = self.cfg.clients.groups, self.cfg.clients.group_of_clients()
         for cid in sorted(client_ids):
             g = groups[group_of[cid]]
             self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(self.partition.train[cid]),
                                        torch.from_numpy(self.partition.test[cid]))
-        if private:
-            self.load_private_state(private)
+        if refs:
+            self.restore_rows(folder, refs)
 
-    def private_state(self, client_ids: list[int] | None = None) -> State:
-        """Clients' local model and optimiser state, flat: '<cid>/local/<key>', '<cid>/opt/<i>/<name>'."""
-        out: State = {}
-        for cid in sorted(self.clients if client_ids is None else client_ids):
-            c = self.clients[cid]
-            if c.local is None:  # never used: it is recreated from (seed, cid) exactly as it was
+    # -- private state: workspaces and stores ------------------------------------------------------
+
+    def _workspace(self, arch: str) -> Workspace:
+        ws = self.workspaces.get(arch)
+        if ws is None:
+            model = build_model(arch, self.dataset.input_shape, self.dataset.num_classes).to(self.device)
+            t = self.cfg.training
+            ws = self.workspaces[arch] = Workspace(Layout(arch, model, t.optimizer, t.momentum), model,
+                                                   self._optimizer(model), self.device)
+            folder = None if self.state_dir is None else self.state_dir
+            self.stores[arch] = STORES[self.store_kind](ws.layout, folder)
+        return ws
+
+    def _local(self, c: Client) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The workspace of `c`'s architecture holding `c`'s private state."""
+        ws = self._workspace(c.local_model)
+        if ws.client != c.cid:
+            store = self.stores[c.local_model]
+            row = store.get(c.cid)
+            initial = None if row is not None else seeded_model(
+                c.local_model, self.dataset, derive_seed(self.cfg.run.seed, LOCAL_INIT, c.cid))
+            ws.load(row, initial, c.cid)
+            store.done(c.cid)
+        return ws.model, ws.opt
+
+    def _keep(self, c: Client) -> None:
+        """Store the workspace's state (just trained) as `c`'s row."""
+        store = self.stores[c.local_model]
+        self.workspaces[c.local_model].store(store.put(c.cid))
+        store.done(c.cid)
+        self.dirty.add(c.cid)
+
+    def _forget_workspaces(self) -> None:
+        for ws in self.workspaces.values():
+            ws.client = None
+
+    def stored(self) -> int:
+        """How many clients have a row (have trained) on this host."""
+        return sum(len(s) for s in self.stores.values())
+
+    def write_checkpoint(self, folder: Path, tag: str) -> list[dict]:
+        """Write the rows changed since the last checkpoint, one `.npy` per architecture, into `folder`
+        (under a temporary name, then renamed); return their manifest entries."""
+        entries = []
+        for arch, store in sorted(self.stores.items()):
+            cids = sorted(c for c in self.dirty if c in store and self.clients[c].local_model == arch)
+            if not cids:
                 continue
-            out.update({f"{c.cid}/local/{k}": v for k, v in state_of(c.local).items()})
-            for i, st in c.local_opt.state_dict()["state"].items():
-                for name, t in st.items():
-                    out[f"{c.cid}/opt/{i}/{name}"] = t.detach().cpu().numpy().copy() if torch.is_tensor(t) else np.array(t)
-        return out
+            name = f"{tag}-{store.layout.name}.npy"
+            crcs = write_rows(Path(folder) / name, store, cids)
+            entries.append({"file": name, "layout": store.layout.name, "row_bytes": store.layout.nbytes,
+                            "cids": cids, "crc32": crcs})
+        self.dirty.clear()
+        return entries
 
-    def load_private_state(self, flat: State) -> None:
-        """Restore what `private_state` returned (for the clients this host has)."""
-        per_client: dict[int, dict[str, np.ndarray]] = {}
-        for key, v in flat.items():
-            cid, rest = key.split("/", 1)
-            per_client.setdefault(int(cid), {})[rest] = v
-        for cid, entries in per_client.items():
-            model, opt = self._local(self.clients[cid])
-            load_state(model, {k[len("local/"):]: v for k, v in entries.items() if k.startswith("local/")})
-            state: dict[int, dict] = {}
-            for k, v in entries.items():
-                if k.startswith("opt/"):
-                    _, i, name = k.split("/", 2)
-                    state.setdefault(int(i), {})[name] = torch.from_numpy(np.array(v)).to(self.device)
-            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    def restore_rows(self, folder: Path, refs: dict[int, RowRef]) -> None:
+        """Load these clients' rows from checkpoint files in `folder` (checking each row's checksum)."""
+        by_file: dict[str, list[tuple[int, RowRef]]] = {}
+        for cid, ref in refs.items():
+            if cid in self.clients:
+                by_file.setdefault(ref.file, []).append((cid, ref))
+        for file, items in sorted(by_file.items()):
+            rows = open_rows(Path(folder) / file)
+            for cid, ref in items:
+                arch = self.clients[cid].local_model
+                self._workspace(arch)
+                store = self.stores[arch]
+                if ref.layout != store.layout.name or rows.shape[1] != store.layout.nbytes:
+                    raise FmlrayError(f"{Path(folder) / file} holds client {cid}'s state for layout {ref.layout}, "
+                                      f"but this config's {arch} is {store.layout.name}: the checkpoint belongs "
+                                      "to another model or config")
+                dst = store.put(cid)
+                dst[:] = rows[ref.row]
+                if crc(dst) != ref.crc32:
+                    raise FmlrayError(f"{Path(folder) / file} is damaged (client {cid}'s row fails its checksum); "
+                                      "resume from another copy or start the run again")
+                store.done(cid)
+            del rows
+        self._forget_workspaces()
+
+    def close(self) -> None:
+        """Drop every store (a disk store deletes its file)."""
+        for store in self.stores.values():
+            store.close()
+        self.stores.clear()
+        self.workspaces.clear()
 
     def _rows(self, c: Client, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if test:
             return self.x_test[c.test_rows].to(self.device), self.y_test[c.test_rows].to(self.device)
         return self.x[c.train_rows].to(self.device), self.y[c.train_rows].to(self.device)
-
-    def _local(self, c: Client) -> tuple[nn.Module, torch.optim.Optimizer]:
-        if c.local is None:
-            seed = derive_seed(self.cfg.run.seed, LOCAL_INIT, c.cid)
-            c.local = seeded_model(c.local_model, self.dataset, seed).to(self.device)
-            c.local_opt = self._optimizer(c.local)
-        return c.local, c.local_opt
 
     def _global_tensors(self, state: State) -> list[torch.Tensor]:
         """The global `state` as tensors in the meme workspace's key order (built on first use), on this
@@ -183,6 +252,7 @@ class ClientHost:
                     if meme is not None and not _finite(self._meme_state.values()):
                         raise TrainingError("the meme's parameters are not finite (or beyond ~1e19)")
             except TrainingError as exc:  # a bad update is left out of the average, not fatal
+                self._forget_workspaces()  # and out of the client's private state: its row stays as it was
                 results.append({"client": cid, "samples": len(c.train_rows), "excluded": str(exc),
                                 "seconds": time.perf_counter() - started})
                 continue
@@ -209,8 +279,9 @@ class ClientHost:
         x, y = self._rows(c)
         metrics = train_client(self.algo, models, opts, x, y, epochs=t.epochs, batch_size=t.batch_size,
                                generator=gen, rnd=rnd, anchor=anchor)
-        if "local" in opts:  # the next step starts by dropping them anyway; held until then, they cost
-            opts["local"].zero_grad(set_to_none=True)  # a third of every hosted client's private memory
+        if "local" in opts:
+            opts["local"].zero_grad(set_to_none=True)  # the next client's first step drops them anyway
+            self._keep(c)
         return metrics, models.get("meme")
 
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> list[dict]:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import uuid
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -25,7 +29,8 @@ from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
 from fmlray.engine.host import ClientHost, evaluate_global
-from fmlray.engine.resources import ActorSpec, Capacity, plan_actors
+from fmlray.engine.resources import ActorSpec, Capacity, check_memory, plan_actors, plan_store
+from fmlray.engine.state import RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
 
 READY_TIMEOUT_S = float(os.environ.get("FMLRAY_READY_TIMEOUT_S", "180"))
@@ -45,20 +50,25 @@ def pick_device(num_gpus: float) -> str:
     return "cuda:0"
 
 
-def _subset(private: State, client_ids: list[int]) -> State:
-    """The entries of a flat private state that belong to `client_ids`."""
-    keep = {str(c) for c in client_ids}
-    return {k: v for k, v in private.items() if k.split("/", 1)[0] in keep}
-
-
 class ClientActor:
-    """A Ray actor hosting some clients: a `ClientHost` on its own CPU threads / GPU share."""
+    """A Ray actor hosting some clients: a `ClientHost` on its own CPU threads / GPU share, its clients'
+    private state in a store on its node."""
 
-    def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, spec: ActorSpec):
+    def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, spec: ActorSpec, index: int,
+                 store: str, run_token: str):
         import torch
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.device = pick_device(spec.num_gpus)
-        self.host = ClientHost(cfg, dataset, partition, list(spec.client_ids), device=self.device)
+        self.folder, self.scratch = state_folder(cfg.engine.state_dir, run_token, f"actor-{index}")
+        self.args = (cfg, dataset, partition, list(spec.client_ids), store)
+        self.host = None
+
+    def ready(self) -> dict:
+        """Build the host (its errors, e.g. an unwritable state_dir, reach the driver as one line) and say where."""
+        cfg, dataset, partition, ids, store = self.args
+        self.host = ClientHost(cfg, dataset, partition, ids, device=self.device, store=store,
+                               state_dir=self.folder if store == "disk" else None)
+        return self.info()
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -74,15 +84,44 @@ class ClientActor:
     def evaluate(self, global_state: State | None, client_ids: list[int]) -> list[dict]:
         return self.host.evaluate(global_state, client_ids)
 
-    def private_state(self, client_ids: list[int]) -> State:
-        return self.host.private_state(client_ids)
+    def probe(self, folder: str, name: str) -> str:
+        """Write a small file into `folder` (is the run folder writable, and shared, from this node?)."""
+        path = Path(folder) / name
+        path.write_text(ray.get_runtime_context().get_node_id())
+        return str(path)
 
-    def load_private_state(self, private: State) -> None:
-        self.host.load_private_state(private)
+    def checkpoint(self, folder: str, tag: str) -> list[dict]:
+        return self.host.write_checkpoint(Path(folder), tag)
 
-    def adopt(self, client_ids: list[int], private: State) -> None:
-        """Take over clients of a lost actor, with their last saved private state."""
-        self.host.add_clients(client_ids, private)
+    def restore(self, folder: str, refs: dict) -> None:
+        self.host.restore_rows(Path(folder), refs)
+
+    def adopt(self, client_ids: list[int], folder: str | None, refs: dict) -> None:
+        """Take over clients of a lost actor, with their rows of the last checkpoint."""
+        self.host.add_clients(client_ids, None if folder is None else Path(folder), refs)
+
+    def stored(self) -> int:
+        return self.host.stored()
+
+    def close(self) -> None:
+        """Drop the clients' private state (a scratch disk store is deleted)."""
+        if self.host is not None:
+            self.host.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            try:
+                self.scratch.rmdir()  # the run's scratch folder on this node, once no actor uses it
+            except OSError:
+                pass
+
+
+_OUT_OF_MEMORY = ("a node ran out of memory and Ray's memory monitor killed a client actor; set "
+                  "engine.state_store = \"disk\", lower engine.num_actors, or sample fewer clients a round "
+                  "(clients.fraction); the last checkpoint is resumable")
+
+
+def _count(items) -> list[tuple[str, int]]:
+    return list(Counter(items).items())
 
 
 def _reachable(address: str) -> bool:
@@ -133,10 +172,19 @@ class RayEngine:
         self.cfg, self.dataset = cfg, dataset
         self.owns_ray = connect(cfg.engine.address)
         self.specs = plan_actors(cfg, capacity(), cost=[len(rows) for rows in partition.train])
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        # Ray's schedulable memory plus its object store: what a node offers this run
+        node_memory = min(n.get("memory", 0.0) + n.get("object_store_memory", 0.0) for n in nodes)
+        self.plan = plan_store(cfg, dataset, node_memory, len(nodes))
+        check_memory(cfg, self.plan, dataset.nbytes, -(-len(self.specs) // len(nodes)), node_memory, len(nodes))
+        self.notes = [f"{len(self.specs)} client actors on {len(nodes)} node(s): "
+                      + ", ".join(f"{n} × {g}" for g, n in _count(s.group for s in self.specs)), self.plan.line]
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
+        token = uuid.uuid4().hex[:8]
         self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy="SPREAD",
-                                         name=None).remote(cfg, data_ref, part_ref, s) for s in self.specs]
+                                         name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token)
+                       for i, s in enumerate(self.specs)]
         # The aggregator reserves no CPU (it works between rounds, while client actors wait) and
         # lives beside the driver, on the head: losing a worker node must not take the global model.
         # Hard affinity: a soft one counts a node whose CPUs are all held by client actors as
@@ -147,8 +195,9 @@ class RayEngine:
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
         self.failures: list[dict] = []
-        # the private state of the last snapshot (checkpoint): what a lost actor's clients restart from
-        self.saved: State = {}
+        # where each client's latest checkpointed row is: what a lost actor's clients restart from
+        self.folder: Path | None = None
+        self.refs: dict[int, RowRef] = {}
         self.saved_round = "round 0 (no checkpoint yet: their initial models)"
         self.infos = self._wait_ready()
         # Actors that may return a round's new global state themselves: only those beside the driver,
@@ -156,14 +205,20 @@ class RayEngine:
         self.beside_driver = {a for a, info in zip(self.actors, self.infos) if info["node"] == driver_node}
 
     def _wait_ready(self) -> list[dict]:
-        refs = [a.info.remote() for a in self.actors] + [self.aggregator.__ray_ready__.remote()]
+        refs = [a.ready.remote() for a in self.actors] + [self.aggregator.__ray_ready__.remote()]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
         if pending:
             self.close()
             raise ResourceError(f"{len(pending)} of {len(refs)} actors did not start within {READY_TIMEOUT_S:g}s "
                                 "(the cluster is busy or too small); lower engine.num_actors or the groups' "
                                 "num_cpus/num_gpus")
-        return ray.get(refs[:-1])
+        try:
+            return ray.get(refs[:-1])
+        except ray.exceptions.RayTaskError as exc:
+            self.close()
+            if isinstance(exc.cause, FmlrayError):
+                raise type(exc.cause)(str(exc.cause)) from None
+            raise
 
     def train_round(self, rnd: int, client_ids: list[int], global_state) -> RoundResult:
         g_ref = global_state if isinstance(global_state, ray.ObjectRef) else ray.put(global_state)
@@ -185,26 +240,52 @@ class RayEngine:
         clients = [m for _, _, ms in done for m in ms]
         return RoundResult(new_ref, clients, self._take_failures() + failures)
 
-    def evaluate(self, global_state) -> EvalResult:
+    def evaluate(self, global_state, client_ids: list[int] | None = None) -> EvalResult:
         # the actors' evaluations are submitted first, so the driver's own global-test pass overlaps them
         test: list = []
-        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.evaluate.remote(global_state, ids),
+        ids = sorted(self.owner) if client_ids is None else sorted(client_ids)
+        done, failures = self._dispatch(ids, lambda a, ids: a.evaluate.remote(global_state, ids),
                                         meanwhile=lambda: test.append(
                                             evaluate_global(self.cfg, self.dataset, self.fetch(global_state))))
         self.failures += failures  # reported with the next round
         clients = sorted((r for _, _, rs in done for r in rs), key=lambda r: r["client"])
         return EvalResult(clients, test[0])
 
-    def snapshot(self, rnd: int) -> State:
-        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.private_state.remote(ids))
-        self.failures += failures
-        self.saved = {k: v for _, _, part in done for k, v in part.items()}
-        self.saved_round = f"round {rnd}"
-        return self.saved
+    def check_writable(self, folder: Path) -> None:
+        """Every actor writes a file into the run's `folder`, and the driver must see it: on a cluster the
+        run folder has to be storage every node shares, since actors write their checkpoints there."""
+        names = [f".probe-{i}" for i in range(len(self.actors))]
+        try:
+            paths = ray.get([a.probe.remote(str(folder), n) for a, n in zip(self.actors, names)])
+        except ray.exceptions.RayTaskError as exc:
+            first = str(exc.cause).strip().splitlines()[0] if exc.cause else type(exc).__name__
+            raise ResourceError(f"a client actor cannot write into {folder} ({first}); set run.output_dir to "
+                                "a folder every node can write (shared storage on a cluster)") from None
+        try:
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                raise ResourceError(f"{len(missing)} of {len(paths)} client actors write {folder} somewhere this "
+                                    "driver cannot see; set run.output_dir to storage every node shares "
+                                    "(e.g. an NFS or cloud-storage mount)")
+        finally:
+            for p in paths:
+                Path(p).unlink(missing_ok=True)
 
-    def restore(self, private: State) -> None:
-        self.saved, self.saved_round = dict(private), "the resumed checkpoint"
-        self._dispatch(sorted(self.owner), lambda a, ids: a.load_private_state.remote(_subset(private, ids)))
+    def checkpoint(self, rnd: int, folder: Path) -> list[dict]:
+        """Every actor writes its clients' rows changed since the last checkpoint into `folder`."""
+        index = {a: i for i, a in enumerate(self.actors)}
+        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.checkpoint.remote(
+            str(folder), f"rows-r{rnd:06d}-a{index[a]}"))
+        self.failures += failures
+        shards = [s for _, _, part in done for s in part]
+        self.folder, self.saved_round = Path(folder), f"round {rnd}"
+        self.refs.update(latest_rows(shards))
+        return shards
+
+    def restore(self, folder: Path, refs: dict[int, RowRef]) -> None:
+        self.folder, self.refs, self.saved_round = Path(folder), dict(refs), "the resumed checkpoint"
+        self._dispatch(sorted(self.owner), lambda a, ids: a.restore.remote(
+            str(folder), {c: refs[c] for c in ids if c in refs}))
 
     def _take_failures(self) -> list[dict]:
         out, self.failures = self.failures, []
@@ -230,7 +311,11 @@ class RayEngine:
                     if isinstance(exc.cause, FmlrayError):  # an input, which is not this actor's death
                         raise type(exc.cause)(str(exc.cause)) from None  # one line, no remote traceback
                     raise
+                except ray.exceptions.OutOfMemoryError:
+                    raise ResourceError(_OUT_OF_MEMORY) from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    if "low on memory" in str(exc):  # Ray's memory monitor killed it: a survivor would be next
+                        raise ResourceError(_OUT_OF_MEMORY) from None
                     failures.append({"clients": ids, "note": self._recover(i, exc)})
                     for j, moved in self._by_owner(ids).items():
                         todo.setdefault(j, []).extend(moved)
@@ -260,7 +345,9 @@ class RayEngine:
             j = min(alive, key=lambda j: (load[j], j))
             plan.setdefault(j, []).append(cid)
             load[j] += 1
-        ray.get([self.actors[j].adopt.remote(ids, _subset(self.saved, ids)) for j, ids in plan.items()])
+        folder = None if self.folder is None else str(self.folder)
+        ray.get([self.actors[j].adopt.remote(ids, folder, {c: self.refs[c] for c in ids if c in self.refs})
+                 for j, ids in plan.items()])
         for j, ids in plan.items():
             self.owner.update(dict.fromkeys(ids, j))
         moved = ", ".join(f"{len(ids)} to actor {j}" for j, ids in sorted(plan.items()))
@@ -271,7 +358,11 @@ class RayEngine:
         return ray.get(state) if isinstance(state, ray.ObjectRef) else state
 
     def close(self) -> None:
-        for a in getattr(self, "actors", []) + [getattr(self, "aggregator", None)]:
+        actors = getattr(self, "actors", [])
+        if actors:  # let each actor drop its store (a scratch disk store is deleted); a lost one cannot
+            closing = [a.close.remote() for i, a in enumerate(actors) if i not in self.lost]
+            ray.wait(closing, num_returns=len(closing), timeout=30)
+        for a in actors + [getattr(self, "aggregator", None)]:
             if a is not None:
                 try:
                     ray.kill(a)

@@ -85,3 +85,67 @@ def plan_actors(cfg: Config, cap: Capacity, cost=None) -> list[ActorSpec]:
         specs += [ActorSpec(g.name, g.num_cpus, g.num_gpus, tuple(range(bounds[i], bounds[i + 1]))) for i in range(c)]
         first += n
     return specs
+
+
+# -- memory: where private state lives, and whether a run fits ------------------------------------
+
+GiB = 2**30
+# What one client actor costs before it holds any client: the interpreter with torch and Ray's worker
+# (~0.5-0.6 GiB measured on this project's torch wheel), the dataset's rows it gathers, its workspaces.
+ACTOR_BASE = 0.6 * GiB
+STORE_SHARE = 0.25  # `auto` keeps private state in memory while it fits in this share of a node's memory
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    kind: str  # "memory" | "disk"
+    row_bytes: dict[str, int]  # a client's private state, by local architecture
+    estimate: int  # private state if every client trained (the most a store can hold)
+    line: str  # said once at start
+
+
+def row_bytes(cfg: Config, dataset) -> dict[str, int]:
+    """Bytes of one client's private state (local model + optimiser) per local architecture."""
+    from fmlray.algorithms import build_algorithm
+    from fmlray.engine.state import Layout
+    from fmlray.models import build_model
+
+    if not build_algorithm(cfg.algorithm, cfg.run.rounds).has_local:
+        return {}
+    t = cfg.training
+    return {g.local_model: Layout(g.local_model, build_model(g.local_model, dataset.input_shape, dataset.num_classes),
+                                  t.optimizer, t.momentum).nbytes for g in cfg.clients.groups}
+
+
+def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> StorePlan:
+    """Memory or disk for clients' private state: `auto` takes memory while the most it could hold, spread
+    over `nodes`, fits in a quarter of a node's memory."""
+    rows = row_bytes(cfg, dataset)
+    sizes = cfg.clients.group_sizes()
+    estimate = sum(n * rows[g.local_model] for g, n in zip(cfg.clients.groups, sizes) if g.local_model in rows)
+    kind = cfg.engine.state_store
+    if kind == "auto":
+        kind = "memory" if estimate / max(nodes, 1) <= STORE_SHARE * node_memory else "disk"
+    per = ", ".join(f"{n:,} × {rows[g.local_model] / 2**20:.2f} MiB ({g.local_model})"
+                    for g, n in zip(cfg.clients.groups, sizes) if n and g.local_model in rows)
+    where = "in memory" if kind == "memory" else \
+        f"on disk, memory-mapped under {cfg.engine.state_dir or 'a scratch folder of each node'}"
+    line = (f"private state: up to {estimate / GiB:.2f} GiB ({per or 'none'}), kept {where}"
+            + (" (engine.state_store = auto)" if cfg.engine.state_store == "auto" else ""))
+    return StorePlan(kind, rows, estimate, line)
+
+
+def check_memory(cfg: Config, plan: StorePlan, data_bytes: int, actors_per_node: int, node_memory: float,
+                 nodes: int = 1) -> None:
+    """Refuse, with the setting to change, a run whose estimated memory a node cannot hold."""
+    state = plan.estimate / max(nodes, 1) if plan.kind == "memory" else 0
+    need = data_bytes * 2 + actors_per_node * ACTOR_BASE + state  # the dataset: object store + the driver
+    if need <= node_memory:
+        return
+    parts = [f"{actors_per_node} actors × ~{ACTOR_BASE / GiB:.1f} GiB", f"{data_bytes * 2 / GiB:.1f} GiB of data"]
+    if state:
+        parts.append(f"{state / GiB:.1f} GiB of private state in memory")
+    fix = ("set engine.state_store = \"disk\" (or auto)" if state > need / 2
+           else "lower engine.num_actors or the groups' num_cpus share, or use a smaller dataset")
+    raise ResourceError(f"this run needs about {need / GiB:.1f} GiB on a node ({', '.join(parts)}) but a node has "
+                        f"{node_memory / GiB:.1f} GiB; {fix}")

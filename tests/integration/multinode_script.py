@@ -5,12 +5,14 @@ one process can hold one Ray connection, and the test session already has its ow
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import ray
 import ray.util.state
 from ray.cluster_utils import Cluster
 
+from fmlray import checkpoint
 from fmlray.config import load_config
 from fmlray.engine.ray_engine import RayEngine
 from fmlray.simulation import prepare, simulate
@@ -35,9 +37,13 @@ def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
             driver_node = ray.get_runtime_context().get_node_id()
             victim = next(w for w in workers if w.node_id != driver_node)
 
-            def save(ckpt):  # the engine keeps this snapshot in memory; a node dies right after it
-                if ckpt.round == remove_after:
+            writer = checkpoint.Writer(Path(out).parent / "run", cfg)
+
+            def save(rnd, engine, state):  # the actors write their rows; a node dies right after
+                info = writer(rnd, engine, state)
+                if rnd == remove_after:
                     cluster.remove_node(victim)
+                return info
 
             result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=save)
         finally:

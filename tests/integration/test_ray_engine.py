@@ -42,10 +42,11 @@ def serial_one_group():
     return simulate_with(SerialEngine(), [*QUICK, ONE_GROUP])[0]
 
 
-@pytest.mark.parametrize("actors", [1, 2, 3])
-def test_ray_matches_serial_whatever_the_number_of_actors(ray_session, serial_one_group, actors):
-    result, engine = simulate_with(RayEngine(), [*QUICK, ONE_GROUP, "engine.kind=ray", f"engine.num_actors={actors}"])
-    assert len(engine.specs) == actors
+@pytest.mark.parametrize("actors, store", [(1, "memory"), (2, "memory"), (3, "memory"), (2, "disk")])
+def test_ray_matches_serial_whatever_the_number_of_actors_and_the_store(ray_session, serial_one_group, actors, store):
+    result, engine = simulate_with(RayEngine(), [*QUICK, ONE_GROUP, "engine.kind=ray", f"engine.num_actors={actors}",
+                                                 f"engine.state_store={store!r}"])
+    assert len(engine.specs) == actors and engine.plan.kind == store
     assert_same(serial_one_group, result)
 
 
@@ -179,13 +180,16 @@ def ray_kill(actor):
     ray.kill(actor, no_restart=True)
 
 
-def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session, serial_one_group):
-    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session, serial_one_group, tmp_path, store):
+    from fmlray import checkpoint
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2",
+                             f"engine.state_store={store!r}"])
     prepared = prepare(cfg)
     engine = KillsAnActorMidRound()
     engine.start(cfg, prepared.dataset, prepared.partition)
-    try:  # `save` is what makes the engine keep a snapshot of private state after every round
-        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=lambda ckpt: None)
+    try:  # the victims' clients restart from the rows of the last checkpoint, on the survivor
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
     finally:
         engine.close()
     recovered = [r for r in result.rows if r["split"] == "recovered"]

@@ -25,6 +25,12 @@ def fail(capsys, argv, fragment, out_dir=None):
     return err
 
 
+def _layout(arch):
+    from fmlray.engine.state import Layout
+    from fmlray.models import build_model
+    return Layout(arch, build_model(arch, (1, 8, 8), 10), "sgd", 0.9).name.split("-", 1)[1]
+
+
 def test_run_writes_every_output_and_report_reprints_it(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main(["run", *QUICK, "--set", f"run.output_dir={out}", "--set", "run.name=t"]) == 0
@@ -32,7 +38,13 @@ def test_run_writes_every_output_and_report_reprints_it(tmp_path, capsys):
     assert "round 2/2" in printed and "global model, global test set" in printed
     run_dir = out / "t"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "accuracy.png", "checkpoint.npz", "config.toml", "metrics.parquet", "partition.csv", "partition.npz", "summary.json", "summary.txt"]
+        "accuracy.png", "checkpoint", "config.toml", "metrics.parquet", "partition.csv", "partition.npz", "summary.json",
+        "summary.txt"]
+    # the last checkpoint: the manifest, the global model and the clients' rows (both rounds' rows are
+    # live: every client trained in round 2, so round 1's file was superseded and deleted)
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == [
+        "global-r000002.npz", "manifest.json", "rows-r000002-serial-lenet5-" + _layout("lenet5") + ".npy",
+        "rows-r000002-serial-mlp-" + _layout("mlp") + ".npy"]
     table = pq.read_table(run_dir / "metrics.parquet")
     assert {"round", "client", "group", "model", "split", "loss", "accuracy", "samples", "seconds"} <= set(table.column_names)
     local = [r for r in table.to_pylist() if r["model"] == "local" and r["split"] == "test" and r["round"] == 2]

@@ -1,0 +1,173 @@
+"""The client state store: rows in memory or on disk, workspaces, the `auto` choice, streaming evaluation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fmlray.config import load_config
+from fmlray.engine.host import ClientHost, initial_global_state
+from fmlray.engine.resources import GiB, check_memory, plan_store
+from fmlray.engine.serial import SerialEngine
+from fmlray.engine.state import DiskStore, Layout, MemoryStore, Workspace
+from fmlray.errors import ResourceError
+from fmlray.models import build_model
+from fmlray.simulation import eval_clients, prepare, simulate
+
+
+def trained_workspace(arch, optimizer):
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 8, 8), 10)
+    opt = (torch.optim.Adam(model.parameters(), lr=0.1) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+        opt.step()
+    model.train()
+    return Workspace(Layout(arch, model, optimizer, 0.9), model, opt, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("store_cls", [MemoryStore, DiskStore])
+@pytest.mark.parametrize("arch, optimizer", [("lenet5", "sgd"), ("resnet8", "sgd"), ("mlp", "adam")])
+def test_a_row_holds_the_model_and_the_optimiser_exactly(tmp_path, store_cls, arch, optimizer):
+    # resnet8: BatchNorm's integer counters ride in the same row as the float tensors
+    src = trained_workspace(arch, optimizer)
+    store = store_cls(src.layout, tmp_path)
+    src.store(store.put(7))
+    store.done(7)
+    dst = Workspace(src.layout, build_model(arch, (1, 8, 8), 10), None, torch.device("cpu"))
+    dst.opt = (torch.optim.Adam(dst.model.parameters(), lr=0.1) if optimizer == "adam"
+               else torch.optim.SGD(dst.model.parameters(), lr=0.1, momentum=0.9))
+    dst.load(store.get(7), None, 7)
+    for (k, a), b in zip(src.model.state_dict().items(), dst.model.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    for p, q in zip(src.params, dst.params):
+        for name, t in src.opt.state[p].items():
+            assert torch.equal(t, dst.opt.state[q][name]), name
+    # a step from the restored state equals a step from the original
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    for ws in (src, dst):
+        ws.opt.zero_grad()
+        torch.nn.functional.cross_entropy(ws.model(x), y).backward()
+        ws.opt.step()
+    for a, b in zip(src.model.state_dict().values(), dst.model.state_dict().values()):
+        assert torch.equal(a, b)
+    store.close()
+
+
+def test_the_disk_store_grows_in_place_and_deletes_its_file(tmp_path):
+    layout = trained_workspace("lenet5", "sgd").layout
+    store = DiskStore(layout, tmp_path)
+    for cid in range(40):  # past its first capacity (16 rows): it grows twice
+        store.put(cid)[:] = cid
+        store.done(cid)
+    assert len(store) == 40 and store.capacity >= 40
+    assert all((store.get(cid) == cid).all() for cid in range(40)) and store.get(40) is None
+    assert store.path.stat().st_size == store.capacity * store.stride and store.stride % 4096 == 0
+    store.close()
+    assert not store.path.exists()
+
+
+def run(overrides, engine=None):
+    cfg = load_config(None, ["engine.kind=serial", "run.rounds=3", "training.epochs=1", *overrides])
+    prepared = prepare(cfg)
+    engine = engine or SerialEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        return simulate(cfg, prepared.dataset, prepared.partition, engine), engine
+    finally:
+        engine.close()
+
+
+def test_memory_and_disk_stores_give_the_same_run_bit_for_bit():
+    sampled = ["clients.fraction=0.3"]
+    a, _ = run([*sampled, "engine.state_store=memory"])
+    b, engine = run([*sampled, "engine.state_store=disk"])
+    assert engine.plan.kind == "disk"
+    for k in a.global_state:
+        np.testing.assert_array_equal(a.global_state[k], b.global_state[k])
+    key = lambda r: (r["round"], r["client"], r["model"], r["split"], r["loss"], r["accuracy"])  # noqa: E731
+    assert [key(r) for r in a.rows] == [key(r) for r in b.rows]
+
+
+def test_only_clients_that_trained_have_a_row_and_the_scratch_folder_goes():
+    cfg = load_config(None, ["engine.kind=serial", "clients.fraction=0.25", "training.epochs=1",
+                             "engine.state_store=disk"])
+    prepared = prepare(cfg)
+    engine = SerialEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    g = initial_global_state(cfg, prepared.dataset)
+    engine.train_round(1, [0, 3, 12], g)
+    engine.evaluate(g)  # evaluating every client makes no rows: untrained ones come from (seed, client)
+    assert engine.host.stored() == 3 and sorted(engine.host.dirty) == [0, 3, 12]
+    folder = engine.host.state_dir
+    assert folder.is_dir() and engine.scratch in folder.parents
+    engine.close()
+    assert not engine.scratch.exists()
+
+
+def test_a_user_state_dir_is_kept(tmp_path):
+    run(["engine.state_store=disk", f"engine.state_dir={str(tmp_path)!r}", "run.rounds=1"])
+    assert [p.name.startswith("fmlray-") for p in tmp_path.iterdir()] == [True]
+
+
+def test_evaluating_an_untrained_client_equals_its_initial_model():
+    cfg = load_config(None, ["clients.num_clients=4", "training.epochs=1"])
+    prepared = prepare(cfg)
+    a = ClientHost(cfg, prepared.dataset, prepared.partition, [0, 1, 2, 3])
+    b = ClientHost(cfg, prepared.dataset, prepared.partition, [0, 1, 2, 3])
+    g = initial_global_state(cfg, prepared.dataset)
+    b.train(1, [1], g)  # client 1 trains on b only; the others must evaluate alike on both hosts
+    ra, rb = a.evaluate(g), b.evaluate(g)
+    assert [r["local_loss"] for r in ra if r["client"] != 1] == [r["local_loss"] for r in rb if r["client"] != 1]
+    assert ra[1]["local_loss"] != rb[1]["local_loss"]
+
+
+@pytest.mark.parametrize("how", ["sampled", 5])
+def test_eval_clients_picks_the_trained_and_a_seeded_sample(how):
+    cfg = load_config(None, ["clients.fraction=0.2", "run.rounds=2", f"run.eval_clients={how!r}"
+                             if isinstance(how, str) else f"run.eval_clients={how}"])
+    trained = [1, 4, 9, 10]
+    picked = eval_clients(cfg, 2, trained)
+    assert set(trained) <= set(picked) and picked == sorted(picked)
+    assert len(picked) == (4 if how == "sampled" else 9)
+    assert picked == eval_clients(cfg, 2, trained)  # seeded
+    if how == 5:
+        assert picked != eval_clients(cfg, 3, trained)
+    assert eval_clients(load_config(None), 2, trained) is None  # "all"
+
+
+def test_a_run_evaluates_only_the_chosen_clients():
+    result, _ = run(["clients.fraction=0.2", "run.eval_clients=3"])
+    for rnd in (1, 2, 3):
+        trained = {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"}
+        tested = {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "test"}
+        assert len(trained) == 4 and trained <= tested and len(tested) == 7
+
+
+def test_auto_keeps_small_runs_in_memory_and_large_ones_on_disk():
+    cfg = load_config(None, ["clients.num_clients=100", "data.partition=iid"])
+    prepared = prepare(cfg)
+    small = plan_store(cfg, prepared.dataset, node_memory=24 * GiB)
+    assert small.kind == "memory" and "kept in memory (engine.state_store = auto)" in small.line
+    model = build_model("mlp", prepared.dataset.input_shape, prepared.dataset.num_classes)
+    exact = sum(v.nbytes for v in model.state_dict().values()) + sum(p.nbytes for p in model.parameters())
+    tensors = len(model.state_dict()) + len(list(model.parameters()))
+    assert exact <= small.row_bytes["mlp"] < exact + 64 * tensors  # the model and its momentum buffers, aligned
+    big = plan_store(cfg, prepared.dataset, node_memory=small.estimate * 3)  # a quarter of it is too little
+    assert big.kind == "disk" and "on disk" in big.line
+    fixed = plan_store(load_config(None, ["clients.num_clients=100", "data.partition=iid", "engine.state_store=memory"]), prepared.dataset,
+                       node_memory=1)
+    assert fixed.kind == "memory"
+    assert plan_store(load_config(None, ["algorithm.name=fedavg"]), prepared.dataset, 1).estimate == 0
+
+
+def test_a_run_that_cannot_fit_a_node_is_refused_with_the_setting_to_change():
+    cfg = load_config(None, ["clients.num_clients=100", "data.partition=iid", "engine.state_store=memory"])
+    prepared = prepare(cfg)
+    plan = plan_store(cfg, prepared.dataset, node_memory=1)
+    with pytest.raises(ResourceError, match=r"engine.state_store = \"disk\""):
+        check_memory(cfg, plan, prepared.dataset.nbytes, 0, plan.estimate * 0.9)
+    with pytest.raises(ResourceError, match="lower engine.num_actors"):
+        check_memory(cfg, plan_store(cfg.replace(engine=cfg.engine.__class__(state_store="disk")), prepared.dataset, 1),
+                     prepared.dataset.nbytes, 64, 8 * GiB)
