@@ -142,9 +142,8 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
     """Prepare, simulate on the configured engine, write runs/<name>/; return (folder, final summary).
 
     The folder is made once the engine is up; while the run goes on it holds the config, the partition,
-    the latest checkpoint and each finished round's metric rows; metrics.parquet, the summary and the plot
-    come when it ends (metrics.parquet also when it is stopped). A run that fails before its first
-    checkpoint leaves no folder behind.
+    the latest checkpoint and each finished round's metric rows (metrics/); metrics.parquet, the summary
+    and the plot come when it ends. A run that fails before its first checkpoint leaves no folder behind.
     """
     from fmlray import checkpoint, rundir
     from fmlray.data import partition_counts
@@ -160,7 +159,7 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
     engine.start(cfg, prepared.dataset, prepared.partition)
     for note in getattr(engine, "notes", []):
         echo(note)
-    saved, run_dir, records = resume is not None, None, None
+    saved, run_dir = resume is not None, None
     try:
         if resume_dir is not None:
             run_dir = resume_dir
@@ -184,12 +183,7 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
     except BaseException:
         if not saved and run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth resuming
-        elif records is not None:
-            try:  # what ran so far stays readable; a resume drops the rounds after its checkpoint
-                records.merge()
-            except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
-                pass
-        raise
+        raise  # the rounds that ran stay in metrics/; metrics.parquet marks a finished run
     finally:
         engine.close()
     summary = records.merge(final=True)

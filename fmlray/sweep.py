@@ -92,6 +92,7 @@ def plan(path: str | Path) -> tuple[Path, list[Run]]:
 
 def run_sweep(path: str | Path, echo=print) -> Path:
     """Run (or finish) every run of the sweep, then write the combined table; return its path."""
+    from fmlray import checkpoint
     from fmlray.simulation import run_experiment
 
     folder, runs = plan(path)
@@ -100,7 +101,7 @@ def run_sweep(path: str | Path, echo=print) -> Path:
         if (run_dir / "metrics.parquet").is_file():
             echo(f"[{i}/{len(runs)}] {run.name}: done")
             continue
-        resume = run_dir if (run_dir / "checkpoint.npz").is_file() else None
+        resume = run_dir if checkpoint.exists(run_dir) else None
         echo(f"[{i}/{len(runs)}] {run.name}" + (" (resuming)" if resume else ""))
         run_experiment(run.cfg, echo=echo, resume_dir=resume)
     return combine(folder, runs)

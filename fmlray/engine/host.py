@@ -99,6 +99,7 @@ class ClientHost:
         self.workspaces: dict[str, Workspace] = {}  # by architecture
         self.stores: dict[str, MemoryStore | DiskStore] = {}
         self.dirty: set[int] = set()  # clients whose row changed since the last checkpoint
+        self.state_seconds = 0.0  # spent loading and storing rows (reported per client, for benchmarks)
         if store == "disk":
             try:  # here, not at the first store: an unusable folder is an error at start
                 self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -128,28 +129,28 @@ class ClientHost:
             t = self.cfg.training
             ws = self.workspaces[arch] = Workspace(Layout(arch, model, t.optimizer, t.momentum), model,
                                                    self._optimizer(model), self.device)
-            folder = None if self.state_dir is None else self.state_dir
-            self.stores[arch] = STORES[self.store_kind](ws.layout, folder)
+            self.stores[arch] = STORES[self.store_kind](ws.layout, self.state_dir)
         return ws
 
     def _local(self, c: Client) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The workspace of `c`'s architecture holding `c`'s private state."""
         ws = self._workspace(c.local_model)
         if ws.client != c.cid:
+            started = time.perf_counter()
             store = self.stores[c.local_model]
-            row = store.get(c.cid)
-            initial = None if row is not None else seeded_model(
-                c.local_model, self.dataset, derive_seed(self.cfg.run.seed, LOCAL_INIT, c.cid))
-            ws.load(row, initial, c.cid)
+            ws.load(store.get(c.cid), derive_seed(self.cfg.run.seed, LOCAL_INIT, c.cid), c.cid)
             store.done(c.cid)
+            self.state_seconds += time.perf_counter() - started
         return ws.model, ws.opt
 
     def _keep(self, c: Client) -> None:
         """Store the workspace's state (just trained) as `c`'s row."""
+        started = time.perf_counter()
         store = self.stores[c.local_model]
         self.workspaces[c.local_model].store(store.put(c.cid))
         store.done(c.cid)
         self.dirty.add(c.cid)
+        self.state_seconds += time.perf_counter() - started
 
     def _forget_workspaces(self) -> None:
         for ws in self.workspaces.values():
@@ -186,6 +187,9 @@ class ClientHost:
                 arch = self.clients[cid].local_model
                 self._workspace(arch)
                 store = self.stores[arch]
+                if ref.row >= len(rows):
+                    raise FmlrayError(f"{Path(folder) / file} is damaged (it has no row {ref.row} for client {cid}); "
+                                      "the checkpoint cannot be resumed")
                 if ref.layout != store.layout.name or rows.shape[1] != store.layout.nbytes:
                     raise FmlrayError(f"{Path(folder) / file} holds client {cid}'s state for layout {ref.layout}, "
                                       f"but this config's {arch} is {store.layout.name}: the checkpoint belongs "
@@ -245,7 +249,7 @@ class ClientHost:
         total, results = None, []
         for cid in sorted(client_ids):
             c = self.clients[cid]
-            started = time.perf_counter()
+            started, self.state_seconds = time.perf_counter(), 0.0
             try:
                 with _stage(c, rnd, "training"):
                     metrics, meme = self._train_one(c, rnd, shared)
@@ -261,7 +265,8 @@ class ClientHost:
                 if total is None:
                     total = _Sum(self._meme_state)
                 total.add(self._meme_state.values(), weight)
-            results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started, **metrics})
+            results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started,
+                            "state_seconds": self.state_seconds, **metrics})
         return (None if total is None else total.partial()), results
 
     def _train_one(self, c: Client, rnd: int, shared: list[torch.Tensor] | None) -> tuple[dict, nn.Module | None]:
@@ -291,12 +296,14 @@ class ClientHost:
         for cid in sorted(self.clients if client_ids is None else client_ids):
             c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}
+            self.state_seconds = 0.0
             with _stage(c, None, "evaluation"):
                 x, y = self._rows(c, test=True)
                 if self.algo.has_local:
                     row["local_loss"], row["local_accuracy"] = evaluate(self._local(c)[0], x, y)
                 if meme is not None:
                     row["global_loss"], row["global_accuracy"] = evaluate(meme, x, y)
+            row["state_seconds"] = self.state_seconds
             rows.append(row)
         return rows
 

@@ -96,6 +96,11 @@ ACTOR_BASE = 0.6 * GiB
 STORE_SHARE = 0.25  # `auto` keeps private state in memory while it fits in this share of a node's memory
 
 
+def size(nbytes: float) -> str:
+    """'1.25 GiB' or '340.0 MiB'."""
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class StorePlan:
     kind: str  # "memory" | "disk"
@@ -130,7 +135,7 @@ def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> Stor
                     for g, n in zip(cfg.clients.groups, sizes) if n and g.local_model in rows)
     where = "in memory" if kind == "memory" else \
         f"on disk, memory-mapped under {cfg.engine.state_dir or 'a scratch folder of each node'}"
-    line = (f"private state: up to {estimate / GiB:.2f} GiB ({per or 'none'}), kept {where}"
+    line = (f"private state: up to {size(estimate)} ({per or 'none'}), kept {where}"
             + (" (engine.state_store = auto)" if cfg.engine.state_store == "auto" else ""))
     return StorePlan(kind, rows, estimate, line)
 

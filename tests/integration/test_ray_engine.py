@@ -232,3 +232,39 @@ def test_sigterm_checkpoints_shuts_ray_down_and_resume_matches(tmp_path, capsys)
     a, b = acc(run_dir), acc(tmp_path / "whole")
     assert a.keys() == b.keys()
     assert max(abs(a[k] - b[k]) for k in a if not np.isnan(a[k])) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["task", "actor"])
+def test_a_memory_monitor_kill_ends_the_run_with_one_line(ray_session, monkeypatch, kind):
+    # Ray's memory monitor: an OutOfMemoryError for a task, an ActorDiedError saying so for an actor.
+    # Adopting the clients elsewhere would only feed the next victim, so the run stops with the fix.
+    import ray
+
+    class KilledForMemory(ray.exceptions.ActorDiedError):
+        def __str__(self):
+            return "The actor died unexpectedly before finishing this task. Task was killed due to the node " \
+                   "running low on memory."
+
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    real_get = ray.get
+
+    def get(refs, *args, **kwargs):
+        if isinstance(refs, ray.ObjectRef):
+            real_get(refs, *args, **kwargs)
+            raise (ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.")
+                   if kind == "task" else KilledForMemory())
+        return real_get(refs, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr(ray, "get", get)
+        with pytest.raises(ResourceError) as info:
+            simulate(cfg, prepared.dataset, prepared.partition, engine)
+        monkeypatch.undo()
+    finally:
+        engine.close()
+    message = str(info.value)
+    assert "\n" not in message and "ran out of memory" in message and "engine.state_store" in message
+    assert engine.lost == set()  # nobody adopted the clients

@@ -38,7 +38,7 @@ def test_a_row_holds_the_model_and_the_optimiser_exactly(tmp_path, store_cls, ar
     dst = Workspace(src.layout, build_model(arch, (1, 8, 8), 10), None, torch.device("cpu"))
     dst.opt = (torch.optim.Adam(dst.model.parameters(), lr=0.1) if optimizer == "adam"
                else torch.optim.SGD(dst.model.parameters(), lr=0.1, momentum=0.9))
-    dst.load(store.get(7), None, 7)
+    dst.load(store.get(7), 0, 7)
     for (k, a), b in zip(src.model.state_dict().items(), dst.model.state_dict().values()):
         assert a.dtype == b.dtype and torch.equal(a, b), k
     for p, q in zip(src.params, dst.params):
@@ -53,6 +53,25 @@ def test_a_row_holds_the_model_and_the_optimiser_exactly(tmp_path, store_cls, ar
     for a, b in zip(src.model.state_dict().values(), dst.model.state_dict().values()):
         assert torch.equal(a, b)
     store.close()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18"])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)])
+def test_initialising_in_place_equals_building_from_the_seed(arch, shape):
+    from fmlray.engine.host import seeded_model
+    from fmlray.engine.state import initialise
+    from fmlray.data import Dataset
+    data = Dataset("toy", np.zeros((2, *shape), np.float32), np.zeros(2, np.int64), np.zeros((2, *shape), np.float32),
+                   np.zeros(2, np.int64), 10)
+    model = build_model(arch, shape, 10)
+    with torch.no_grad():  # a used workspace: trained weights and BatchNorm statistics to be reset
+        for t in model.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.fill_(7)
+    for seed in (3, 12345):
+        initialise(model, seed)
+        fresh = seeded_model(arch, data, seed)
+        for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), (arch, k)
 
 
 def test_the_disk_store_grows_in_place_and_deletes_its_file(tmp_path):

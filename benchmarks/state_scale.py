@@ -1,0 +1,246 @@
+"""How FML's private state scales with the clients that exist, when about 50 of them train a round.
+
+The workload of issue 10: Fashion-MNIST (all 60,000 training rows, IID), `cnn5` local models
+(~13 MiB of private state each with SGD momentum), a `lenet5` meme, about 50 clients a round, one
+epoch, evaluating each round the round's trained clients plus a seeded sample of 200 others, and a
+checkpoint every round, on the Ray engine with two one-CPU actors. Per configuration it records:
+seconds per round split into training, evaluation and checkpoint (wall, in the driver), the rows'
+load + store time summed over clients against their training time (inside the actors), peak PSS of
+the process tree by driver / client actors / the rest of Ray, disk used by the state store and the
+checkpoint, and the time to resume from the last checkpoint. With --resume-check, a run stopped
+half way and resumed must end where the uninterrupted run ends.
+
+    python benchmarks/state_scale.py --clients 100,1000,10000 --resume-check 10000
+    python benchmarks/state_scale.py --quick      # 100 and 1,000 clients, 3 rounds: a few minutes
+
+Results: benchmarks/results/state-scale-fmnist-<N>cpu-<date>.{md,parquet}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+from fmlray import checkpoint  # noqa: E402
+from fmlray.config import load_config  # noqa: E402
+from fmlray.engine.ray_engine import RayEngine  # noqa: E402
+from fmlray.simulation import eval_clients, initial_global_state, prepare, sample_clients  # noqa: E402
+
+GiB = 2**30
+
+
+def config(clients: int, rounds: int, per_round: int, ckpt: bool, out: Path, state: str):
+    return load_config(None, [
+        "run.name='state-scale'", f"run.output_dir={str(out)!r}", f"run.rounds={rounds}", "run.eval_clients=200",
+        f"run.checkpoint_every={1 if ckpt else 0}",
+        "data.dataset='fmnist'", "data.partition='iid'", "data.min_samples=5",
+        f"clients.num_clients={clients}", f"clients.fraction={per_round / clients}",
+        "clients.groups=[{name='cnn5', share=1.0, local_model='cnn5', num_cpus=1.0}]",
+        "model.meme='lenet5'", "training.epochs=1", "training.batch_size=32",
+        "engine.kind='ray'", "engine.num_actors=2", f"engine.state_dir={state!r}"])
+
+
+def du(path: Path) -> int:
+    """Bytes allocated on disk below `path` (sparse files count what they hold)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def run_rounds(cfg, prepared, engine, first: int, last: int, state, writer, sampler, disk_paths) -> tuple[list, object]:
+    """Rounds first..last as simulate() runs them, timing each phase; returns per-round rows and the state."""
+    rows = []
+    for rnd in range(first, last + 1):
+        started = time.perf_counter()
+        ids = sample_clients(cfg, rnd)
+        result = engine.train_round(rnd, ids, state)
+        state = result.global_state
+        benchlib.wait_state(state)
+        trained = time.perf_counter()
+        ev = engine.evaluate(state, eval_clients(cfg, rnd, ids))
+        evaluated = time.perf_counter()
+        info = writer(rnd, engine, engine.fetch(state)) if writer is not None else {"bytes": 0, "disk": 0}
+        done = time.perf_counter()
+        clients = result.clients
+        rows.append({
+            "round": rnd, "sampled": len(ids), "evaluated": len(ev.clients),
+            "round_s": done - started, "train_s": trained - started, "eval_s": evaluated - trained,
+            "checkpoint_s": done - evaluated,
+            "client_train_s": sum(c["seconds"] - c.get("state_seconds", 0.0) for c in clients),
+            "client_state_s": sum(c.get("state_seconds", 0.0) for c in clients),
+            "eval_state_s": sum(c.get("state_seconds", 0.0) for c in ev.clients),
+            "checkpoint_mib": info["bytes"] / 2**20,
+            "disk_gib": (sum(du(p) for p in disk_paths)) / GiB,
+        })
+        sampler.sample()
+        print(f"  round {rnd}: {rows[-1]['round_s']:.2f}s (train {rows[-1]['train_s']:.2f}, eval "
+              f"{rows[-1]['eval_s']:.2f}, checkpoint {rows[-1]['checkpoint_s']:.2f}), disk {rows[-1]['disk_gib']:.2f} GiB",
+              flush=True)
+    return rows, state
+
+
+def one(clients: int, rounds: int, per_round: int, ckpt: bool, prepared_by_n: dict) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="fmlray-state-scale-"))
+    try:
+        cfg = config(clients, rounds, per_round, ckpt, work / "runs", str(work / "state"))
+        prepared = prepared_by_n.setdefault(clients, prepare(cfg))
+        run_dir = work / "runs" / cfg.run.name
+        run_dir.mkdir(parents=True)
+        with benchlib.MemorySampler(benchlib.actors_by_title(os.getpid())) as sampler:
+            engine = RayEngine()
+            engine.start(cfg, prepared.dataset, prepared.partition)
+            try:
+                writer = checkpoint.Writer(run_dir, cfg) if ckpt else None
+                rows, state = run_rounds(cfg, prepared, engine, 1, rounds, initial_global_state(cfg, prepared.dataset),
+                                         writer, sampler, [work / "state", run_dir])
+                stored = sum(benchlib_ray_get([a.stored.remote() for a in engine.actors]))
+            finally:
+                engine.close()
+            peak = sampler.peak()
+        resume_s = None
+        if ckpt:  # a fresh engine, restored from the last checkpoint: what `fmlray run --resume` waits for
+            engine = RayEngine()
+            engine.start(cfg, prepared.dataset, prepared.partition)
+            try:
+                started = time.perf_counter()
+                resume = checkpoint.load(run_dir, cfg)
+                engine.restore(resume.folder, resume.refs())
+                resume_s = time.perf_counter() - started
+            finally:
+                engine.close()
+        steady = rows[1:] if len(rows) > 1 else rows  # round 1 also warms the actors up
+        mean = lambda k: float(np.mean([r[k] for r in steady]))  # noqa: E731
+        return {"clients": clients, "per_round": per_round, "rounds": rounds, "checkpoint": ckpt,
+                "store": engine.plan.kind, "row_mib": engine.plan.row_bytes["cnn5"] / 2**20,
+                "clients_with_rows": stored,
+                "round_s": mean("round_s"), "train_s": mean("train_s"), "eval_s": mean("eval_s"),
+                "checkpoint_s": mean("checkpoint_s"), "checkpoint_mib": mean("checkpoint_mib"),
+                "state_vs_train": mean("client_state_s") / mean("client_train_s"),
+                "eval_state_s": mean("eval_state_s"),
+                "peak_total_gib": peak["total"] / GiB, "peak_driver_gib": peak["driver"] / GiB,
+                "peak_actors_gib": peak["actors"] / GiB, "peak_ray_gib": peak["ray_system"] / GiB,
+                "disk_gib": rows[-1]["disk_gib"], "resume_s": resume_s}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def benchlib_ray_get(refs):
+    import ray
+    return ray.get(refs)
+
+
+def resume_check(clients: int, rounds: int, per_round: int, prepared_by_n: dict) -> dict:
+    """Stop after half the rounds, resume on a fresh engine, and compare with the uninterrupted run."""
+    work = Path(tempfile.mkdtemp(prefix="fmlray-state-resume-"))
+    try:
+        finals = {}
+        for way in ("whole", "split"):
+            cfg = config(clients, rounds, per_round, True, work / way, str(work / "state"))
+            prepared = prepared_by_n.setdefault(clients, prepare(cfg))
+            run_dir = work / way / cfg.run.name
+            run_dir.mkdir(parents=True)
+            with benchlib.MemorySampler(interval_s=None) as sampler:
+                half = rounds // 2 if way == "split" else rounds
+                engine = RayEngine()
+                engine.start(cfg, prepared.dataset, prepared.partition)
+                try:
+                    rows, state = run_rounds(cfg, prepared, engine, 1, half, initial_global_state(cfg, prepared.dataset),
+                                             checkpoint.Writer(run_dir, cfg), sampler, [])
+                    state = engine.fetch(state)
+                finally:
+                    engine.close()
+                if way == "split":
+                    engine = RayEngine()
+                    engine.start(cfg, prepared.dataset, prepared.partition)
+                    try:
+                        resume = checkpoint.load(run_dir, cfg)
+                        engine.restore(resume.folder, resume.refs())
+                        _, state = run_rounds(cfg, prepared, engine, half + 1, rounds, resume.global_state,
+                                              checkpoint.Writer(run_dir, cfg, resume), sampler, [])
+                        state = engine.fetch(state)
+                    finally:
+                        engine.close()
+            finals[way] = (state, checkpoint.load(run_dir, cfg))
+        (a, ca), (b, cb) = finals["whole"], finals["split"]
+        diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+        ra, rb = ca.refs(), cb.refs()
+        rows_equal = ra.keys() == rb.keys() and all(ra[c].crc32 == rb[c].crc32 for c in ra)
+        return {"clients": clients, "rounds": rounds, "max_abs_diff_global": diff, "private_rows_equal": rows_equal,
+                "clients_with_rows": len(ra)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+COLUMNS = [("clients", "clients", "d"), ("checkpoint", "ckpt", ""), ("store", "store", ""),
+           ("clients_with_rows", "rows held", "d"), ("round_s", "s/round", ".2f"), ("train_s", "train s", ".2f"),
+           ("eval_s", "eval s", ".2f"), ("checkpoint_s", "ckpt s", ".2f"), ("checkpoint_mib", "ckpt MiB", ".0f"),
+           ("state_vs_train", "load+store ÷ train", ".3f"), ("peak_total_gib", "peak PSS GiB", ".2f"),
+           ("peak_driver_gib", "driver", ".2f"), ("peak_actors_gib", "actors", ".2f"), ("peak_ray_gib", "Ray", ".2f"),
+           ("disk_gib", "disk GiB", ".2f"), ("resume_s", "resume s", ".2f")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=benchlib.comma_list(int), default=[100, 1000, 10000])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=50)
+    parser.add_argument("--no-checkpoint-baseline", type=benchlib.comma_list(int), default=[1000],
+                        help="client counts also run without checkpoints (the 1.2x target)")
+    parser.add_argument("--resume-check", type=benchlib.comma_list(int), default=[10000])
+    parser.add_argument("--quick", action="store_true", help="100 and 1,000 clients, 3 rounds, resume check at 100")
+    parser.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.rounds, args.resume_check = [100, 1000], 3, [100]
+    meta = benchlib.run_meta(args)
+    meta["load_before"] = os.getloadavg()
+    benchlib.start_ray(num_cpus=2)
+    prepared: dict = {}
+    rows = []
+    for n in args.clients:
+        for ckpt in ([True, False] if n in args.no_checkpoint_baseline else [True]):
+            print(f"{n} clients, checkpoint {'every round' if ckpt else 'never'}", flush=True)
+            rows.append(one(n, args.rounds, args.per_round, ckpt, prepared))
+    checks = [resume_check(n, args.rounds, args.per_round, prepared) for n in args.resume_check]
+    meta["load_after"] = os.getloadavg()
+    stem = benchlib.result_stem("state-scale", "fmnist", "quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
+    lines = [f"# State scale: FML on Fashion-MNIST, cnn5 locals, ~{args.per_round} clients a round",
+             "", benchlib.environment_markdown(meta), "",
+             f"{args.rounds} rounds, 1 epoch, batch 32, 2 Ray actors × 1 CPU, evaluation of the round's clients + 200 "
+             "a round; means over rounds 2 on (round 1 warms up).", "",
+             benchlib.markdown_table(rows, COLUMNS), ""]
+    for n in args.no_checkpoint_baseline:
+        with_ckpt = [r for r in rows if r["clients"] == n and r["checkpoint"]]
+        without = [r for r in rows if r["clients"] == n and not r["checkpoint"]]
+        if with_ckpt and without:
+            lines.append(f"- {n:,} clients: s/round with a checkpoint every round ÷ without = "
+                         f"{with_ckpt[0]['round_s'] / without[0]['round_s']:.2f}")
+    for c in checks:
+        lines.append(f"- resume check, {c['clients']:,} clients, {c['rounds']} rounds stopped at {c['rounds'] // 2}: "
+                     f"global model max |diff| {c['max_abs_diff_global']:.2e}, private rows equal: "
+                     f"{c['private_rows_equal']} ({c['clients_with_rows']} clients with rows)")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    ok = all(c["private_rows_equal"] and c["max_abs_diff_global"] < 1e-5 for c in checks)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
