@@ -1,5 +1,5 @@
-"""Start and stop a private Ray head for tests, by its own process ids (never `ray stop`,
-which would end every Ray on the machine, the test session's own included)."""
+"""Private Rays for tests: the session's own, and `ray start` heads stopped by their own process
+ids (never `ray stop`, which would end every Ray on the machine, other test sessions' included)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def env(**extra: str) -> dict[str, str]:
     """This environment with the venv's bin first on PATH: a job's `python` must be the venv's."""
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, "RAY_ADDRESS": "", **extra}
+
+
+def start_session_ray() -> None:
+    """The test session's Ray: always a new one of its own (never a cluster found through RAY_ADDRESS, a
+    live `ray start` or a stale address file of a dead one), on loopback, that nothing else can join.
+    Logical GPUs let the scheduler pack fractional-GPU actors on a CPU-only machine."""
+    from fmlray.engine.ray_engine import start_private_ray
+    start_private_ray(num_cpus=2, num_gpus=2)
 
 
 class PrivateHead:

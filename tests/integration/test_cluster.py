@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +30,15 @@ OVERRIDES = ["run.rounds=3", "training.epochs=1", "engine.kind=ray",
 
 def run_on_three_nodes(tmp_path, remove_after=0):
     out = str(tmp_path / "multinode.npz")
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(OVERRIDES), out,
-                           str(remove_after)], capture_output=True, text=True, timeout=300, env=env)
+    # Ray's Cluster writes its address file in Ray's temp folder, where any `ray.init()` on the machine
+    # would find it (and find it stale if this test is killed): give it a private one (short: socket paths)
+    ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(OVERRIDES), out,
+                               str(remove_after)], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(out), json.loads(Path(out + ".json").read_text())
 
