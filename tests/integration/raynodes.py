@@ -4,6 +4,7 @@ ids (never `ray stop`, which would end every Ray on the machine, other test sess
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,7 +41,10 @@ class PrivateHead:
     """`ray start --head` with its own temp dir (short: Unix socket paths are limited) and ports."""
 
     def __init__(self, num_cpus: int = 2):
-        self.temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+        # <tmpdir>/ray, as Ray lays out its default folder: RAY_TMPDIR=<tmpdir> then finds this head's
+        # address file where it would find a plain `ray start`'s in /tmp/ray
+        self.tmpdir = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+        self.temp_dir = os.path.join(self.tmpdir, "ray")
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus = num_cpus
 
@@ -55,6 +59,7 @@ class PrivateHead:
     def start(self) -> None:
         """`ray start --head --block` in the background, as the README shows: the head lives as long as
         that process, and ends (all of it, nothing else) when it gets SIGTERM."""
+        os.makedirs(self.temp_dir)
         self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
@@ -103,6 +108,7 @@ class PrivateHead:
             for p in procs:
                 _signal(p, psutil.Process.kill if attempt else psutil.Process.terminate)
             psutil.wait_procs(procs, timeout=10)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
         return left
 
 
