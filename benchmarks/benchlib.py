@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -65,12 +64,12 @@ def versions() -> dict:
 
 
 def start_ray(num_cpus: float, num_gpus: float | None = None) -> float:
-    """Start a private Ray on loopback (never one a `ray start` left behind); return the seconds it took."""
-    import ray
-    os.environ.pop("RAY_ADDRESS", None)  # address="local" ignores it, but fmlray's connect() would not
+    """Start a private Ray on loopback, as `fmlray run` does (never one a `ray start` left behind, nor a
+    stale address file of one); return the seconds it took."""
+    from fmlray.engine.ray_engine import start_private_ray
+    os.environ.pop("RAY_ADDRESS", None)  # start_private_ray ignores it, but fmlray's connect() would not
     started = time.perf_counter()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-             num_gpus=num_gpus, logging_level=logging.WARNING)
+    start_private_ray(num_cpus=num_cpus, num_gpus=num_gpus)
     return time.perf_counter() - started
 
 

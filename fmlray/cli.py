@@ -58,6 +58,7 @@ def _load(args):
 
 def cmd_run(args) -> int:
     from fmlray.config import ConfigError
+    from fmlray.jobs import check_path
     from fmlray.metrics import format_summary
     from fmlray.simulation import run_experiment, title
 
@@ -69,9 +70,11 @@ def cmd_run(args) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
+        check_path(args.resume, "--resume")
         cfg = resumable_config(args.resume, _overrides(args))
     else:
         cfg = _load(args)
+    check_path(cfg.run.output_dir, "run.output_dir")
     try:
         path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True),
                                        resume_dir=Path(args.resume) if args.resume else None)
@@ -87,6 +90,7 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     from fmlray.config import ALGORITHMS, ConfigError
+    from fmlray.jobs import check_path
     from fmlray.metrics import format_comparison
     from fmlray.simulation import prepare, run_experiment
 
@@ -95,6 +99,7 @@ def cmd_compare(args) -> int:
     if not names or unknown:
         raise ConfigError(f"--algorithms: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")
     cfg = _load(args)
+    check_path(cfg.run.output_dir, "run.output_dir")
     prepared = prepare(cfg)  # one dataset and partition for every algorithm
     finals = {}
     with _shared_ray(cfg):
@@ -125,10 +130,12 @@ def _shared_ray(cfg):
 
 
 def cmd_sweep(args) -> int:
+    from fmlray.jobs import check_path
     from fmlray.simulation import RunInterrupted
     from fmlray.sweep import plan, run_sweep
 
-    _, runs = plan(args.sweep_file)  # every config checked before the first run starts
+    folder, runs = plan(args.sweep_file)  # every config checked before the first run starts
+    check_path(folder, "the sweep's output_dir")
     try:
         with _shared_ray(runs[0].cfg):
             out = run_sweep(args.sweep_file, echo=lambda s: print(s, flush=True))
@@ -152,8 +159,11 @@ def cmd_partition(args) -> int:
     import pyarrow.csv
 
     from fmlray.data import format_partition, partition_counts
+    from fmlray.jobs import check_path
     from fmlray.simulation import prepare
 
+    if args.save:
+        check_path(args.save, "--save")
     prepared = prepare(_load(args))
     table = partition_counts(prepared.dataset, prepared.partition)
     print(format_partition(table))

@@ -1,13 +1,15 @@
-"""Start and stop a private Ray head for tests, by its own process ids (never `ray stop`,
-which would end every Ray on the machine, the test session's own included)."""
+"""Private Rays for tests: the session's own, and `ray start` heads stopped by their own process
+ids (never `ray stop`, which would end every Ray on the machine, other test sessions' included)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -27,11 +29,22 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, "RAY_ADDRESS": "", **extra}
 
 
+def start_session_ray() -> None:
+    """The test session's Ray: always a new one of its own (never a cluster found through RAY_ADDRESS, a
+    live `ray start` or a stale address file of a dead one), on loopback, that nothing else can join.
+    Logical GPUs let the scheduler pack fractional-GPU actors on a CPU-only machine."""
+    from fmlray.engine.ray_engine import start_private_ray
+    start_private_ray(num_cpus=2, num_gpus=2)
+
+
 class PrivateHead:
     """`ray start --head` with its own temp dir (short: Unix socket paths are limited) and ports."""
 
     def __init__(self, num_cpus: int = 2):
-        self.temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+        # <tmpdir>/ray, as Ray lays out its default folder: RAY_TMPDIR=<tmpdir> then finds this head's
+        # address file where it would find a plain `ray start`'s in /tmp/ray
+        self.tmpdir = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+        self.temp_dir = os.path.join(self.tmpdir, "ray")
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus = num_cpus
 
@@ -44,11 +57,22 @@ class PrivateHead:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                        f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--include-dashboard=true",
-                        "--disable-usage-stats"], check=True, capture_output=True, timeout=120,
-                       env=env())
+        """`ray start --head --block` in the background, as the README shows: the head lives as long as
+        that process, and ends (all of it, nothing else) when it gets SIGTERM."""
+        os.makedirs(self.temp_dir)
+        self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
+             f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env(RAY_AUTH_MODE="token"))
+        # `ray start` writes the address file into its temp dir once the head is up, then blocks
+        address_file = Path(self.temp_dir) / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not address_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start --head failed: " + (Path(self.temp_dir) / "ray-start.log").read_text()[-3000:])
+            time.sleep(0.5)
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this head: those naming its temp dir or GCS port, and all their descendants."""
@@ -66,15 +90,26 @@ class PrivateHead:
                 pass
         return list(found.values())
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL; repeated, since a dying raylet may still have spawned a worker."""
+    def stop(self) -> list[str]:
+        """SIGTERM to `ray start --block` (what the README says to do); returns what was still running
+        after it, which is then killed by process id (repeated: a dying raylet may still spawn a worker)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+        time.sleep(2)  # workers notice their raylet is gone within a moment
+        left = [_describe(p) for p in self.processes() if _alive(p)]
         for attempt in range(5):
             procs = [p for p in self.processes() if _alive(p)]
             if not procs:
-                return
+                break
             for p in procs:
                 _signal(p, psutil.Process.kill if attempt else psutil.Process.terminate)
             psutil.wait_procs(procs, timeout=10)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        return left
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -82,6 +117,13 @@ def _alive(p: psutil.Process) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"{p.pid} {' '.join(p.cmdline())[:120]}"
+    except psutil.NoSuchProcess:
+        return f"{p.pid} (gone)"
 
 
 def _signal(p: psutil.Process, how) -> None:

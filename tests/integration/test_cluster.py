@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +31,15 @@ OVERRIDES = ["run.rounds=3", "training.epochs=1", "engine.kind=ray",
 
 def run_on_three_nodes(tmp_path, remove_after=0, extra=()):
     out = str(tmp_path / "multinode.npz")
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps([*OVERRIDES, *extra]), out,
-                           str(remove_after)], capture_output=True, text=True, timeout=300, env=env)
+    # Ray's Cluster writes its address file in Ray's temp folder, where any `ray.init()` on the machine
+    # would find it (and find it stale if this test is killed): give it a private one (short: socket paths)
+    ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps([*OVERRIDES, *extra]), out,
+                               str(remove_after)], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.load(out), json.loads(Path(out + ".json").read_text())
 
@@ -74,31 +83,85 @@ def test_losing_a_node_mid_run_loses_nothing(tmp_path, serial_reference):
     assert_matches(serial_reference, state, info["rows"])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def private_head():
     head = PrivateHead(num_cpus=2)
     head.start()
     yield head
-    head.stop()
-    assert [p for p in head.processes() if raynodes._alive(p)] == [], "the private head left processes behind"
+    assert head.stop() == [], "SIGTERM to `ray start --block` left processes of its head (and only its) behind"
+
+
+def ray_job(head: PrivateHead, command: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`ray job <command> --address <head> <args>` as the README says: every `ray job` command needs
+    RAY_AUTH_MODE=token (Ray 2.60 turns token auth on for a new head; the job CLI sends the token only
+    in token mode). Returns the process and its output."""
+    cmd = [str(BIN / "ray"), "job", command, "--address", head.dashboard, *args]
+    deadline = time.monotonic() + 600  # a fresh head's job agent may take a while to come up on a busy machine
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=raynodes.env(RAY_AUTH_MODE="token"),
+                              cwd=REPO)
+        logs = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in logs or time.monotonic() > deadline:
+            return proc, logs
+        time.sleep(2)
+
+
+def test_auto_joins_the_cluster_a_ray_start_recorded(private_head, tmp_path):
+    # RAY_TMPDIR: Ray's folder is the head's, as /tmp/ray is for a plain `ray start`; RAY_AUTH_MODE
+    # unset: joining turns token auth on because a token exists, as Ray's own "auto" does
+    env = {k: v for k, v in raynodes.env(PYTHONPATH=str(REPO), RAY_TMPDIR=private_head.tmpdir).items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    proc = subprocess.run([sys.executable, "-m", "fmlray", "run", "--address", "auto", "--set", "run.rounds=1",
+                           "--set", "training.epochs=1", "--set", f"run.output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 1/1" in proc.stdout and (tmp_path / "digits-fml" / "metrics.parquet").is_file()
+
+
+def fmlray_job(*args: str) -> list[str]:
+    """What `ray job submit` runs: this checkout (uploaded as the working dir) under the head's python."""
+    return ["--working-dir", str(REPO), "--", "python", "-m", "fmlray", "run", "--set", "engine.kind=ray",
+            "--set", "training.epochs=1", *args]
 
 
 def test_ray_job_submit_runs_fmlray_and_writes_its_outputs(private_head, tmp_path):
-    # Ray 2.60 turns on token auth for a new head and writes ~/.ray/auth_token; the job CLI sends
-    # that token only in token mode.
-    env = raynodes.env(RAY_AUTH_MODE="token")
     runs = tmp_path / "runs"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", private_head.dashboard, "--working-dir", str(REPO), "--",
-           "python", "-m", "fmlray", "run", "--set", "engine.kind=ray", "--set", "run.rounds=2",
-           "--set", "training.epochs=1", "--set", f"run.output_dir={runs}", "--set", "run.name=job"]
-    for _ in range(30):  # a fresh head's job agent may take a few seconds to come up
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
-        logs = proc.stdout + proc.stderr
-        if "No available agent to submit job" not in logs:
-            break
-        time.sleep(2)
+    proc, logs = ray_job(private_head, "submit", *fmlray_job("--set", "run.rounds=2", "--set", f"run.output_dir={runs}",
+                                                             "--set", "run.name=job"))
     assert proc.returncode == 0, logs[-3000:]
     assert "succeeded" in logs and "round 2/2" in logs and "global model, global test set" in logs
     table = pq.read_table(runs / "job" / "metrics.parquet")
     assert set(table.column("round").to_pylist()) == {1, 2}
     assert (runs / "job" / "accuracy.png").stat().st_size > 0
+
+
+def test_a_relative_output_dir_in_a_job_is_refused_with_one_line(private_head):
+    proc, logs = ray_job(private_head, "submit", *fmlray_job("--set", "run.rounds=1"))  # run.output_dir = "runs"
+    assert proc.returncode != 0
+    assert "fmlray: error: run.output_dir='runs' is relative, but this is a Ray job" in logs and "Traceback" not in logs
+
+
+def test_a_stopped_job_resumes_from_its_last_checkpoint(private_head, tmp_path):
+    # Prepare: a long job, stopped the README's way once round 2 is done
+    from fmlray import checkpoint
+    runs, job = tmp_path / "runs", f"fmlray-stop-{os.getpid()}"
+    where = ("--set", f"run.output_dir={runs}", "--set", "run.name=long")
+    proc, logs = ray_job(private_head, "submit", "--no-wait", "--submission-id", job,
+                         *fmlray_job("--set", "run.rounds=500", *where))
+    assert proc.returncode == 0, logs[-3000:]
+    deadline = time.monotonic() + 300
+    while not re.search(r"^round +2/500", logs, re.MULTILINE):
+        assert time.monotonic() < deadline, logs[-3000:]
+        time.sleep(2)
+        _, logs = ray_job(private_head, "logs", job)
+    # Execute: `ray job stop` sends SIGTERM, then SIGKILL 3 s later; then the README's resume
+    proc, logs = ray_job(private_head, "stop", job)
+    assert proc.returncode == 0, logs[-3000:]
+    stopped = checkpoint.load(runs / "long").round
+    proc, logs = ray_job(private_head, "submit", *fmlray_job("--resume", str(runs / "long"),
+                                                             "--set", f"run.rounds={stopped + 1}"))
+    # Assert
+    assert proc.returncode == 0, logs[-3000:]
+    assert stopped >= 2 and f"round {stopped + 1}/{stopped + 1}" in logs
+    rounds = pq.read_table(runs / "long" / "metrics.parquet").column("round").to_pylist()
+    assert sorted(set(rounds)) == list(range(1, stopped + 2))

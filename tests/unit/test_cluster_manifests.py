@@ -105,8 +105,21 @@ def test_readme_covers_every_file_and_the_lifecycle():
         assert name in text
     for command in ("ray up", "ray job submit", "ray job logs", "ray rsync-down", "ray down",
                     "helm install", "kubectl apply -f cluster/rayjob.yaml", "kubectl get rayjob",
-                    "kubectl logs", "kubectl cp", "kubectl delete", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+                    "kubectl logs", "kubectl cp", "kubectl delete", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                    "ray job stop", "RAY_JOB_STOP_WAIT_TIME_S", "python -m fmlray run --resume /mnt/fmlray/runs/"):
         assert command in text, command
+
+
+def test_the_readmes_local_head_is_stopped_alone_and_every_job_command_has_the_token_mode():
+    """`ray stop` ends every Ray on the machine (other users' and test sessions' too): a snippet that
+    starts a local head must stop that head only, with RAY_AUTH_MODE=token for its `ray job` commands."""
+    text = (CLUSTER.parent / "README.md").read_text()
+    commands = [line.strip() for line in text.splitlines()]
+    assert not [c for c in commands if c.startswith("ray stop")]
+    assert "ray start --head --block" in text and "kill $HEAD" in text
+    first = lambda prefix: min(i for i, c in enumerate(commands) if c.startswith(prefix))  # noqa: E731
+    assert first("export RAY_AUTH_MODE=token") < first("ray start --head") < first("ray job")
+    assert "ray job stop" in text and "python -m fmlray run --resume" in text
 
 
 def test_ray_versions_agree(launcher, rayjob):

@@ -1,0 +1,78 @@
+"""What `connect()` decides before any Ray starts: which address "auto" means, and a deadline for an
+address with no Ray behind it. (Real heads and private runs: tests/integration/test_private_ray.py.)"""
+
+import http.server
+import socket
+import threading
+
+import pytest
+
+from fmlray.engine.ray_engine import _host_port, _serves_ray, _timeout, connect
+from fmlray.errors import ResourceError
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("10.0.0.1:6379", ("10.0.0.1", 6379)),
+    ("[::1]:6379", ("::1", 6379)),
+    ("auto", None),
+    ("ray://10.0.0.1:10001", None),
+    ("10.0.0.1", None),
+])
+def test_only_plain_host_port_addresses_are_probed(address, expected):
+    assert _host_port(address) == expected
+
+
+def test_the_connect_deadline_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FMLRAY_CONNECT_TIMEOUT_S", raising=False)
+    assert _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30) == 30
+    monkeypatch.setenv("FMLRAY_CONNECT_TIMEOUT_S", "2.5")
+    assert _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30) == 2.5
+    for bad, message in (("soon", "is not a number of seconds"), ("0", "must be > 0 seconds")):
+        monkeypatch.setenv("FMLRAY_CONNECT_TIMEOUT_S", bad)
+        with pytest.raises(ResourceError, match=message):
+            _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30)
+
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_an_http_server_is_not_taken_for_a_ray_head():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert _serves_ray(f"127.0.0.1:{server.server_address[1]}", timeout=1) is False
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch, tmp_path):
+    """Ray's temp folder for this test alone (RAY_TMPDIR), never the machine's /tmp/ray."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path
+
+
+def test_auto_without_a_ray_start_cluster_is_refused(ray_tmpdir):
+    with pytest.raises(ResourceError, match=rf"no `ray start` cluster on this machine \(no {ray_tmpdir}/ray/"):
+        connect("auto")
+
+
+def test_auto_with_a_stale_address_file_names_the_file_and_the_dead_address(ray_tmpdir):
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead + "\n")
+    with pytest.raises(ResourceError) as caught:
+        connect("auto")
+    assert str(caught.value).startswith(f"engine.address=auto: {ray_tmpdir}/ray/ray_current_cluster names {dead}, "
+                                        "but no Ray head answers there")
+
+
+def test_ray_address_auto_in_the_environment_means_the_same(ray_tmpdir, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(ResourceError, match="no `ray start` cluster on this machine"):
+        connect("")
