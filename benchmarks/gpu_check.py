@@ -1,0 +1,538 @@
+"""fmlray's GPU path on a real CUDA GPU: checks, then s/round numbers. Run through gpu_check.sh.
+
+    python benchmarks/gpu_check.py check [--cpu-dry-run] [--out DIR]
+    python benchmarks/gpu_check.py bench [--cpu-dry-run] [--out DIR] [--data-root DIR]
+
+`check` runs the Ray engine with client groups at `num_gpus = 0.25` (four actors sharing the GPU,
+beside a CPU-only group) and at `num_gpus = 1.0`, and asserts from the actors' `info()` that they
+trained on `cuda:0`, that Ray gave them GPU ids, and that the memory cap follows the fraction (a
+probe actor also tries to allocate past it); each run's global and local models must match the
+serial engine on the CPU (see TOLERANCE). It writes `gpu-check.json` and exits 1 if any check failed.
+
+`bench` times rounds of the Fashion-MNIST workload of overhead.py (20 clients, Dirichlet(0.5),
+cnn5 as local model and meme, 1 epoch, batch 32) on: the Ray engine with 1 actor x 1 GPU, with
+4 actors x 0.25 GPU, with one 1-CPU actor per core (the CPU path), and a plain PyTorch loop on the
+GPU (overhead.py's floor). The ways run one after another (1 x 1.0 and 4 x 0.25 GPU cannot exist at
+once on one GPU). It writes `gpu-bench.parquet` / `.md` / `.json` after every way.
+
+`--cpu-dry-run` does all of it on a machine without CUDA: Ray gets one logical GPU, the GPU
+actors fall back to the CPU (with fmlray's warning), and every assertion that needs CUDA is
+skipped and says so. It checks the script, not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, overhead
+
+import benchlib  # noqa: E402
+from fmlray.config import load_config, to_dict  # noqa: E402
+from fmlray.engine.host import initial_global_state, seeded_model, state_of  # noqa: E402
+from fmlray.engine.ray_engine import RayEngine, pick_device  # noqa: E402
+from fmlray.engine.serial import SerialEngine  # noqa: E402
+from fmlray.seeding import LOCAL_INIT, derive_seed  # noqa: E402
+from fmlray.simulation import prepare, simulate  # noqa: E402
+
+# GPU vs CPU tolerance, on the *update* of each model: ||state_gpu - state_cpu|| / ||state_cpu - state_init||
+# (L2 over every float entry; integer buffers must be equal).
+# - `--precision fp32` (the asserted check): TF32 is switched off for the whole Ray session
+#   (NVIDIA_TF32_OVERRIDE=0, read by cuBLAS and cuDNN in every actor; the probe verifies it on a
+#   convolution). Correct code then differs from the CPU only by fp32 summation order. On the CPU the
+#   Ray engine (1 thread per actor) and the serial engine (all threads) differ by 2e-5 to 3e-5 of the
+#   update on this check (dry run, 2026-11-26): the size of reordering noise after 3 rounds of SGD.
+#   TOLERANCE = 1e-3 leaves a 30x margin for the GPU's own reordering.
+# - The smallest real bug to catch, one client's update lost or counted twice (a wrong actor/device
+#   mapping, a stale global), moves the global update by 8.5e-3 for the smallest client here (94 of
+#   1,438 rows; clients' updates are correlated, so far less than its 6.5 % weight). The
+#   `sensitivity` check measures it on the CPU every run and requires >= 3x the tolerance.
+# - `--precision default`: cuDNN's default TF32 convolutions (10-bit mantissa, ~5e-4 relative error
+#   per product). Reported against TOLERANCE_TF32 = 1e-2, which cannot tell a lost small client from
+#   rounding: that is why the asserted check runs in fp32.
+TOLERANCE = 1e-3
+TOLERANCE_TF32 = 1e-2
+ROUNDS = 3  # parity runs; the resume check restarts after round RESUME_AFTER
+RESUME_AFTER = 2
+
+
+# ---------------------------------------------------------------------------------------------- common
+
+def nvidia_smi() -> dict:
+    """GPU name, driver, memory and CUDA version from nvidia-smi (empty when there is none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,pci.bus_id",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=True)
+        head = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    cuda = next((line.split("CUDA Version:")[1].strip(" |") for line in head.splitlines()
+                 if "CUDA Version:" in line), "")
+    return {"gpus": [line.strip() for line in out.stdout.strip().splitlines()], "cuda_driver_api": cuda}
+
+
+def environment(args) -> dict:
+    meta = benchlib.run_meta(args)
+    commit = os.environ.get("FMLRAY_COMMIT")
+    if commit:  # the device gets an exported tree without .git
+        meta["versions"]["fmlray_commit"] = commit
+    meta["versions"] |= {"torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    meta["gpu"] = nvidia_smi()
+    meta["torch_cuda_available"] = torch.cuda.is_available()
+    meta["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    meta["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    meta["dry_run"] = args.cpu_dry_run
+    meta["NVIDIA_TF32_OVERRIDE"] = os.environ.get("NVIDIA_TF32_OVERRIDE")
+    meta["load_before"] = os.getloadavg()
+    meta["python_executable"] = sys.executable
+    meta["platform"] = platform.platform()
+    return meta
+
+
+def start_ray(args) -> float:
+    """A private Ray on loopback: every core and the real GPUs (autodetected). A dry run gets one logical
+    GPU and at least 8 logical CPUs, so that the actors are planned as on a 16-core GPU machine."""
+    if args.cpu_dry_run:
+        return benchlib.start_ray(num_cpus=max(8, os.cpu_count() or 1), num_gpus=1)
+    return benchlib.start_ray(num_cpus=os.cpu_count() or 1)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------- check
+
+def tolerance(args) -> float:
+    return TOLERANCE if args.precision == "fp32" else TOLERANCE_TF32
+
+
+def update_error(ref: dict, got: dict, init: dict, keys) -> dict:
+    """||got - ref|| / ||ref - init|| over the float entries of `keys`; integer entries must be equal."""
+    diff2 = upd2 = 0.0
+    max_abs, int_mismatch = 0.0, []
+    for k in keys:
+        a, b = np.asarray(ref[k]), np.asarray(got[k])
+        if a.shape != b.shape:
+            raise AssertionError(f"{k}: shape {b.shape} != {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            if not np.array_equal(a, b):
+                int_mismatch.append(k)
+            continue
+        d = b.astype(np.float64) - a
+        diff2 += float(np.sum(d * d))
+        u = a.astype(np.float64) - np.asarray(init[k], dtype=np.float64)
+        upd2 += float(np.sum(u * u))
+        max_abs = max(max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
+    rel = math.sqrt(diff2) / math.sqrt(upd2) if upd2 > 0 else (0.0 if diff2 == 0 else math.inf)
+    return {"rel_update_error": rel, "max_abs_diff": max_abs, "update_norm": math.sqrt(upd2),
+            "int_mismatch": int_mismatch}
+
+
+def initial_locals(cfg, dataset) -> dict:
+    """Every client's round-0 local model, flat like ClientHost.private_state ('<cid>/local/<key>')."""
+    groups, group_of = cfg.clients.groups, cfg.clients.group_of_clients()
+    out = {}
+    for cid in range(cfg.clients.num_clients):
+        model = seeded_model(groups[group_of[cid]].local_model, dataset, derive_seed(cfg.run.seed, LOCAL_INIT, cid))
+        out.update({f"{cid}/local/{k}": v for k, v in state_of(model).items()})
+    return out
+
+
+class Run:
+    """One simulate() of a config on an engine, keeping every round's checkpoint and, for Ray, the
+    actors' info() read after the last round (before the actors are closed)."""
+
+    def __init__(self, cfg, prepared, engine, resume=None):
+        self.checkpoints, self.infos, self.specs = [], [], []
+        engine.start(cfg, prepared.dataset, prepared.partition)
+        started = time.perf_counter()
+        try:
+            self.result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume,
+                                   save=self.checkpoints.append)
+            if isinstance(engine, RayEngine):
+                import ray
+                self.infos = ray.get([a.info.remote() for a in engine.actors])
+                self.specs = engine.specs
+        finally:
+            engine.close()
+        self.seconds = time.perf_counter() - started
+
+
+class Checks:
+    """Named pass/fail records; `expect` never raises, so every check runs and is reported."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def expect(self, name: str, ok: bool, detail) -> bool:
+        self.items.append({"check": name, "ok": bool(ok), "detail": detail})
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+        return bool(ok)
+
+    def skip(self, name: str, why: str) -> None:
+        self.items.append({"check": name, "ok": None, "detail": f"skipped: {why}"})
+        print(f"[SKIP] {name}: {why}", flush=True)
+
+    def guard(self, name: str, fn) -> None:
+        """Run fn(); an exception is a failed check named `name`, not the end of the script."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported, and the script fails at the end
+            self.expect(name, False, f"raised {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
+
+    @property
+    def failed(self) -> list[dict]:
+        return [c for c in self.items if c["ok"] is False]
+
+
+def check_config(name: str, groups: str, extra=()):
+    return load_config(None, [
+        f"run.name='gpu-check-{name}'", "run.seed=0", f"run.rounds={ROUNDS}", "run.checkpoint_every=1",
+        "data.dataset='digits'", "data.partition='shards'", "data.classes_per_client=2",  # equal-sized, non-IID
+        "clients.num_clients=12", "clients.fraction=1.0", groups,
+        "model.meme='resnet8'",  # BatchNorm: float running stats and integer num_batches_tracked are averaged too
+        "training.epochs=1", "training.batch_size=16", "algorithm.name='fml'", *extra])
+
+
+QUARTER = ("clients.groups=[{name='quarter', count=8, local_model='cnn5', num_cpus=1.0, num_gpus=0.25}, "
+           "{name='cpu', count=4, local_model='mlp', num_cpus=1.0, num_gpus=0.0}]")
+WHOLE = "clients.groups=[{name='whole', count=12, local_model='cnn5', num_cpus=1.0, num_gpus=1.0}]"
+
+
+def check_actors(checks: Checks, label: str, run: Run, fraction: float, dry: bool) -> None:
+    gpu = [(s, i) for s, i in zip(run.specs, run.infos) if s.num_gpus > 0]
+    cpu = [(s, i) for s, i in zip(run.specs, run.infos) if s.num_gpus == 0]
+    expected_gpu_actors = int(round(1 / fraction))
+    checks.expect(f"{label}: GPU actors planned", len(gpu) == expected_gpu_actors
+                  and all(s.num_gpus == fraction for s, _ in gpu),
+                  f"{len(gpu)} actors at {[s.num_gpus for s, _ in gpu]} GPU (want {expected_gpu_actors} at {fraction})")
+    ids = [tuple(i["gpu_ids"]) for _, i in gpu]
+    checks.expect(f"{label}: Ray assigned GPU ids", all(len(g) == 1 for g in ids) and len(set(ids)) == 1,
+                  f"gpu_ids per actor {ids} (one GPU, shared by all)")
+    checks.expect(f"{label}: CUDA_VISIBLE_DEVICES is the Ray GPU id",
+                  all(i["cuda_visible_devices"] == ",".join(i["gpu_ids"]) for _, i in gpu),
+                  [(i["gpu_ids"], i["cuda_visible_devices"]) for _, i in gpu])
+    if cpu:
+        checks.expect(f"{label}: CPU-group actors stayed on the CPU",
+                      all(i["device"] == "cpu" and i["tensor_devices"] == ["cpu"] for _, i in cpu),
+                      [(i["device"], i["tensor_devices"]) for _, i in cpu])
+    if dry:
+        checks.skip(f"{label}: GPU actors trained on cuda:0", "dry run (no CUDA: the actors fell back to the CPU)")
+        checks.expect(f"{label}: dry-run actors fell back to the CPU", all(i["device"] == "cpu" for _, i in gpu),
+                      [i["device"] for _, i in gpu])
+        return
+    checks.expect(f"{label}: GPU actors trained on cuda:0",
+                  all(i["device"] == "cuda:0" and i["tensor_devices"] == ["cuda:0"] and i["max_memory_allocated"] > 0
+                      for _, i in gpu),
+                  [{k: i.get(k) for k in ("device", "tensor_devices", "max_memory_allocated", "gpu_name")}
+                   for _, i in gpu])
+    checks.expect(f"{label}: distinct processes share the GPU", len({i["pid"] for _, i in gpu}) == len(gpu),
+                  [i["pid"] for _, i in gpu])
+    fractions = [i.get("memory_fraction") for _, i in gpu]
+    if any(f is None for f in fractions):
+        checks.skip(f"{label}: memory cap = fraction", "this torch has no torch.cuda.get_per_process_memory_fraction; "
+                    "see the memory-cap probe")
+    else:
+        checks.expect(f"{label}: memory cap = fraction", all(abs(f - min(1.0, fraction)) < 1e-9 for f in fractions),
+                      f"torch.cuda.get_per_process_memory_fraction(0) per actor: {fractions} (want {min(1.0, fraction)})")
+
+
+def check_parity(checks: Checks, label: str, ref: Run, got: Run, init_global: dict, init_local: dict,
+                 tol: float) -> dict:
+    g = update_error(ref.result.global_state, got.result.global_state, init_global, ref.result.global_state)
+    ref_priv, got_priv = ref.checkpoints[-1].private, got.checkpoints[-1].private
+    local_keys = sorted(k for k in ref_priv if "/local/" in k)
+    missing = sorted(set(local_keys) ^ {k for k in got_priv if "/local/" in k})
+    loc = update_error(ref_priv, got_priv, init_local, local_keys) if not missing else {}
+    acc = lambda run: {(r["round"], r["client"], r["model"], r["split"]): r["accuracy"]  # noqa: E731
+                       for r in run.result.rows if r["split"] in ("test", "global_test")}
+    ra, rb = acc(ref), acc(got)
+    acc_diff = max((abs(ra[k] - rb[k]) for k in ra if k in rb), default=math.nan)
+    checks.expect(f"{label}: global model matches the serial CPU engine",
+                  g["rel_update_error"] <= tol and not g["int_mismatch"],
+                  f"rel. update error {g['rel_update_error']:.3g} (tol {tol:g}), max |diff| "
+                  f"{g['max_abs_diff']:.3g}, integer buffers differing: {g['int_mismatch'] or 'none'}")
+    checks.expect(f"{label}: local models match the serial CPU engine",
+                  not missing and loc["rel_update_error"] <= tol,
+                  f"missing/extra keys {missing[:5]}" if missing else
+                  f"rel. update error {loc['rel_update_error']:.3g} over {len(local_keys)} entries, "
+                  f"max |diff| {loc['max_abs_diff']:.3g}")
+    checks.expect(f"{label}: same metric rows as the serial engine", set(ra) == set(rb),
+                  f"{len(rb)} evaluation rows; max accuracy difference {acc_diff:.3g} (reported, not asserted)")
+    return {"global": g, "local": loc, "max_accuracy_diff": acc_diff}
+
+
+def memory_probe(fraction: float) -> dict:
+    """In a Ray actor of `fraction` GPU: pick_device's cap, then allocations under and over it."""
+    import ray
+
+    @ray.remote
+    class Probe:
+        def run(self, fraction):
+            dev = pick_device(fraction)
+            total = torch.cuda.get_device_properties(0).total_memory
+            out = {"device": dev, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "total": total,
+                   "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE")}
+            # the precision this actor's cuDNN convolutions really run at: vs float64 on the same GPU
+            gen = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(64, 32, 28, 28, device=dev, generator=gen)
+            w = torch.randn(64, 32, 5, 5, device=dev, generator=gen)
+            exact = torch.nn.functional.conv2d(x.double(), w.double(), padding=2)
+            err = torch.nn.functional.conv2d(x, w, padding=2).double() - exact
+            out["conv_rel_error"] = float(err.norm() / exact.norm())
+            under = int(total * fraction * 0.8)
+            x = torch.empty(under, dtype=torch.uint8, device=dev)
+            out["under_ok"] = int(x.numel())
+            del x
+            torch.cuda.empty_cache()
+            try:
+                y = torch.empty(int(total * min(1.0, fraction * 1.2)), dtype=torch.uint8, device=dev)
+                out["over_refused"] = False
+                del y
+            except torch.cuda.OutOfMemoryError as exc:
+                out["over_refused"] = True
+                out["oom"] = str(exc).splitlines()[0][:300]
+            return out
+
+    actor = Probe.options(num_cpus=0, num_gpus=fraction).remote()
+    try:
+        return ray.get(actor.run.remote(fraction))
+    finally:
+        ray.kill(actor)
+
+
+def run_check(args) -> int:
+    import ray
+    if args.precision == "fp32":  # before Ray starts: every worker inherits it
+        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+        torch.backends.cudnn.allow_tf32 = False  # the driver's own CUDA work, if any
+    meta = environment(args)
+    out = args.out / ("gpu-check.json" if args.precision == "fp32" else "gpu-check-tf32.json")
+    checks = Checks()
+    tol = tolerance(args)
+    report = {"meta": meta, "precision": args.precision, "tolerance": tol, "checks": checks.items, "parity": {}, "runs": {}}
+    dry = args.cpu_dry_run
+    if not dry and not torch.cuda.is_available():
+        checks.expect("torch sees CUDA", False, "torch.cuda.is_available() is False (use --cpu-dry-run to test "
+                      "the script without a GPU)")
+        write_json(out, report)
+        return 1
+    meta["ray_up_s"] = start_ray(args)
+    try:
+        res = ray.cluster_resources()
+        want = 1.0 if dry else float(torch.cuda.device_count())
+        checks.expect("Ray sees the GPU(s)", res.get("GPU", 0.0) == want and want >= 1,
+                      f"Ray GPU resource {res.get('GPU')}, torch.cuda.device_count() {torch.cuda.device_count()}"
+                      + (" (logical GPU: dry run)" if dry else ""))
+        if dry:
+            checks.skip("memory cap probe (0.25 GPU)", "dry run")
+        else:
+            def probe():
+                p = memory_probe(0.25)
+                report["memory_probe"] = p
+                checks.expect("memory cap probe (0.25 GPU)", p["device"] == "cuda:0" and p["under_ok"] > 0
+                              and p["over_refused"], f"{p}")
+                # fp32 conv error ~1e-7..1e-6; TF32 ~1e-4..1e-3
+                if args.precision == "fp32":
+                    checks.expect("actors' convolutions run in fp32 (TF32 off)", p["conv_rel_error"] < 2e-5,
+                                  f"conv rel. error vs float64 {p['conv_rel_error']:.3g} (< 2e-5)")
+                else:
+                    checks.expect("actors' convolutions run at cuDNN's default precision (reported)", True,
+                                  f"conv rel. error vs float64 {p['conv_rel_error']:.3g}")
+            checks.guard("memory cap probe (0.25 GPU)", probe)
+
+        runs = (("quarter", QUARTER), ("whole", WHOLE)) if args.precision == "fp32" else (("quarter", QUARTER),)
+        for label, groups in runs:
+            def one(label=label, groups=groups):
+                cfg = check_config(label, groups)
+                prepared = prepare(cfg)
+                init_g = initial_global_state(cfg, prepared.dataset)
+                init_l = initial_locals(cfg, prepared.dataset)
+                ref = Run(cfg, prepared, SerialEngine())
+                got = Run(cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray")), prepared, RayEngine())
+                report["runs"][label] = {"config": to_dict(cfg), "serial_s": ref.seconds, "ray_s": got.seconds,
+                                         "specs": [dataclasses.asdict(s) for s in got.specs], "infos": got.infos}
+                check_actors(checks, label, got, 0.25 if label == "quarter" else 1.0, dry)
+                report["parity"][label] = check_parity(checks, label, ref, got, init_g, init_l, tol)
+                if label == "quarter" and args.precision == "fp32":
+                    # the smallest bug the tolerance must catch: one client's update missing (CPU, serial)
+                    smallest = min(range(cfg.clients.num_clients), key=lambda c: len(prepared.partition.train[c]))
+                    eng = SerialEngine()
+                    eng.start(cfg, prepared.dataset, prepared.partition)
+                    state = init_g
+                    for rnd in range(1, ROUNDS + 1):
+                        state = eng.train_round(rnd, [c for c in range(cfg.clients.num_clients) if c != smallest],
+                                                state).global_state
+                    lost = update_error(ref.result.global_state, state, init_g, state)
+                    report["parity"]["one_client_lost"] = lost | {"client": smallest}
+                    checks.expect("sensitivity: one lost client is >= 3x the tolerance",
+                                  lost["rel_update_error"] >= 3 * tol,
+                                  f"client {smallest} ({len(prepared.partition.train[smallest])} rows) left out: "
+                                  f"rel. update error {lost['rel_update_error']:.3g}")
+                    # resume on fresh GPU actors from the round-RESUME_AFTER checkpoint (load_private_state on the device)
+                    ckpt = got.checkpoints[RESUME_AFTER - 1]
+                    again = Run(cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray")), prepared, RayEngine(),
+                                resume=ckpt)
+                    r = update_error(got.result.global_state, again.result.global_state, init_g,
+                                     got.result.global_state)
+                    report["parity"]["quarter_resumed"] = r
+                    checks.expect(f"quarter: resumed after round {RESUME_AFTER} on fresh actors = uninterrupted",
+                                  r["rel_update_error"] <= tol and not r["int_mismatch"],
+                                  f"rel. update error {r['rel_update_error']:.3g} (GPU kernels need not be "
+                                  f"deterministic), max |diff| {r['max_abs_diff']:.3g}")
+                write_json(out, report)
+            checks.guard(f"{label}: run", one)
+    finally:
+        ray.shutdown()
+        meta["load_after"] = os.getloadavg()
+        write_json(out, report)
+    passed = sum(1 for c in checks.items if c["ok"])
+    skipped = sum(1 for c in checks.items if c["ok"] is None)
+    print(f"gpu check: {passed} passed, {len(checks.failed)} failed, {skipped} skipped; wrote {out}", flush=True)
+    return 1 if checks.failed else 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+def bench_ways(args, prepared, configs) -> list:
+    from overhead import EngineWay, Floor, ray_config
+    cores = os.cpu_count() or 1
+    cpu_actors = min(cores, 20)
+    ways = []
+    for algo in args.algorithms:
+        cfg = configs[algo]
+        ways += [EngineWay(f"ray-gpu1x1/{algo}", ray_config(cfg, 1, 1.0, 1.0), prepared, 1),
+                 EngineWay(f"ray-gpu0.25x4/{algo}", ray_config(cfg, 4, 1.0, 0.25), prepared, 1),
+                 EngineWay(f"ray-cpu{cpu_actors}/{algo}", ray_config(cfg, cpu_actors, 1.0), prepared, 1)]
+        if not args.cpu_dry_run:
+            ways.append(Floor(f"floor-cuda/{algo}", cfg, prepared, 1, "cuda"))
+    return ways
+
+
+def bench_markdown(meta, summary, args, skipped) -> str:
+    cols = [("way", "way", ""), ("algorithm", "algorithm", ""), ("device", "device", ""),
+            ("actors", "actors", "d"), ("gpu_fraction", "GPU/actor", "g"), ("median_s", "s/round (median)", ".3f"),
+            ("min_s", "min", ".3f"), ("max_s", "max", ".3f"), ("client_s", "client s (sum)", ".3f"),
+            ("vs_cpu", "x ray-cpu", ".3f"), ("start_s", "start s", ".1f")]
+    gpus = meta.get("gpu", {}).get("gpus") or ["none"]
+    lines = [f"# GPU benchmark: {meta['workload']}", "",
+             f"Rounds per way: {args.warmup} warm-up + {args.rounds} timed, one way after another; "
+             f"{meta['train_rows']} training rows." + (" **DRY RUN on the CPU: not GPU numbers.**"
+                                                       if args.cpu_dry_run else ""), "",
+             benchlib.markdown_table(summary, cols), ""]
+    if skipped:
+        lines += [f"Skipped (time budget): {', '.join(skipped)}", ""]
+    lines += ["## Environment", "", f"- GPU: {'; '.join(gpus)} (CUDA driver API {meta.get('gpu', {}).get('cuda_driver_api', '-')})",
+              benchlib.environment_markdown(meta), f"- cuDNN TF32: {meta['cudnn_allow_tf32']}, matmul TF32: "
+              f"{meta['matmul_allow_tf32']}", "", "## Config (FML; FedAvg differs only in algorithm.name)", "",
+              "```json", json.dumps(meta["configs"][args.algorithms[0]], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def run_bench(args) -> int:
+    from fmlray.config import EngineConfig  # noqa: F401  (overhead's ray_config builds it)
+    from overhead import WORKLOADS, base_config
+    w = WORKLOADS["fmnist"]
+    configs = {}
+    for a in args.algorithms:
+        cfg = base_config(w, a, args.train_samples, args.warmup + args.rounds, 0)
+        configs[a] = cfg.replace(data=dataclasses.replace(cfg.data, root=args.data_root or ""))
+    prepared = prepare(configs[args.algorithms[0]])
+    meta = environment(args) | {"workload": "fmnist cnn5 (overhead.py's compute-bound workload)",
+                                "train_rows": len(prepared.dataset.y_train),
+                                "configs": {a: to_dict(c) for a, c in configs.items()}}
+    meta["ray_up_s"] = start_ray(args)
+    ids = list(range(configs[args.algorithms[0]].clients.num_clients))
+    rows, summary, skipped = [], [], []
+    started_all = time.perf_counter()
+    stem = args.out / "gpu-bench"
+    import ray
+    try:
+        for way in bench_ways(args, prepared, configs):
+            if time.perf_counter() - started_all > args.budget_s:
+                skipped.append(way.name)
+                print(f"[bench] {way.name}: skipped (budget {args.budget_s:g}s spent)", flush=True)
+                continue
+            t0 = time.perf_counter()
+            way.start()
+            start_s = time.perf_counter() - t0
+            times = []
+            try:
+                for rnd in range(1, args.warmup + args.rounds + 1):
+                    seconds, compute = way.round(rnd, ids)
+                    rows.append({"way": way.name, "kind": way.kind, "algorithm": way.cfg.algorithm.name,
+                                 "actors": way.actors, "gpu_fraction": way.gpu_fraction, "device": str(way.device),
+                                 "round": rnd, "warmup": rnd <= args.warmup, "seconds": seconds,
+                                 "client_seconds": compute})
+                    if rnd > args.warmup:
+                        times.append((seconds, compute))
+                    print(f"[bench] {way.name} round {rnd}: {seconds:.3f}s", flush=True)
+            finally:
+                way.close()
+            summary.append({"way": way.name.split("/")[0], "algorithm": way.cfg.algorithm.name,
+                            "device": "cuda" if "gpu" in way.name or way.name.startswith("floor-cuda") else "cpu",
+                            "actors": way.actors, "gpu_fraction": way.gpu_fraction,
+                            "median_s": statistics.median(t for t, _ in times), "min_s": min(t for t, _ in times),
+                            "max_s": max(t for t, _ in times), "client_s": statistics.median(c for _, c in times),
+                            "start_s": start_s})
+            if args.cpu_dry_run:
+                summary[-1]["device"] = "cpu (dry run)"
+            for s in summary:
+                cpu = [x["median_s"] for x in summary if x["way"].startswith("ray-cpu") and x["algorithm"] == s["algorithm"]]
+                s["vs_cpu"] = s["median_s"] / cpu[0] if cpu else None
+            meta["load_after"] = os.getloadavg()
+            benchlib.write_parquet(rows, stem.with_suffix(".parquet"), meta)
+            write_json(stem.with_suffix(".json"), {"meta": meta, "summary": summary, "skipped": skipped})
+            stem.with_suffix(".md").write_text(bench_markdown(meta, summary, args, skipped))
+    finally:
+        ray.shutdown()
+    stem.with_suffix(".md").write_text(bench_markdown(meta, summary, args, skipped))
+    write_json(stem.with_suffix(".json"), {"meta": meta, "summary": summary, "skipped": skipped})
+    print(stem.with_suffix(".md").read_text(), flush=True)
+    return 0 if summary else 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("check", "bench"))
+    p.add_argument("--cpu-dry-run", action="store_true", help="no CUDA: logical GPU, CUDA asserts skipped")
+    p.add_argument("--out", type=Path, default=Path("gpu-check-out"))
+    p.add_argument("--precision", choices=("fp32", "default"), default="fp32",
+                   help="check: fp32 (TF32 off, asserted at TOLERANCE) or cuDNN's default TF32 (quarter run only)")
+    p.add_argument("--data-root", default="", help="folder with Fashion-MNIST's four IDX .gz files "
+                   "(default: Debian's /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--algorithms", type=benchlib.comma_list(str), default=["fml", "fedavg"])
+    p.add_argument("--train-samples", type=int, default=10000, help="bench: training rows (stratified subsample)")
+    p.add_argument("--rounds", type=int, default=3, help="bench: timed rounds per way")
+    p.add_argument("--warmup", type=int, default=1, help="bench: untimed rounds per way first")
+    p.add_argument("--budget-s", type=float, default=180.0, help="bench: start no new way after this many seconds")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    return run_check(args) if args.what == "check" else run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
