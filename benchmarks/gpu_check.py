@@ -6,8 +6,10 @@
 `check` runs the Ray engine with client groups at `num_gpus = 0.25` (four actors sharing the GPU,
 beside a CPU-only group) and at `num_gpus = 1.0`, and asserts from the actors' `info()` that they
 trained on `cuda:0`, that Ray gave them GPU ids, and that the memory cap follows the fraction (a
-probe actor also tries to allocate past it); each run's global and local models must match the
-serial engine on the CPU (see TOLERANCE). It writes `gpu-check.json` and exits 1 if any check failed.
+probe actor also tries to allocate past it); the global and local models must match the serial
+engine on the CPU round by round (see TOLERANCE), and a run resumed on fresh GPU actors must match
+an uninterrupted one. It writes `gpu-check.json` (`gpu-check-tf32.json` with `--precision default`)
+and exits 1 if any check failed.
 
 `bench` times rounds of the Fashion-MNIST workload of overhead.py (20 clients, Dirichlet(0.5),
 cnn5 as local model and meme, 1 epoch, batch 32) on: the Ray engine with 1 actor x 1 GPU, with
@@ -49,25 +51,26 @@ from fmlray.engine.serial import SerialEngine  # noqa: E402
 from fmlray.seeding import LOCAL_INIT, derive_seed  # noqa: E402
 from fmlray.simulation import prepare, simulate  # noqa: E402
 
-# GPU vs CPU tolerance, on the *update* of each model: ||state_gpu - state_cpu|| / ||state_cpu - state_init||
-# (L2 over every float entry; integer buffers must be equal).
-# - `--precision fp32` (the asserted check): TF32 is switched off for the whole Ray session
+# How the Ray engine on the GPU is compared with the serial engine on the CPU: in lock-step, one round
+# at a time. Before round r both engines get the same global model and the same private (local)
+# models: the serial engine's after round r-1 (`restore` loads them into the GPU actors, exercising
+# that path too). So each comparison covers one round of compute, and float noise is not compounded
+# over rounds by SGD's chaos (over 3 free-running rounds, reordering noise alone reached 6e-4 of the
+# update on the CPU). The error is relative to the round's update:
+#     ||new_gpu - new_cpu|| / ||new_cpu - start||   (L2 over every float entry; integers must be equal)
+# - `--precision fp32` (asserted at TOLERANCE): TF32 off for the whole Ray session
 #   (NVIDIA_TF32_OVERRIDE=0, read by cuBLAS and cuDNN in every actor; the probe verifies it on a
-#   convolution). Correct code then differs from the CPU only by fp32 summation order. On the CPU the
-#   Ray engine (1 thread per actor) and the serial engine (all threads) differ by 2e-5 to 3e-5 of the
-#   update on this check (dry run, 2026-11-26): the size of reordering noise after 3 rounds of SGD.
-#   TOLERANCE = 1e-3 leaves a 30x margin for the GPU's own reordering.
-# - The smallest real bug to catch, one client's update lost or counted twice (a wrong actor/device
-#   mapping, a stale global), moves the global update by 8.5e-3 for the smallest client here (94 of
-#   1,438 rows; clients' updates are correlated, so far less than its 6.5 % weight). The
-#   `sensitivity` check measures it on the CPU every run and requires >= 3x the tolerance.
+#   convolution), so the GPU differs from the CPU by summation order and cuDNN's algorithms alone.
+# - The `sensitivity` check measures, on the CPU, the smallest bug the tolerance must catch: the
+#   smallest client's update left out of round 1 (a wrong actor/client mapping, a lost partial).
+#   It must be >= 3x TOLERANCE, so that this check can fail.
 # - `--precision default`: cuDNN's default TF32 convolutions (10-bit mantissa, ~5e-4 relative error
-#   per product). Reported against TOLERANCE_TF32 = 1e-2, which cannot tell a lost small client from
-#   rounding: that is why the asserted check runs in fp32.
+#   per product), reported against TOLERANCE_TF32.
+# The figures behind both numbers are in benchmarks/results/gpu-check-h100-2026-11-26.md.
 TOLERANCE = 1e-3
 TOLERANCE_TF32 = 1e-2
-ROUNDS = 3  # parity runs; the resume check restarts after round RESUME_AFTER
-RESUME_AFTER = 2
+ROUNDS = 3  # lock-step parity rounds
+RESUME_AFTER = 1  # the resume check: 2 rounds, restarted after round 1
 
 
 # ---------------------------------------------------------------------------------------------- common
@@ -156,23 +159,17 @@ def initial_locals(cfg, dataset) -> dict:
 
 
 class Run:
-    """One simulate() of a config on an engine, keeping every round's checkpoint and, for Ray, the
-    actors' info() read after the last round (before the actors are closed)."""
+    """One simulate() of a config on an engine (started here, closed at the end), keeping every
+    round's checkpoint (the resume check starts from one)."""
 
     def __init__(self, cfg, prepared, engine, resume=None):
-        self.checkpoints, self.infos, self.specs = [], [], []
+        self.checkpoints = []
         engine.start(cfg, prepared.dataset, prepared.partition)
-        started = time.perf_counter()
         try:
             self.result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume,
                                    save=self.checkpoints.append)
-            if isinstance(engine, RayEngine):
-                import ray
-                self.infos = ray.get([a.info.remote() for a in engine.actors])
-                self.specs = engine.specs
         finally:
             engine.close()
-        self.seconds = time.perf_counter() - started
 
 
 class Checks:
@@ -216,13 +213,15 @@ QUARTER = ("clients.groups=[{name='quarter', count=8, local_model='cnn5', num_cp
 WHOLE = "clients.groups=[{name='whole', count=12, local_model='cnn5', num_cpus=1.0, num_gpus=1.0}]"
 
 
-def check_actors(checks: Checks, label: str, run: Run, fraction: float, dry: bool) -> None:
-    gpu = [(s, i) for s, i in zip(run.specs, run.infos) if s.num_gpus > 0]
-    cpu = [(s, i) for s, i in zip(run.specs, run.infos) if s.num_gpus == 0]
+def check_actors(checks: Checks, label: str, specs: list[dict], infos: list[dict], fraction: float,
+                 dry: bool) -> None:
+    """What the actors' info() says after training: placement, GPU ids, device, memory cap."""
+    gpu = [(s, i) for s, i in zip(specs, infos) if s["num_gpus"] > 0]
+    cpu = [(s, i) for s, i in zip(specs, infos) if s["num_gpus"] == 0]
     expected_gpu_actors = int(round(1 / fraction))
     checks.expect(f"{label}: GPU actors planned", len(gpu) == expected_gpu_actors
-                  and all(s.num_gpus == fraction for s, _ in gpu),
-                  f"{len(gpu)} actors at {[s.num_gpus for s, _ in gpu]} GPU (want {expected_gpu_actors} at {fraction})")
+                  and all(s["num_gpus"] == fraction for s, _ in gpu),
+                  f"{len(gpu)} actors at {[s['num_gpus'] for s, _ in gpu]} GPU (want {expected_gpu_actors} at {fraction})")
     ids = [tuple(i["gpu_ids"]) for _, i in gpu]
     checks.expect(f"{label}: Ray assigned GPU ids", all(len(g) == 1 for g in ids) and len(set(ids)) == 1,
                   f"gpu_ids per actor {ids} (one GPU, shared by all)")
@@ -254,29 +253,67 @@ def check_actors(checks: Checks, label: str, run: Run, fraction: float, dry: boo
                       f"torch.cuda.get_per_process_memory_fraction(0) per actor: {fractions} (want {min(1.0, fraction)})")
 
 
-def check_parity(checks: Checks, label: str, ref: Run, got: Run, init_global: dict, init_local: dict,
-                 tol: float) -> dict:
-    g = update_error(ref.result.global_state, got.result.global_state, init_global, ref.result.global_state)
-    ref_priv, got_priv = ref.checkpoints[-1].private, got.checkpoints[-1].private
-    local_keys = sorted(k for k in ref_priv if "/local/" in k)
-    missing = sorted(set(local_keys) ^ {k for k in got_priv if "/local/" in k})
-    loc = update_error(ref_priv, got_priv, init_local, local_keys) if not missing else {}
-    acc = lambda run: {(r["round"], r["client"], r["model"], r["split"]): r["accuracy"]  # noqa: E731
-                       for r in run.result.rows if r["split"] in ("test", "global_test")}
-    ra, rb = acc(ref), acc(got)
-    acc_diff = max((abs(ra[k] - rb[k]) for k in ra if k in rb), default=math.nan)
-    checks.expect(f"{label}: global model matches the serial CPU engine",
-                  g["rel_update_error"] <= tol and not g["int_mismatch"],
-                  f"rel. update error {g['rel_update_error']:.3g} (tol {tol:g}), max |diff| "
-                  f"{g['max_abs_diff']:.3g}, integer buffers differing: {g['int_mismatch'] or 'none'}")
-    checks.expect(f"{label}: local models match the serial CPU engine",
-                  not missing and loc["rel_update_error"] <= tol,
-                  f"missing/extra keys {missing[:5]}" if missing else
-                  f"rel. update error {loc['rel_update_error']:.3g} over {len(local_keys)} entries, "
-                  f"max |diff| {loc['max_abs_diff']:.3g}")
-    checks.expect(f"{label}: same metric rows as the serial engine", set(ra) == set(rb),
-                  f"{len(rb)} evaluation rows; max accuracy difference {acc_diff:.3g} (reported, not asserted)")
-    return {"global": g, "local": loc, "max_accuracy_diff": acc_diff}
+def lockstep(cfg, prepared) -> dict:
+    """Serial (CPU) and Ray engines round by round from the same start (see above); per round, the
+    global and local models' relative errors; then both evaluate the last global model."""
+    import ray
+    ser, gpu = SerialEngine(), RayEngine()
+    ser.start(cfg, prepared.dataset, prepared.partition)
+    gpu.start(cfg, prepared.dataset, prepared.partition)
+    out = {"rounds": [], "specs": [dataclasses.asdict(s) for s in gpu.specs]}
+    try:
+        g = initial_global_state(cfg, prepared.dataset)
+        private = initial_locals(cfg, prepared.dataset)
+        for rnd in range(1, ROUNDS + 1):
+            ids = list(range(cfg.clients.num_clients))
+            if rnd > 1:
+                gpu.restore(ser.snapshot(rnd - 1))  # the CPU's private state, into the GPU actors
+            want = ser.train_round(rnd, ids, g)
+            got = gpu.train_round(rnd, ids, g)
+            got_g = gpu.fetch(got.global_state)
+            want_priv, got_priv = ser.snapshot(rnd), gpu.snapshot(rnd)
+            keys = sorted(k for k in want_priv if "/local/" in k)
+            extra = sorted(set(keys) ^ {k for k in got_priv if "/local/" in k})
+            out["rounds"].append({
+                "round": rnd, "global": update_error(want.global_state, got_g, g, want.global_state),
+                "local": update_error(want_priv, got_priv, private, keys) if not extra else {"key_mismatch": extra[:5]},
+                "clients": sorted(c["client"] for c in got.clients if "excluded" not in c)})
+            g, private = want.global_state, {k: want_priv[k] for k in keys}
+        ev_s, ev_g = ser.evaluate(g), gpu.evaluate(g)
+        acc = lambda ev: {(r["client"], k): r[k] for r in ev.clients for k in r if k.endswith("accuracy")}  # noqa: E731
+        a_s, a_g = acc(ev_s), acc(ev_g)
+        out["evaluation"] = {"same_rows": set(a_s) == set(a_g),
+                             "max_accuracy_diff": max((abs(a_s[k] - a_g[k]) for k in a_s if k in a_g), default=None),
+                             "global_test": [ev_s.global_test, ev_g.global_test]}
+        out["infos"] = ray.get([a.info.remote() for a in gpu.actors])
+    finally:
+        gpu.close()
+    return out
+
+
+def errors(res: dict, which: str) -> str:
+    return "[" + ", ".join(f"{r[which]['rel_update_error']:.2g}" for r in res["rounds"]) + "]"
+
+
+def check_parity(checks: Checks, label: str, res: dict, tol: float, n_clients: int) -> None:
+    worst_g = max(r["global"]["rel_update_error"] for r in res["rounds"])
+    ints = sorted({k for r in res["rounds"] for k in r["global"]["int_mismatch"]})
+    checks.expect(f"{label}: global model = serial CPU engine, every round", worst_g <= tol and not ints,
+                  f"rel. error per round {errors(res, 'global')} "
+                  f"(tol {tol:g}); max |diff| {max(r['global']['max_abs_diff'] for r in res['rounds']):.2g}; "
+                  f"integer buffers differing: {ints or 'none'}")
+    bad = [r["local"]["key_mismatch"] for r in res["rounds"] if "key_mismatch" in r["local"]]
+    worst_l = max((r["local"]["rel_update_error"] for r in res["rounds"] if not bad), default=math.inf)
+    checks.expect(f"{label}: local models = serial CPU engine, every round", not bad and worst_l <= tol,
+                  f"missing/extra keys {bad[0]}" if bad else
+                  f"rel. error per round {errors(res, 'local')}")
+    checks.expect(f"{label}: every client trained, every round",
+                  all(r["clients"] == list(range(n_clients)) for r in res["rounds"]),
+                  [len(r["clients"]) for r in res["rounds"]])
+    ev = res["evaluation"]
+    checks.expect(f"{label}: evaluation rows = serial CPU engine", ev["same_rows"],
+                  f"max accuracy difference {ev['max_accuracy_diff']} (reported); global test (loss, acc) "
+                  f"CPU {ev['global_test'][0]} vs Ray {ev['global_test'][1]}")
 
 
 def memory_probe(fraction: float) -> dict:
@@ -362,41 +399,44 @@ def run_check(args) -> int:
         for label, groups in runs:
             def one(label=label, groups=groups):
                 cfg = check_config(label, groups)
+                cfg = cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray"))
                 prepared = prepare(cfg)
-                init_g = initial_global_state(cfg, prepared.dataset)
-                init_l = initial_locals(cfg, prepared.dataset)
-                ref = Run(cfg, prepared, SerialEngine())
-                got = Run(cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray")), prepared, RayEngine())
-                report["runs"][label] = {"config": to_dict(cfg), "serial_s": ref.seconds, "ray_s": got.seconds,
-                                         "specs": [dataclasses.asdict(s) for s in got.specs], "infos": got.infos}
-                check_actors(checks, label, got, 0.25 if label == "quarter" else 1.0, dry)
-                report["parity"][label] = check_parity(checks, label, ref, got, init_g, init_l, tol)
+                t0 = time.perf_counter()
+                res = lockstep(cfg, prepared)
+                res["seconds"] = time.perf_counter() - t0
+                report["runs"][label] = res | {"config": to_dict(cfg)}
+                check_actors(checks, label, res["specs"], res["infos"], 0.25 if label == "quarter" else 1.0, dry)
+                check_parity(checks, label, res, tol, cfg.clients.num_clients)
                 if label == "quarter" and args.precision == "fp32":
-                    # the smallest bug the tolerance must catch: one client's update missing (CPU, serial)
-                    smallest = min(range(cfg.clients.num_clients), key=lambda c: len(prepared.partition.train[c]))
+                    # the smallest bug the tolerance must catch: the smallest client left out of round 1 (CPU)
+                    sizes = [len(rows) for rows in prepared.partition.train]
+                    smallest = min(range(len(sizes)), key=lambda c: (sizes[c], c))
+                    init_g = initial_global_state(cfg, prepared.dataset)
                     eng = SerialEngine()
                     eng.start(cfg, prepared.dataset, prepared.partition)
-                    state = init_g
-                    for rnd in range(1, ROUNDS + 1):
-                        state = eng.train_round(rnd, [c for c in range(cfg.clients.num_clients) if c != smallest],
-                                                state).global_state
-                    lost = update_error(ref.result.global_state, state, init_g, state)
-                    report["parity"]["one_client_lost"] = lost | {"client": smallest}
-                    checks.expect("sensitivity: one lost client is >= 3x the tolerance",
-                                  lost["rel_update_error"] >= 3 * tol,
-                                  f"client {smallest} ({len(prepared.partition.train[smallest])} rows) left out: "
-                                  f"rel. update error {lost['rel_update_error']:.3g}")
-                    # resume on fresh GPU actors from the round-RESUME_AFTER checkpoint (load_private_state on the device)
-                    ckpt = got.checkpoints[RESUME_AFTER - 1]
-                    again = Run(cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray")), prepared, RayEngine(),
-                                resume=ckpt)
-                    r = update_error(got.result.global_state, again.result.global_state, init_g,
-                                     got.result.global_state)
+                    full = eng.train_round(1, list(range(len(sizes))), init_g).global_state
+                    eng = SerialEngine()
+                    eng.start(cfg, prepared.dataset, prepared.partition)
+                    lost = eng.train_round(1, [c for c in range(len(sizes)) if c != smallest], init_g).global_state
+                    sens = update_error(full, lost, init_g, full) | {"client": smallest, "rows": sizes[smallest],
+                                                                      "weight": sizes[smallest] / sum(sizes)}
+                    report["parity"]["one_client_lost"] = sens
+                    checks.expect("sensitivity: the smallest client lost from round 1 is >= 3x the tolerance",
+                                  sens["rel_update_error"] >= 3 * tol,
+                                  f"client {smallest} ({sizes[smallest]} of {sum(sizes)} rows) left out: "
+                                  f"rel. error {sens['rel_update_error']:.3g} (tol {tol:g})")
+                    # resume: 2 rounds uninterrupted vs restarted after round 1 on fresh actors (both on the GPU)
+                    two = cfg.replace(run=dataclasses.replace(cfg.run, rounds=RESUME_AFTER + 1))
+                    whole = Run(two, prepared, RayEngine())
+                    again = Run(two, prepared, RayEngine(), resume=whole.checkpoints[RESUME_AFTER - 1])
+                    start = whole.checkpoints[RESUME_AFTER - 1].global_state
+                    r = update_error(whole.result.global_state, again.result.global_state, start,
+                                     whole.result.global_state)
                     report["parity"]["quarter_resumed"] = r
                     checks.expect(f"quarter: resumed after round {RESUME_AFTER} on fresh actors = uninterrupted",
                                   r["rel_update_error"] <= tol and not r["int_mismatch"],
-                                  f"rel. update error {r['rel_update_error']:.3g} (GPU kernels need not be "
-                                  f"deterministic), max |diff| {r['max_abs_diff']:.3g}")
+                                  f"rel. error of round {RESUME_AFTER + 1}'s update {r['rel_update_error']:.3g} "
+                                  f"(GPU kernels need not be deterministic), max |diff| {r['max_abs_diff']:.3g}")
                 write_json(out, report)
             checks.guard(f"{label}: run", one)
     finally:

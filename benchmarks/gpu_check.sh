@@ -4,7 +4,8 @@
 #   benchmarks/gpu_check.sh [--cpu-dry-run] [--out DIR] [bench options, e.g. --data-root DIR --rounds 3]
 #
 # DIR (default: $OUT if set, else benchmarks/results/gpu-check-<date>) gets env.txt, run.log,
-# gpu-check.json, gpu-check-tf32.json and gpu-bench.{md,json,parquet} (7 files). Exits non-zero when a check fails,
+# gpu-check.json, gpu-check-tf32.json and gpu-bench.{md,json,parquet} (7 files).
+# Exits non-zero when a check fails,
 # when the benchmark fails, or when there is no CUDA GPU (unless --cpu-dry-run, which runs
 # everything on the CPU with a logical Ray GPU and skips the CUDA asserts: it tests the script).
 # Set PYTHON to choose the interpreter (default python3); fmlray must be importable with it.
