@@ -238,7 +238,7 @@ def check_actors(checks: Checks, label: str, specs: list[dict], infos: list[dict
                       [i["device"] for _, i in gpu])
         return
     checks.expect(f"{label}: GPU actors trained on cuda:0",
-                  all(i["device"] == "cuda:0" and i["tensor_devices"] == ["cuda:0"] and i["max_memory_allocated"] > 0
+                  all(i["device"] == "cuda:0" and i["tensor_devices"] == ["cuda:0"] and i.get("max_memory_allocated", 0) > 0
                       for _, i in gpu),
                   [{k: i.get(k) for k in ("device", "tensor_devices", "max_memory_allocated", "gpu_name")}
                    for _, i in gpu])
@@ -375,9 +375,10 @@ def run_check(args) -> int:
     try:
         res = ray.cluster_resources()
         want = 1.0 if dry else float(torch.cuda.device_count())
-        checks.expect("Ray sees the GPU(s)", res.get("GPU", 0.0) == want and want >= 1,
-                      f"Ray GPU resource {res.get('GPU')}, torch.cuda.device_count() {torch.cuda.device_count()}"
-                      + (" (logical GPU: dry run)" if dry else ""))
+        if not checks.expect("Ray sees the GPU(s)", res.get("GPU", 0.0) == want and want >= 1,
+                             f"Ray GPU resource {res.get('GPU')}, torch.cuda.device_count() "
+                             f"{torch.cuda.device_count()}" + (" (logical GPU: dry run)" if dry else "")):
+            return 1  # GPU actors would wait for a GPU that Ray does not know of
         if dry:
             checks.skip("memory cap probe (0.25 GPU)", "dry run")
         else:
@@ -499,6 +500,11 @@ def run_bench(args) -> int:
                                 "train_rows": len(prepared.dataset.y_train),
                                 "configs": {a: to_dict(c) for a, c in configs.items()}}
     meta["ray_up_s"] = start_ray(args)
+    import ray
+    if ray.cluster_resources().get("GPU", 0.0) < 1:
+        ray.shutdown()
+        print("gpu bench: Ray sees no GPU; nothing to measure", flush=True)
+        return 1
     ids = list(range(configs[args.algorithms[0]].clients.num_clients))
     rows, summary, skipped = [], [], []
     started_all = time.perf_counter()

@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export FMLRAY_READY_TIMEOUT_S=${FMLRAY_READY_TIMEOUT_S:-90}  # actors that cannot be placed fail in 90 s, not 180
 cd "$repo" || exit 2
 
 {
