@@ -61,13 +61,20 @@ from fmlray.simulation import prepare, simulate  # noqa: E402
 # - `--precision fp32` (asserted at TOLERANCE): TF32 off for the whole Ray session
 #   (NVIDIA_TF32_OVERRIDE=0, read by cuBLAS and cuDNN in every actor; the probe verifies it on a
 #   convolution), so the GPU differs from the CPU by summation order and cuDNN's algorithms alone.
+#   On the H100 (2026-11-26) most rounds differed by 5e-8 to 3e-6 of the update, but single rounds
+#   by up to 7.5e-4 (a local model in round 3), and two GPU runs from the same checkpoint by 2.7e-4
+#   (cuDNN's kernels are not deterministic): likely a near-tie flipping (a ReLU, a max-pool) in one
+#   client's round, not drift. The first run asserted 1e-3, only 1.3x above that; TOLERANCE = 3e-3 is 4x above the worst
+#   noise seen and 4x below the smallest bug signal (next item).
 # - The `sensitivity` check measures, on the CPU, the smallest bug the tolerance must catch: the
-#   smallest client's update left out of round 1 (a wrong actor/client mapping, a lost partial).
-#   It must be >= 3x TOLERANCE, so that this check can fail.
-# - `--precision default`: cuDNN's default TF32 convolutions (10-bit mantissa, ~5e-4 relative error
-#   per product), reported against TOLERANCE_TF32.
-# The figures behind both numbers are in benchmarks/results/gpu-check-h100-2026-11-26.md.
-TOLERANCE = 1e-3
+#   smallest client's update left out of round 1 (a wrong actor/client mapping, a lost partial):
+#   1.2e-2 of the update here. It must be >= 3x TOLERANCE, so that this check can fail.
+# - `--precision default`: cuDNN's default TF32 convolutions (10-bit mantissa; 2.9e-4 relative error
+#   on the probe's convolution against 2.3e-7 in fp32), reported against TOLERANCE_TF32. Measured:
+#   3.7e-4 to 2.7e-3 of a round's update on the H100, up to a fifth of a lost client's signal: that
+#   is why the asserted check runs in fp32.
+# The runs behind these figures: benchmarks/results/gpu-check-h100-2026-11-26.md.
+TOLERANCE = 3e-3
 TOLERANCE_TF32 = 1e-2
 ROUNDS = 3  # lock-step parity rounds
 RESUME_AFTER = 1  # the resume check: 2 rounds, restarted after round 1
@@ -459,9 +466,10 @@ def bench_ways(args, prepared, configs) -> list:
     ways = []
     for algo in args.algorithms:
         cfg = configs[algo]
-        ways += [EngineWay(f"ray-gpu1x1/{algo}", ray_config(cfg, 1, 1.0, 1.0), prepared, 1),
-                 EngineWay(f"ray-gpu0.25x4/{algo}", ray_config(cfg, 4, 1.0, 0.25), prepared, 1),
-                 EngineWay(f"ray-cpu{cpu_actors}/{algo}", ray_config(cfg, cpu_actors, 1.0), prepared, 1)]
+        for f in args.fractions:  # as many actors of share f as fill one GPU, one CPU each
+            n = min(cfg.clients.num_clients, max(1, round(1 / f)))
+            ways.append(EngineWay(f"ray-gpu{f:g}x{n}/{algo}", ray_config(cfg, n, 1.0, f), prepared, 1))
+        ways.append(EngineWay(f"ray-cpu{cpu_actors}/{algo}", ray_config(cfg, cpu_actors, 1.0), prepared, 1))
         if not args.cpu_dry_run:
             ways.append(Floor(f"floor-cuda/{algo}", cfg, prepared, 1, "cuda"))
     return ways
@@ -568,6 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-samples", type=int, default=10000, help="bench: training rows (stratified subsample)")
     p.add_argument("--rounds", type=int, default=3, help="bench: timed rounds per way")
     p.add_argument("--warmup", type=int, default=1, help="bench: untimed rounds per way first")
+    p.add_argument("--fractions", type=benchlib.comma_list(float), default=[1.0, 0.25],
+                   help="bench: GPU shares per client actor, each filling one GPU (1 x 1.0, 4 x 0.25, ...)")
     p.add_argument("--budget-s", type=float, default=180.0, help="bench: start no new way after this many seconds")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
