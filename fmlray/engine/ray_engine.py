@@ -60,6 +60,28 @@ def device_facts(device: str, modules) -> dict:
     return facts
 
 
+def held_modules(host) -> list:
+    """The models a client host holds right now, whatever its layout: the meme workspace, clients' own
+    models, per-architecture workspaces (anything with a `.model`); for `info`, without relying on the
+    host's attribute names."""
+    from torch import nn
+    found: list = []
+
+    def add(x) -> None:
+        m = x if isinstance(x, nn.Module) else getattr(x, "model", None)
+        if isinstance(m, nn.Module) and not any(m is f for f in found):
+            found.append(m)
+
+    if host is None:
+        return found
+    for value in vars(host).values():
+        for x in (value.values() if isinstance(value, dict) else [value]):
+            add(x)
+    for c in getattr(host, "clients", {}).values():
+        add(getattr(c, "local", None))
+    return found
+
+
 def _subset(private: State, client_ids: list[int]) -> State:
     """The entries of a flat private state that belong to `client_ids`."""
     keep = {str(c) for c in client_ids}
@@ -78,11 +100,8 @@ class ClientActor:
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
-        host = self.host
-        modules = [c.local for c in host.clients.values() if c.local is not None]
-        modules += [host._meme] if host._meme is not None else []
         return {"node": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device,
-                "pid": os.getpid(), "num_gpus": self.num_gpus, **device_facts(self.device, modules)}
+                "pid": os.getpid(), "num_gpus": self.num_gpus, **device_facts(self.device, held_modules(self.host))}
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False):
         """The clients' partial sum and metrics; with `final` (this call holds every client of the

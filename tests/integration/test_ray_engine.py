@@ -265,3 +265,16 @@ def test_actor_info_reports_where_its_clients_trained(ray_session):
     # no CUDA here, so every actor fell back to the CPU, and its models say so
     assert all(i["device"] == "cpu" and i["tensor_devices"] == ["cpu"] for i in after)
     assert not any("memory_fraction" in i for i in after)  # CUDA facts only where CUDA is used
+
+
+def test_held_modules_finds_models_whatever_the_host_layout():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from fmlray.engine.ray_engine import held_modules
+    meme, a, b = nn.Linear(2, 2), nn.Linear(2, 3), nn.Linear(3, 2)
+    host = SimpleNamespace(_meme=meme, workspaces={"mlp": SimpleNamespace(model=a)}, count=3,
+                           clients={0: SimpleNamespace(local=b), 1: SimpleNamespace(local=None), 2: SimpleNamespace(local=b)})
+    assert [id(m) for m in held_modules(host)] == [id(meme), id(a), id(b)]  # each once
+    assert held_modules(None) == []  # an actor whose host is not built yet
