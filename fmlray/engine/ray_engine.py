@@ -52,6 +52,30 @@ def pick_device(num_gpus: float) -> str:
     return "cuda:0"
 
 
+def device_facts(device: str, modules) -> dict:
+    """Where an actor really computes: its modules' tensor devices and, on a GPU, what CUDA and the
+    caching allocator say (the memory cap, the peak allocated). Read by `ClientActor.info`."""
+    facts = {"tensor_devices": sorted({str(t.device) for m in modules for t in (*m.parameters(), *m.buffers())}),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if device.startswith("cuda"):
+        import torch
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
+        facts |= {"gpu_name": torch.cuda.get_device_name(0), "cuda_device_count": torch.cuda.device_count(),
+                  "memory_fraction": None if getter is None else float(getter(0)),
+                  "total_memory": torch.cuda.get_device_properties(0).total_memory,
+                  "max_memory_allocated": torch.cuda.max_memory_allocated(0)}
+    return facts
+
+
+def held_modules(host) -> list:
+    """The models a client host holds: the meme workspace and one workspace per local architecture
+    (none before its first round)."""
+    if host is None:
+        return []
+    meme = [host._meme] if host._meme is not None else []
+    return meme + [ws.model for ws in host.workspaces.values()]
+
+
 class ClientActor:
     """A Ray actor hosting some clients: a `ClientHost` on its own CPU threads / GPU share, its clients'
     private state in a store on its node."""
@@ -60,6 +84,7 @@ class ClientActor:
                  store: str, run_token: str):
         import torch
         torch.set_num_threads(max(1, int(spec.num_cpus)))
+        self.num_gpus = spec.num_gpus
         self.device = pick_device(spec.num_gpus)
         self.folder, self.scratch = state_folder(cfg.engine.state_dir, run_token, f"actor-{index}")
         self.args = (cfg, dataset, partition, list(spec.client_ids), store)
@@ -75,7 +100,7 @@ class ClientActor:
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
         return {"node": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "num_gpus": self.num_gpus, **device_facts(self.device, held_modules(self.host))}
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False):
         """The clients' partial sum and metrics; with `final` (this call holds every client of the

@@ -71,6 +71,11 @@ class Layout:
         self.model_slots = [s for s in self.slots if s.name.startswith("local/")]
         self.opt_slots = [s for s in self.slots if s.name.startswith("opt/")]
 
+    def unpack(self, row: np.ndarray) -> dict[str, np.ndarray]:
+        """A row as named arrays ('local/<key>', 'opt/<i>/<name>'), copied: for inspection and tests."""
+        return {s.name: np.array(row[s.offset:s.offset + s.nbytes].view(np.dtype(s.dtype)).reshape(s.shape))
+                for s in self.slots}
+
     def view(self, row: np.ndarray, slot: Slot) -> torch.Tensor:
         """A tensor over `slot`'s bytes of `row` (no copy; writes go to the row)."""
         a = row[slot.offset:slot.offset + slot.nbytes].view(np.dtype(slot.dtype)).reshape(slot.shape)

@@ -268,3 +268,52 @@ def test_a_memory_monitor_kill_ends_the_run_with_one_line(ray_session, monkeypat
     message = str(info.value)
     assert "\n" not in message and "ran out of memory" in message and "engine.state_store" in message
     assert engine.lost == set()  # nobody adopted the clients
+
+
+def test_pick_device_caps_a_fractional_gpu_and_not_a_whole_one(monkeypatch):
+    # No CUDA here: torch.cuda is stood in for, to check what pick_device asks of it.
+    import torch
+
+    from fmlray.engine.ray_engine import pick_device
+    capped = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: capped.append((f, d)))
+    assert pick_device(0.25) == "cuda:0" and capped == [(0.25, 0)]
+    assert pick_device(1.0) == "cuda:0" and capped == [(0.25, 0)]  # a whole GPU is not capped
+    assert pick_device(0.0) == "cpu"
+
+
+def test_actor_info_reports_where_its_clients_trained(ray_session):
+    import ray
+    overrides = ["clients.num_clients=8", "run.rounds=1", "training.epochs=1", "engine.kind=ray",
+                 "clients.groups=[{name='gpu', count=4, local_model='mlp', num_cpus=0.25, num_gpus=0.25}, "
+                 "{name='cpu', count=4, local_model='mlp', num_cpus=0.25, num_gpus=0.0}]"]
+    cfg = load_config(None, overrides)
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        before = engine.infos
+        simulate(cfg, prepared.dataset, prepared.partition, engine)
+        after = ray.get([a.info.remote() for a in engine.actors])
+    finally:
+        engine.close()
+    assert all(i["tensor_devices"] == [] for i in before)  # no model built before the first round
+    gpu = [i for s, i in zip(engine.specs, after) if s.num_gpus > 0]
+    assert len(gpu) == 4 and all(i["num_gpus"] == 0.25 for i in gpu)
+    assert all(i["cuda_visible_devices"] == ",".join(i["gpu_ids"]) for i in gpu)  # what torch numbers from 0
+    # no CUDA here, so every actor fell back to the CPU, and its models say so
+    assert all(i["device"] == "cpu" and i["tensor_devices"] == ["cpu"] for i in after)
+    assert not any("memory_fraction" in i for i in after)  # CUDA facts only where CUDA is used
+
+
+def test_held_modules_are_the_hosts_workspaces():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from fmlray.engine.ray_engine import held_modules
+    meme, a = nn.Linear(2, 2), nn.Linear(2, 3)
+    host = SimpleNamespace(_meme=meme, workspaces={"mlp": SimpleNamespace(model=a)})
+    assert [id(m) for m in held_modules(host)] == [id(meme), id(a)]
+    assert held_modules(SimpleNamespace(_meme=None, workspaces={})) == [] and held_modules(None) == []

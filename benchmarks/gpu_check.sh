@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# fmlray on a real CUDA GPU: the fractional-GPU checks, then the GPU benchmark (benchmarks/gpu_check.py).
+#
+#   benchmarks/gpu_check.sh [--cpu-dry-run] [--out DIR] [bench options, e.g. --data-root DIR --rounds 3]
+#
+# DIR (default: $OUT if set, else benchmarks/results/gpu-check-<date>) gets env.txt, run.log,
+# gpu-check.json, gpu-check-tf32.json and gpu-bench.{md,json,parquet} (7 files).
+# Exits non-zero when a check fails,
+# when the benchmark fails, or when there is no CUDA GPU (unless --cpu-dry-run, which runs
+# everything on the CPU with a logical Ray GPU and skips the CUDA asserts: it tests the script).
+# Set PYTHON to choose the interpreter (default python3); fmlray must be importable with it.
+set -u -o pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-python3}
+dry=()
+out=${OUT:-$repo/benchmarks/results/gpu-check-$(date +%F)}
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu-dry-run) dry=(--cpu-dry-run); shift ;;
+        --out) out=$2; shift 2 ;;
+        *) break ;;
+    esac
+done
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export FMLRAY_READY_TIMEOUT_S=${FMLRAY_READY_TIMEOUT_S:-90}  # actors that cannot be placed fail in 90 s, not 180
+cd "$repo" || exit 2
+
+{
+    echo "== $(date -u +%FT%TZ) $(uname -srm)"
+    nvidia-smi || echo "nvidia-smi: not found"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) x $(nproc)"
+    free -g | head -2
+    "$py" - <<'PY'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "ray", "numpy", "pyarrow", "sklearn", "tomli_w", "jsonschema", "fmlray"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name} {getattr(m, '__version__', '?')} {getattr(m, '__file__', '')}")
+    except Exception as exc:  # report every missing piece at once, then fail below
+        print(f"{name}: IMPORT FAILED: {exc!r}")
+import torch
+print("cuda available", torch.cuda.is_available(), "torch cuda", torch.version.cuda,
+      "devices", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+PY
+} 2>&1 | tee "$out/env.txt"
+env_rc=$?
+if grep -q "IMPORT FAILED" "$out/env.txt" || [ $env_rc -ne 0 ]; then
+    echo "gpu_check.sh: the environment is incomplete (see $out/env.txt)" >&2
+    exit 2
+fi
+
+log=$out/run.log
+: > "$log"
+# 1. the asserted checks, in fp32 (TF32 off in every actor)
+"$py" benchmarks/gpu_check.py check "${dry[@]}" --out "$out" 2>&1 | tee -a "$log"
+check_rc=$?
+# 2. the benchmark, at torch's default precision (what a user's run gets)
+"$py" benchmarks/gpu_check.py bench "${dry[@]}" --out "$out" "$@" 2>&1 | tee -a "$log"
+bench_rc=$?
+# 3. how far cuDNN's default TF32 convolutions move the models from the CPU (reported; looser tolerance)
+"$py" benchmarks/gpu_check.py check --precision default "${dry[@]}" --out "$out" 2>&1 | tee -a "$log"
+tf32_rc=$?
+echo "gpu_check.sh: check exit $check_rc, bench exit $bench_rc, TF32 check exit $tf32_rc; results in $out" | tee -a "$log"
+[ $check_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $tf32_rc -eq 0 ]
