@@ -11,6 +11,7 @@ node's local disk (`DiskStore`). A client without a row has never trained: it is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import mmap
 import os
@@ -90,13 +91,20 @@ class Workspace:
         self.tensors = list(model.state_dict().values())  # detached views of the live parameters and buffers
         self.params = list(model.parameters())
         self.client: int | None = None  # whose state the workspace holds now
+        # Initial models are drawn on the CPU whatever the device: a GPU's generator gives other numbers
+        # than the CPU's for the same seed, and a client's first model must not depend on where it trains.
+        self._cpu_twin = model if device.type == "cpu" else None
 
     def load(self, row: np.ndarray | None, seed: int | None, cid: int) -> None:
         """Put a client's row in place or, when it has none, its initial model (drawn from `seed`) and a
         fresh optimiser."""
         self.opt.state.clear()  # as a new optimiser would be; a row fills it back below
         if row is None:
-            initialise(self.model, seed)
+            if self._cpu_twin is None:
+                self._cpu_twin = copy.deepcopy(self.model).cpu()
+            initialise(self._cpu_twin, seed)
+            if self._cpu_twin is not self.model:
+                _copy(self.tensors, list(self._cpu_twin.state_dict().values()))
         else:
             lay = self.layout
             _copy(self.tensors, [lay.view(row, s) for s in lay.model_slots])
