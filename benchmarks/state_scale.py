@@ -10,7 +10,7 @@ the process tree by driver / client actors / the rest of Ray, disk used by the s
 checkpoint, and the time to resume from the last checkpoint. With --resume-check, a run stopped
 half way and resumed must end where the uninterrupted run ends.
 
-    python benchmarks/state_scale.py --clients 100,1000,10000 --resume-check 10000
+    python benchmarks/state_scale.py --clients 100,1000,10000 --resume-check 10000 --against 2d817fb
     python benchmarks/state_scale.py --quick      # 100 and 1,000 clients, 3 rounds: a few minutes
 
 Results: benchmarks/results/state-scale-fmnist-<N>cpu-<date>.{md,parquet}.
@@ -139,6 +139,39 @@ def one(clients: int, rounds: int, per_round: int, ckpt: bool, prepared_by_n: di
         shutil.rmtree(work, ignore_errors=True)
 
 
+def versus(commit: str, rounds: int, per_round: int) -> dict:
+    """s/round of the same 100-client `fmlray run` on `commit` (checked out into a temporary worktree) and on
+    this work tree, each in its own process, with no checkpoints (the older code's cost them a full pull)."""
+    import subprocess
+    import pyarrow.parquet as pq
+    work = Path(tempfile.mkdtemp(prefix="fmlray-versus-"))
+    try:
+        subprocess.run(["git", "-C", str(benchlib.REPO), "worktree", "add", "--detach", str(work / "src"), commit],
+                       check=True, capture_output=True)
+        sets = ["run.name='v'", f"run.rounds={rounds}", "run.checkpoint_every=0", "data.dataset='fmnist'",
+                "data.partition='iid'", "clients.num_clients=100", f"clients.fraction={per_round / 100}",
+                "clients.groups=[{name='cnn5', share=1.0, local_model='cnn5', num_cpus=1.0}]", "model.meme='lenet5'",
+                "training.epochs=1", "training.batch_size=32", "engine.num_actors=2"]
+        out = {}
+        for label, src in (("before", work / "src"), ("now", benchlib.REPO)):
+            cmd = [sys.executable, "-m", "fmlray", "run", *[a for s in sets for a in ("--set", s)],
+                   "--set", f"run.output_dir={str(work / label)!r}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=src,
+                                  env={**os.environ, "PYTHONPATH": str(src)})
+            if proc.returncode:
+                raise RuntimeError(f"{label}: {proc.stderr[-2000:]}")
+            if label == "now":
+                out["store"] = next((line.split("kept ", 1)[1] for line in proc.stdout.splitlines()
+                                     if line.startswith("private state")), "?")
+            rows = pq.read_table(work / label / "v" / "metrics.parquet").to_pylist()
+            out[label] = float(np.mean([r["seconds"] for r in rows if r["split"] == "round" and r["round"] > 1]))
+        return out
+    finally:
+        subprocess.run(["git", "-C", str(benchlib.REPO), "worktree", "remove", "--force", str(work / "src")],
+                       capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def benchlib_ray_get(refs):
     import ray
     return ray.get(refs)
@@ -199,9 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=benchlib.comma_list(int), default=[100, 1000, 10000])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=50)
-    parser.add_argument("--no-checkpoint-baseline", type=benchlib.comma_list(int), default=[1000],
+    counts = lambda t: [int(x) for x in t.split(",") if x.strip()]  # noqa: E731 - "" is none
+    parser.add_argument("--no-checkpoint-baseline", type=counts, default=[1000],
                         help="client counts also run without checkpoints (the 1.2x target)")
-    parser.add_argument("--resume-check", type=benchlib.comma_list(int), default=[10000])
+    parser.add_argument("--resume-check", type=counts, default=[10000])
+    parser.add_argument("--against", metavar="COMMIT", default="",
+                        help="also time whole `fmlray run`s of the 100-client workload (no checkpoints) on this "
+                             "commit and on the work tree, one after the other (the 'no slower than before' target)")
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 clients, 3 rounds, resume check at 100")
     parser.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -217,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n} clients, checkpoint {'every round' if ckpt else 'never'}", flush=True)
             rows.append(one(n, args.rounds, args.per_round, ckpt, prepared))
     checks = [resume_check(n, args.rounds, args.per_round, prepared) for n in args.resume_check]
+    against = versus(args.against, args.rounds, args.per_round) if args.against else None
     meta["load_after"] = os.getloadavg()
     stem = benchlib.result_stem("state-scale", "fmnist", "quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         if with_ckpt and without:
             lines.append(f"- {n:,} clients: s/round with a checkpoint every round ÷ without = "
                          f"{with_ckpt[0]['round_s'] / without[0]['round_s']:.2f}")
+    if against:
+        lines.append(f"- whole `fmlray run`, 100 clients, {args.rounds} rounds, no checkpoints, s/round (mean of rounds "
+                     f"2 on): {against['before']:.2f} at {args.against}, {against['now']:.2f} now "
+                     f"({against['now'] / against['before']:.3f}×; store: {against['store']})")
     for c in checks:
         lines.append(f"- resume check, {c['clients']:,} clients, {c['rounds']} rounds stopped at {c['rounds'] // 2}: "
                      f"global model max |diff| {c['max_abs_diff_global']:.2e}, private rows equal: "

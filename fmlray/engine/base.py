@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
-from fmlray.engine.state import RowRef
+
+if TYPE_CHECKING:  # the aggregator imports this package and must not import torch (fmlray.engine.state does)
+    from fmlray.engine.state import RowRef
 
 
 @dataclass(frozen=True)

@@ -213,9 +213,9 @@ class DiskStore:
 
     def _grow(self, need: int) -> None:
         capacity = max(need, 2 * self.capacity, 16)
-        self._rows = None
-        if self._mm is not None:
-            self._mm.close()
+        # The old mapping is dropped, not closed: a row view a caller still holds keeps it (and its pages,
+        # which stay valid: the file only grows) alive until that view goes.
+        self._rows = self._mm = None
         try:
             os.ftruncate(self._fd, capacity * self.stride)  # sparse: unwritten rows take no disk
         except OSError as exc:
@@ -242,10 +242,7 @@ class DiskStore:
             self._mm.madvise(mmap.MADV_DONTNEED, i * self.stride, self.stride)
 
     def close(self) -> None:
-        self._rows = None
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        self._rows = self._mm = None  # unmapped once no row view is left
         os.close(self._fd)
         self.path.unlink(missing_ok=True)
 

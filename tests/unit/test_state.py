@@ -77,11 +77,14 @@ def test_initialising_in_place_equals_building_from_the_seed(arch, shape):
 def test_the_disk_store_grows_in_place_and_deletes_its_file(tmp_path):
     layout = trained_workspace("lenet5", "sgd").layout
     store = DiskStore(layout, tmp_path)
+    held = []  # row views a caller still holds while the store grows (restore_rows does)
     for cid in range(40):  # past its first capacity (16 rows): it grows twice
-        store.put(cid)[:] = cid
+        held.append(store.put(cid))
+        held[-1][:] = cid
         store.done(cid)
     assert len(store) == 40 and store.capacity >= 40
     assert all((store.get(cid) == cid).all() for cid in range(40)) and store.get(40) is None
+    assert all((row == cid).all() for cid, row in enumerate(held))
     assert store.path.stat().st_size == store.capacity * store.stride and store.stride % 4096 == 0
     store.close()
     assert not store.path.exists()
