@@ -1,10 +1,15 @@
 """Config: defaults, presets, TOML, --set overrides, and the errors that name what to change."""
 
 import dataclasses
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from fmlray.config import PRESETS_DIR, ClientsConfig, Config, FMLConfig, GroupConfig, load_config, to_dict
+from fmlray import config
+from fmlray.cli import main
+from fmlray.config import PRESETS_DIR, ClientsConfig, Config, FMLConfig, GroupConfig, keys, load_config, to_dict
 from fmlray.errors import ConfigError
 
 
@@ -67,6 +72,11 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("training.lr", "must look like section.key=value"),
     ("engine.kind=spark", "engine.kind = 'spark' is unknown"),
     ("data.download=yes", "data.download must be a bool"),
+    ("run.name.x=1", "--set run.name.x: 'run.name' is a single value, not a table"),
+    ("clients.groups.1.share.x=1", "'clients.groups.1.share' is a single value"),
+    ("clients.groups.0.num_gpus=inf", "clients.groups[0].num_gpus must be a finite number"),
+    ('run.name="a\\u0085"', "holds a control character"),
+    ("run.seed=9223372036854775808", "does not fit in 64 bits"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -82,6 +92,13 @@ def test_bad_toml_file_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="run.name must be a str"):
         load_config(write(tmp_path, "[run]\nname = 3\n"))
+
+
+def test_checks_hold_for_configs_built_in_code_too():
+    with pytest.raises(ConfigError, match="num_gpus must be a finite number >= 0, got inf"):
+        GroupConfig(name="g", share=1, num_gpus=float("inf"))
+    with pytest.raises(ConfigError, match="training.weight_decay must be a finite number >= 0, got nan"):
+        dataclasses.replace(Config().training, weight_decay=float("nan"))
 
 
 def test_groups_need_exactly_one_of_count_or_share():
@@ -119,3 +136,4 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     cfg = load_config(None, ["algorithm.fml.beta_end=0.8", "clients.num_clients=7"])
     p = write(tmp_path, tomli_w.dumps(to_dict(cfg)))
     assert load_config(p) == cfg
+
