@@ -135,3 +135,46 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "fmlray: error: data.dataset = 'nope' is unknown; choose one of digits, synthetic, fmnist, mnist, cifar10, cifar100, emnist"]
     assert not (tmp_path / "runs").exists()
+
+
+def finished_run(folder):
+    """A run folder as `fmlray run` leaves it, written directly (no training)."""
+    from fmlray import metrics
+    rows = [metrics.row(1, 0, "mlp", "local", "test", accuracy=0.5, samples=4),
+            metrics.row(1, model="global", split="global_test", accuracy=0.25, samples=9), metrics.row(1, seconds=1.0)]
+    folder.mkdir()
+    pq.write_table(metrics.to_table(rows), folder / "metrics.parquet")
+    (folder / "summary.txt").write_text(metrics.format_summary(metrics.summaries(metrics.to_table(rows))[-1], "t: title") + "\n")
+    return folder
+
+
+def test_report_reprints_a_finished_run(tmp_path, capsys):
+    assert main(["report", str(finished_run(tmp_path / "r"))]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("t: title\n") and "global model, global test set" in out
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("metrics.parquet", b"", "metrics.parquet cannot be read"),
+    ("metrics.parquet", bytes(range(256)) * 8, "metrics.parquet cannot be read"),
+    ("metrics.parquet", "other schema", "is not an fmlray metrics table (columns ['round', 'client'"),
+    ("metrics.parquet", "round as text", "columns ['round'] are missing or of another type"),
+    ("metrics.parquet", "no rows", "holds no complete evaluated round"),
+    ("metrics.parquet", "null rounds", "holds no complete evaluated round"),
+    ("summary.txt", b"", "summary.txt is not an fmlray summary"),
+    ("summary.txt", b"\xff\xfe\x00\x01binary", "summary.txt is not an fmlray summary"),
+    ("summary.txt", b'{"round": 1}\n', "summary.txt is not an fmlray summary"),
+])
+def test_report_on_a_damaged_run_is_one_line_and_exit_2(tmp_path, capsys, name, content, fragment):
+    import pyarrow as pa
+
+    from fmlray import metrics
+    run = finished_run(tmp_path / "r")
+    tables = {"other schema": pa.table({"a": [1]}), "no rows": metrics.to_table([]),
+              "round as text": metrics.to_table([metrics.row(1)]).set_column(0, "round", pa.array(["1"])),
+              "null rounds": metrics.to_table([metrics.row(1)]).set_column(0, "round", pa.array([None], pa.int32()))}
+    if isinstance(content, bytes):
+        (run / name).write_bytes(content)
+    else:
+        pq.write_table(tables[content], run / name)
+    fail(capsys, ["report", str(run)], fragment)
