@@ -35,9 +35,14 @@ _SPLIT, _SUB_TRAIN, _SUB_TEST = 0xD1, 0x7A1, 0x7E5
 
 def load_dataset(cfg: DataConfig, *, num_clients: int, seed: int) -> Dataset:
     """The dataset cfg names: train/test arrays, normalised, subsampled as cfg asks."""
-    raw = _load_raw(cfg, num_clients=num_clients, seed=seed)
-    raw = subsample(raw, cfg.max_train_samples, cfg.max_test_samples, seed)
-    return normalise(raw)
+    try:
+        raw = _load_raw(cfg, num_clients=num_clients, seed=seed)
+        raw = subsample(raw, cfg.max_train_samples, cfg.max_test_samples, seed)
+        return normalise(raw)
+    except MemoryError:
+        keys = "data.synthetic_dim or clients.num_clients" if cfg.dataset == "synthetic" else \
+            "data.max_train_samples / data.max_test_samples, or use a machine with more memory"
+        raise DataError(f"{cfg.dataset} does not fit in memory; lower {keys}") from None
 
 
 def _load_raw(cfg: DataConfig, *, num_clients: int, seed: int) -> Dataset:

@@ -178,3 +178,19 @@ def test_report_on_a_damaged_run_is_one_line_and_exit_2(tmp_path, capsys, name, 
     else:
         pq.write_table(tables[content], run / name)
     fail(capsys, ["report", str(run)], fragment)
+
+
+def test_a_dataset_too_large_for_memory_is_one_line_naming_the_keys(tmp_path, capsys, monkeypatch):
+    import fmlray.data.sources
+    import fmlray.data.synthetic
+    out = tmp_path / "runs"
+    monkeypatch.setattr(fmlray.data.synthetic.psutil, "virtual_memory", lambda: type("M", (), {"available": 2**20}))
+    synthetic = ["--set", "data.dataset=synthetic", "--set", "data.synthetic_dim=10000"]
+    fail(capsys, ["run", *QUICK, *synthetic, "--set", f"run.output_dir={out}"],
+         "data.synthetic_dim = 10000 for clients.num_clients = 20 needs about", out)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(fmlray.data.sources, "_load_raw", no_memory)
+    fail(capsys, ["run", *QUICK, "--set", f"run.output_dir={out}"], "digits does not fit in memory; lower data.max_train", out)
