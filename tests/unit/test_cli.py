@@ -100,6 +100,48 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     (["run", "--resume", "/tmp", "--config", "x.toml"], "drop --config"),
     (["launch"], "invalid choice"),
     (["run", "--bogus"], "unrecognized arguments"),
+    # values that once passed validation and failed later (after loading data or starting Ray)
+    (["run", "--set", r'run.name="a\u0000b"'], "run.name = 'a\\x00b' holds a control character"),
+    (["run", "--set", r'run.name="a\nb"'], "holds a control character"),
+    (["run", "--set", r'run.name="a\tb"'], "holds a control character"),
+    (["run", "--set", "run.name='..'"], "must be a plain folder name"),
+    (["run", "--set", "run.name='a\\b'"], "must be a plain folder name"),
+    (["run", "--set", "run.name=' a'"], "must be a plain folder name"),
+    (["run", "--set", "run.name=" + "x" * 201], "run.name is 201 bytes long"),
+    (["run", "--set", "run.name.x=1"], "'run.name' is a single value, not a table; drop '.x'"),
+    (["run", "--set", "clients.groups.0.name.x=1"], "'clients.groups.0.name' is a single value"),
+    (["run", "--set", "run.rounds.x.y=1"], "'run.rounds' is a single value"),
+    (["run", "--set", "clients.groups.0.name=\"g\\u0007\""], "clients.groups[0].name = 'g\\x07' holds a control"),
+    (["partition", "--set", r'run.output_dir="r\u0000s"'], "run.output_dir = 'r\\x00s' holds a control character"),
+    (["partition", "--set", "run.output_dir=" + "y" * 256], "run.output_dir holds a name of 256 bytes"),
+    (["run", "--set", r'data.root="/tmp/\u0000"'], "data.root = '/tmp/\\x00' holds a control character"),
+    (["run", "--set", "data.partition=file", "--set", r'data.partition_file="p\nz"'], "data.partition_file = 'p\\nz'"),
+    (["run", "--set", r'engine.state_dir="s\u001b"'], "engine.state_dir = 's\\x1b' holds a control"),
+    (["run", "--set", r'engine.address="auto\u0000"'], "engine.address = 'auto\\x00' holds a control"),
+    (["run", "--set", "data.synthetic_dim=1000000000000000"], "data.synthetic_dim must be <= 10,000"),
+    (["run", "--set", "data.synthetic_classes=1000000000000000"], "data.synthetic_classes must be <= 1,000"),
+    (["run", "--set", "clients.num_clients=1000000000000000"], "clients.num_clients must be <= 1,000,000"),
+    (["run", "--set", "clients.groups.0.count=1000000000000000"], "clients.groups[mlp].count must be <= 1,000,000"),
+    (["run", "--set", "data.max_train_samples=1000000000000000"], "data.max_train_samples must be <= 2,147,483,647"),
+    (["run", "--set", "data.max_test_samples=1000000000000000"], "data.max_test_samples must be <= 2,147,483,647"),
+    (["run", "--set", "data.min_samples=1000000000000000"], "data.min_samples must be <= 2,147,483,647"),
+    (["run", "--set", "data.classes_per_client=1000000000000000"], "data.classes_per_client must be <= 10 (the digits"),
+    (["run", "--set", "training.batch_size=1000000000000000"], "training.batch_size must be <= 2,147,483,647"),
+    (["run", "--set", "training.epochs=1000000000000000"], "training.epochs must be <= 2,147,483,647"),
+    (["run", "--set", "run.rounds=3000000000"], "run.rounds must be <= 2,147,483,647"),
+    (["run", "--set", "engine.num_actors=1000000000000000"], "engine.num_actors must be <= 1,000,000"),
+    (["run", "--set", "run.seed=99999999999999999999"], "run.seed = 99999999999999999999 does not fit in 64 bits"),
+    (["run", "--set", "run.eval_clients=21"], "run.eval_clients = 21 exceeds clients.num_clients = 20"),
+    (["run", "--set", "training.weight_decay=inf"], "training.weight_decay must be a finite number, got inf"),
+    (["run", "--set", "clients.groups.0.num_gpus=inf"], "clients.groups[0].num_gpus must be a finite number"),
+    (["run", "--set", "clients.groups.0.num_cpus=1e308"], "clients.groups[0].num_cpus must be a finite number"),
+    (["run", "--set", "algorithm.fml.temperature=nan"], "algorithm.fml.temperature must be a finite number, got nan"),
+    (["run", "--set", "algorithm.fedprox.mu=inf"], "algorithm.fedprox.mu must be a finite number"),
+    (["run", "--set", "data.synthetic_beta=-inf"], "data.synthetic_beta must be a finite number"),
+    (["compare", "--algorithms", "fml,fml"], "names one twice"),
+    (["compare", "--set", "run.name=" + "n" * 195], "runs <run.name>-<algorithm>: run.name is 202 bytes long"),
+    (["partition", "--set", r'run.name="\u0000"'], "holds a control character"),
+    (["run", "--config", "/tmp"], "config file /tmp is a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
     out = tmp_path / "runs"
@@ -178,6 +220,35 @@ def test_report_on_a_damaged_run_is_one_line_and_exit_2(tmp_path, capsys, name, 
     else:
         pq.write_table(tables[content], run / name)
     fail(capsys, ["report", str(run)], fragment)
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("missing/p.csv", "is in a folder that does not exist"),
+    (".", "is a folder"),
+])
+def test_partition_save_to_a_bad_path_is_one_line_and_writes_nothing(tmp_path, capsys, target, fragment):
+    before = sorted(tmp_path.rglob("*"))
+    fail(capsys, ["partition", "--save", str(tmp_path / target)], fragment)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--set", "run.name.x=1"],
+    ["run", "--set", "data.synthetic_dim=1000000000000000"],
+    ["compare", "--set", "run.rounds=0"],
+    ["partition", "--set", "clients.num_clients=0"],
+    ["config", "--set", "training.lr=abc"],
+    ["sweep", "{spec}"],
+])
+def test_a_config_error_answers_before_torch_or_ray_is_imported(tmp_path, argv):
+    spec = tmp_path / "s.toml"
+    spec.write_text("[sweep]\nname = 'x'\nset = ['run.rounds=0']\n")
+    code = ("import sys\nfrom fmlray.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(code, sorted(m for m in ('torch', 'ray', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *[a.format(spec=spec) for a in argv]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "fmlray: error:" in proc.stderr
 
 
 def test_a_dataset_too_large_for_memory_is_one_line_naming_the_keys(tmp_path, capsys, monkeypatch):

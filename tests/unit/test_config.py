@@ -137,3 +137,57 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     p = write(tmp_path, tomli_w.dumps(to_dict(cfg)))
     assert load_config(p) == cfg
 
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_config_block() -> str:
+    section = README.read_text().split("\n## Config\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def flat(tree, prefix=""):
+    """Dotted keys of a TOML tree, with list indices as <i>."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flat(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            yield f"{prefix}{key}"
+            for item in value:
+                yield from flat(item, f"{prefix}{key}.<i>.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_fmlray_config_lists_every_key_with_value_default_and_description(capsys):
+    assert main(["config", "--set", "training.lr=0.05", "--set", "clients.groups.1.local_model=cnn"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "value", "default", "description"]
+    listed = {line.split()[0]: line.split(None, 3)[1:] for line in lines[1:]}
+    assert list(listed) == [key for key, *_ in keys(Config())]
+    assert len(listed) == 59 and {"run.eval_clients", "engine.state_store", "engine.state_dir", "algorithm.fml.alpha_end",
+                                  "algorithm.fedprox.mu", "clients.groups.1.num_gpus"} <= set(listed)
+    assert listed["training.lr"] == ["0.05", "0.01", "learning rate (the authors' code: SGD, lr 0.01, momentum 0.9, "
+                                                     "weight decay 5e-4)"]
+    assert listed["clients.groups.1.local_model"][:2] == ['"cnn"', '"mlp"']
+    assert listed["algorithm.fml.alpha_end"][:2] == ["(unset)", "(unset)"]
+    assert all(desc.strip() for _, _, desc in listed.values())
+
+
+def test_every_key_has_its_description_on_its_field_only():
+    for key, _, _, doc in keys(Config()):
+        assert doc and "\n" not in doc and len(doc) <= 160, key
+    source = (Path(config.__file__)).read_text()
+    classes = source[source.index("class RunConfig"):source.index("# Building configs")]
+    assert not [line for line in classes.splitlines() if ": " in line and " = " in line and "  # " in line], \
+        "describe a key in its _key(...) field, not in a comment"
+
+
+def test_readme_config_block_shows_every_key_and_the_defaults(tmp_path):
+    block = readme_config_block()
+    assert load_config(write(tmp_path, block)) == Config()
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", block, flags=re.M)  # optional keys are shown commented out
+    documented = set(flat(tomllib.loads(uncommented)))
+    listed = {re.sub(r"\.\d+\.", ".<i>.", key) for key, *_ in keys(Config())}
+    assert sorted(listed - documented) == []
+    assert "| file" in next(line for line in block.splitlines() if line.startswith("partition ="))
