@@ -63,6 +63,11 @@ def _at_least(key: str, value: float, low: float) -> None:
     _check(value >= low and math.isfinite(value), f"{key} must be a finite number >= {low:g}, got {value}")
 
 
+def _within(key: str, value: float, low: float, high: float, why: str) -> None:
+    """Bounds on a float that torch holds as float32: beyond them a run turns NaN (or overflows) in round 1."""
+    _check(low <= value <= high, f"{key} must be in [{low:g}, {high:g}] ({why}), got {value:g}")
+
+
 def _between(key: str, value: int, low: int, high: int, why: str = "") -> None:
     _check(value >= low, f"{key} must be >= {low}, got {value}")
     _check(value <= high, f"{key} must be <= {high:,}{why}, got {value:,}")
@@ -181,8 +186,8 @@ class DataConfig:
         _between("data.min_samples", self.min_samples, 1, INT32_MAX)
         _between("data.max_train_samples", self.max_train_samples, 0, INT32_MAX)
         _between("data.max_test_samples", self.max_test_samples, 0, INT32_MAX)
-        _at_least("data.synthetic_alpha", self.synthetic_alpha, 0)
-        _at_least("data.synthetic_beta", self.synthetic_beta, 0)
+        _within("data.synthetic_alpha", self.synthetic_alpha, 0, 100, "the paper uses 0 to 1")
+        _within("data.synthetic_beta", self.synthetic_beta, 0, 100, "the paper uses 0 to 1")
         _between("data.synthetic_dim", self.synthetic_dim, 1, MAX_SYNTHETIC_DIM)
         _between("data.synthetic_classes", self.synthetic_classes, 2, MAX_SYNTHETIC_CLASSES)
 
@@ -266,7 +271,7 @@ class TrainingConfig:
         _one_of("training.optimizer", self.optimizer, ("sgd", "adam"))
         _check(0 < self.lr <= 10 and math.isfinite(self.lr), f"training.lr must be in (0, 10], got {self.lr}")
         _check(0 <= self.momentum < 1, f"training.momentum must be in [0, 1), got {self.momentum}")
-        _at_least("training.weight_decay", self.weight_decay, 0)
+        _within("training.weight_decay", self.weight_decay, 0, 1, "usually 1e-4 to 1e-2")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +285,7 @@ class FMLConfig:
     def __post_init__(self):
         _unit("algorithm.fml.alpha", self.alpha)
         _unit("algorithm.fml.beta", self.beta)
-        _positive("algorithm.fml.temperature", self.temperature)
+        _within("algorithm.fml.temperature", self.temperature, 0.01, 100, "distillation uses 1 to 20")
         if self.alpha_end is not None:
             _unit("algorithm.fml.alpha_end", self.alpha_end)
         if self.beta_end is not None:
@@ -299,7 +304,7 @@ class FedProxConfig:
     mu: float = _key("proximal weight; 0 is FedAvg", 0.01)
 
     def __post_init__(self):
-        _at_least("algorithm.fedprox.mu", self.mu, 0)
+        _within("algorithm.fedprox.mu", self.mu, 0, 100, "the FedProx paper uses 0.001 to 1")
 
 
 @dataclass(frozen=True, kw_only=True)
