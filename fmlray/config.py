@@ -30,11 +30,11 @@ MODELS = ("mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18")
 ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
 ENGINES = ("serial", "ray")
 EMNIST_SPLITS = {"balanced": 47, "byclass": 62, "bymerge": 47, "digits": 10, "letters": 26, "mnist": 10}  # classes
-FIXED_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
+FIXED_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}  # the loaders check it
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 INT32_MAX = 2**31 - 1  # metrics.parquet stores rounds and client ids as int32
-MAX_CLIENTS = 1_000_000  # 100x the design's target; beyond it the per-client tables alone fill memory
+MAX_CLIENTS = 1_000_000  # 100x the design's 10,000-client target: more is a typo
 MAX_NAME_BYTES = 200  # a folder name holds 255 bytes; compare, sweeps and temporary names add suffixes
 MAX_SYNTHETIC_DIM = 10_000  # the paper's 60; CIFAR's 3,072 pixels for scale
 MAX_SYNTHETIC_CLASSES = 1_000
@@ -105,8 +105,7 @@ def keys(cfg: Any, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
         if dataclasses.is_dataclass(value):
             out += keys(value, f"{key}.")
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out.append((key, value, default, f.metadata["doc"]))
+        out.append((key, value, f.default, f.metadata["doc"]))
         if f.name == "groups":
             for i, group in enumerate(value):
                 out += keys(group, f"{key}.{i}.")
