@@ -1,6 +1,7 @@
 """How FML's private state scales with the clients that exist, when about 50 of them train a round.
 
-The workload of issue 10: Fashion-MNIST (all 60,000 training rows, IID), `cnn5` local models
+The workload of issue 10: Fashion-MNIST (all 60,000 training rows and 10,000 test rows, each dealt
+evenly at random over the clients, given as a partition file), `cnn5` local models
 (~13 MiB of private state each with SGD momentum), a `lenet5` meme, about 50 clients a round, one
 epoch, evaluating each round the round's trained clients plus a seeded sample of 200 others, and a
 checkpoint every round, on the Ray engine with two one-CPU actors. Per configuration it records:
@@ -39,11 +40,26 @@ from fmlray.simulation import eval_clients, initial_global_state, prepare, sampl
 GiB = 2**30
 
 
+def partition_file(clients: int, folder: Path) -> Path:
+    """IID: the 60,000 training rows and the 10,000 test rows each dealt evenly over the clients. (The built-in
+    IID partition deals the test set by the clients' classes, which leaves some of 10,000 clients with 6
+    training rows no test row.)"""
+    from fmlray.data import Partition, save_partition
+    path = folder / f"iid-{clients}.npz"
+    if not path.is_file():
+        rng = np.random.default_rng(0)
+        split = lambda n: tuple(np.sort(p) for p in np.array_split(rng.permutation(n), clients))  # noqa: E731
+        folder.mkdir(parents=True, exist_ok=True)
+        save_partition(path, Partition(split(60_000), split(10_000)))
+    return path
+
+
 def config(clients: int, rounds: int, per_round: int, ckpt: bool, out: Path, state: str):
     return load_config(None, [
         "run.name='state-scale'", f"run.output_dir={str(out)!r}", f"run.rounds={rounds}", "run.eval_clients=200",
         f"run.checkpoint_every={1 if ckpt else 0}",
-        "data.dataset='fmnist'", "data.partition='iid'", "data.min_samples=5",
+        "data.dataset='fmnist'", "data.partition='file'", "data.min_samples=5",
+        f"data.partition_file={str(partition_file(clients, out.parent / 'partitions'))!r}",
         f"clients.num_clients={clients}", f"clients.fraction={per_round / clients}",
         "clients.groups=[{name='cnn5', share=1.0, local_model='cnn5', num_cpus=1.0}]",
         "model.meme='lenet5'", "training.epochs=1", "training.batch_size=32",
@@ -256,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [resume_check(n, args.rounds, args.per_round, prepared) for n in args.resume_check]
     against = versus(args.against, args.rounds, args.per_round) if args.against else None
     meta["load_after"] = os.getloadavg()
-    stem = benchlib.result_stem("state-scale", "fmnist", "quick" if args.quick else "")
+    variant = "quick" if args.quick else "-".join(map(str, args.clients)) + "-clients"
+    stem = benchlib.result_stem("state-scale", "fmnist", variant)
     args.out.mkdir(parents=True, exist_ok=True)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     lines = [f"# State scale: FML on Fashion-MNIST, cnn5 locals, ~{args.per_round} clients a round",

@@ -1,11 +1,18 @@
-"""`fmlray run | compare | report | partition`. Bad input ends with one line and exit code 2."""
+"""`fmlray run | compare | sweep | report | partition | config`. Bad input ends with one line and exit code 2.
+
+The config is checked before torch or Ray is imported (seconds), so a bad key answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
+import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from fmlray.errors import FmlrayError
 
@@ -44,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
     _config_args(part)
     part.add_argument("--save", metavar="FILE.csv", help="also write the table as CSV")
+    config = sub.add_parser("config", help="list every config key with its value, default and meaning")
+    _config_args(config)
     return parser
 
 
@@ -59,15 +68,9 @@ def _load(args):
 def cmd_run(args) -> int:
     from fmlray.config import ConfigError
     from fmlray.jobs import check_path
-    from fmlray.metrics import format_summary
-    from fmlray.simulation import run_experiment, title
-
-    from pathlib import Path
-
-    from fmlray.rundir import resumable_config
-    from fmlray.simulation import RunInterrupted
 
     if args.resume:
+        from fmlray.rundir import resumable_config
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
         check_path(args.resume, "--resume")
@@ -75,6 +78,9 @@ def cmd_run(args) -> int:
     else:
         cfg = _load(args)
     check_path(cfg.run.output_dir, "run.output_dir")
+    from fmlray.metrics import format_summary
+    from fmlray.simulation import RunInterrupted, run_experiment, title
+
     try:
         path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True),
                                        resume_dir=Path(args.resume) if args.resume else None)
@@ -91,15 +97,23 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from fmlray.config import ALGORITHMS, ConfigError
     from fmlray.jobs import check_path
-    from fmlray.metrics import format_comparison
-    from fmlray.simulation import prepare, run_experiment
 
     names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
     if not names or unknown:
         raise ConfigError(f"--algorithms: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--algorithms names one twice ({args.algorithms}); their runs would share a folder")
     cfg = _load(args)
     check_path(cfg.run.output_dir, "run.output_dir")
+    for name in names:  # each run's folder name must hold too
+        try:
+            replace(cfg.run, name=f"{cfg.run.name}-{name}")
+        except ConfigError as exc:
+            raise ConfigError(f"compare names its runs <run.name>-<algorithm>: {exc}") from None
+    from fmlray.metrics import format_comparison
+    from fmlray.simulation import prepare, run_experiment
+
     prepared = prepare(cfg)  # one dataset and partition for every algorithm
     finals = {}
     with _shared_ray(cfg):
@@ -131,11 +145,12 @@ def _shared_ray(cfg):
 
 def cmd_sweep(args) -> int:
     from fmlray.jobs import check_path
-    from fmlray.simulation import RunInterrupted
     from fmlray.sweep import plan, run_sweep
 
     folder, runs = plan(args.sweep_file)  # every config checked before the first run starts
     check_path(folder, "the sweep's output_dir")
+    from fmlray.simulation import RunInterrupted
+
     try:
         with _shared_ray(runs[0].cfg):
             out = run_sweep(args.sweep_file, echo=lambda s: print(s, flush=True))
@@ -156,20 +171,62 @@ def cmd_report(args) -> int:
 
 
 def cmd_partition(args) -> int:
+    from fmlray.jobs import check_path
+
+    cfg = _load(args)
+    save = Path(args.save) if args.save else None
+    if save is not None:
+        check_path(save, "--save")
+        if save.is_dir() or not save.parent.is_dir():
+            what = "is a folder" if save.is_dir() else f"is in a folder that does not exist ({save.parent})"
+            raise FmlrayError(f"--save {save} {what}; give a file path in an existing folder, e.g. partition.csv")
+    import io
+
     import pyarrow.csv
 
     from fmlray.data import format_partition, partition_counts
-    from fmlray.jobs import check_path
     from fmlray.simulation import prepare
 
-    if args.save:
-        check_path(args.save, "--save")
-    prepared = prepare(_load(args))
+    prepared = prepare(cfg)
     table = partition_counts(prepared.dataset, prepared.partition)
     print(format_partition(table))
-    if args.save:
-        pyarrow.csv.write_csv(table, args.save)
+    if save is not None:
+        buf = io.BytesIO()
+        pyarrow.csv.write_csv(table, buf)
+        tmp = save.with_name(f".{save.name}.tmp")
+        try:
+            tmp.write_bytes(buf.getvalue())
+            os.replace(tmp, save)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise FmlrayError(f"--save {save}: cannot write it ({exc.strerror}); choose a writable path") from None
     return 0
+
+
+def cmd_config(args) -> int:
+    from fmlray.config import keys
+
+    rows = [("key", "value", "default", "description")]
+    rows += [(key, _literal(value), _literal(default), doc) for key, value, default, doc in keys(_load(args))]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for key, value, default, doc in rows:
+        print(f"{key:<{width[0]}}  {value:<{width[1]}}  {default:<{width[2]}}  {doc}")
+    return 0
+
+
+def _literal(value) -> str:
+    """A config value as TOML writes it (what --set takes); groups by their names."""
+    if value is None:
+        return "(unset)"
+    if value is dataclasses.MISSING:
+        return "(required)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # TOML's basic strings escape as JSON does
+    if isinstance(value, tuple):
+        return f"[{', '.join(g.name for g in value)}]"
+    return repr(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a usage error already printed on one line
         return int(exit_.code or 0)
     commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "report": cmd_report,
-                "partition": cmd_partition}
+                "partition": cmd_partition, "config": cmd_config}
     try:
         return commands[args.command](args)
     except FmlrayError as exc:
-        print(f"fmlray: error: {exc}", file=sys.stderr)
+        print(f"fmlray: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fmlray: interrupted", file=sys.stderr)

@@ -1,8 +1,14 @@
 """Typed, frozen experiment config: TOML in, --set overrides, validation with actionable errors.
 
 Every section is a keyword-only frozen dataclass that checks itself in ``__post_init__`` and
-names the key to change. The defaults are the embedded default experiment (digits, 20 clients,
-Dirichlet(0.5), FML with two local architectures), shipped as ``presets/digits.toml`` too.
+names the key to change. Each key's one-line description lives on its field (``_key``): it is
+the only one, and `fmlray config` prints it. The defaults are the embedded default experiment
+(digits, 20 clients, Dirichlet(0.5), FML with two local architectures), shipped as
+``presets/digits.toml`` too.
+
+Validation is complete here: a config that loads can be run, short of what only the data, the
+files or the cluster can tell (a missing dataset, a full disk, too few CPUs). So every size has
+an upper bound, every number is finite and every text is printable.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "file")
 MODELS = ("mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18")
 ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
 ENGINES = ("serial", "ray")
+EMNIST_SPLITS = {"balanced": 47, "byclass": 62, "bymerge": 47, "digits": 10, "letters": 26, "mnist": 10}  # classes
+FIXED_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}  # the loaders check it
 PRESETS_DIR = Path(__file__).parent / "presets"
+
+INT32_MAX = 2**31 - 1  # metrics.parquet stores rounds and client ids as int32
+MAX_CLIENTS = 1_000_000  # 100x the design's 10,000-client target: more is a typo
+MAX_NAME_BYTES = 200  # a folder name holds 255 bytes; compare, sweeps and temporary names add suffixes
+MAX_SYNTHETIC_DIM = 10_000  # the paper's 60; CIFAR's 3,072 pixels for scale
+MAX_SYNTHETIC_CLASSES = 1_000
 
 
 def _check(ok: bool, message: str) -> None:
@@ -31,7 +45,7 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+def _one_of(key: str, value: str, choices: typing.Iterable[str]) -> None:
     _check(value in choices, f"{key} = {value!r} is unknown; choose one of {', '.join(choices)}")
 
 
@@ -43,6 +57,59 @@ def _unit(key: str, value: float, *, open_low: bool = False) -> None:
 
 def _positive(key: str, value: float) -> None:
     _check(value > 0 and math.isfinite(value), f"{key} must be > 0, got {value}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    _check(value >= low and math.isfinite(value), f"{key} must be a finite number >= {low:g}, got {value}")
+
+
+def _within(key: str, value: float, low: float, high: float, why: str) -> None:
+    """Bounds on a float that torch holds as float32: beyond them a run turns NaN (or overflows) in round 1."""
+    _check(low <= value <= high, f"{key} must be in [{low:g}, {high:g}] ({why}), got {value:g}")
+
+
+def _between(key: str, value: int, low: int, high: int, why: str = "") -> None:
+    _check(value >= low, f"{key} must be >= {low}, got {value}")
+    _check(value <= high, f"{key} must be <= {high:,}{why}, got {value:,}")
+
+
+def folder_name(key: str, value: str) -> None:
+    """ConfigError unless `value` can be one folder's name on any disk fmlray writes to."""
+    _check(bool(value) and value not in (".", "..") and not value.startswith(".") and "/" not in value
+           and "\\" not in value and value.strip() == value and value.isprintable(),
+           f"{key} = {value!r} must be a plain folder name (no '/' or '\\', not starting with '.', "
+           "no surrounding spaces or control characters)")
+    size = len(value.encode())
+    _check(size <= MAX_NAME_BYTES, f"{key} is {size} bytes long; folder names hold at most {MAX_NAME_BYTES} here")
+
+
+def _path(key: str, value: str) -> None:
+    """ConfigError unless every folder name in path `value` fits a file system's 255 bytes."""
+    longest = max((len(part.encode()) for part in Path(value).parts), default=0)
+    _check(longest <= 255, f"{key} holds a name of {longest} bytes; file systems allow 255")
+
+
+def _key(doc: str, default: Any = dataclasses.MISSING) -> Any:
+    """A config key's field and its one-line description (the only one: `fmlray config` prints it)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def keys(cfg: Any, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, value, default, description) of every key of config `cfg`, groups' keys included.
+
+    A key's default is its value when left out of its table (a group's name has none: MISSING).
+    """
+    out = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += keys(value, f"{key}.")
+            continue
+        out.append((key, value, f.default, f.metadata["doc"]))
+        if f.name == "groups":
+            for i, group in enumerate(value):
+                out += keys(group, f"{key}.{i}.")
+    return out
 
 
 def apportion(total: int, weights: list[float]) -> list[int]:
@@ -57,105 +124,107 @@ def apportion(total: int, weights: list[float]) -> list[int]:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    name: str = "digits-fml"
-    seed: int = 0
-    rounds: int = 10
-    output_dir: str = "runs"
-    eval_every: int = 1  # evaluate every N rounds (and always after the last one)
-    # which clients' models an evaluation round tests: "all", "sampled" (the round's trained
-    # clients), or N: the round's trained clients plus a seeded sample of N of the others
-    eval_clients: int | str = "all"
-    # checkpoint every N rounds (0: only when stopped by a signal); each actor writes the rows
-    # of private state changed since the last one, so the cost follows the sampled clients
-    checkpoint_every: int = 1
+    name: str = _key("the run's folder, <output_dir>/<name>/", "digits-fml")
+    seed: int = _key("every random draw derives from (seed, round, client)", 0)
+    rounds: int = _key("federated rounds", 10)
+    output_dir: str = _key("folder that holds the run folders", "runs")
+    eval_every: int = _key("evaluate every N rounds (and always after the last one)", 1)
+    eval_clients: int | str = _key("whose models an evaluation tests: \"all\", \"sampled\" (the round's trained "
+                                   "clients), or N (those plus a seeded sample of N others; all when fewer)", "all")
+    checkpoint_every: int = _key("checkpoint every N rounds (0: only when stopped by a signal); actors write only "
+                                 "the private-state rows changed since the last one", 1)
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
-               f"run.name = {self.name!r} must be a plain folder name (no '/', not starting with '.')")
-        _check(self.seed >= 0, f"run.seed must be >= 0, got {self.seed}")
-        _check(self.rounds >= 1, f"run.rounds must be >= 1, got {self.rounds}")
-        _check(self.eval_every >= 1, f"run.eval_every must be >= 1, got {self.eval_every}")
-        _check(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        folder_name("run.name", self.name)
+        _path("run.output_dir", self.output_dir)
+        _between("run.seed", self.seed, 0, 2**63 - 1)
+        _between("run.rounds", self.rounds, 1, INT32_MAX)
+        _between("run.eval_every", self.eval_every, 1, INT32_MAX)
+        _between("run.checkpoint_every", self.checkpoint_every, 0, INT32_MAX)
         _check(self.eval_clients in ("all", "sampled") or (isinstance(self.eval_clients, int) and self.eval_clients >= 1),
                f"run.eval_clients must be \"all\", \"sampled\" or a number >= 1, got {self.eval_clients!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = "digits"
-    root: str = ""  # "" → the dataset's usual place (Debian's folder for fmnist, else ./data)
-    download: bool = False  # only then may torchvision fetch a missing dataset
-    partition: str = "dirichlet"
-    dirichlet_alpha: float = 0.5  # label skew: smaller is more skewed
-    classes_per_client: int = 2  # for partition = "shards"
-    quantity_alpha: float = 1.0  # size skew for partition = "quantity": smaller is more skewed
-    partition_file: str = ""  # for partition = "file": an .npz with train_<c> / test_<c> indices
-    test_fraction: float = 0.2  # held out where the dataset has no official test split
-    min_samples: int = 10  # fewest training samples a client may be left with
-    max_train_samples: int = 0  # stratified subsample of the training set; 0 keeps all
-    max_test_samples: int = 0
-    emnist_split: str = "balanced"
-    synthetic_alpha: float = 1.0  # FedProx Synthetic(alpha, beta): model heterogeneity
-    synthetic_beta: float = 1.0  # ... and feature heterogeneity
-    synthetic_dim: int = 60
-    synthetic_classes: int = 10
+    dataset: str = _key(" | ".join(DATASETS), "digits")
+    root: str = _key("where the dataset's files are; \"\": its usual place (Debian's folder for fmnist, else ./data)", "")
+    download: bool = _key("only then may torchvision fetch a missing dataset", False)
+    partition: str = _key(" | ".join(PARTITIONS) + " (natural: synthetic only; file: data.partition_file)", "dirichlet")
+    dirichlet_alpha: float = _key("label skew of partition = \"dirichlet\": smaller is more skewed", 0.5)
+    classes_per_client: int = _key("classes each client holds, for partition = \"shards\"", 2)
+    quantity_alpha: float = _key("size skew of partition = \"quantity\": smaller is more skewed", 1.0)
+    partition_file: str = _key("for partition = \"file\": an .npz with train_<c> / test_<c> row indices "
+                               "(every run saves one as partition.npz)", "")
+    test_fraction: float = _key("held out where the dataset has no official test split", 0.2)
+    min_samples: int = _key("fewest training samples a client may be left with", 10)
+    max_train_samples: int = _key("stratified subsample of the training set; 0 keeps all", 0)
+    max_test_samples: int = _key("stratified subsample of the test set; 0 keeps all", 0)
+    emnist_split: str = _key(" | ".join(EMNIST_SPLITS) + " (dataset = \"emnist\")", "balanced")
+    synthetic_alpha: float = _key("FedProx Synthetic(alpha, beta): how much the clients' models differ", 1.0)
+    synthetic_beta: float = _key("... and how much their inputs differ", 1.0)
+    synthetic_dim: int = _key("features of the synthetic dataset", 60)
+    synthetic_classes: int = _key("classes of the synthetic dataset", 10)
 
     def __post_init__(self):
         _one_of("data.dataset", self.dataset, DATASETS)
         _one_of("data.partition", self.partition, PARTITIONS)
+        _path("data.root", self.root)
+        _path("data.partition_file", self.partition_file)
         _check(self.partition != "natural" or self.dataset == "synthetic",
                "data.partition = 'natural' needs data.dataset = 'synthetic' (only it has natural clients)")
         _check((self.partition == "file") == bool(self.partition_file),
                "data.partition = 'file' goes with data.partition_file = <path.npz> (and only then)")
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _positive("data.quantity_alpha", self.quantity_alpha)
-        _check(self.classes_per_client >= 1, f"data.classes_per_client must be >= 1, got {self.classes_per_client}")
+        _one_of("data.emnist_split", self.emnist_split, EMNIST_SPLITS)
+        classes = self.synthetic_classes if self.dataset == "synthetic" else \
+            EMNIST_SPLITS[self.emnist_split] if self.dataset == "emnist" else FIXED_CLASSES[self.dataset]
+        _between("data.classes_per_client", self.classes_per_client, 1, classes, f" (the {self.dataset} classes)")
         _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
-        _check(self.min_samples >= 1, f"data.min_samples must be >= 1, got {self.min_samples}")
-        _check(self.max_train_samples >= 0, f"data.max_train_samples must be >= 0, got {self.max_train_samples}")
-        _check(self.max_test_samples >= 0, f"data.max_test_samples must be >= 0, got {self.max_test_samples}")
-        _one_of("data.emnist_split", self.emnist_split, ("balanced", "byclass", "bymerge", "digits", "letters", "mnist"))
-        _check(self.synthetic_alpha >= 0, f"data.synthetic_alpha must be >= 0, got {self.synthetic_alpha}")
-        _check(self.synthetic_beta >= 0, f"data.synthetic_beta must be >= 0, got {self.synthetic_beta}")
-        _check(self.synthetic_dim >= 1, f"data.synthetic_dim must be >= 1, got {self.synthetic_dim}")
-        _check(self.synthetic_classes >= 2, f"data.synthetic_classes must be >= 2, got {self.synthetic_classes}")
+        _between("data.min_samples", self.min_samples, 1, INT32_MAX)
+        _between("data.max_train_samples", self.max_train_samples, 0, INT32_MAX)
+        _between("data.max_test_samples", self.max_test_samples, 0, INT32_MAX)
+        _within("data.synthetic_alpha", self.synthetic_alpha, 0, 100, "the paper uses 0 to 1")
+        _within("data.synthetic_beta", self.synthetic_beta, 0, 100, "the paper uses 0 to 1")
+        _between("data.synthetic_dim", self.synthetic_dim, 1, MAX_SYNTHETIC_DIM)
+        _between("data.synthetic_classes", self.synthetic_classes, 2, MAX_SYNTHETIC_CLASSES)
 
 
 @dataclass(frozen=True, kw_only=True)
 class GroupConfig:
     """Clients that share a local-model architecture and a resource request."""
 
-    name: str
-    local_model: str = "mlp"
-    count: int = 0  # exact number of clients; 0 → take `share` of those left by counts
-    share: float = 0.0
-    num_cpus: float = 1.0  # per client actor (Ray engine)
-    num_gpus: float = 0.0  # fractions share a GPU: 0.25 packs four actors on one
+    name: str = _key("the group's name (metrics' group column)")
+    local_model: str = _key("the clients' private architecture: " + " | ".join(MODELS), "mlp")
+    count: int = _key("exact number of clients; 0: take `share` of those left by counts", 0)
+    share: float = _key("share of the clients left by counts (give count or share)", 0.0)
+    num_cpus: float = _key("CPUs per client actor (Ray engine)", 1.0)
+    num_gpus: float = _key("GPUs per client actor; fractions share a GPU: 0.25 packs four actors on one", 0.0)
 
     def __post_init__(self):
         key = f"clients.groups[{self.name}]"
-        _check(bool(self.name), "clients.groups: every group needs a name")
+        _check(bool(self.name) and self.name.isprintable(), "clients.groups: every group needs a name")
         _one_of(f"{key}.local_model", self.local_model, MODELS)
-        _check(self.count >= 0, f"{key}.count must be >= 0, got {self.count}")
-        _check(self.share >= 0 and math.isfinite(self.share), f"{key}.share must be >= 0, got {self.share}")
+        _between(f"{key}.count", self.count, 0, MAX_CLIENTS)
+        _at_least(f"{key}.share", self.share, 0)
         _check((self.count > 0) != (self.share > 0), f"{key}: give exactly one of count (> 0) or share (> 0)")
-        _check(self.num_cpus > 0, f"{key}.num_cpus must be > 0, got {self.num_cpus}")
-        _check(self.num_gpus >= 0, f"{key}.num_gpus must be >= 0, got {self.num_gpus}")
+        _positive(f"{key}.num_cpus", self.num_cpus)
+        _at_least(f"{key}.num_gpus", self.num_gpus, 0)
         _check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus),
                f"{key}.num_gpus must be a fraction <= 1 or a whole number, got {self.num_gpus}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClientsConfig:
-    num_clients: int = 20
-    fraction: float = 1.0  # share of clients sampled each round
-    groups: tuple[GroupConfig, ...] = (
-        GroupConfig(name="mlp", local_model="mlp", share=0.5),
-        GroupConfig(name="lenet5", local_model="lenet5", share=0.5),
-    )
+    num_clients: int = _key("clients in the federation", 20)
+    fraction: float = _key("share of clients sampled each round", 1.0)
+    groups: tuple[GroupConfig, ...] = _key(
+        "client groups ([[clients.groups]] tables): local architecture, size and resources",
+        (GroupConfig(name="mlp", local_model="mlp", share=0.5), GroupConfig(name="lenet5", local_model="lenet5", share=0.5)))
 
     def __post_init__(self):
-        _check(self.num_clients >= 1, f"clients.num_clients must be >= 1, got {self.num_clients}")
+        _between("clients.num_clients", self.num_clients, 1, MAX_CLIENTS)
         _unit("clients.fraction", self.fraction, open_low=True)
         _check(len(self.groups) >= 1, "clients.groups must list at least one group")
         names = [g.name for g in self.groups]
@@ -163,8 +232,7 @@ class ClientsConfig:
         counted = sum(g.count for g in self.groups)
         _check(counted <= self.num_clients,
                f"clients.groups: counts add up to {counted} > clients.num_clients = {self.num_clients}")
-        has_share = any(g.share > 0 for g in self.groups)
-        _check(has_share or counted == self.num_clients,
+        _check(any(g.share > 0 for g in self.groups) or counted == self.num_clients,
                f"clients.groups: counts add up to {counted} but clients.num_clients = {self.num_clients}; "
                "fix the counts or give a group a share")
 
@@ -181,7 +249,7 @@ class ClientsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    meme: str = "mlp"  # architecture of the shared (meme / global) model
+    meme: str = _key("architecture of the shared (meme / global) model: " + " | ".join(MODELS), "mlp")
 
     def __post_init__(self):
         _one_of("model.meme", self.meme, MODELS)
@@ -189,34 +257,34 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    epochs: int = 5
-    batch_size: int = 16
-    optimizer: str = "sgd"
-    lr: float = 0.01  # authors' code: SGD, lr 0.01, momentum 0.9, weight decay 5e-4
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = _key("local epochs per round", 5)
+    batch_size: int = _key("minibatch size", 16)
+    optimizer: str = _key("sgd | adam", "sgd")
+    lr: float = _key("learning rate (the authors' code: SGD, lr 0.01, momentum 0.9, weight decay 5e-4)", 0.01)
+    momentum: float = _key("SGD momentum", 0.9)
+    weight_decay: float = _key("L2 weight decay", 5e-4)
 
     def __post_init__(self):
-        _check(self.epochs >= 1, f"training.epochs must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"training.batch_size must be >= 1, got {self.batch_size}")
+        _between("training.epochs", self.epochs, 1, INT32_MAX)
+        _between("training.batch_size", self.batch_size, 1, INT32_MAX)
         _one_of("training.optimizer", self.optimizer, ("sgd", "adam"))
         _check(0 < self.lr <= 10 and math.isfinite(self.lr), f"training.lr must be in (0, 10], got {self.lr}")
         _check(0 <= self.momentum < 1, f"training.momentum must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0, f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        _within("training.weight_decay", self.weight_decay, 0, 1, "usually 1e-4 to 1e-2")
 
 
 @dataclass(frozen=True, kw_only=True)
 class FMLConfig:
-    alpha: float = 0.5  # weight of the label in the local model's loss (1 - alpha: the meme's)
-    beta: float = 0.5  # weight of the label in the meme's loss (1 - beta: the local model's)
-    temperature: float = 1.0
-    alpha_end: float | None = None  # linear schedule from alpha (round 1) to alpha_end (last round)
-    beta_end: float | None = None
+    alpha: float = _key("weight of the label in the local model's loss (1 - alpha: the meme's)", 0.5)
+    beta: float = _key("weight of the label in the meme's loss (1 - beta: the local model's)", 0.5)
+    temperature: float = _key("distillation temperature T (T > 1 scales the KL terms by T^2)", 1.0)
+    alpha_end: float | None = _key("linear schedule from alpha (round 1) to alpha_end (last round); unset: constant", None)
+    beta_end: float | None = _key("the same for beta", None)
 
     def __post_init__(self):
         _unit("algorithm.fml.alpha", self.alpha)
         _unit("algorithm.fml.beta", self.beta)
-        _positive("algorithm.fml.temperature", self.temperature)
+        _within("algorithm.fml.temperature", self.temperature, 0.01, 100, "distillation uses 1 to 20")
         if self.alpha_end is not None:
             _unit("algorithm.fml.alpha_end", self.alpha_end)
         if self.beta_end is not None:
@@ -232,16 +300,16 @@ class FMLConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FedProxConfig:
-    mu: float = 0.01  # proximal weight; 0 is FedAvg
+    mu: float = _key("proximal weight; 0 is FedAvg", 0.01)
 
     def __post_init__(self):
-        _check(self.mu >= 0 and math.isfinite(self.mu), f"algorithm.fedprox.mu must be >= 0, got {self.mu}")
+        _within("algorithm.fedprox.mu", self.mu, 0, 100, "the FedProx paper uses 0.001 to 1")
 
 
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
-    name: str = "fml"
-    weighting: str = "samples"  # how memes are averaged: by clients' sample counts, or uniform
+    name: str = _key(" | ".join(ALGORITHMS), "fml")
+    weighting: str = _key("how memes are averaged: by the clients' sample counts (samples) or uniform", "samples")
     fml: FMLConfig = field(default_factory=FMLConfig)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
 
@@ -252,19 +320,18 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    kind: str = "ray"  # "serial" runs every client in-process: the debugging reference
-    num_actors: int = 0  # 0 → as many as the cluster's resources allow (at most one per client)
-    address: str = ""  # Ray cluster to join ("auto", "ray://..."); "" → RAY_ADDRESS or a local Ray
-    # where clients' private state (local models, optimisers) lives between rounds: "memory",
-    # "disk" (memory-mapped files under state_dir, one row per client that has trained), or
-    # "auto": memory while the estimate fits in a quarter of the node's memory, else disk
-    state_store: str = "auto"
-    state_dir: str = ""  # node-local folder for the disk store; "" → a scratch folder removed at the end
+    kind: str = _key("ray, or serial: every client in-process, the debugging reference", "ray")
+    num_actors: int = _key("client actors; 0: as many as the cluster's resources allow (at most one per client)", 0)
+    address: str = _key("Ray cluster to join (\"auto\", \"ray://...\"); \"\": RAY_ADDRESS or a private local Ray", "")
+    state_store: str = _key("where the clients' private state lives: \"memory\", \"disk\" (memory-mapped "
+                            "rows under state_dir) or \"auto\" (memory while it fits a quarter of the node's)", "auto")
+    state_dir: str = _key("node-local folder for the disk store; \"\": a scratch folder removed at the end", "")
 
     def __post_init__(self):
         _one_of("engine.kind", self.kind, ENGINES)
         _one_of("engine.state_store", self.state_store, ("auto", "memory", "disk"))
-        _check(self.num_actors >= 0, f"engine.num_actors must be >= 0, got {self.num_actors}")
+        _between("engine.num_actors", self.num_actors, 0, MAX_CLIENTS)
+        _path("engine.state_dir", self.state_dir)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,14 +343,6 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def __post_init__(self):
-        if self.data.partition == "shards":
-            _check(self.data.classes_per_client >= 1, "data.classes_per_client must be >= 1")
-        if self.data.dataset == "synthetic":
-            _check(self.data.classes_per_client <= self.data.synthetic_classes,
-                   f"data.classes_per_client = {self.data.classes_per_client} exceeds "
-                   f"data.synthetic_classes = {self.data.synthetic_classes}")
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
@@ -321,11 +380,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok, f"{key} must be a number, got {value!r}")
+        _check(math.isfinite(value) and abs(value) <= 1e300, f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        _check(-2**63 <= value < 2**63, f"{key} = {value} does not fit in 64 bits (TOML's integers)")
         return value
     _check(isinstance(value, tp), f"{key} must be a {_type_name(tp)}, got {value!r}")
+    if tp is str:
+        _check(value.isprintable(), f"{key} = {value!r} holds a control character (e.g. a NUL, newline or tab); remove it")
     return value
 
 
@@ -369,32 +432,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _apply(tree: dict[str, Any], path: list[str], value: Any, full: str) -> None:
     node: Any = tree
-    for i, part in enumerate(path[:-1]):
+    for i, part in enumerate(path):
+        _check(isinstance(node, (dict, list)), f"--set {full}: '{'.'.join(path[:i])}' is a single value, "
+               f"not a table; drop '.{'.'.join(path[i:])}'")
         if isinstance(node, list):
             _check(part.isdigit() and int(part) < len(node),
                    f"--set {full}: '{part}' is not an index of the {len(node)} entries there")
-            node = node[int(part)]
+            part = int(part)
+        elif i < len(path) - 1:
+            node.setdefault(part, {})
+        if i == len(path) - 1:
+            node[part] = value
         else:
-            _check(isinstance(node, dict), f"--set {full}: '{'.'.join(path[:i])}' is not a table")
-            node = node.setdefault(part, {})
-    last = path[-1]
-    if isinstance(node, list):
-        _check(last.isdigit() and int(last) < len(node), f"--set {full}: '{last}' is not an index there")
-        node[int(last)] = value
-    else:
-        node[last] = value
+            node = node[part]
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give a TOML file (see fmlray/presets/)")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give a TOML file (see fmlray/presets/)")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -143,14 +143,30 @@ def finish(run_dir: Path, summary: list[dict], title: str) -> None:
 
 
 def read_run(path: str | Path) -> tuple[pa.Table, str]:
-    """A finished run's metrics table and the title line of its summary."""
+    """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)
     if not (path / METRICS).is_file():
         raise FmlrayError(f"{path} is not a finished fmlray run (no {METRICS}); give a folder under runs/")
     try:
         table = pq.read_table(path / METRICS)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise FmlrayError(f"{path / METRICS} cannot be read ({exc}); rerun the experiment") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise FmlrayError(f"{path / METRICS} cannot be read ({str(exc).splitlines()[0]}); rerun the experiment") from None
+    have = dict(zip(table.column_names, table.schema.types))
+    wrong = [f.name for f in metrics.SCHEMA if have.get(f.name) != f.type]
+    if wrong:
+        raise FmlrayError(f"{path / METRICS} is not an fmlray metrics table (columns {wrong} are missing or "
+                          "of another type; the schema is in the README); rerun the experiment")
+    if any(table[c].null_count for c in ("round", "model", "split")) or \
+            not {"test", "global_test"} & set(table["split"].unique().to_pylist()):
+        raise FmlrayError(f"{path / METRICS} holds no complete evaluated round; rerun the experiment")
     summary_file = path / SUMMARY
-    title = summary_file.read_text().splitlines()[0] if summary_file.is_file() else path.name
-    return table, title
+    if not summary_file.is_file():
+        return table, path.name
+    try:
+        lines = summary_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if len(lines) < 2 or not lines[0].strip() or not lines[0].isprintable() or not lines[1].startswith("accuracy (round"):
+        raise FmlrayError(f"{summary_file} is not an fmlray summary (empty, binary or another format); "
+                          "delete it to report under the folder's name, or rerun the experiment")
+    return table, lines[0]

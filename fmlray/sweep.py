@@ -24,10 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fmlray.config import Config, load_config, load_toml
+from fmlray.config import Config, folder_name, load_config, load_toml
 from fmlray.errors import ConfigError
+from fmlray.metrics import SCHEMA
 
 RESULTS = "results.parquet"
+RESERVED = ("run", "seed", *SCHEMA.names)  # columns of the combined table
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,50 @@ def _variant(v, where: str) -> tuple[str, list[str]]:
     """(label, overrides) of one axis value: "key=value" or {label = ..., set = [...]}."""
     if isinstance(v, str):
         return v.partition("=")[2] or v, [v]
-    if isinstance(v, dict) and set(v) <= {"label", "set"} and isinstance(v.get("label"), str) \
-            and isinstance(v.get("set"), list) and all(isinstance(s, str) for s in v["set"]):
+    if isinstance(v, dict) and set(v) <= {"label", "set"} and isinstance(v.get("label"), str) and v["label"] \
+            and _strings(v.get("set")):
         return v["label"], v["set"]
     raise ConfigError(f"{where}: each value is \"section.key=value\" or {{label = \"...\", set = [\"...\"]}}, got {v!r}")
 
 
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label)
+
+
+def _text(s: dict, key: str, path: Path, default: str | None = None) -> str:
+    """[sweep].key as a non-empty string (or `default` when absent)."""
+    value = s.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: sweep.{key} must be a non-empty string (in quotes), got {value!r}")
+    return value
+
+
+def _axes(spec: dict, path: Path) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """Every [[axis]] as (name, [(label, overrides)]), with unique names and labels."""
+    axes = spec.get("axis", [])
+    if not isinstance(axes, list):
+        raise ConfigError(f"{path}: axes are [[axis]] tables (a list), got axis = {axes!r}")
+    out = []
+    for i, axis in enumerate(axes):
+        if not isinstance(axis, dict) or set(axis) != {"name", "values"} or not isinstance(axis["values"], list) \
+                or not axis["values"]:
+            raise ConfigError(f"{path}: [[axis]] {i} needs exactly a name and a non-empty list of values")
+        name = axis["name"]
+        if not isinstance(name, str) or not name or name in RESERVED or name in (n for n, _ in out):
+            raise ConfigError(f"{path}: [[axis]] {i}: name must be a string, unique, and none of "
+                              f"{', '.join(RESERVED)}; got {name!r}")
+        variants = [_variant(v, f"{path}: axis {name}") for v in axis["values"]]
+        labels = [_safe(label) for label, _ in variants]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ConfigError(f"{path}: axis {name}: two values get the label {twice[0]!r} (run names would clash); "
+                              f"give each a distinct label with {{label = \"...\", set = [...]}}")
+        out.append((name, variants))
+    return out
 
 
 def plan(path: str | Path) -> tuple[Path, list[Run]]:
@@ -64,22 +102,26 @@ def plan(path: str | Path) -> tuple[Path, list[Run]]:
         raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [sweep]; valid: name, base, output_dir, seeds, set")
     if not isinstance(s.get("name"), str) or not s["name"]:
         raise ConfigError(f"{path}: [sweep] needs a name")
+    folder_name(f"{path}: sweep.name", s["name"])
     seeds = s.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and x >= 0 for x in seeds):
-        raise ConfigError(f"{path}: sweep.seeds must be a non-empty list of integers >= 0")
-    base = (path.parent / s["base"]) if "base" in s else None
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) \
+            or not all(type(x) is int and 0 <= x < 2**63 for x in seeds):
+        raise ConfigError(f"{path}: sweep.seeds must be a non-empty list of distinct integers >= 0")
+    base = path.parent / _text(s, "base", path) if "base" in s else None
     common = s.get("set", [])
-    axes = []
-    for i, axis in enumerate(spec.get("axis", [])):
-        if not isinstance(axis, dict) or set(axis) != {"name", "values"} or not axis["values"]:
-            raise ConfigError(f"{path}: [[axis]] {i} needs exactly a name and a non-empty list of values")
-        axes.append((axis["name"], [_variant(v, f"{path}: axis {axis['name']}") for v in axis["values"]]))
-    folder = Path(s.get("output_dir", "runs/sweeps")) / s["name"]
+    if not _strings(common):
+        raise ConfigError(f"{path}: sweep.set must be a list of \"section.key=value\" strings, got {common!r}")
+    axes = _axes(spec, path)
+    folder = Path(_text(s, "output_dir", path, "runs/sweeps")) / s["name"]
     runs = []
     for combo in itertools.product(*[variants for _, variants in axes]):
         for seed in seeds:
             labels = {name: label for (name, _), (label, _) in zip(axes, combo)}
             name = "-".join([_safe(lbl) for lbl in labels.values()] + [f"s{seed}"])
+            clash = next((r for r in runs if r.name == name), None)
+            if clash is not None:
+                raise ConfigError(f"{path}: runs {clash.labels} and {labels} would both be named {name!r}; "
+                                  "give their values distinct labels")
             overrides = [*common, *(o for _, sets in combo for o in sets), f"run.seed={seed}", f"run.name={name!r}",
                          f"run.output_dir={str(folder)!r}"]
             try:

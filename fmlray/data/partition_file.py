@@ -25,13 +25,7 @@ def save_partition(path: Path, partition: Partition) -> None:
 def load_partition(path: str | Path, dataset: Dataset, num_clients: int) -> Partition:
     """Read and check a partition file against the dataset; any misfit is a one-line DataError."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"data.partition_file {path} does not exist") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"data.partition_file {path} is not a readable .npz ({type(exc).__name__})") from None
+    arrays = _read_npz(path)
     expected = {f"{s}_{c}" for s in ("train", "test") for c in range(num_clients)}
     if set(arrays) != expected:
         missing, extra = sorted(expected - set(arrays))[:3], sorted(set(arrays) - expected)[:3]
@@ -52,3 +46,22 @@ def _indices(a: np.ndarray, n: int, key: str, path: Path) -> np.ndarray:
     if a.min() < 0 or a.max() >= n:
         raise DataError(f"data.partition_file {path}: {key} has indices outside 0..{n - 1} of this dataset")
     return np.sort(a.astype(np.int64))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz; DataError for a missing file, another format, or a member that is no array."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array
+            raise ValueError("a single .npy array")
+        with loaded as z:
+            arrays = {k: z[k] for k in z.files}  # a member that is not .npy reads as raw bytes
+    except FileNotFoundError:
+        raise DataError(f"data.partition_file {path} does not exist") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"data.partition_file {path} is not a readable .npz ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    odd = sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))
+    if odd:
+        raise DataError(f"data.partition_file {path} is a zip but not an .npz of arrays (member {odd[0]!r} is no .npy); "
+                        "save it with numpy.savez")
+    return arrays

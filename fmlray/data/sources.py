@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmlray.config import DataConfig
+from fmlray.config import FIXED_CLASSES, DataConfig
 from fmlray.data import locate
 from fmlray.data.dataset import Dataset, stratified_indices, stratified_split
 from fmlray.data.readers import read_cifar_batch, read_idx
@@ -27,7 +27,6 @@ PIXEL_STATS: dict[str, tuple[float, tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": (255.0, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": (255.0, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-_FIXED_CLASSES = {"mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}
 
 # Tags mixed into the run seed so each random choice has its own stream.
 _SPLIT, _SUB_TRAIN, _SUB_TEST = 0xD1, 0x7A1, 0x7E5
@@ -35,9 +34,14 @@ _SPLIT, _SUB_TRAIN, _SUB_TEST = 0xD1, 0x7A1, 0x7E5
 
 def load_dataset(cfg: DataConfig, *, num_clients: int, seed: int) -> Dataset:
     """The dataset cfg names: train/test arrays, normalised, subsampled as cfg asks."""
-    raw = _load_raw(cfg, num_clients=num_clients, seed=seed)
-    raw = subsample(raw, cfg.max_train_samples, cfg.max_test_samples, seed)
-    return normalise(raw)
+    try:
+        raw = _load_raw(cfg, num_clients=num_clients, seed=seed)
+        raw = subsample(raw, cfg.max_train_samples, cfg.max_test_samples, seed)
+        return normalise(raw)
+    except MemoryError:
+        keys = "data.synthetic_dim or clients.num_clients" if cfg.dataset == "synthetic" else \
+            "data.max_train_samples / data.max_test_samples, or use a machine with more memory"
+        raise DataError(f"{cfg.dataset} does not fit in memory; lower {keys}") from None
 
 
 def _load_raw(cfg: DataConfig, *, num_clients: int, seed: int) -> Dataset:
@@ -95,7 +99,7 @@ def _idx(dataset: str, files: list[Path], emnist_split: str) -> Dataset:
             y_train, y_test = y_train - 1, y_test - 1
         num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     else:
-        num_classes = _FIXED_CLASSES[dataset]
+        num_classes = FIXED_CLASSES[dataset]
         _check_labels(files[1], y_train, num_classes)
         _check_labels(files[3], y_test, num_classes)
     return Dataset(dataset, x_train[:, None], y_train, x_test[:, None], y_test, num_classes=num_classes)
@@ -117,7 +121,7 @@ def _cifar(dataset: str, files: list[Path]) -> Dataset:
     x_test, y_test = read_cifar_batch(test_file, key)
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
-    num_classes = _FIXED_CLASSES[dataset]
+    num_classes = FIXED_CLASSES[dataset]
     _check_labels(train_files[0], y_train, num_classes)
     _check_labels(test_file, y_test, num_classes)
     return Dataset(dataset, x_train, y_train, x_test, y_test, num_classes=num_classes)

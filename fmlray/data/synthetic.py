@@ -8,8 +8,10 @@ N(m, s) takes s as the standard deviation.
 from __future__ import annotations
 
 import numpy as np
+import psutil
 
 from fmlray.data.dataset import Dataset
+from fmlray.errors import DataError
 
 MAX_SAMPLES_PER_CLIENT = 1000  # the paper's lognormal(4, 2) tail reaches 10^5; keep runs small
 
@@ -37,8 +39,14 @@ def make_synthetic(*, num_clients: int, alpha: float, beta: float, dim: int, cla
                    test_fraction: float, seed: int) -> Dataset:
     """Synthetic(alpha, beta) with `num_clients` natural clients, each split train/test."""
     rng = np.random.default_rng((seed, 0x5E7))
+    sizes = _client_sizes(num_clients, rng)
+    need = 2 * int(sizes.sum()) * dim * 4  # float32 rows, held twice while they are concatenated
+    free = psutil.virtual_memory().available
+    if need > free:  # say so before filling memory row by row
+        raise DataError(f"data.synthetic_dim = {dim} for clients.num_clients = {num_clients} needs about "
+                        f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free here; lower one of them")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xtr", "ytr", "otr", "xte", "yte", "ote")}
-    for k, n in enumerate(_client_sizes(num_clients, rng)):
+    for k, n in enumerate(sizes):
         x, y = _client_rows(int(n), alpha=alpha, beta=beta, dim=dim, classes=classes, rng=rng)
         n_test = int(np.clip(round(n * test_fraction), 1, n - 1))  # every client keeps both splits
         order = rng.permutation(int(n))

@@ -100,6 +100,52 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     (["run", "--resume", "/tmp", "--config", "x.toml"], "drop --config"),
     (["launch"], "invalid choice"),
     (["run", "--bogus"], "unrecognized arguments"),
+    # values that once passed validation and failed later (after loading data or starting Ray)
+    (["run", "--set", r'run.name="a\u0000b"'], "run.name = 'a\\x00b' holds a control character"),
+    (["run", "--set", r'run.name="a\nb"'], "holds a control character"),
+    (["run", "--set", r'run.name="a\tb"'], "holds a control character"),
+    (["run", "--set", "run.name='..'"], "must be a plain folder name"),
+    (["run", "--set", "run.name='a\\b'"], "must be a plain folder name"),
+    (["run", "--set", "run.name=' a'"], "must be a plain folder name"),
+    (["run", "--set", "run.name=" + "x" * 201], "run.name is 201 bytes long"),
+    (["run", "--set", "run.name.x=1"], "'run.name' is a single value, not a table; drop '.x'"),
+    (["run", "--set", "clients.groups.0.name.x=1"], "'clients.groups.0.name' is a single value"),
+    (["run", "--set", "run.rounds.x.y=1"], "'run.rounds' is a single value"),
+    (["run", "--set", "clients.groups.0.name=\"g\\u0007\""], "clients.groups[0].name = 'g\\x07' holds a control"),
+    (["partition", "--set", r'run.output_dir="r\u0000s"'], "run.output_dir = 'r\\x00s' holds a control character"),
+    (["partition", "--set", "run.output_dir=" + "y" * 256], "run.output_dir holds a name of 256 bytes"),
+    (["run", "--set", r'data.root="/tmp/\u0000"'], "data.root = '/tmp/\\x00' holds a control character"),
+    (["run", "--set", "data.partition=file", "--set", r'data.partition_file="p\nz"'], "data.partition_file = 'p\\nz'"),
+    (["run", "--set", r'engine.state_dir="s\u001b"'], "engine.state_dir = 's\\x1b' holds a control"),
+    (["run", "--set", r'engine.address="auto\u0000"'], "engine.address = 'auto\\x00' holds a control"),
+    (["run", "--set", "data.synthetic_dim=1000000000000000"], "data.synthetic_dim must be <= 10,000"),
+    (["run", "--set", "data.synthetic_classes=1000000000000000"], "data.synthetic_classes must be <= 1,000"),
+    (["run", "--set", "clients.num_clients=1000000000000000"], "clients.num_clients must be <= 1,000,000"),
+    (["run", "--set", "clients.groups.0.count=1000000000000000"], "clients.groups[mlp].count must be <= 1,000,000"),
+    (["run", "--set", "data.max_train_samples=1000000000000000"], "data.max_train_samples must be <= 2,147,483,647"),
+    (["run", "--set", "data.max_test_samples=1000000000000000"], "data.max_test_samples must be <= 2,147,483,647"),
+    (["run", "--set", "data.min_samples=1000000000000000"], "data.min_samples must be <= 2,147,483,647"),
+    (["run", "--set", "data.classes_per_client=1000000000000000"], "data.classes_per_client must be <= 10 (the digits"),
+    (["run", "--set", "training.batch_size=1000000000000000"], "training.batch_size must be <= 2,147,483,647"),
+    (["run", "--set", "training.epochs=1000000000000000"], "training.epochs must be <= 2,147,483,647"),
+    (["run", "--set", "run.rounds=3000000000"], "run.rounds must be <= 2,147,483,647"),
+    (["run", "--set", "engine.num_actors=1000000000000000"], "engine.num_actors must be <= 1,000,000"),
+    (["run", "--set", "run.seed=99999999999999999999"], "run.seed = 99999999999999999999 does not fit in 64 bits"),
+    (["run", "--set", "training.weight_decay=inf"], "training.weight_decay must be a finite number, got inf"),
+    (["run", "--set", "clients.groups.0.num_gpus=inf"], "clients.groups[0].num_gpus must be a finite number"),
+    (["run", "--set", "clients.groups.0.num_cpus=1e308"], "clients.groups[0].num_cpus must be a finite number"),
+    (["run", "--set", "algorithm.fml.temperature=nan"], "algorithm.fml.temperature must be a finite number, got nan"),
+    (["run", "--set", "algorithm.fedprox.mu=inf"], "algorithm.fedprox.mu must be a finite number"),
+    (["run", "--set", "data.synthetic_beta=-inf"], "data.synthetic_beta must be a finite number"),
+    (["run", "--set", "training.weight_decay=1e300"], "training.weight_decay must be in [0, 1]"),
+    (["run", "--set", "algorithm.fml.temperature=1e-300"], "algorithm.fml.temperature must be in [0.01, 100]"),
+    (["run", "--set", "algorithm.fml.temperature=1e300"], "algorithm.fml.temperature must be in [0.01, 100]"),
+    (["run", "--set", "algorithm.fedprox.mu=1e300"], "algorithm.fedprox.mu must be in [0, 100]"),
+    (["run", "--set", "data.synthetic_beta=1e300"], "data.synthetic_beta must be in [0, 100]"),
+    (["compare", "--algorithms", "fml,fml"], "names one twice"),
+    (["compare", "--set", "run.name=" + "n" * 195], "runs <run.name>-<algorithm>: run.name is 202 bytes long"),
+    (["partition", "--set", r'run.name="\u0000"'], "holds a control character"),
+    (["run", "--config", "/tmp"], "config file /tmp is a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
     out = tmp_path / "runs"
@@ -135,3 +181,91 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "fmlray: error: data.dataset = 'nope' is unknown; choose one of digits, synthetic, fmnist, mnist, cifar10, cifar100, emnist"]
     assert not (tmp_path / "runs").exists()
+
+
+def finished_run(folder):
+    """A run folder as `fmlray run` leaves it, written directly (no training)."""
+    from fmlray import metrics
+    rows = [metrics.row(1, 0, "mlp", "local", "test", accuracy=0.5, samples=4),
+            metrics.row(1, model="global", split="global_test", accuracy=0.25, samples=9), metrics.row(1, seconds=1.0)]
+    folder.mkdir()
+    pq.write_table(metrics.to_table(rows), folder / "metrics.parquet")
+    (folder / "summary.txt").write_text(metrics.format_summary(metrics.summaries(metrics.to_table(rows))[-1], "t: title") + "\n")
+    return folder
+
+
+def test_report_reprints_a_finished_run(tmp_path, capsys):
+    assert main(["report", str(finished_run(tmp_path / "r"))]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("t: title\n") and "global model, global test set" in out
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("metrics.parquet", b"", "metrics.parquet cannot be read"),
+    ("metrics.parquet", bytes(range(256)) * 8, "metrics.parquet cannot be read"),
+    ("metrics.parquet", "other schema", "is not an fmlray metrics table (columns ['round', 'client'"),
+    ("metrics.parquet", "round as text", "columns ['round'] are missing or of another type"),
+    ("metrics.parquet", "no rows", "holds no complete evaluated round"),
+    ("metrics.parquet", "null rounds", "holds no complete evaluated round"),
+    ("summary.txt", b"", "summary.txt is not an fmlray summary"),
+    ("summary.txt", b"\xff\xfe\x00\x01binary", "summary.txt is not an fmlray summary"),
+    ("summary.txt", b'{"round": 1}\n', "summary.txt is not an fmlray summary"),
+])
+def test_report_on_a_damaged_run_is_one_line_and_exit_2(tmp_path, capsys, name, content, fragment):
+    import pyarrow as pa
+
+    from fmlray import metrics
+    run = finished_run(tmp_path / "r")
+    tables = {"other schema": pa.table({"a": [1]}), "no rows": metrics.to_table([]),
+              "round as text": metrics.to_table([metrics.row(1)]).set_column(0, "round", pa.array(["1"])),
+              "null rounds": metrics.to_table([metrics.row(1)]).set_column(0, "round", pa.array([None], pa.int32()))}
+    if isinstance(content, bytes):
+        (run / name).write_bytes(content)
+    else:
+        pq.write_table(tables[content], run / name)
+    fail(capsys, ["report", str(run)], fragment)
+
+
+@pytest.mark.parametrize("target, fragment", [
+    ("missing/p.csv", "is in a folder that does not exist"),
+    (".", "is a folder"),
+])
+def test_partition_save_to_a_bad_path_is_one_line_and_writes_nothing(tmp_path, capsys, target, fragment):
+    before = sorted(tmp_path.rglob("*"))
+    fail(capsys, ["partition", "--save", str(tmp_path / target)], fragment)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--set", "run.name.x=1"],
+    ["run", "--set", "data.synthetic_dim=1000000000000000"],
+    ["compare", "--set", "run.rounds=0"],
+    ["partition", "--set", "clients.num_clients=0"],
+    ["config", "--set", "training.lr=abc"],
+    ["sweep", "{spec}"],
+])
+def test_a_config_error_answers_before_torch_or_ray_is_imported(tmp_path, argv):
+    spec = tmp_path / "s.toml"
+    spec.write_text("[sweep]\nname = 'x'\nset = ['run.rounds=0']\n")
+    code = ("import sys\nfrom fmlray.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(code, sorted(m for m in ('torch', 'ray', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *[a.format(spec=spec) for a in argv]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "fmlray: error:" in proc.stderr
+
+
+def test_a_dataset_too_large_for_memory_is_one_line_naming_the_keys(tmp_path, capsys, monkeypatch):
+    import fmlray.data.sources
+    import fmlray.data.synthetic
+    out = tmp_path / "runs"
+    monkeypatch.setattr(fmlray.data.synthetic.psutil, "virtual_memory", lambda: type("M", (), {"available": 2**20}))
+    synthetic = ["--set", "data.dataset=synthetic", "--set", "data.synthetic_dim=10000"]
+    fail(capsys, ["run", *QUICK, *synthetic, "--set", f"run.output_dir={out}"],
+         "data.synthetic_dim = 10000 for clients.num_clients = 20 needs about", out)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(fmlray.data.sources, "_load_raw", no_memory)
+    fail(capsys, ["run", *QUICK, "--set", f"run.output_dir={out}"], "digits does not fit in memory; lower data.max_train", out)

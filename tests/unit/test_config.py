@@ -1,10 +1,15 @@
 """Config: defaults, presets, TOML, --set overrides, and the errors that name what to change."""
 
 import dataclasses
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from fmlray.config import PRESETS_DIR, ClientsConfig, Config, FMLConfig, GroupConfig, load_config, to_dict
+from fmlray import config
+from fmlray.cli import main
+from fmlray.config import PRESETS_DIR, ClientsConfig, Config, FMLConfig, GroupConfig, keys, load_config, to_dict
 from fmlray.errors import ConfigError
 
 
@@ -55,7 +60,7 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("training.lr=abc", "training.lr must be a number"),
     ("training.lr=-1", "training.lr must be in (0, 10]"),
     ("algorithm.fml.alpha=1.5", "algorithm.fml.alpha must be in [0, 1]"),
-    ("algorithm.fml.temperature=0", "algorithm.fml.temperature must be > 0"),
+    ("algorithm.fml.temperature=0", "algorithm.fml.temperature must be in [0.01, 100]"),
     ("clients.fraction=0", "clients.fraction must be in (0, 1]"),
     ("clients.num_clients=0", "clients.num_clients must be >= 1"),
     ("algorithm.name=fedsgd", "algorithm.name = 'fedsgd' is unknown; choose one of fml, fedavg"),
@@ -67,6 +72,11 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("training.lr", "must look like section.key=value"),
     ("engine.kind=spark", "engine.kind = 'spark' is unknown"),
     ("data.download=yes", "data.download must be a bool"),
+    ("run.name.x=1", "--set run.name.x: 'run.name' is a single value, not a table"),
+    ("clients.groups.1.share.x=1", "'clients.groups.1.share' is a single value"),
+    ("clients.groups.0.num_gpus=inf", "clients.groups[0].num_gpus must be a finite number"),
+    ('run.name="a\\u0085"', "holds a control character"),
+    ("run.seed=9223372036854775808", "does not fit in 64 bits"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -82,6 +92,13 @@ def test_bad_toml_file_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="run.name must be a str"):
         load_config(write(tmp_path, "[run]\nname = 3\n"))
+
+
+def test_checks_hold_for_configs_built_in_code_too():
+    with pytest.raises(ConfigError, match="num_gpus must be a finite number >= 0, got inf"):
+        GroupConfig(name="g", share=1, num_gpus=float("inf"))
+    with pytest.raises(ConfigError, match=r"training.weight_decay must be in \[0, 1\] \(usually 1e-4 to 1e-2\), got nan"):
+        dataclasses.replace(Config().training, weight_decay=float("nan"))
 
 
 def test_groups_need_exactly_one_of_count_or_share():
@@ -119,3 +136,58 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     cfg = load_config(None, ["algorithm.fml.beta_end=0.8", "clients.num_clients=7"])
     p = write(tmp_path, tomli_w.dumps(to_dict(cfg)))
     assert load_config(p) == cfg
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_config_block() -> str:
+    section = README.read_text().split("\n## Config\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+def flat(tree, prefix=""):
+    """Dotted keys of a TOML tree, with list indices as <i>."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flat(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            yield f"{prefix}{key}"
+            for item in value:
+                yield from flat(item, f"{prefix}{key}.<i>.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_fmlray_config_lists_every_key_with_value_default_and_description(capsys):
+    assert main(["config", "--set", "training.lr=0.05", "--set", "clients.groups.1.local_model=cnn"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "value", "default", "description"]
+    listed = {line.split()[0]: line.split(None, 3)[1:] for line in lines[1:]}
+    assert list(listed) == [key for key, *_ in keys(Config())]
+    assert len(listed) == 59 and {"run.eval_clients", "engine.state_store", "engine.state_dir", "algorithm.fml.alpha_end",
+                                  "algorithm.fedprox.mu", "clients.groups.1.num_gpus"} <= set(listed)
+    assert listed["training.lr"] == ["0.05", "0.01", "learning rate (the authors' code: SGD, lr 0.01, momentum 0.9, "
+                                                     "weight decay 5e-4)"]
+    assert listed["clients.groups.1.local_model"][:2] == ['"cnn"', '"mlp"']
+    assert listed["algorithm.fml.alpha_end"][:2] == ["(unset)", "(unset)"]
+    assert all(desc.strip() for _, _, desc in listed.values())
+
+
+def test_every_key_has_its_description_on_its_field_only():
+    for key, _, _, doc in keys(Config()):
+        assert doc and "\n" not in doc and len(doc) <= 160, key
+    source = (Path(config.__file__)).read_text()
+    classes = source[source.index("class RunConfig"):source.index("# Building configs")]
+    assert not [line for line in classes.splitlines() if ": " in line and " = " in line and "  # " in line], \
+        "describe a key in its _key(...) field, not in a comment"
+
+
+def test_readme_config_block_shows_every_key_and_the_defaults(tmp_path):
+    block = readme_config_block()
+    assert load_config(write(tmp_path, block)) == Config()
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", block, flags=re.M)  # optional keys are shown commented out
+    documented = set(flat(tomllib.loads(uncommented)))
+    listed = {re.sub(r"\.\d+\.", ".<i>.", key) for key, *_ in keys(Config())}
+    assert sorted(listed - documented) == []
+    assert "| file" in next(line for line in block.splitlines() if line.startswith("partition ="))

@@ -7,7 +7,7 @@ import pytest
 
 from fmlray.config import DataConfig
 from fmlray.data import Dataset, Partition, format_partition, load_dataset, partition_counts, partition_dataset
-from fmlray.errors import DataError
+from fmlray.errors import ConfigError, DataError
 
 SCHEMES = ("iid", "dirichlet", "shards", "quantity")
 
@@ -153,8 +153,13 @@ def test_too_many_clients_for_min_samples(digits, scheme):
 
 
 def test_shards_with_more_classes_than_exist(digits):
-    with pytest.raises(DataError, match="classes_per_client = 11") as exc:
+    with pytest.raises(ConfigError, match=r"data.classes_per_client must be <= 10 \(the digits classes\), got 11"):
         split(digits, "shards", classes_per_client=11)
+    keep, keep_test = digits.y_train < 5, digits.y_test < 5  # a training set that lacks some classes
+    few = Dataset("digits", digits.x_train[keep], digits.y_train[keep], digits.x_test[keep_test],
+                  digits.y_test[keep_test], num_classes=10)
+    with pytest.raises(DataError, match="classes_per_client = 6 exceeds the 5 classes") as exc:
+        split(few, "shards", classes_per_client=6)
     one_line(exc)
 
 

@@ -57,3 +57,34 @@ def test_missing_or_unreadable_file(tmp_path, capsys):
         assert fragment in capsys.readouterr().err
     assert main(["run", *SERIAL, "--set", "data.partition=file"]) == 2
     assert "goes with data.partition_file" in capsys.readouterr().err
+
+
+def zip_of(path, members):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: zip_of(p, {"notes.txt": "hello"}), "is a zip but not an .npz of arrays (member 'notes.txt' is no .npy)"),
+    (lambda p: zip_of(p, {f"{s}_{c}": b"\x00" * 8 for s in ("train", "test") for c in range(20)}),
+     "is a zip but not an .npz of arrays (member 'test_0' is no .npy)"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.arange(3)) or p.with_suffix(".npy"), "a single .npy array"),
+    (lambda p: np.savez(p, **{**good(), "train_0": np.array([1, 2], dtype=object)}) or p, "is not a readable .npz"),
+    (lambda p: np.savez(p, **{**good(), "train_0": np.array([1.0, 2.0])}) or p, "train_0 must be a non-empty 1-D integer"),
+    (lambda p: np.savez(p, **{**good(), "test_7": np.array([True])}) or p, "test_7 must be a non-empty 1-D integer"),
+    (lambda p: np.savez(p, **{**good(), "train_9": np.array([], dtype=np.int64)}) or p, "train_9 must be a non-empty"),
+    (lambda p: np.savez(p, **{**good(), "train_1": np.array(5)}) or p, "train_1 must be a non-empty 1-D integer"),
+    (lambda p: np.savez(p, **{**good(), "extra": np.arange(2)}) or p, "unexpected ['extra']"),
+    (lambda p: p.parent, "is not a readable .npz (IsADirectoryError"),
+])
+def test_a_file_of_another_format_is_one_line_and_exit_2(tmp_path, capsys, make, fragment):
+    path = make(tmp_path / "p.npz")
+    out = tmp_path / "runs"
+    code = main(["run", *SERIAL, "--set", f"run.output_dir={out}", "--set", "data.partition=file",
+                 "--set", f"data.partition_file={str(path)!r}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert not out.exists()
