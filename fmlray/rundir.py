@@ -75,7 +75,11 @@ class RunFolder:
             raise FmlrayError(f"{self.final} is being written by another fmlray run{_holder(self.lock_file)}; "
                               "wait for it to end, or choose another run.name") from None
         try:
-            self._recover()
+            try:
+                self._recover()
+            except OSError as exc:
+                raise FmlrayError(f"cannot tidy {exc.filename} left by an earlier run ({exc.strerror}); "
+                                  "move it away yourself") from None
             if not self.resume:
                 check_new(self.final, self.overwrite)
         except BaseException:
@@ -106,8 +110,8 @@ class RunFolder:
             save_partition(tmp, partition)
             os.replace(tmp, self.temp / PARTITION_FILE)
         except OSError as exc:
-            raise FmlrayError(f"cannot write into {self.parent} ({exc.strerror}); nothing of an earlier run was "
-                              "changed; set run.output_dir to a writable folder") from None
+            raise FmlrayError(f"cannot write {exc.filename or self.temp} ({exc.strerror}); nothing of an earlier run "
+                              "was changed; set run.output_dir to a writable folder") from None
         return self.temp
 
     def promote(self) -> Path:
