@@ -62,16 +62,18 @@ class RunFolder:
         self.lock_file = self.parent / f".{name}.lock"
         self.overwrite, self.resume = overwrite, resume
         self.path = self.final if resume else self.temp
-        self.promoted, self._made, self._lock = resume, False, None
+        self.promoted, self._made, self._lock, self._made_dirs = resume, False, None, []
 
     def __enter__(self) -> "RunFolder":
+        self._made_dirs = _missing(self.parent)  # removed again if the run leaves nothing in them
         try:
-            self.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _take_lock(self.lock_file)
         except OSError as exc:
+            self._remove_made_dirs()
             raise FmlrayError(f"cannot write into {self.parent} ({exc.strerror}); nothing was changed there; "
                               "set run.output_dir to a writable folder") from None
         if self._lock is None:
+            self._remove_made_dirs()
             raise FmlrayError(f"{self.final} is being written by another fmlray run{_holder(self.lock_file)}; "
                               "wait for it to end, or choose another run.name") from None
         try:
@@ -163,6 +165,24 @@ class RunFolder:
             self.lock_file.unlink(missing_ok=True)  # while still held: see _take_lock
             os.close(self._lock)
             self._lock = None
+        self._remove_made_dirs()
+
+    def _remove_made_dirs(self) -> None:
+        """Bad input leaves no empty runs/ behind (another writer's lock file or run keeps it)."""
+        for folder in self._made_dirs:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
 
 
 def check_new(folder: Path, overwrite: bool) -> None:
@@ -184,10 +204,15 @@ def _ours(folder: Path) -> bool:
 
 def _take_lock(path: Path) -> int | None:
     """An exclusive flock on `path` (the kernel drops it when the process dies, so a crash leaves no
-    stale lock), or None when another process holds it. The file is unlinked before it is released;
-    a taker that locked a file unlinked meanwhile tries again, so two never both hold the name."""
+    stale lock), or None when another process holds it; its folder is made if missing. The file is
+    unlinked before it is released; a taker that locked a file unlinked meanwhile tries again, so two
+    never both hold the name."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a writer that failed removed the folder it had made: make it again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
