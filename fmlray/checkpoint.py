@@ -90,6 +90,10 @@ class Writer:
             raise ResourceError(f"cannot create {self.folder} ({exc.strerror}); set run.output_dir to a writable "
                                 "folder") from None
 
+    def relocate(self, run_dir: Path) -> None:
+        """The run folder was renamed (a new run moved into place): write the next checkpoints there."""
+        self.folder = Path(run_dir) / FOLDER
+
     def __call__(self, rnd: int, engine, global_state: State | None) -> dict:
         started = time.perf_counter()
         new = engine.checkpoint(rnd, self.folder)

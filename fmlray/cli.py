@@ -25,6 +25,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} if it exists (only a folder fmlray made, and only once the new run "
+                   "has its first checkpoint; without this flag an existing folder is refused)")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: the embedded digits default)")
     p.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
@@ -40,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<name> from its last checkpoint "
                      "(its own config; --set may extend run.rounds)")
+    _overwrite_arg(run, "runs/<name>/")
     compare = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
     _config_args(compare)
     compare.add_argument("--algorithms", default="fml,fedavg,fedprox,local",
                          help="comma-separated (default: fml,fedavg,fedprox,local)")
+    _overwrite_arg(compare, "the runs/<name>-<algorithm>/ folders")
     sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
     sweep.add_argument("sweep_file", help="a TOML sweep file, e.g. experiments/digits.toml")
     report = sub.add_parser("report", help="reprint a finished run's summary")
@@ -74,6 +82,8 @@ def cmd_run(args) -> int:
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
         check_path(args.resume, "--resume")
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in its folder; drop --overwrite")
         cfg = resumable_config(args.resume, _overrides(args))
     else:
         cfg = _load(args)
@@ -83,7 +93,8 @@ def cmd_run(args) -> int:
 
     try:
         path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True),
-                                       resume_dir=Path(args.resume) if args.resume else None)
+                                       resume_dir=Path(args.resume) if args.resume else None,
+                                       overwrite=args.overwrite)
     except RunInterrupted as stop:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         print(f"fmlray: stopped after round {stop.round}; continue with: fmlray run --resume {run_dir}",
@@ -95,8 +106,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from pathlib import Path
+
     from fmlray.config import ALGORITHMS, ConfigError
     from fmlray.jobs import check_path
+    from fmlray.rundir import check_new
 
     names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
@@ -106,21 +120,24 @@ def cmd_compare(args) -> int:
         raise ConfigError(f"--algorithms names one twice ({args.algorithms}); their runs would share a folder")
     cfg = _load(args)
     check_path(cfg.run.output_dir, "run.output_dir")
+    runs = {}
     for name in names:  # each run's folder name must hold too
         try:
-            replace(cfg.run, name=f"{cfg.run.name}-{name}")
+            runs[name] = replace(cfg, algorithm=replace(cfg.algorithm, name=name),
+                                 run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
         except ConfigError as exc:
             raise ConfigError(f"compare names its runs <run.name>-<algorithm>: {exc}") from None
+    for one in runs.values():  # every folder checked before the data is loaded (each run locks its own)
+        check_new(Path(one.run.output_dir) / one.run.name, args.overwrite)
     from fmlray.metrics import format_comparison
     from fmlray.simulation import prepare, run_experiment
 
     prepared = prepare(cfg)  # one dataset and partition for every algorithm
     finals = {}
     with _shared_ray(cfg):
-        for name in names:
-            one = replace(cfg, algorithm=replace(cfg.algorithm, name=name),
-                          run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
-            path, finals[name] = run_experiment(one, prepared, echo=lambda s: print(s, flush=True))
+        for name, one in runs.items():
+            path, finals[name] = run_experiment(one, prepared, echo=lambda s: print(s, flush=True),
+                                                overwrite=args.overwrite)
             print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
     return 0

@@ -1,13 +1,20 @@
-"""A run's folder, `runs/<name>/`: made when the run starts, completed when it ends.
+"""A run's folder, `runs/<name>/`: claimed before the run starts, in place from its first checkpoint.
 
 While the run goes on it holds config.toml, partition.csv, the latest checkpoint (checkpoint/, so it
 can be resumed) and each finished round's metric rows (metrics/); metrics.parquet, the summaries and
 the plot arrive at the end. Each file is written under a
 temporary name and renamed, so no file is ever half-written.
+
+A run folder is never overwritten or deleted implicitly (MLflow's and Hydra's run directories work the
+same way): `RunFolder` locks the name, refuses an existing folder unless asked to replace it, never
+deletes a folder without fmlray's marker, and builds a new run in a hidden sibling that is renamed into
+place only once it holds a checkpoint, so a run that dies early leaves the old one as it was.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
@@ -24,6 +31,8 @@ from fmlray import metrics, plots
 from fmlray.config import Config, to_dict
 from fmlray.errors import FmlrayError
 
+# Written first into every folder fmlray makes: a folder without it is the user's, and never deleted.
+MARKER = ".fmlray-run"
 CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS = (
     "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "partition.npz", "accuracy.png",
     "metrics")
@@ -35,25 +44,207 @@ def _atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def create(cfg: Config, partition_table: pa.Table, partition) -> Path:
-    """A fresh runs/<name>/ (an older run of that name is replaced) with the config and partition."""
-    from fmlray.data import save_partition
+class RunFolder:
+    """One writer's hold on `output_dir/<name>/`, as a context manager.
 
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    Entering takes the name's lock (a second writer refuses with one line), tidies what a killed
+    writer left (see `_recover`) and, for a new run, refuses a folder that exists unless `overwrite`
+    (and, even then, one without fmlray's marker). A new run is written into `path`, a hidden
+    sibling, until `promote()` renames it into place (replacing the old run only then); leaving
+    without promoting deletes that sibling and touches nothing else. A resumed run (`resume`) writes
+    into its folder directly, under the same lock.
+    """
+
+    def __init__(self, output_dir: str | Path, name: str, *, overwrite: bool = False, resume: bool = False):
+        self.parent = Path(output_dir)
+        self.final = self.parent / name
+        self.temp, self.aside = self.parent / f".{name}.new", self.parent / f".{name}.old"
+        self.lock_file = self.parent / f".{name}.lock"
+        self.overwrite, self.resume = overwrite, resume
+        self.path = self.final if resume else self.temp
+        self.promoted, self._made, self._lock, self._made_dirs = resume, False, None, []
+
+    def __enter__(self) -> "RunFolder":
+        self._made_dirs = _missing(self.parent)  # removed again if the run leaves nothing in them
+        try:
+            self._lock = _take_lock(self.lock_file)
+        except OSError as exc:
+            self._remove_made_dirs()
+            raise FmlrayError(f"cannot write into {self.parent} ({exc.strerror}); nothing was changed there; "
+                              "set run.output_dir to a writable folder") from None
+        if self._lock is None:
+            self._remove_made_dirs()
+            raise FmlrayError(f"{self.final} is being written by another fmlray run{_holder(self.lock_file)}; "
+                              "wait for it to end, or choose another run.name") from None
+        try:
+            try:
+                self._recover()
+            except OSError as exc:
+                raise FmlrayError(f"cannot tidy {exc.filename} left by an earlier run ({exc.strerror}); "
+                                  "move it away yourself") from None
+            if not self.resume:
+                check_new(self.final, self.overwrite)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if not self.promoted and self._made:
+                shutil.rmtree(self.temp, ignore_errors=True)  # nothing worth keeping yet; the old run is as it was
+        finally:
+            self._release()
+
+    def create(self, cfg: Config, partition_table: pa.Table, partition) -> Path:
+        """The new run's (still hidden) folder: the marker first, then the config and the partition."""
+        from fmlray.data import save_partition
+
+        try:
+            self.temp.mkdir()
+            self._made = True
+            _atomic(self.temp / MARKER, b"made by fmlray; fmlray deletes a run folder only when this file is in it\n")
+            write_config(self.temp, cfg)
+            buf = io.BytesIO()
+            pa.csv.write_csv(partition_table, buf)
+            _atomic(self.temp / PARTITION, buf.getvalue())
+            tmp = self.temp / f".{PARTITION_FILE}.tmp.npz"
+            save_partition(tmp, partition)
+            os.replace(tmp, self.temp / PARTITION_FILE)
+        except OSError as exc:
+            raise FmlrayError(f"cannot write {exc.filename or self.temp} ({exc.strerror}); nothing of an earlier run "
+                              "was changed; set run.output_dir to a writable folder") from None
+        return self.temp
+
+    def promote(self) -> Path:
+        """Rename the new run into place; an old run there (allowed by `overwrite`) goes only now."""
+        if self.promoted:
+            return self.path
+        try:
+            if os.path.lexists(self.final):
+                check_new(self.final, self.overwrite)  # again: the folder may have changed since the start
+                os.rename(self.final, self.aside)
+                try:
+                    os.rename(self.temp, self.final)
+                except OSError:
+                    os.rename(self.aside, self.final)
+                    raise
+                shutil.rmtree(self.aside)
+            else:
+                os.rename(self.temp, self.final)
+            _fsync_dir(self.parent)
+        except (OSError, FmlrayError) as exc:
+            raise FmlrayError(f"cannot move the new run into {self.final} "
+                              f"({exc.strerror if isinstance(exc, OSError) else exc}); {self._keep()}") from None
+        self.path, self.promoted = self.final, True
+        return self.final
+
+    def _keep(self) -> str:
+        """Where a new run that could not take its place is kept (it holds a checkpoint: never deleted)."""
+        self._made = False
+        kept = self.parent / f"{self.final.name}-unplaced-{os.getpid()}"
+        try:
+            os.rename(self.temp, kept)
+        except OSError:
+            kept = self.temp
+        return f"the new run is kept in {kept}"
+
+    def _recover(self) -> None:
+        """Under the lock, finish what a writer killed mid-way left: a swap cut short between its two
+        renames puts the old run back; a stale new run or a replaced old one is deleted (marked ones only)."""
+        if _ours(self.aside):
+            if os.path.lexists(self.final):
+                shutil.rmtree(self.aside)
+            else:
+                os.rename(self.aside, self.final)
+        if _ours(self.temp) or (self.temp.is_dir() and not any(self.temp.iterdir())):
+            shutil.rmtree(self.temp)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self.lock_file.unlink(missing_ok=True)  # while still held: see _take_lock
+            os.close(self._lock)
+            self._lock = None
+        self._remove_made_dirs()
+
+    def _remove_made_dirs(self) -> None:
+        """Bad input leaves no empty runs/ behind (another writer's lock file or run keeps it)."""
+        for folder in self._made_dirs:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def check_new(folder: Path, overwrite: bool) -> None:
+    """Refuse, with one line, to start a new run into an existing `folder`, unless `overwrite` and
+    fmlray made it."""
+    if not os.path.lexists(folder):
+        return
+    if not overwrite:
+        raise FmlrayError(f"{folder} already exists; choose another run.name (--set run.name=NEW) "
+                          "or add --overwrite to replace it")
+    if not _ours(folder):
+        raise FmlrayError(f"{folder} was not made by fmlray (it has no {MARKER} file), so it is never deleted, "
+                          "even with --overwrite; move it away yourself or choose another run.name")
+
+
+def _ours(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (folder / MARKER).is_file()
+
+
+def _take_lock(path: Path) -> int | None:
+    """An exclusive flock on `path` (the kernel drops it when the process dies, so a crash leaves no
+    stale lock), or None when another process holds it; its folder is made if missing. The file is
+    unlinked before it is released; a taker that locked a file unlinked meanwhile tries again, so two
+    never both hold the name."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a writer that failed removed the folder it had made: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
     try:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-    except OSError as exc:
-        raise FmlrayError(f"cannot create {run_dir}: {exc.strerror}; set run.output_dir to a writable folder") from None
-    write_config(run_dir, cfg)
-    buf = io.BytesIO()
-    pa.csv.write_csv(partition_table, buf)
-    _atomic(run_dir / PARTITION, buf.getvalue())
-    tmp = run_dir / f".{PARTITION_FILE}.tmp.npz"
-    save_partition(tmp, partition)
-    os.replace(tmp, run_dir / PARTITION_FILE)
-    return run_dir
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
@@ -89,6 +280,10 @@ class Records:
         for part in self.parts.iterdir():
             if not _part_round(part) or _part_round(part) > upto:
                 part.unlink()  # rounds after the checkpoint are run again; temporaries cut short
+
+    def relocate(self, run_dir: Path) -> None:
+        """The run folder was renamed (a new run moved into place)."""
+        self.run_dir, self.parts = Path(run_dir), Path(run_dir) / PARTS
 
     def _write(self, rnd: int, table: pa.Table) -> None:
         buf = io.BytesIO()

@@ -6,7 +6,6 @@ algorithm); it only decides who trains when, and writes down what came back.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -138,57 +137,70 @@ def title(cfg: Config) -> str:
 
 
 def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable[[str], None] = print,
-                   resume_dir: Path | None = None):
+                   resume_dir: Path | None = None, overwrite: bool = False):
     """Prepare, simulate on the configured engine, write runs/<name>/; return (folder, final summary).
 
-    The folder is made once the engine is up; while the run goes on it holds the config, the partition,
-    the latest checkpoint and each finished round's metric rows (metrics/); metrics.parquet, the summary
-    and the plot come when it ends. A run that fails before its first checkpoint leaves no folder behind.
+    The name is claimed first (`rundir.RunFolder`: locked; an existing folder refused unless
+    `overwrite`), before any data is loaded or the engine started. A new run is written into a hidden
+    sibling, renamed into place at its first checkpoint (or at its end, without checkpoints); while the
+    run goes on it holds the config, the partition, the latest checkpoint and each finished round's
+    metric rows (metrics/); metrics.parquet, the summary and the plot come when it ends. A run that
+    fails before its first checkpoint leaves the folder as it was before it started.
     """
+    from fmlray import rundir
+
+    with rundir.RunFolder(cfg.run.output_dir, cfg.run.name, overwrite=overwrite,
+                          resume=resume_dir is not None) as folder:
+        return _run_in(folder, cfg, prepared, echo, resume_dir is not None)
+
+
+def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str], None], resuming: bool):
     from fmlray import checkpoint, rundir
     from fmlray.data import partition_counts
     from fmlray.engine import make_engine
 
     prepared = prepared or prepare(cfg)
-    resume = checkpoint.load(resume_dir, cfg) if resume_dir is not None else None
+    resume = checkpoint.load(folder.path, cfg) if resuming else None
     if resume is not None and resume.round >= cfg.run.rounds:
-        raise FmlrayError(f"{resume_dir} already ran its {resume.round} rounds; "
+        raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")
     engine = make_engine(cfg)
     echo(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
     engine.start(cfg, prepared.dataset, prepared.partition)
     for note in getattr(engine, "notes", []):
         echo(note)
-    saved, run_dir = resume is not None, None
     try:
-        if resume_dir is not None:
-            run_dir = resume_dir
-            rundir.write_config(run_dir, cfg)  # e.g. with more rounds than before
+        if resume is not None:
+            rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
         else:
-            run_dir = rundir.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition)
-        writer = checkpoint.Writer(run_dir, cfg, resume)
+            folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition)
+        writer = checkpoint.Writer(folder.path, cfg, resume)
         engine.check_writable(writer.folder)
-        records = rundir.Records(run_dir, upto=resume.round if resume else 0)
+        records = rundir.Records(folder.path, upto=resume.round if resume else 0)
+
+        def into_place() -> None:
+            """The new run has something worth keeping: it takes its name (replacing an old run only now)."""
+            if not folder.promoted:
+                folder.promote()
+                writer.relocate(folder.path)
+                records.relocate(folder.path)
+                engine.checkpoint_moved(writer.folder)
 
         def save(rnd: int, engine, state) -> dict:
-            nonlocal saved
             info = writer(rnd, engine, state)
-            saved = True
+            into_place()
             return info
 
         with StopOnSignal(echo) as stop:
             result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
                               record=records.append, stop=stop,
                               on_round=lambda s: echo(metrics.progress_line(s, cfg.run.rounds)))
-    except BaseException:
-        if not saved and run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth resuming
-        raise  # the rounds that ran stay in metrics/; metrics.parquet marks a finished run
     finally:
-        engine.close()
+        engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
     summary = records.merge(final=True)
-    rundir.finish(run_dir, summary, title(cfg))
-    return run_dir, summary[-1]
+    rundir.finish(folder.path, summary, title(cfg))
+    into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
+    return folder.path, summary[-1]
 
 
 class StopOnSignal:

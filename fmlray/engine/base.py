@@ -51,6 +51,9 @@ class Engine(Protocol):
     def restore(self, folder: Path, refs: dict[int, RowRef]) -> None:
         """Load each client's row named in `refs` from the checkpoint `folder` (when resuming a run)."""
 
+    def checkpoint_moved(self, folder: Path) -> None:
+        """The last checkpoint's folder was renamed to `folder` (a new run moved into place)."""
+
     def fetch(self, state) -> State | None:
         """The global state as numpy arrays (an engine may keep it elsewhere between rounds)."""
 

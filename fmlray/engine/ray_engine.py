@@ -446,6 +446,10 @@ class RayEngine:
         self._dispatch(sorted(self.owner), lambda a, ids: a.restore.remote(
             str(folder), {c: refs[c] for c in ids if c in refs}))
 
+    def checkpoint_moved(self, folder: Path) -> None:
+        """A lost actor's clients are restored from here from now on."""
+        self.folder = Path(folder)
+
     def _take_failures(self) -> list[dict]:
         out, self.failures = self.failures, []
         return out

@@ -47,6 +47,9 @@ class SerialEngine:
     def restore(self, folder: Path, refs: dict) -> None:
         self.host.restore_rows(folder, refs)
 
+    def checkpoint_moved(self, folder: Path) -> None:
+        pass  # nothing here remembers where the checkpoint is
+
     def fetch(self, state: State | None) -> State | None:
         return state
 

@@ -38,7 +38,7 @@ def test_run_writes_every_output_and_report_reprints_it(tmp_path, capsys):
     assert "round 2/2" in printed and "global model, global test set" in printed
     run_dir = out / "t"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "accuracy.png", "checkpoint", "config.toml", "metrics.parquet", "partition.csv", "partition.npz", "summary.json",
+        ".fmlray-run", "accuracy.png", "checkpoint", "config.toml", "metrics.parquet", "partition.csv", "partition.npz", "summary.json",
         "summary.txt"]
     # the last checkpoint: the manifest, the global model and the clients' rows (both rounds' rows are
     # live: every client trained in round 2, so round 1's file was superseded and deleted)

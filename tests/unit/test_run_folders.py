@@ -1,0 +1,254 @@
+"""Run folders are never lost: an existing folder is refused unless --overwrite, a folder without
+fmlray's marker is never deleted, a new run takes its place only at its first checkpoint, and one
+writer at a time holds a name (serial engine; each refusal is one line and exit code 2)."""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import fmlray.data
+from fmlray.cli import main
+from fmlray.errors import FmlrayError
+from fmlray.rundir import MARKER, RunFolder
+
+# a small, quick run: 4 clients of one architecture, one round
+QUICK = ["--set", "engine.kind=serial", "--set", "training.epochs=1", "--set", "run.rounds=1",
+         "--set", "clients.num_clients=4", "--set", "clients.groups=[{name='mlp', share=1.0, local_model='mlp'}]"]
+HOLD = ("import sys\nfrom fmlray.rundir import RunFolder\n"
+        "with RunFolder(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def run(out, name, *extra):
+    return main(["run", *QUICK, "--set", f"run.output_dir={out}", "--set", f"run.name={name}", *extra])
+
+
+def cli(*argv, **kwargs):
+    return subprocess.run([sys.executable, "-m", "fmlray", *argv], capture_output=True, text=True, timeout=600,
+                          **kwargs)
+
+
+def snapshot(folder):
+    """Every file under `folder`, as bytes, by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys, code, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def hidden(out):
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Loading data fails loudly: a refusal must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("data was loaded")
+    monkeypatch.setattr(fmlray.data, "load_dataset", refuse)
+
+
+def test_a_second_run_of_the_same_name_is_refused_before_loading_data(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    (out / "a" / "notes.txt").write_text("my notes")
+    before = snapshot(out / "a")
+    capsys.readouterr()
+    monkeypatch.setattr(fmlray.data, "load_dataset", lambda *a, **k: pytest.fail("data was loaded"))
+    one_line(capsys, run(out, "a", "--set", "run.seed=1"), f"{out / 'a'} already exists", "run.name", "--overwrite")
+    assert snapshot(out / "a") == before and hidden(out) == []
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from fmlray import checkpoint
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    before = snapshot(out / "a")
+    seen = []
+    real = checkpoint.Writer.__call__
+
+    def write(self, rnd, engine, state):  # the moment the new run writes its first checkpoint
+        seen.append((snapshot(out / "a") == before, (out / ".a.new" / MARKER).is_file(), (out / ".a.lock").is_file()))
+        return real(self, rnd, engine, state)
+
+    monkeypatch.setattr(checkpoint.Writer, "__call__", write)
+    assert run(out, "a", "--overwrite", "--set", "run.rounds=2", "--set", "run.checkpoint_every=1") == 0
+    assert seen[0] == (True, True, True)  # old run untouched, new one in its hidden sibling, name locked
+    assert seen[1][0] is False  # the second checkpoint goes into the renamed folder
+    assert checkpoint.load(out / "a").round == 2 and (out / "a" / "metrics.parquet").is_file()
+    assert (out / "a" / MARKER).is_file() and hidden(out) == []
+    assert "wrote " + str(out / "a") in capsys.readouterr().out
+
+
+def test_a_run_without_checkpoints_takes_its_place_when_it_ends(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run(out, "a", "--set", "run.checkpoint_every=0") == 0
+    assert (out / "a" / "summary.txt").is_file() and not (out / "a" / "checkpoint" / "manifest.json").exists()
+    assert hidden(out) == []
+
+
+def test_a_folder_without_the_marker_is_never_deleted(tmp_path, capsys, no_data):
+    out = tmp_path / "runs"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')")
+    one_line(capsys, run(out, "src"), "already exists")
+    one_line(capsys, run(out, "src", "--overwrite"), f"{out / 'src'} was not made by fmlray", MARKER,
+             "run.name")
+    assert snapshot(out / "src") == {"main.py": b"print('mine')"} and hidden(out) == []
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_the_old_run_as_it_was(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    before = snapshot(out / "a")
+    real = fmlray.data.load_dataset
+
+    def poisoned(*args, **kwargs):  # every client's loss is NaN: the run stops in round 1
+        ds = real(*args, **kwargs)
+        return type(ds)(ds.name, ds.x_train * float("nan"), ds.y_train, ds.x_test, ds.y_test, ds.num_classes)
+
+    monkeypatch.setattr(fmlray.data, "load_dataset", poisoned)
+    capsys.readouterr()
+    one_line(capsys, run(out, "a", "--overwrite"), "loss is not finite")
+    assert snapshot(out / "a") == before and hidden(out) == []
+    one_line(capsys, run(out, "b"), "loss is not finite")
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+
+
+def test_a_run_killed_in_round_1_with_overwrite_leaves_the_old_run_intact(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    before = snapshot(out / "a")
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "run", *QUICK, "--set", f"run.output_dir={out}",
+                             "--set", "run.name=a", "--set", "run.rounds=30", "--set", "run.checkpoint_every=10",
+                             "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.split()[:2] == ["round", "1/30"]:  # round 1's rows are written, its checkpoint is nine rounds away
+            assert (out / ".a.new" / "metrics" / "round-000001.parquet").is_file()
+            proc.send_signal(signal.SIGKILL)
+            break
+    else:
+        proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert snapshot(out / "a") == before
+    # the next writer of the name tidies what the killed one left, and the kernel dropped its lock
+    capsys.readouterr()
+    one_line(capsys, run(out, "a"), "already exists")
+    assert hidden(out) == [] and snapshot(out / "a") == before
+
+
+def test_a_second_writer_is_refused_while_another_process_holds_the_name(tmp_path, capsys, no_data):
+    out = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "a"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = one_line(capsys, run(out, "a"), f"{out / 'a'} is being written by another fmlray run",
+                       f"(pid {holder.pid})", "run.name")
+        assert not (out / "a").exists()
+    finally:
+        holder.kill()  # a crash: the kernel releases the lock, nothing stale stays behind
+        holder.wait()
+    holder.stdout.close()
+    assert "being written" in err
+    with RunFolder(out, "a") as folder:  # free again
+        assert folder.path == out / ".a.new"
+    assert hidden(out) == []
+
+
+def test_resume_is_refused_while_the_run_is_being_written(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    with RunFolder(out, "a", resume=True):
+        capsys.readouterr()
+        one_line(capsys, main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2"]), "is being written")
+    one_line(capsys, main(["run", "--resume", str(out / "a"), "--overwrite"]), "drop --overwrite")
+
+
+def test_two_runs_of_the_same_name_at_once_exactly_one_runs(tmp_path):
+    out = tmp_path / "runs"
+    procs = [subprocess.Popen([sys.executable, "-m", "fmlray", "run", *QUICK, "--set", f"run.output_dir={out}",
+                               "--set", "run.name=a", "--set", f"run.seed={seed}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        done.append((p.returncode, stdout, stderr))
+    assert sorted(code for code, _, _ in done) == [0, 2], done
+    (_, _, err), = [d for d in done if d[0] == 2]
+    assert len(err.strip().splitlines()) == 1 and str(out / "a") in err, err  # being written, or already exists
+    seed = 1 + [d[0] for d in done].index(0)
+    assert f"seed = {seed}\n" in (out / "a" / "config.toml").read_text()
+    assert f"seed {seed}," in (out / "a" / "summary.txt").read_text()
+    assert hidden(out) == []
+
+
+def _without_dac_override():
+    """Root ignores file modes; without CAP_DAC_OVERRIDE (dropped from the bounding set before exec) it cannot."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_unwritable_output_folder_is_one_line_and_the_old_run_is_untouched(tmp_path):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    before = snapshot(out / "a")
+    out.chmod(0o555)
+    try:
+        for extra in ([], ["--overwrite"]):
+            done = cli("run", *QUICK, "--set", f"run.output_dir={out}", "--set", "run.name=b", *extra,
+                       preexec_fn=_without_dac_override)
+            err = done.stderr.strip()
+            assert done.returncode == 2 and len(err.splitlines()) == 1, err
+            assert f"cannot write into {out} (Permission denied)" in err and "run.output_dir" in err
+            done = cli("run", *QUICK, "--set", f"run.output_dir={out}", "--set", "run.name=a", *extra,
+                       preexec_fn=_without_dac_override)
+            assert done.returncode == 2 and "cannot write into" in done.stderr, done.stderr
+    finally:
+        out.chmod(0o755)
+    assert snapshot(out / "a") == before and sorted(p.name for p in out.iterdir()) == ["a"]
+
+
+def test_compare_refuses_existing_algorithm_folders_before_loading_data(tmp_path, capsys, no_data):
+    out = tmp_path / "runs"
+    (out / "x-fedavg").mkdir(parents=True)
+    argv = ["compare", "--set", "engine.kind=serial", "--set", f"run.output_dir={out}", "--set", "run.name=x",
+            "--algorithms", "fml,fedavg"]
+    one_line(capsys, main(argv), f"{out / 'x-fedavg'} already exists", "--overwrite")
+    one_line(capsys, main([*argv, "--overwrite"]), f"{out / 'x-fedavg'} was not made by fmlray")
+    assert sorted(p.name for p in out.iterdir()) == ["x-fedavg"] and not any((out / "x-fedavg").iterdir())
+
+
+def test_compare_overwrite_replaces_its_own_folders(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["compare", *QUICK, "--set", f"run.output_dir={out}", "--set", "run.name=x", "--algorithms", "fedavg"]
+    assert main(argv) == 0
+    first = (out / "x-fedavg" / "config.toml").read_text()
+    assert main([*argv, "--set", "run.seed=3", "--overwrite"]) == 0
+    assert (out / "x-fedavg" / "config.toml").read_text() != first and hidden(out) == []
+
+
+def test_a_swap_cut_short_puts_the_old_run_back(tmp_path):
+    # killed between "old run aside" and "new run in": the next writer of the name restores the old one
+    out = tmp_path / "runs"
+    for name in (".a.old", ".a.new"):
+        (out / name).mkdir(parents=True)
+        (out / name / MARKER).write_text("")
+    (out / ".a.old" / "config.toml").write_text("old")
+    with pytest.raises(FmlrayError, match="already exists"):
+        with RunFolder(out, "a"):
+            pass
+    assert (out / "a" / "config.toml").read_text() == "old" and hidden(out) == []
