@@ -130,18 +130,18 @@ def start_engine(cfg: Config, prepared) -> tuple[RayEngine, dict]:
 
 
 def private_bytes(engine: RayEngine) -> int:
-    """Bytes the client actors hold for their clients' private models: parameters and buffers, any
-    gradients left on them, and the optimiser's state (read from the actors, between rounds)."""
+    """Bytes the client actors hold in memory for their clients' private state: the rows of a memory store
+    (a disk store's rows are in files), and each architecture's workspace model with its gradients and
+    optimiser state (read from the actors, between rounds)."""
     import ray
 
     def count(actor) -> int:
         import torch
-        total = 0
-        for c in actor.host.clients.values():
-            if c.local is None:
-                continue
-            tensors = list(c.local.state_dict().values()) + [p.grad for p in c.local.parameters() if p.grad is not None]
-            tensors += [v for st in c.local_opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        host = actor.host
+        total = sum(len(s) * s.layout.nbytes for s in host.stores.values() if s.kind == "memory")
+        for ws in host.workspaces.values():
+            tensors = ws.tensors + [p.grad for p in ws.params if p.grad is not None]
+            tensors += [v for st in ws.opt.state.values() for v in st.values() if torch.is_tensor(v)]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
     return sum(ray.get([a.__ray_call__.remote(count) for a in engine.actors]))
