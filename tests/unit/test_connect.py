@@ -52,6 +52,10 @@ def ray_tmpdir(monkeypatch, tmp_path):
     """Ray's temp folder for this test alone (RAY_TMPDIR), never the machine's /tmp/ray."""
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # In a whole-suite run the integration tests' session Ray is up, and connect() leaves a live Ray as
+    # it is; these tests are about what connect() does before any Ray exists in this process.
+    import ray
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     return tmp_path
 
 
