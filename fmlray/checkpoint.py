@@ -27,6 +27,7 @@ from fmlray.aggregate import State
 from fmlray.config import Config, to_dict
 from fmlray.engine.state import RowRef, latest_rows
 from fmlray.errors import FmlrayError, ResourceError
+from fmlray.rundir import fsync_dir
 
 FOLDER = "checkpoint"
 MANIFEST = "manifest.json"
@@ -68,14 +69,6 @@ class Resume:
         return latest_rows(self.shards)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Writer:
     """Writes a run's checkpoints: hosts write their rows, then the driver the global model and the
     manifest. Called as `writer(rnd, engine, global_state)`; returns what it wrote."""
@@ -115,7 +108,7 @@ class Writer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.folder / MANIFEST)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             raise ResourceError(f"cannot write the checkpoint in {self.folder} ({exc.strerror}); free space there "
                                 "or set run.output_dir elsewhere (the previous checkpoint is still resumable)") from None

@@ -132,7 +132,7 @@ class RunFolder:
                 shutil.rmtree(self.aside)
             else:
                 os.rename(self.temp, self.final)
-            _fsync_dir(self.parent)
+            fsync_dir(self.parent)
         except (OSError, FmlrayError) as exc:
             raise FmlrayError(f"cannot move the new run into {self.final} "
                               f"({exc.strerror if isinstance(exc, OSError) else exc}); {self._keep()}") from None
@@ -239,7 +239,8 @@ def _holder(path: Path) -> str:
     return f" (pid {pid})" if pid.isdigit() else ""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
