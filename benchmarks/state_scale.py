@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
@@ -124,7 +125,7 @@ def one(clients: int, rounds: int, per_round: int, ckpt: bool, prepared_by_n: di
                 writer = checkpoint.Writer(run_dir, cfg) if ckpt else None
                 rows, state = run_rounds(cfg, prepared, engine, 1, rounds, initial_global_state(cfg, prepared.dataset),
                                          writer, sampler, [work / "state", run_dir])
-                stored = sum(benchlib_ray_get([a.stored.remote() for a in engine.actors]))
+                stored = sum(ray.get([a.stored.remote() for a in engine.actors]))
             finally:
                 engine.close()
             peak = sampler.peak()
@@ -186,11 +187,6 @@ def versus(commit: str, rounds: int, per_round: int) -> dict:
         subprocess.run(["git", "-C", str(benchlib.REPO), "worktree", "remove", "--force", str(work / "src")],
                        capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def benchlib_ray_get(refs):
-    import ray
-    return ray.get(refs)
 
 
 def resume_check(clients: int, rounds: int, per_round: int, prepared_by_n: dict) -> dict:

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,6 @@ from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
 class Result:
     rows: list[dict]  # see fmlray.metrics for the columns; empty when they went to a `record` sink
     global_state: State | None
-    summaries: list[dict] = field(default_factory=list)  # metrics.round_summary of each evaluated round
 
 
 def sample_clients(cfg: Config, rnd: int) -> list[int]:
@@ -75,7 +74,7 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     `record(round, rows)` with each round's rows (else they are kept in the result), and
     `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true."""
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
-    state, kept, summaries, first = initial_global_state(cfg, dataset), [], [], 1
+    state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
         state, first = resume.global_state, resume.round + 1
         engine.restore(resume.folder, resume.refs())
@@ -99,8 +98,6 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         else:
             record(rnd, new)
         summary = metrics.round_summary(new)
-        if summary["local"] or summary["global_clients"] or summary["global_test"] is not None:
-            summaries.append(summary)
         stopping = stop()
         if save is not None and (stopping or (every and (rnd % every == 0 or rnd == rounds))):
             summary["checkpoint"] = save(rnd, engine, engine.fetch(state))
@@ -108,7 +105,7 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
             on_round(summary)
         if stopping and rnd < rounds:
             raise RunInterrupted(rnd)
-    return Result(kept, engine.fetch(state), summaries)
+    return Result(kept, engine.fetch(state))
 
 
 @dataclass(frozen=True)
