@@ -10,11 +10,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 from fmlray.errors import FmlrayError
+from fmlray.progress import Console
 
 EXIT_USAGE = 2
 
@@ -92,7 +95,7 @@ def cmd_run(args) -> int:
     from fmlray.simulation import RunInterrupted, run_experiment, title
 
     try:
-        path, summary = run_experiment(cfg, echo=lambda s: print(s, flush=True),
+        path, summary = run_experiment(cfg, echo=Console(),
                                        resume_dir=Path(args.resume) if args.resume else None,
                                        overwrite=args.overwrite)
     except RunInterrupted as stop:
@@ -136,7 +139,7 @@ def cmd_compare(args) -> int:
     finals = {}
     with _shared_ray(cfg):
         for name, one in runs.items():
-            path, finals[name] = run_experiment(one, prepared, echo=lambda s: print(s, flush=True),
+            path, finals[name] = run_experiment(one, prepared, echo=Console(),
                                                 overwrite=args.overwrite)
             print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
@@ -170,7 +173,7 @@ def cmd_sweep(args) -> int:
 
     try:
         with _shared_ray(runs[0].cfg):
-            out = run_sweep(args.sweep_file, echo=lambda s: print(s, flush=True))
+            out = run_sweep(args.sweep_file, echo=Console())
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)
         return 130
@@ -246,6 +249,15 @@ def _literal(value) -> str:
     return repr(value)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the rounds (start-up, between a sweep's runs); like KeyboardInterrupt, it
+    passes `except Exception` and unwinds every `finally` (the engine closes, a new run folder goes)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -253,14 +265,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "report": cmd_report,
                 "partition": cmd_partition, "config": cmd_config}
+    # Inside the rounds `simulation.StopOnSignal` turns SIGTERM into a stop after the round, with a checkpoint.
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return commands[args.command](args)
     except FmlrayError as exc:
         print(f"fmlray: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("fmlray: interrupted", file=sys.stderr)
+        print("fmlray: interrupted; what no checkpoint held yet was dropped", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped",
+              file=sys.stderr)
+        return 130
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

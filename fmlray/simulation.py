@@ -23,6 +23,7 @@ from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
 from fmlray.engine.host import initial_global_state
 from fmlray.errors import FmlrayError, TrainingError
+from fmlray.progress import Console
 from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
 
 
@@ -69,10 +70,11 @@ class RunInterrupted(Exception):
 def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine,
              on_round: Callable[[dict], None] | None = None, *, resume: Resume | None = None,
              save: Callable | None = None, record: Callable[[int, list[dict]], None] | None = None,
-             stop: Callable[[], bool] = lambda: False) -> Result:
+             stop: Callable[[], bool] = lambda: False, console: Console | None = None) -> Result:
     """Run rounds on a started engine (from `resume` on, if given); call `on_round(summary)` after each,
     `record(round, rows)` with each round's rows (else they are kept in the result), and
-    `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true."""
+    `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true.
+    A `console` shows the progress of long rounds."""
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
     state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
@@ -82,7 +84,8 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     for rnd in range(first, rounds + 1):
         started = time.perf_counter()
         ids = sample_clients(cfg, rnd)
-        result = engine.train_round(rnd, ids, state)
+        tag = f"round {rnd}/{rounds}"  # a status line leads with what runs: a `round` line is a finished round
+        result = engine.train_round(rnd, ids, state, progress=console and console.phase(f"  training {tag}", len(ids)))
         bad = [c["excluded"] for c in result.clients if "excluded" in c]
         if bad and len(bad) == len(result.clients):
             raise TrainingError(f"round {rnd}: every client's update was NaN/Inf, nothing to average "
@@ -90,7 +93,9 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         state = result.global_state
         new = metrics.train_rows(rnd, result.clients, groups) + metrics.recovery_rows(rnd, result.failures, groups)
         if rnd % cfg.run.eval_every == 0 or rnd == rounds:
-            ev = engine.evaluate(state, eval_clients(cfg, rnd, ids))
+            tested = eval_clients(cfg, rnd, ids)
+            ev = engine.evaluate(state, tested, progress=console and console.phase(
+                f"  evaluating {tag}", cfg.clients.num_clients if tested is None else len(tested)))
             new += metrics.eval_rows(rnd, ev.clients, ev.global_test, len(dataset.y_test), groups)
         new.append(metrics.row(rnd, samples=len(ids), seconds=time.perf_counter() - started))
         if record is None:
@@ -152,21 +157,32 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
 
 
 def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str], None], resuming: bool):
+    import psutil
+
     from fmlray import checkpoint, rundir
     from fmlray.data import partition_counts
     from fmlray.engine import make_engine
 
-    prepared = prepared or prepare(cfg)
+    began = time.perf_counter()
+    console = echo if isinstance(echo, Console) else Console(echo)
     resume = checkpoint.load(folder.path, cfg) if resuming else None
     if resume is not None and resume.round >= cfg.run.rounds:
         raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")
+    console(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
+    if prepared is None:
+        prepared = prepare(cfg)
+        d = prepared.dataset
+        console(f"data: {len(d.y_train)} training and {len(d.y_test)} test rows of {cfg.data.dataset} over "
+                f"{cfg.clients.num_clients} clients ({time.perf_counter() - began:.1f}s)")
     engine = make_engine(cfg)
-    echo(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
-    engine.start(cfg, prepared.dataset, prepared.partition)
-    for note in getattr(engine, "notes", []):
-        echo(note)
     try:
+        console(f"starting the {cfg.engine.kind} engine")
+        engine.start(cfg, prepared.dataset, prepared.partition)
+        for note in getattr(engine, "notes", []):
+            console(note)
+        console(f"ready in {time.perf_counter() - began:.1f}s "
+                f"({time.time() - psutil.Process().create_time():.1f}s since the process started)")
         if resume is not None:
             rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
         else:
@@ -188,10 +204,10 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             into_place()
             return info
 
-        with StopOnSignal(echo) as stop:
-            result = simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
-                              record=records.append, stop=stop,
-                              on_round=lambda s: echo(metrics.progress_line(s, cfg.run.rounds)))
+        with StopOnSignal(console) as stop:
+            simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
+                     record=records.append, stop=stop, console=console,
+                     on_round=lambda s: console(metrics.progress_line(s, cfg.run.rounds)))
     finally:
         engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
     summary = records.merge(final=True)

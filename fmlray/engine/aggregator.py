@@ -14,10 +14,21 @@ from fmlray.aggregate import PartialSum, State
 
 
 class Aggregator:
-    """Receives client actors' partial sums straight from the object store and averages them."""
+    """Receives client actors' partial sums straight from the object store and averages them; between
+    rounds it is idle, so it also keeps the count of clients done in the current call (progress)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.tag, self.done = "", {}
+
+    def tick(self, tag: str, actor: int, done: int) -> None:
+        """Client actor `actor` has finished `done` of its clients in the call named `tag` (progress)."""
+        if tag != self.tag:
+            self.tag, self.done = tag, {}
+        self.done[actor] = done
+
+    def progress(self, tag: str) -> dict[int, int]:
+        return dict(self.done) if tag == self.tag else {}
 
     def aggregate(self, previous: State, *partials: PartialSum | None) -> State:
         started = time.perf_counter()

@@ -7,6 +7,7 @@ does this in-process; the Ray engine with client actors and an aggregator actor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -36,9 +37,12 @@ class EvalResult:
 class Engine(Protocol):
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None: ...
 
-    def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult: ...
+    def train_round(self, rnd: int, client_ids: list[int], global_state: State | None,
+                    progress: Callable[[int], None] | None = None) -> RoundResult:
+        """Train the clients; `progress(done)`, if given, hears now and then how many have finished."""
 
-    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> EvalResult:
+    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None,
+                 progress: Callable[[int], None] | None = None) -> EvalResult:
         """The given clients' (None: every client's) local and global models on their test splits."""
 
     def check_writable(self, folder: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,8 +244,10 @@ class ClientHost:
         return make_optimizer(model.parameters(), name=t.optimizer, lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay)
 
-    def train(self, rnd: int, client_ids: list[int], global_state: State | None) -> tuple[PartialSum | None, list[dict]]:
-        """Train the given clients for round `rnd`; return their memes' weighted partial sum and metrics."""
+    def train(self, rnd: int, client_ids: list[int], global_state: State | None,
+              tick: Callable[[int], None] | None = None) -> tuple[PartialSum | None, list[dict]]:
+        """Train the given clients for round `rnd`; return their memes' weighted partial sum and metrics.
+        `tick(n)`, if given, hears how many of them are done after each one (progress)."""
         shared = None if global_state is None else self._global_tensors(global_state)
         total, results = None, []
         for cid in sorted(client_ids):
@@ -259,6 +262,8 @@ class ClientHost:
                 self._forget_workspaces()  # and out of the client's private state: its row stays as it was
                 results.append({"client": cid, "samples": len(c.train_rows), "excluded": str(exc),
                                 "seconds": time.perf_counter() - started})
+                if tick is not None:
+                    tick(len(results))
                 continue
             if meme is not None:
                 weight = len(c.train_rows) if self.cfg.algorithm.weighting == "samples" else 1.0
@@ -267,6 +272,8 @@ class ClientHost:
                 total.add(self._meme_state.values(), weight)
             results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started,
                             "state_seconds": self.state_seconds, **metrics})
+            if tick is not None:
+                tick(len(results))
         return (None if total is None else total.partial()), results
 
     def _train_one(self, c: Client, rnd: int, shared: list[torch.Tensor] | None) -> tuple[dict, nn.Module | None]:
@@ -289,8 +296,9 @@ class ClientHost:
             self._keep(c)
         return metrics, models.get("meme")
 
-    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> list[dict]:
-        """Each client's local model and the global model on the client's own test split."""
+    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None,
+                 tick: Callable[[int], None] | None = None) -> list[dict]:
+        """Each client's local model and the global model on the client's own test split (`tick` as in train)."""
         rows = []
         meme = None if global_state is None else self._load_meme(self._global_tensors(global_state))
         for cid in sorted(self.clients if client_ids is None else client_ids):
@@ -305,6 +313,8 @@ class ClientHost:
                     row["global_loss"], row["global_accuracy"] = evaluate(meme, x, y)
             row["state_seconds"] = self.state_seconds
             rows.append(row)
+            if tick is not None:
+                tick(len(rows))
         return rows
 
 

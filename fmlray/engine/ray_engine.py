@@ -15,7 +15,10 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
+import threading
+import time
 import uuid
 import warnings
 from collections import Counter
@@ -81,8 +84,9 @@ class ClientActor:
     private state in a store on its node."""
 
     def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, spec: ActorSpec, index: int,
-                 store: str, run_token: str):
+                 store: str, run_token: str, board=None):
         import torch
+        self.index, self.board = index, board  # board: the aggregator, which counts clients done
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.num_gpus = spec.num_gpus
         self.device = pick_device(spec.num_gpus)
@@ -102,14 +106,29 @@ class ClientActor:
         return {"node": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": self.device,
                 "pid": os.getpid(), "num_gpus": self.num_gpus, **device_facts(self.device, held_modules(self.host))}
 
-    def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False):
+    def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False,
+              tag: str | None = None):
         """The clients' partial sum and metrics; with `final` (this call holds every client of the
         round), the new global state itself, averaged here instead of in the aggregator."""
-        partial, metrics = self.host.train(rnd, client_ids, global_state)
+        partial, metrics = self.host.train(rnd, client_ids, global_state, tick=self._ticker(tag))
         return (aggregate.next_global(global_state, partial) if final else partial), metrics
 
-    def evaluate(self, global_state: State | None, client_ids: list[int]) -> list[dict]:
-        return self.host.evaluate(global_state, client_ids)
+    def evaluate(self, global_state: State | None, client_ids: list[int], tag: str | None = None) -> list[dict]:
+        return self.host.evaluate(global_state, client_ids, tick=self._ticker(tag))
+
+    def _ticker(self, tag: str | None):
+        """Tell the board how many clients of call `tag` are done, at most once a second (a call costs
+        ~0.1 ms; per client it would tax runs of tiny clients)."""
+        if tag is None or self.board is None:
+            return None
+        last = time.monotonic()
+
+        def tick(done: int) -> None:
+            nonlocal last
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                self.board.tick.remote(tag, self.index, done)
+        return tick
 
     def probe(self, folder: str, name: str) -> str:
         """Write a small file into `folder` (is the run folder writable, and shared, from this node?)."""
@@ -270,6 +289,24 @@ def start_private_ray(**resources) -> None:
     # The processes started keep the token in their environment, and this one in Ray's cache.
 
 
+@contextlib.contextmanager
+def _keep_sigterm():
+    """`ray.init` makes SIGTERM exit the process at once (`sys.exit(15)`, no message, no cleanup of the
+    run); fmlray's own handler (a stop with one line, exit 130) is put back, and hears a SIGTERM that
+    came while Ray was starting."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM and callable(before):
+            before(signal.SIGTERM, None)
+        raise
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
 def connect(address: str) -> bool:
     """Join `address` (or RAY_ADDRESS), else start a private local Ray; True when this call connected.
 
@@ -278,6 +315,11 @@ def connect(address: str) -> bool:
     fmlray run's private one)."""
     if ray.is_initialized():
         return False
+    with _keep_sigterm():
+        return _connect(address)
+
+
+def _connect(address: str) -> bool:
     _reread_auth()
     address = address or os.environ.get("RAY_ADDRESS", "")
     hint = "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray"
@@ -341,9 +383,6 @@ class RayEngine:
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
         token = uuid.uuid4().hex[:8]
-        self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy="SPREAD",
-                                         name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token)
-                       for i, s in enumerate(self.specs)]
         # The aggregator reserves no CPU (it works between rounds, while client actors wait) and
         # lives beside the driver, on the head: losing a worker node must not take the global model.
         # Hard affinity: a soft one counts a node whose CPUs are all held by client actors as
@@ -351,6 +390,10 @@ class RayEngine:
         driver_node = ray.get_runtime_context().get_node_id()
         here = NodeAffinitySchedulingStrategy(driver_node, soft=False)
         self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=here).remote()
+        self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy="SPREAD",
+                                         name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token,
+                                                           self.aggregator)
+                       for i, s in enumerate(self.specs)]
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
         self.failures: list[dict] = []
@@ -379,15 +422,16 @@ class RayEngine:
                 raise type(exc.cause)(str(exc.cause)) from None
             raise
 
-    def train_round(self, rnd: int, client_ids: list[int], global_state) -> RoundResult:
+    def train_round(self, rnd: int, client_ids: list[int], global_state, progress=None) -> RoundResult:
         g_ref = global_state if isinstance(global_state, ray.ObjectRef) else ray.put(global_state)
         # A call holding every client of the round, on the driver's node, averages in the actor: one
         # object-store hop a round fewer (~3 ms, half the 1-actor overhead).
         def final(actor, ids) -> bool:
             return global_state is not None and len(ids) == len(client_ids) and actor in self.beside_driver
 
+        tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
         done, failures = self._dispatch(client_ids, lambda a, ids: a.train.options(num_returns=2).remote(
-            rnd, ids, g_ref, final(a, ids)))
+            rnd, ids, g_ref, final(a, ids), tag if progress else None), progress=progress, tag=tag)
         partials = [refs[0] for _, refs, _ in done]  # in client-id order; they go to the aggregator unread
         # one call done means it held every client, on the actor that owns them now (after any recovery)
         if len(done) == 1 and final(self.actors[self.owner[client_ids[0]]], client_ids):
@@ -399,13 +443,16 @@ class RayEngine:
         clients = [m for _, _, ms in done for m in ms]
         return RoundResult(new_ref, clients, self._take_failures() + failures)
 
-    def evaluate(self, global_state, client_ids: list[int] | None = None) -> EvalResult:
+    def evaluate(self, global_state, client_ids: list[int] | None = None, progress=None) -> EvalResult:
         # the actors' evaluations are submitted first, so the driver's own global-test pass overlaps them
         test: list = []
         ids = sorted(self.owner) if client_ids is None else sorted(client_ids)
-        done, failures = self._dispatch(ids, lambda a, ids: a.evaluate.remote(global_state, ids),
+        tag = f"eval {uuid.uuid4().hex[:8]}"
+        done, failures = self._dispatch(ids, lambda a, ids: a.evaluate.remote(global_state, ids,
+                                                                              tag if progress else None),
                                         meanwhile=lambda: test.append(
-                                            evaluate_global(self.cfg, self.dataset, self.fetch(global_state))))
+                                            evaluate_global(self.cfg, self.dataset, self.fetch(global_state))),
+                                        progress=progress, tag=tag)
         self.failures += failures  # reported with the next round
         clients = sorted((r for _, _, rs in done for r in rs), key=lambda r: r["client"])
         return EvalResult(clients, test[0])
@@ -454,12 +501,14 @@ class RayEngine:
         out, self.failures = self.failures, []
         return out
 
-    def _dispatch(self, client_ids: list[int], call, meanwhile=None) -> tuple[list, list[dict]]:
+    def _dispatch(self, client_ids: list[int], call, meanwhile=None, progress=None,
+                  tag: str = "") -> tuple[list, list[dict]]:
         """`call(actor, its client ids)` on every actor owning some of `client_ids`; when an actor is
         lost, its clients move to the survivors and the call is made again for them there.
-        `meanwhile()`, if given, runs in the driver once the first calls are submitted.
+        `meanwhile()`, if given, runs in the driver once the first calls are submitted; `progress(done)`
+        hears about once a second how many clients are done (the calls named `tag` count them).
         Returns [(first client id, refs, value of the last ref)] in client-id order, and the failures."""
-        done, failures = [], []
+        done, failures, finished = [], [], 0
         todo = self._by_owner(client_ids)
         while todo:
             calls = [(i, ids, call(self.actors[i], ids)) for i, ids in sorted(todo.items())]
@@ -467,6 +516,8 @@ class RayEngine:
             if meanwhile is not None:  # only after the first submissions, not again for re-runs
                 meanwhile()
                 meanwhile = None
+            if progress is not None:
+                self._watch(calls, tag, progress, finished)
             for i, ids, refs in calls:
                 try:
                     value = ray.get(refs[-1] if isinstance(refs, (list, tuple)) else refs)
@@ -484,7 +535,20 @@ class RayEngine:
                         todo.setdefault(j, []).extend(moved)
                     continue
                 done.append((ids[0], refs, value))
+                finished += len(ids)
         return sorted(done, key=lambda d: d[0]), failures
+
+    def _watch(self, calls, tag: str, progress, finished: int) -> None:
+        """Until every call is done, tell `progress` once a second how many clients are: those of the
+        calls already done (`finished` from earlier waves) and those the others' actors reported."""
+        last = {id(refs): (i, ids, refs[-1] if isinstance(refs, (list, tuple)) else refs) for i, ids, refs in calls}
+        while True:
+            ready, pending = ray.wait([r for _, _, r in last.values()], num_returns=len(last), timeout=1.0)
+            if not pending:
+                return
+            ready = set(ready)
+            reported = ray.get(self.aggregator.progress.remote(tag))
+            progress(finished + sum(len(ids) if r in ready else reported.get(i, 0) for i, ids, r in last.values()))
 
     def _by_owner(self, client_ids) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}

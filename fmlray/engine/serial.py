@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -30,12 +31,14 @@ class SerialEngine:
         self.host = ClientHost(cfg, dataset, partition, list(range(partition.num_clients)), store=self.plan.kind,
                                state_dir=folder if self.plan.kind == "disk" else None)
 
-    def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult:
-        partial, clients = self.host.train(rnd, client_ids, global_state)
+    def train_round(self, rnd: int, client_ids: list[int], global_state: State | None,
+                    progress: Callable[[int], None] | None = None) -> RoundResult:
+        partial, clients = self.host.train(rnd, client_ids, global_state, tick=progress)
         return RoundResult(aggregate.next_global(global_state, partial), clients)
 
-    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> EvalResult:
-        return EvalResult(self.host.evaluate(global_state, client_ids),
+    def evaluate(self, global_state: State | None, client_ids: list[int] | None = None,
+                 progress: Callable[[int], None] | None = None) -> EvalResult:
+        return EvalResult(self.host.evaluate(global_state, client_ids, tick=progress),
                           evaluate_global(self.cfg, self.dataset, global_state))
 
     def check_writable(self, folder: Path) -> None:

@@ -317,3 +317,67 @@ def test_held_modules_are_the_hosts_workspaces():
     host = SimpleNamespace(_meme=meme, workspaces={"mlp": SimpleNamespace(model=a)})
     assert [id(m) for m in held_modules(host)] == [id(meme), id(a)]
     assert held_modules(SimpleNamespace(_meme=None, workspaces={})) == [] and held_modules(None) == []
+
+
+def test_progress_inside_a_round_counts_the_clients_actors_have_done(ray_session):
+    # one actor, 8 clients of ~0.5 s each: the driver, polling once a second, hears counts from the actor
+    cfg = load_config(None, ["run.rounds=1", "training.epochs=12", ONE_GROUP, "engine.kind=ray",
+                             "engine.num_actors=1", "clients.num_clients=8"])
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        heard = []
+        from fmlray.engine.host import initial_global_state
+        result = engine.train_round(1, list(range(8)), initial_global_state(cfg, prepared.dataset),
+                                    progress=heard.append)
+        evaluated = []
+        engine.evaluate(engine.fetch(result.global_state), progress=evaluated.append)
+    finally:
+        engine.close()
+    assert len(result.clients) == 8
+    assert heard == sorted(heard) and all(0 <= n <= 8 for n in heard)
+    assert any(0 < n < 8 for n in heard), f"no count from inside the round: {heard}"
+
+
+def test_the_drivers_memory_stays_flat_over_a_long_run(ray_session, tmp_path):
+    # Objects the driver's garbage collector tracks (every row dict, list, ref wrapper) and its resident
+    # set, after round 5 and round 20: a driver that kept each round's rows, states or refs grows here.
+    import gc
+
+    import psutil
+
+    from fmlray.simulation import run_experiment
+    marks = {}
+
+    def echo(line):
+        if line.startswith("round") and "local" in line:
+            gc.collect()
+            marks[int(line.split()[1].split("/")[0])] = (len(gc.get_objects()), psutil.Process().memory_info().rss)
+
+    cfg = load_config(None, ["run.rounds=20", "run.eval_every=5", "training.epochs=1", f"run.output_dir='{tmp_path}'"])
+    run_experiment(cfg, echo=echo)
+    objects, rss = (marks[20][i] - marks[5][i] for i in (0, 1))
+    assert objects < 100, f"the driver holds {objects} more objects after round 20 than after round 5"
+    assert rss < 32 * 2**20, f"the driver's resident set grew by {rss / 2**20:.0f} MiB from round 5 to 20"
+
+
+@pytest.mark.parametrize("after", ["data:", "starting the ray engine"])
+def test_sigterm_during_start_up_ends_with_one_line_and_leaves_nothing(tmp_path, after):
+    # before Ray starts, and while it starts (ray.init puts in a handler of its own: sys.exit(15))
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "fmlray", "run", "--set", f"run.output_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(after):
+            time.sleep(1.0 if after.startswith("starting") else 0.0)
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip() == "fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped"
+    assert "round 1/" not in out
+    assert list(tmp_path.iterdir()) == []  # no run folder, no hidden sibling, no lock
