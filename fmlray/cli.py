@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_arg(compare, "the runs/<name>-<algorithm>/ folders")
     sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
     sweep.add_argument("sweep_file", help="a TOML sweep file, e.g. experiments/digits.toml")
+    sweep.add_argument("--parallel", metavar="N|auto",
+                       help="run the grid as Ray Tune trials, N at once (auto: as many as the cluster holds), each "
+                       "in a placement group sized to its run (same as executor = \"tune\" in [sweep])")
+    sweep.add_argument("--sequential", action="store_true",
+                       help="one run after another in this process, whatever the sweep file's executor says")
     report = sub.add_parser("report", help="reprint a finished run's summary")
     report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
@@ -161,18 +166,32 @@ def _shared_ray(cfg):
 
 
 def cmd_sweep(args) -> int:
+    from fmlray.config import ConfigError
     from fmlray.jobs import check_path
-    from fmlray.sweep import plan, run_sweep
+    from fmlray.sweep import parallel_value, plan_sweep, run_sweep
 
-    folder, runs = plan(args.sweep_file)  # every config checked before the first run starts
-    check_path(folder, "the sweep's output_dir")
+    sweep = plan_sweep(args.sweep_file)  # every config checked before the first run starts
+    check_path(sweep.folder, "the sweep's output_dir")
+    if args.sequential and args.parallel is not None:
+        raise ConfigError("--sequential and --parallel contradict each other; give one")
+    parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
+    tune = not args.sequential and (parallel is not None or sweep.executor == "tune")
     from fmlray.simulation import RunInterrupted
+    from fmlray.trials import TrialsStopped
 
+    echo = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        with _shared_ray(runs[0].cfg):
-            out = run_sweep(args.sweep_file, echo=lambda s: print(s, flush=True))
+        if tune:  # the trials' Ray: joined or started by the executor, which leaves it as it found it
+            out = run_sweep(args.sweep_file, echo=echo, parallel=parallel or sweep.parallel)
+        else:
+            with _shared_ray(sweep.runs[0].cfg):
+                out = run_sweep(args.sweep_file, echo=echo, sequential=True)
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)
+        return 130
+    except TrialsStopped as stop:
+        print(f"fmlray: stopped with {len(stop.unfinished)} run(s) unfinished (each kept its last checkpoint); "
+              "run the same sweep again to finish them", file=sys.stderr)
         return 130
     print(f"wrote {out}")
     return 0
