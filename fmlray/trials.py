@@ -82,12 +82,16 @@ def plan_trials(runs: dict[str, Config], parallel: int | str) -> list[Trial]:
 
     from fmlray.engine.ray_engine import capacity
     from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
+    from fmlray.errors import ResourceError
 
     cap = capacity()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     out = []
     for name, cfg in runs.items():
-        specs = trial_actors(cfg, cap, None if parallel == "auto" else parallel) if cfg.engine.kind == "ray" else []
+        try:
+            specs = trial_actors(cfg, cap, None if parallel == "auto" else parallel) if cfg.engine.kind == "ray" else []
+        except ResourceError as exc:
+            raise ResourceError(f"run {name} cannot be a trial on this cluster: {exc}") from None
         bundles = trial_bundles(cfg, specs)
         check_trial_fits(name, bundles, nodes)
         out.append(Trial(name, cfg, bundles))
@@ -119,17 +123,23 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str) -> 
     cfg = trials[name].cfg
     run_dir = Path(cfg.run.output_dir) / name
     resume = run_dir if checkpoint.exists(run_dir) else None
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     status = {"status": "done"}
+    log: list[str] = []  # what `fmlray run` would print before its rounds: the title, the engine's notes
+
+    def echo(line: str) -> None:
+        if not line.startswith("round "):
+            log.append(line)
+
     try:
-        run_experiment(cfg, echo=lambda line: None, resume_dir=resume, stop=asked,
+        run_experiment(cfg, echo=echo, resume_dir=resume, stop=asked,
                        report=lambda s: tune.report({**figures(s), "status": "running", "node": node}))
     except RunInterrupted:
         status = {"status": "stopped"}
     except FmlrayError as exc:
         status = {"status": "error", "error": " ".join(str(exc).splitlines())}
-    tune.report({"status": status["status"], "node": node, "resumed": resume is not None,
-                 "run_seconds": time.perf_counter() - started, **status})
+    tune.report({"node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
+                 "began": began, "ended": time.time(), "log": " | ".join(log), **status})
 
 
 def _progress_callback(echo: Callable[[str], None], order: dict[str, int], total: int, control, signalled):
@@ -243,8 +253,9 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
     return grid, progress.results
 
 
-def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) -> None:
-    """Run the sweep's unfinished runs as Tune trials, `parallel` at once ("auto": as many as fit)."""
+def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run the sweep's unfinished runs as Tune trials, `parallel` at once ("auto": as many as fit);
+    return each run's last result (its status, node, start and end times)."""
     from fmlray import checkpoint
     from fmlray.engine.ray_engine import connect
 
@@ -255,7 +266,7 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
         else:
             todo[run.name] = run.cfg
     if not todo:
-        return
+        return {}
     import ray
 
     started = connect(sweep.runs[0].cfg.engine.address)
@@ -265,8 +276,8 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
         at_once = "as many as fit" if parallel == "auto" else f"up to {parallel}"
         echo(f"{len(trials)} run(s) as Ray Tune trials, {at_once} at once"
              + (f", {resuming} resuming" if resuming else "") + f"; Tune's records in {sweep.folder / '.tune'}")
-        tune_run(trials, parallel, sweep.folder / ".tune", echo, total=len(sweep.runs),
-                 order={run.name: i for i, run in enumerate(sweep.runs, 1)})
+        return tune_run(trials, parallel, sweep.folder / ".tune", echo, total=len(sweep.runs),
+                        order={run.name: i for i, run in enumerate(sweep.runs, 1)})[1]
     finally:
         if started:
             ray.shutdown()
