@@ -1,4 +1,4 @@
-"""`fmlray run | compare | sweep | report | partition | config`. Bad input ends with one line and exit code 2.
+"""`fmlray run | compare | sweep | tune | report | partition | config`. Bad input ends with one line and exit code 2.
 
 The config is checked before torch or Ray is imported (seconds), so a bad key answers at once.
 """
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "in a placement group sized to its run (same as executor = \"tune\" in [sweep])")
     sweep.add_argument("--sequential", action="store_true",
                        help="one run after another in this process, whatever the sweep file's executor says")
+    tune = sub.add_parser("tune", help="search ranges of config keys with Ray Tune (a scheduler such as ASHA); "
+                          "print the best configs and write them as presets")
+    tune.add_argument("tune_file", help="a TOML tune file, e.g. experiments/tune-digits.toml")
+    tune.add_argument("--parallel", metavar="N|auto", help="trials at once (default: the file's tune.parallel)")
     report = sub.add_parser("report", help="reprint a finished run's summary")
     report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
@@ -197,6 +201,27 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from fmlray.jobs import check_path
+    from fmlray.search import format_best, plan_search, run_search
+    from fmlray.sweep import parallel_value
+    from fmlray.trials import TrialsStopped
+
+    search = plan_search(args.tune_file)  # every key and range checked before Ray starts
+    check_path(search.folder, "the search's output_dir")
+    parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
+    try:
+        folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel)
+    except TrialsStopped:
+        print("fmlray: stopped; the trials' run folders keep their checkpoints (fmlray run --resume DIR)",
+              file=sys.stderr)
+        return 130
+    print(format_best(rows, search))
+    print(f"wrote {folder / 'trials.parquet'} and " + ", ".join(
+        str(folder / f"best-{i}.toml") for i in range(1, min(search.top, len(rows)) + 1)))
+    return 0
+
+
 def cmd_report(args) -> int:
     from fmlray.metrics import format_summary, summaries
     from fmlray.rundir import read_run
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed on one line
         return int(exit_.code or 0)
-    commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "report": cmd_report,
+    commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "tune": cmd_tune, "report": cmd_report,
                 "partition": cmd_partition, "config": cmd_config}
     try:
         return commands[args.command](args)

@@ -98,51 +98,64 @@ def plan_trials(runs: dict[str, Config], parallel: int | str) -> list[Trial]:
     return out
 
 
-def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str) -> None:
-    """The trainable: one run, in this trial's placement group, resumed from its checkpoint if it has one."""
+def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, build=None) -> None:
+    """The trainable: one run, in this trial's placement group, resumed from its checkpoint if it has one.
+    A sweep's trial names its run (config["run"]); a search's builds it (`build(config, trial_id)`)."""
     import ray
     from ray import tune
 
     from fmlray import checkpoint
     from fmlray.simulation import RunInterrupted, run_experiment
 
-    name = config["run"]
     node = ray.get_runtime_context().get_node_id()
     asked = lambda: ray.get(control.asked.remote())  # noqa: E731
     if asked():
-        tune.report({"status": "skipped", "node": node})
+        tune.report({"status": "skipped", "node": node, **{k: math.nan for k in METRICS}})
         return
     try:
         # Tune starts a trial in a folder of its own; the run's relative paths are the sweep's
         os.chdir(launch_dir)
     except OSError:
-        tune.report({"status": "error", "node": node,
+        tune.report({"status": "error", "node": node, **{k: math.nan for k in METRICS},
                      "error": f"this node has no folder {launch_dir} (where the sweep was started); on a "
                               "cluster give the sweep an absolute output_dir on storage every node shares"})
         return
-    cfg = trials[name].cfg
+    name, cfg = (config["run"], trials[config["run"]].cfg) if build is None else \
+        build(config, tune.get_context().get_trial_id())
     run_dir = Path(cfg.run.output_dir) / name
     resume = run_dir if checkpoint.exists(run_dir) else None
     started, began = time.perf_counter(), time.time()
     status = {"status": "done"}
     log: list[str] = []  # what `fmlray run` would print before its rounds: the title, the engine's notes
+    last: dict = {}  # the last round's figures, repeated in the final report (Tune reads a metric from each)
+
+    def report(summary: dict) -> None:
+        last.update(figures(summary))
+        if summary["round"] < cfg.run.rounds:  # the last round goes with the final report, once the run's
+            tune.report({**last, "status": "running", "node": node, "run": name})  # outputs are written:
+            # a scheduler that stops a trial does so in tune.report (SystemExit), leaving it resumable
 
     def echo(line: str) -> None:
         if not line.startswith("round "):
             log.append(line)
 
     try:
-        run_experiment(cfg, echo=echo, resume_dir=resume, stop=asked,
-                       report=lambda s: tune.report({**figures(s), "status": "running", "node": node}))
+        run_experiment(cfg, echo=echo, resume_dir=resume, stop=asked, report=report)
     except RunInterrupted:
         status = {"status": "stopped"}
     except FmlrayError as exc:
         status = {"status": "error", "error": " ".join(str(exc).splitlines())}
-    tune.report({"node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
+    tune.report({**last, "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
                  "began": began, "ended": time.time(), "log": " | ".join(log), **status})
 
 
-def _progress_callback(echo: Callable[[str], None], order: dict[str, int], total: int, control, signalled):
+def search_run_name(trial_id: str) -> str:
+    """A search's trial's run folder: trial-<Tune's trial index>, e.g. trial-00003."""
+    return f"trial-{trial_id.rsplit('_', 1)[-1]}"
+
+
+def _progress_callback(echo: Callable[[str], None], order: Callable[[str], int], total: int, control, signalled,
+                       name_of: Callable):
     from ray import tune
 
     class Progress(tune.Callback):
@@ -150,7 +163,6 @@ def _progress_callback(echo: Callable[[str], None], order: dict[str, int], total
 
         def __init__(self):
             self.results: dict[str, dict] = {}
-            self.figures: dict[str, dict] = {}  # each run's last round
             self.errors: dict[str, str] = {}
             self.started: dict[str, float] = {}
             self.stop_sent = False
@@ -165,29 +177,29 @@ def _progress_callback(echo: Callable[[str], None], order: dict[str, int], total
                 self.stop()
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.started[trial.config["run"]] = time.perf_counter()
+            self.started[name_of(trial)] = time.perf_counter()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            name = trial.config["run"]
+            name = name_of(trial)
             self.results[name] = result
-            if result.get("status") == "running":
-                self.figures[name] = result
             if result.get("status") == "error":
                 self.errors[name] = result["error"]
                 self.stop()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            name = trial.config["run"]
+            name = name_of(trial)
             r = self.results.get(name, {})
-            if r.get("status") not in ("done", "stopped"):
+            if r.get("status") not in ("done", "stopped", "running"):
                 return
+            status = f"stopped early by the scheduler after round {r['round']}" if r["status"] == "running" else \
+                r["status"]
             took = time.perf_counter() - self.started.get(name, time.perf_counter())
             last = self.last_figures(name)
-            echo(f"[{order[name]}/{total}] {name}: {r['status']}{' (resumed)' if r.get('resumed') else ''} "
+            echo(f"[{order(name)}/{total}] {name}: {status}{' (resumed)' if r.get('resumed') else ''} "
                  f"in {took:.1f}s" + (f", {last}" if last else "") + f" (node {r.get('node', '?')[:8]})")
 
         def last_figures(self, name: str) -> str:
-            r = self.figures.get(name, {})
+            r = self.results.get(name, {})  # the final report repeats the last round's figures
             parts = []
             if not math.isnan(r.get("local_mean", math.nan)):
                 parts.append(f"local {r['local_mean']:.3f}")
@@ -196,7 +208,7 @@ def _progress_callback(echo: Callable[[str], None], order: dict[str, int], total
             return ", ".join(parts)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            name = trial.config["run"]
+            name = name_of(trial)
             where = getattr(trial, "error_file", None) or "Tune's trial folder"
             self.errors[name] = f"the trial failed ({_last_line(where)}); its traceback is in {where}"
             self.stop()
@@ -213,10 +225,11 @@ def _last_line(path) -> str:
 
 
 def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Callable[[str], None], *,
-             order: dict[str, int] | None = None, total: int | None = None,
-             param_space: dict | None = None, tune_config: dict | None = None):
-    """Run `trials` (one per name in param_space's "run" grid) on the connected Ray; return (Tune's
-    results, {name: last result}). Raises the first failed run's error, or TrialsStopped on a signal."""
+             order: dict[str, int] | None = None, total: int | None = None, search=None):
+    """Run `trials` (one per run of a sweep), or `search` (a SearchSpec-like object: param_space,
+    tune_config, build(config, trial_id) -> (name, cfg), bundles(cfg), total), on the connected Ray;
+    return (Tune's results, {name: last result}). Raises the first failed run's error, or
+    TrialsStopped on a signal."""
     import ray
     from ray import tune
 
@@ -226,16 +239,28 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
     by_name = {t.name: t for t in trials}
     control = ray.remote(num_cpus=0)(Control).remote()
     with StopOnSignal(echo) as signalled:
-        order = order or {t.name: i for i, t in enumerate(trials, 1)}
-        progress = _progress_callback(echo, order, total or len(trials), control, signalled)
-        trainable = tune.with_parameters(_trial, trials=by_name, control=control, launch_dir=os.getcwd())
-        trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
-            by_name[config["run"]].bundles))
+        if search is None:
+            order = order or {t.name: i for i, t in enumerate(trials, 1)}
+            progress = _progress_callback(echo, order.__getitem__, total or len(trials), control, signalled,
+                                          lambda trial: trial.config["run"])
+            trainable = tune.with_parameters(_trial, trials=by_name, control=control, launch_dir=os.getcwd())
+            trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
+                by_name[config["run"]].bundles))
+            param_space, extra = {"run": tune.grid_search(list(by_name))}, {}
+        else:
+            name_of = lambda trial: search_run_name(trial.trial_id)  # noqa: E731
+            progress = _progress_callback(echo, lambda name: int(name.rsplit("-", 1)[1]) + 1, search.total, control,
+                                          signalled, name_of)
+            trainable = tune.with_parameters(_trial, trials={}, control=control, launch_dir=os.getcwd(),
+                                             build=search.build)
+            trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
+                search.bundles(search.build(config, "_0")[1])))
+            param_space, extra = search.param_space, search.tune_config(parallel)
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space or {"run": tune.grid_search(list(by_name))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" else parallel,
-                                        reuse_actors=True, **(tune_config or {})),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" or search else parallel,
+                                        reuse_actors=True, **extra),
             run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage.resolve()),
                                       verbose=0, callbacks=[progress]))
         # our handlers, not Tune's; Tune's old console output, which verbose=0 silences wholly
@@ -248,7 +273,7 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
         raise FmlrayError(f"run {name}: {message}")
     unfinished = [n for n, r in progress.results.items() if r.get("status") in ("stopped", "skipped")]
     unfinished += [n for n in by_name if n not in progress.results]
-    if stopping and unfinished:
+    if stopping and (unfinished or search is not None):
         raise TrialsStopped(unfinished)
     return grid, progress.results
 

@@ -166,3 +166,42 @@ def test_trials_spread_over_the_nodes_of_a_three_raylet_cluster(tmp_path):
     assert len(placed["nodes"]) == 3
     assert len(set(placed["runs"].values())) >= 2, placed
     assert (tmp_path / "runs/grid/results.parquet").is_file()
+
+
+SEARCH = """
+[tune]
+name = "s"
+output_dir = "{out}"
+set = ["engine.kind=serial", "run.rounds=3", "training.epochs=1", "clients.num_clients=8"]
+samples = 3
+grace_rounds = 1
+top = 2
+
+[[param]]
+key = "algorithm.fml.alpha"
+uniform = [0.1, 0.9]
+
+[[param]]
+key = "training.lr"
+loguniform = [0.003, 0.1]
+"""
+
+
+def test_fmlray_tune_prints_the_best_configs_and_writes_them_as_presets(ray_session, tmp_path, capsys):
+    from fmlray.config import load_config
+
+    path = spec(tmp_path, text=SEARCH)
+    assert main(["tune", str(path), "--parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "runs" / "s"
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert len(trials) == 3 and all(0.1 <= t["algorithm.fml.alpha"] <= 0.9 for t in trials)
+    complete = [t for t in trials if t["complete"]]
+    assert complete and trials[0]["complete"]  # ASHA may stop some; the best ran every round
+    assert trials[0]["local_mean"] == max(t["local_mean"] for t in complete)
+    table = out.split("rank", 1)[1].splitlines()
+    assert "trial-0000" in table[1] and f"{trials[0]['local_mean']:.4f}" in table[1]
+    best = load_config(folder / "best-1.toml")
+    assert best.algorithm.fml.alpha == trials[0]["algorithm.fml.alpha"] and best.run.rounds == 3
+    assert (folder / trials[0]["trial"] / "metrics.parquet").is_file()  # its run folder, as fmlray run writes it
+    assert (folder / "best-2.toml").is_file() and not (folder / "best-3.toml").exists()
