@@ -1,4 +1,4 @@
-"""`fmlray run | compare | sweep | report | partition | config`. Bad input ends with one line and exit code 2.
+"""`fmlray run | compare | sweep | tune | report | partition | config`. Bad input ends with one line and exit code 2.
 
 The config is checked before torch or Ray is imported (seconds), so a bad key answers at once.
 """
@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_arg(compare, "the runs/<name>-<algorithm>/ folders")
     sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
     sweep.add_argument("sweep_file", help="a TOML sweep file, e.g. experiments/digits.toml")
+    sweep.add_argument("--parallel", metavar="N|auto",
+                       help="run the grid as Ray Tune trials, N at once (auto: as many as the cluster holds), each "
+                       "in a placement group sized to its run (same as executor = \"tune\" in [sweep])")
+    sweep.add_argument("--sequential", action="store_true",
+                       help="one run after another in this process, whatever the sweep file's executor says")
+    tune = sub.add_parser("tune", help="search ranges of config keys with Ray Tune (a scheduler such as ASHA); "
+                          "print the best configs and write them as presets")
+    tune.add_argument("tune_file", help="a TOML tune file, e.g. experiments/tune-digits.toml")
+    tune.add_argument("--parallel", metavar="N|auto", help="trials at once (default: the file's tune.parallel)")
     report = sub.add_parser("report", help="reprint a finished run's summary")
     report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
@@ -164,20 +173,55 @@ def _shared_ray(cfg):
 
 
 def cmd_sweep(args) -> int:
+    from fmlray.config import ConfigError
     from fmlray.jobs import check_path
-    from fmlray.sweep import plan, run_sweep
+    from fmlray.sweep import parallel_value, plan_sweep, run_sweep
 
-    folder, runs = plan(args.sweep_file)  # every config checked before the first run starts
-    check_path(folder, "the sweep's output_dir")
+    sweep = plan_sweep(args.sweep_file)  # every config checked before the first run starts
+    check_path(sweep.folder, "the sweep's output_dir")
+    if args.sequential and args.parallel is not None:
+        raise ConfigError("--sequential and --parallel contradict each other; give one")
+    parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
+    tune = not args.sequential and (parallel is not None or sweep.executor == "tune")
     from fmlray.simulation import RunInterrupted
+    from fmlray.trials import TrialsStopped
 
+    echo = lambda s: print(s, flush=True)  # noqa: E731
     try:
-        with _shared_ray(runs[0].cfg):
-            out = run_sweep(args.sweep_file, echo=Console())
+        if tune:  # the trials' Ray: joined or started by the executor, which leaves it as it found it
+            out = run_sweep(args.sweep_file, echo=echo, parallel=parallel or sweep.parallel)
+        else:
+            with _shared_ray(sweep.runs[0].cfg):
+                out = run_sweep(args.sweep_file, echo=Console(), sequential=True)
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)
         return 130
+    except TrialsStopped as stop:
+        print(f"fmlray: stopped with {len(stop.unfinished)} run(s) unfinished (each kept its last checkpoint); "
+              "run the same sweep again to finish them", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from fmlray.jobs import check_path
+    from fmlray.search import format_best, plan_search, run_search
+    from fmlray.sweep import parallel_value
+    from fmlray.trials import TrialsStopped
+
+    search = plan_search(args.tune_file)  # every key and range checked before Ray starts
+    check_path(search.folder, "the search's output_dir")
+    parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
+    try:
+        folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel)
+    except TrialsStopped:
+        print("fmlray: stopped; the trials' run folders keep their checkpoints (fmlray run --resume DIR)",
+              file=sys.stderr)
+        return 130
+    print(format_best(rows, search))
+    print(f"wrote {folder / 'trials.parquet'} and " + ", ".join(
+        str(folder / f"best-{i}.toml") for i in range(1, min(search.top, len(rows)) + 1)))
     return 0
 
 
@@ -263,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed on one line
         return int(exit_.code or 0)
-    commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "report": cmd_report,
+    commands = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep, "tune": cmd_tune, "report": cmd_report,
                 "partition": cmd_partition, "config": cmd_config}
     # Inside the rounds `simulation.StopOnSignal` turns SIGTERM into a stop after the round, with a checkpoint.
     main_thread = threading.current_thread() is threading.main_thread()

@@ -139,8 +139,11 @@ def title(cfg: Config) -> str:
 
 
 def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable[[str], None] = print,
-                   resume_dir: Path | None = None, overwrite: bool = False):
+                   resume_dir: Path | None = None, overwrite: bool = False, *,
+                   report: Callable[[dict], None] | None = None, stop: Callable[[], bool] = lambda: False):
     """Prepare, simulate on the configured engine, write runs/<name>/; return (folder, final summary).
+    `report(summary)` gets each round's summary (a Tune trial hands it to Tune); `stop()` asks, besides
+    SIGINT / SIGTERM, to stop after the round with a checkpoint (RunInterrupted).
 
     The name is claimed first (`rundir.RunFolder`: locked; an existing folder refused unless
     `overwrite`), before any data is loaded or the engine started. A new run is written into a hidden
@@ -153,10 +156,11 @@ def run_experiment(cfg: Config, prepared: Prepared | None = None, echo: Callable
 
     with rundir.RunFolder(cfg.run.output_dir, cfg.run.name, overwrite=overwrite,
                           resume=resume_dir is not None) as folder:
-        return _run_in(folder, cfg, prepared, echo, resume_dir is not None)
+        return _run_in(folder, cfg, prepared, echo, resume_dir is not None, report, stop)
 
 
-def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str], None], resuming: bool):
+def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str], None], resuming: bool,
+            report: Callable[[dict], None] | None, asked: Callable[[], bool]):
     import psutil
 
     from fmlray import checkpoint, rundir
@@ -204,10 +208,14 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             into_place()
             return info
 
-        with StopOnSignal(console) as stop:
+        def on_round(summary: dict) -> None:
+            console(metrics.progress_line(summary, cfg.run.rounds))
+            if report is not None:
+                report(summary)
+
+        with StopOnSignal(console) as signalled:
             simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
-                     record=records.append, stop=stop, console=console,
-                     on_round=lambda s: console(metrics.progress_line(s, cfg.run.rounds)))
+                     record=records.append, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:
         engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
     summary = records.merge(final=True)

@@ -7,6 +7,8 @@ combined Parquet table. Re-running a sweep skips finished runs and resumes inter
     output_dir = "runs/sweeps"
     seeds = [0, 1, 2]
     set = ["engine.kind=serial", "run.rounds=20"]
+    executor = "tune"                          # optional: "loop" (one run after another, the default) or
+    parallel = "auto"                          # "tune" (runs as Ray Tune trials, `parallel` at once; fmlray.trials)
 
     [[axis]]
     name = "partition"
@@ -30,6 +32,17 @@ from fmlray.metrics import SCHEMA
 
 RESULTS = "results.parquet"
 RESERVED = ("run", "seed", *SCHEMA.names)  # columns of the combined table
+
+
+EXECUTORS = ("loop", "tune")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    folder: Path
+    runs: list["Run"]
+    executor: str  # "loop" | "tune"
+    parallel: int | str  # trials at once for the tune executor: a number >= 1 or "auto"
 
 
 @dataclass(frozen=True)
@@ -89,17 +102,38 @@ def _axes(spec: dict, path: Path) -> list[tuple[str, list[tuple[str, list[str]]]
     return out
 
 
+def parallel_value(value, where: str) -> int | str:
+    """`parallel` as given: a number of trials at once (>= 1) or "auto"."""
+    if value == "auto" or (type(value) is int and 1 <= value <= 10_000):
+        return value
+    if isinstance(value, str) and value.isdigit() and 1 <= int(value) <= 10_000:
+        return int(value)
+    raise ConfigError(f"{where} must be a number of trials at once (1 to 10,000) or \"auto\", got {value!r}")
+
+
 def plan(path: str | Path) -> tuple[Path, list[Run]]:
     """The sweep's folder and every run of its grid, each config validated before anything runs."""
+    sweep = plan_sweep(path)
+    return sweep.folder, sweep.runs
+
+
+def plan_sweep(path: str | Path) -> Sweep:
+    """`plan`, with how the sweep file asks to execute it."""
     path = Path(path)
     spec = load_toml(path)
     unknown = set(spec) - {"sweep", "axis"}
     if unknown or not isinstance(spec.get("sweep"), dict):
         raise ConfigError(f"{path}: a sweep file has a [sweep] table and [[axis]] tables (found {sorted(spec)})")
     s = spec["sweep"]
-    bad = set(s) - {"name", "base", "output_dir", "seeds", "set"}
+    bad = set(s) - {"name", "base", "output_dir", "seeds", "set", "executor", "parallel"}
     if bad:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [sweep]; valid: name, base, output_dir, seeds, set")
+        raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [sweep]; valid: name, base, output_dir, seeds, set, "
+                          "executor, parallel")
+    executor = s.get("executor", "loop")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"{path}: sweep.executor = {executor!r} is unknown; choose \"loop\" (one run after "
+                          "another) or \"tune\" (runs as Ray Tune trials in parallel)")
+    parallel = parallel_value(s.get("parallel", "auto"), f"{path}: sweep.parallel")
     if not isinstance(s.get("name"), str) or not s["name"]:
         raise ConfigError(f"{path}: [sweep] needs a name")
     folder_name(f"{path}: sweep.name", s["name"])
@@ -129,15 +163,22 @@ def plan(path: str | Path) -> tuple[Path, list[Run]]:
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from None
             runs.append(Run(name, {**labels, "seed": str(seed)}, cfg))
-    return folder, runs
+    return Sweep(folder, runs, executor, parallel)
 
 
-def run_sweep(path: str | Path, echo=print) -> Path:
-    """Run (or finish) every run of the sweep, then write the combined table; return its path."""
+def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, sequential: bool = False) -> Path:
+    """Run (or finish) every run of the sweep, then write the combined table; return its path.
+    One run after another, or, with `parallel` (or executor = "tune" in the file, unless `sequential`),
+    as Ray Tune trials."""
     from fmlray import checkpoint
     from fmlray.simulation import run_experiment
 
-    folder, runs = plan(path)
+    sweep = plan_sweep(path)
+    folder, runs = sweep.folder, sweep.runs
+    if parallel is not None or (sweep.executor == "tune" and not sequential):
+        from fmlray.trials import run_trials
+        run_trials(sweep, sweep.parallel if parallel is None else parallel, echo)
+        return combine(folder, runs)
     for i, run in enumerate(runs, 1):
         run_dir = folder / run.name
         if (run_dir / "metrics.parquet").is_file():

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from fmlray import aggregate
 from fmlray.aggregate import State
@@ -34,7 +34,8 @@ from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
 from fmlray.engine.host import ClientHost, evaluate_global
-from fmlray.engine.resources import ActorSpec, Capacity, check_memory, plan_actors, plan_store
+from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, match_bundles, plan_actors,
+                                     plan_store)
 from fmlray.engine.state import RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
 
@@ -369,31 +370,49 @@ def capacity() -> Capacity:
 
 
 class RayEngine:
+    """Client actors on the whole cluster, or, when the driver runs inside a placement group (a Ray Tune
+    trial of a parallel sweep), in that group's bundles: then the pool is sized from the bundles alone,
+    never from the cluster, and the aggregator shares the driver's bundle."""
+
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
         self.cfg, self.dataset = cfg, dataset
         self.owns_ray = connect(cfg.engine.address)
-        self.specs = plan_actors(cfg, capacity(), cost=[len(rows) for rows in partition.train])
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        cost = [len(rows) for rows in partition.train]
+        group = ray.util.get_current_placement_group()
+        driver_node = ray.get_runtime_context().get_node_id()
+        alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
+        if group is None:
+            self.specs = plan_actors(cfg, capacity(), cost=cost)
+            # SPREAD: the run owns the cluster. The aggregator reserves no CPU (it works between rounds, while
+            # client actors wait) and lives beside the driver, on the head: losing a worker node must not take
+            # the global model. Hard affinity: a soft one counts a node whose CPUs are all held by client actors
+            # as unavailable and spills the aggregator to any other node (seen on the three-node test).
+            places = ["SPREAD"] * len(self.specs)
+            beside = NodeAffinitySchedulingStrategy(driver_node, soft=False)
+            nodes = list(alive.values())
+        else:
+            bundles = group.bundle_specs
+            self.specs = plan_actors(cfg, bundle_capacity(bundles), cost=cost, actors=len(bundles) - 1)
+            places = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+                      for i in match_bundles(self.specs, bundles)]
+            beside = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)  # the driver's bundle
+            held = set(ray.util.placement_group_table(group)["bundles_to_node_id"].values())
+            nodes = [r for node, r in alive.items() if node in held] or list(alive.values())
         # Ray's schedulable memory plus its object store: what a node offers this run
         node_memory = min(n.get("memory", 0.0) + n.get("object_store_memory", 0.0) for n in nodes)
         self.plan = plan_store(cfg, dataset, node_memory, len(nodes))
         check_memory(cfg, self.plan, dataset.nbytes, -(-len(self.specs) // len(nodes)), node_memory, len(nodes))
-        self.notes = [f"{len(self.specs)} client actors on {len(nodes)} node(s): "
+        self.notes = [f"{len(self.specs)} client actors on {len(nodes)} node(s)"
+                      + (" in the trial's placement group" if group is not None else "") + ": "
                       + ", ".join(f"{n} × {g}" for g, n in _count(s.group for s in self.specs)), self.plan.line]
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
         token = uuid.uuid4().hex[:8]
-        # The aggregator reserves no CPU (it works between rounds, while client actors wait) and
-        # lives beside the driver, on the head: losing a worker node must not take the global model.
-        # Hard affinity: a soft one counts a node whose CPUs are all held by client actors as
-        # unavailable and spills the aggregator to any other node (seen on the three-node test).
-        driver_node = ray.get_runtime_context().get_node_id()
-        here = NodeAffinitySchedulingStrategy(driver_node, soft=False)
-        self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=here).remote()
-        self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy="SPREAD",
+        self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=beside).remote()  # first: actors tick it
+        self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy=place,
                                          name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token,
                                                            self.aggregator)
-                       for i, s in enumerate(self.specs)]
+                       for i, (s, place) in enumerate(zip(self.specs, places))]
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
         self.failures: list[dict] = []

@@ -50,10 +50,12 @@ def _blocks(first: int, n: int, parts: int, cost) -> list[int]:
     return [first + b for b in [*bounds, n]]
 
 
-def plan_actors(cfg: Config, cap: Capacity, cost=None) -> list[ActorSpec]:
+def plan_actors(cfg: Config, cap: Capacity, cost=None, actors: int | None = None) -> list[ActorSpec]:
     """Actors per group and their clients (contiguous id blocks, so partial sums stay in id order).
     `cost[cid]` (e.g. training rows) balances the blocks of a group: an actor that gets the big
-    clients would otherwise hold every round up."""
+    clients would otherwise hold every round up. `actors` stands for engine.num_actors (a trial's
+    placement group fixes how many it holds)."""
+    num_actors = cfg.engine.num_actors if actors is None else actors
     sizes = cfg.clients.group_sizes()
     groups = [(g, n) for g, n in zip(cfg.clients.groups, sizes) if n > 0]
     for g, _ in groups:
@@ -66,13 +68,13 @@ def plan_actors(cfg: Config, cap: Capacity, cost=None) -> list[ActorSpec]:
                                 f"lower it (0 runs on CPUs)")
     total = sum(n for _, n in groups)
     # engine.num_actors (or one per client) split over groups by their clients, at least one each
-    desired = apportion(max(cfg.engine.num_actors or total, len(groups)), [n for _, n in groups])
+    desired = apportion(max(num_actors or total, len(groups)), [n for _, n in groups])
     gpu_clients = sum(n for g, n in groups if g.num_gpus > 0) or 1  # GPUs are split among groups that use them
     counts = []
     for (g, n), d in zip(groups, desired):
         fit = min(_fits(cap.cpus * n / total, g.num_cpus), _fits(cap.gpus * n / gpu_clients, g.num_gpus))
         # an explicit engine.num_actors is honoured or refused below, never silently shrunk
-        counts.append(max(1, min(n, d) if cfg.engine.num_actors else min(n, d, fit)))
+        counts.append(max(1, min(n, d) if num_actors else min(n, d, fit)))
     cpus = sum(c * g.num_cpus for c, (g, _) in zip(counts, groups))
     gpus = sum(c * g.num_gpus for c, (g, _) in zip(counts, groups))
     if cpus > cap.cpus + 1e-9 or gpus > cap.gpus + 1e-9:
@@ -85,6 +87,90 @@ def plan_actors(cfg: Config, cap: Capacity, cost=None) -> list[ActorSpec]:
         specs += [ActorSpec(g.name, g.num_cpus, g.num_gpus, tuple(range(bounds[i], bounds[i + 1]))) for i in range(c)]
         first += n
     return specs
+
+
+# -- trials: a run of a sweep as a Ray Tune trial in a placement group of its own --------------------
+
+DRIVER_MEMORY = int(0.6 * 2**30)  # a trial's driver: the interpreter with torch, as ACTOR_BASE below
+
+
+def trial_actors(cfg: Config, cap: Capacity, share: int | None) -> list[ActorSpec]:
+    """A trial's client actors when `share` trials run at once on cluster `cap`: engine.num_actors if set,
+    else as many as 1/share of the cluster holds; with share None ("auto": as many trials as fit) or a
+    share too small, one per group (then Tune runs fewer trials at once). A trial that the whole cluster
+    cannot hold is the ResourceError of plan_actors."""
+    if cfg.engine.num_actors:  # planned again with its own count, as the trial plans from its bundles
+        return plan_actors(cfg, cap, actors=len(plan_actors(cfg, cap)))
+    smallest = sum(1 for n in cfg.clients.group_sizes() if n)
+    if share is not None:
+        part = Capacity(cap.cpus / share, cap.gpus / share, cap.node_cpus, cap.node_gpus)
+        try:
+            return plan_actors(cfg, part, actors=len(plan_actors(cfg, part)))
+        except ResourceError:
+            pass
+    return plan_actors(cfg, cap, actors=smallest)
+
+
+def trial_bundles(cfg: Config, specs: list[ActorSpec]) -> list[dict[str, float]]:
+    """A trial's placement group: its driver's bundle first, then one bundle per client actor. The serial
+    engine trains in the driver (one CPU); the Ray engine's driver only averages and tests the global
+    model between rounds, so its bundle holds memory alone and single-CPU trials pack one per core."""
+    if cfg.engine.kind == "serial":
+        return [{"CPU": 1.0, "memory": DRIVER_MEMORY}]
+    return [{"memory": DRIVER_MEMORY}] + [{k: v for k, v in (("CPU", s.num_cpus), ("GPU", s.num_gpus)) if v}
+                                          for s in specs]
+
+
+def match_bundles(specs: list[ActorSpec], bundles: list[dict[str, float]]) -> list[int]:
+    """The bundle index (1, 2, ...: 0 is the driver's) each actor goes into, one actor per bundle of the same
+    CPUs and GPUs; a ResourceError when the placement group was sized for another plan."""
+    free = list(range(1, len(bundles)))
+    out = []
+    for s in specs:
+        same = next((i for i in free if bundles[i].get("CPU", 0.0) == s.num_cpus
+                     and bundles[i].get("GPU", 0.0) == s.num_gpus), None)
+        if same is None:
+            raise ResourceError(f"the trial's placement group ({len(bundles) - 1} actor bundles) holds no bundle of "
+                                f"{s.num_cpus:g} CPU / {s.num_gpus:g} GPU for a {s.group} actor; size it with "
+                                "fmlray.engine.resources.trial_bundles for this config")
+        free.remove(same)
+        out.append(same)
+    return out
+
+
+def bundle_capacity(bundles: list[dict[str, float]]) -> Capacity:
+    """What the actor bundles of a trial's placement group (all but the driver's) hold: an actor cannot
+    span bundles, so the largest bundle is its "node"."""
+    actors = bundles[1:]
+    return Capacity(cpus=sum(b.get("CPU", 0.0) for b in actors), gpus=sum(b.get("GPU", 0.0) for b in actors),
+                    node_cpus=max((b.get("CPU", 0.0) for b in actors), default=0.0),
+                    node_gpus=max((b.get("GPU", 0.0) for b in actors), default=0.0))
+
+
+def pack(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> bool:
+    """Whether `bundles` fit the `nodes`' total resources, largest bundle first into the first node with
+    room (first-fit decreasing: it may miss a packing that exists, never claims one that does not)."""
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0), -b.get("memory", 0.0))):
+        node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.items())), None)
+        if node is None:
+            return False
+        for k, v in b.items():
+            node[k] -= v
+    return True
+
+
+def check_trial_fits(name: str, bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> None:
+    """A one-line ResourceError, before anything starts, for a trial the cluster could never place."""
+    if pack(bundles, nodes):
+        return
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU", "memory")}
+    have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+    raise ResourceError(
+        f"run {name} needs a placement group of {len(bundles)} bundles ({need['CPU']:g} CPUs, {need['GPU']:g} GPUs, "
+        f"{size(need['memory'])} in all: its driver and {len(bundles) - 1} client actors) that the cluster's "
+        f"{len(nodes)} node(s) ({have['CPU']:g} CPUs, {have['GPU']:g} GPUs, {size(have['memory'])}) cannot hold; "
+        "lower engine.num_actors or the groups' num_cpus/num_gpus")
 
 
 # -- memory: where private state lives, and whether a run fits ------------------------------------

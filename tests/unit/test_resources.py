@@ -72,3 +72,57 @@ def test_blocks_balance_the_clients_training_rows_not_their_count():
     assert [s.client_ids for s in specs] == [(0,), (1,), (2, 3)]
     # no cost: equal client counts, as before
     assert [len(s.client_ids) for s in plan_actors(cfg, LAPTOP)] == [3, 3]
+
+
+# -- trials: placement groups sized to a run ------------------------------------------------------
+
+from fmlray.engine.resources import (DRIVER_MEMORY, bundle_capacity, check_trial_fits, match_bundles, pack,  # noqa: E402
+                                     trial_actors, trial_bundles)
+
+ONE_GROUP = "clients.groups=[{name='a', share=1.0, num_cpus=1}]"
+EIGHT = Capacity(cpus=8, gpus=0, node_cpus=8, node_gpus=0)
+
+
+def test_a_trial_gets_its_share_of_the_cluster_or_its_smallest_size():
+    cfg = load_config(None, [ONE_GROUP])
+    assert len(trial_actors(cfg, EIGHT, 2)) == 4  # two trials at once: half the CPUs each
+    assert len(trial_actors(cfg, EIGHT, 8)) == 1
+    assert len(trial_actors(cfg, EIGHT, None)) == 1  # auto: as many trials as fit, each at its smallest
+    two_groups = load_config(None, [])
+    assert [s.group for s in trial_actors(two_groups, LAPTOP, 2)] == ["mlp", "lenet5"]  # a share of 1 CPU is too small
+    assert len(trial_actors(load_config(None, [ONE_GROUP, "engine.num_actors=3"]), EIGHT, 8)) == 3  # as asked
+    with pytest.raises(ResourceError, match="need 3 CPUs"):
+        trial_actors(load_config(None, [ONE_GROUP, "engine.num_actors=3"]), LAPTOP, 2)
+
+
+def test_trial_bundles_are_the_driver_then_one_per_actor_and_the_trial_plans_the_same_actors_from_them():
+    cfg = load_config(None, ["clients.num_clients=10", "clients.groups=[{name='cpu', count=6, num_cpus=1}, "
+                             "{name='gpu', count=4, num_cpus=0.5, num_gpus=0.25}]"])
+    cap = Capacity(cpus=4, gpus=1, node_cpus=4, node_gpus=1)
+    specs = trial_actors(cfg, cap, 1)
+    bundles = trial_bundles(cfg, specs)
+    assert bundles[0] == {"memory": DRIVER_MEMORY}
+    assert bundles[1:] == [{"CPU": s.num_cpus, **({"GPU": s.num_gpus} if s.num_gpus else {})} for s in specs]
+    # inside the trial: the pool from the bundles alone, each actor into a bundle of its size
+    again = plan_actors(cfg, bundle_capacity(bundles), actors=len(bundles) - 1)
+    assert again == specs
+    assert sorted(match_bundles(again, bundles)) == list(range(1, len(bundles)))
+    assert trial_bundles(load_config(None, ["engine.kind=serial"]), []) == [{"CPU": 1.0, "memory": DRIVER_MEMORY}]
+
+
+def test_match_bundles_refuses_a_placement_group_sized_for_another_plan():
+    cfg = load_config(None, [ONE_GROUP])
+    specs = plan_actors(cfg, LAPTOP, actors=2)
+    with pytest.raises(ResourceError, match="holds no bundle of 1 CPU / 0 GPU"):
+        match_bundles(specs, [{"memory": 1.0}, {"CPU": 1.0}, {"CPU": 0.5}])
+
+
+def test_pack_places_bundles_on_nodes_and_the_error_names_the_trial():
+    one_cpu_nodes = [{"CPU": 1.0, "memory": 4e9}] * 3
+    assert pack([{"memory": 1e9}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], one_cpu_nodes)
+    assert not pack([{"CPU": 2.0}], one_cpu_nodes)  # 3 CPUs in all, but no node holds 2
+    assert not pack([{"CPU": 1.0}] * 4, one_cpu_nodes)
+    with pytest.raises(ResourceError) as info:
+        check_trial_fits("fml-s0", [{"memory": 1e9}, {"CPU": 2.0}], one_cpu_nodes)
+    assert "run fml-s0 needs a placement group of 2 bundles (2 CPUs" in str(info.value)
+    assert "3 node(s) (3 CPUs" in str(info.value) and "\n" not in str(info.value)

@@ -5,7 +5,7 @@ import pytest
 
 from fmlray.cli import main
 from fmlray.errors import ConfigError
-from fmlray.sweep import plan
+from fmlray.sweep import plan, plan_sweep
 
 SPEC = """
 [sweep]
@@ -39,7 +39,32 @@ def test_a_sweep_runs_its_grid_once_and_combines_it(tmp_path, capsys):
     assert capsys.readouterr().out.count(": done") == 8
 
 
+def test_executor_and_parallel_are_read_from_the_sweep_file(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text("[sweep]\nname='x'\n")
+    assert (plan_sweep(spec).executor, plan_sweep(spec).parallel) == ("loop", "auto")
+    spec.write_text("[sweep]\nname='x'\nexecutor='tune'\nparallel=3\n")
+    assert (plan_sweep(spec).executor, plan_sweep(spec).parallel) == ("tune", 3)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--parallel", "0"], "--parallel must be a number of trials at once (1 to 10,000) or \"auto\", got '0'"),
+    (["--parallel", "two"], "--parallel must be a number of trials at once"),
+    (["--parallel", "2", "--sequential"], "--sequential and --parallel contradict each other"),
+])
+def test_bad_parallel_options_are_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(out=tmp_path / "runs"))
+    assert main(["sweep", str(spec), *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("text, fragment", [
+    ("[sweep]\nname='x'\nexecutor='ray'\n", "sweep.executor = 'ray' is unknown; choose \"loop\""),
+    ("[sweep]\nname='x'\nparallel=0\n", "sweep.parallel must be a number of trials at once"),
+    ("[sweep]\nname='x'\nparallel=true\n", "sweep.parallel must be a number of trials at once"),
     ("[sweep]\nname='x'\nbogus=1\n", "unknown key(s) ['bogus']"),
     ("[sweep]\nseeds=[0]\n", "needs a name"),
     ("[sweep]\nname='x'\nseeds=[-1]\n", "sweep.seeds must be"),

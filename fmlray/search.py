@@ -1,0 +1,287 @@
+"""`fmlray tune FILE`: a search over ranges of config keys, as Ray Tune trials (fmlray.trials), with a
+Tune scheduler reading a named figure of each round; prints the best configs and writes them as presets.
+
+    [tune]
+    name = "digits-alpha-beta"
+    base = "../fmlray/presets/digits.toml"   # optional, relative to this file
+    output_dir = "runs/tune"
+    set = ["engine.kind=serial", "run.rounds=10"]
+    metric = "local_mean"      # a figure every round reports (fmlray.trials.METRICS)
+    mode = "max"
+    samples = 16               # configs drawn (times each grid value)
+    search = "random"          # Tune's BasicVariantGenerator, seeded by `seed`
+    scheduler = "asha"         # or "fifo": every trial runs all its rounds
+    grace_rounds = 2           # ASHA: rounds before a trial may be stopped
+    reduction_factor = 2       # ASHA: keep the best 1/reduction_factor at each rung
+    parallel = "auto"          # trials at once
+    top = 3                    # configs printed and written as presets
+    seed = 0
+
+    [[param]]
+    key = "algorithm.fml.alpha"
+    uniform = [0.1, 0.9]       # or loguniform = [lo, hi], randint = [lo, hi] (both ends included),
+                               # choice = [...], grid = [...] (every value, `samples` draws each)
+
+Outputs, in <output_dir>/<name>/: one run folder per trial (trial-00000, ...: metrics, checkpoint),
+trials.parquet (every trial's values and last figures), best-1.toml ... (full configs for
+`fmlray run --config`), and Tune's own records under .tune/.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from fmlray.config import Config, folder_name, load_config, load_toml, to_dict
+from fmlray.errors import ConfigError, FmlrayError
+from fmlray.sweep import parallel_value
+
+KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+KEYS = {"name", "base", "output_dir", "set", "metric", "mode", "samples", "search", "scheduler", "grace_rounds",
+        "reduction_factor", "parallel", "top", "seed"}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # a config key, e.g. algorithm.fml.alpha
+    kind: str  # one of KINDS
+    values: tuple  # [lo, hi] for the ranges, the values for choice / grid
+
+
+@dataclass(frozen=True)
+class Search:
+    folder: Path
+    name: str
+    base: Path | None
+    common: tuple[str, ...]
+    params: tuple[Param, ...]
+    metric: str
+    mode: str
+    samples: int
+    scheduler: str
+    grace_rounds: int
+    reduction_factor: int
+    parallel: int | str
+    top: int
+    seed: int
+    rounds: int
+    bundles_of: dict = field(default_factory=dict, compare=False)  # filled on the connected cluster
+
+    @property
+    def total(self) -> int:
+        grid = math.prod(len(p.values) for p in self.params if p.kind == "grid")
+        return self.samples * grid
+
+    def config(self, values: dict, name: str = "trial") -> Config:
+        """The base config with the trial's values, writing into the search's folder as run `name`."""
+        sets = [f"{k}={literal(v)}" for k, v in values.items()]
+        return load_config(self.base, [*self.common, *sets, f"run.name={name!r}",
+                                       f"run.output_dir={str(self.folder)!r}"])
+
+    def build(self, config: dict, trial_id: str) -> tuple[str, Config]:
+        from fmlray.trials import search_run_name
+        name = search_run_name(trial_id)
+        return name, self.config(config, name)
+
+    def bundles(self, cfg: Config) -> list[dict]:
+        return self.bundles_of["plan"](cfg)
+
+    @property
+    def param_space(self) -> dict:
+        from ray import tune
+        make = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+                "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": lambda v: tune.choice(list(v)),
+                "grid": lambda v: tune.grid_search(list(v))}
+        return {p.key: make[p.kind](p.values) for p in self.params}
+
+    def tune_config(self, parallel: int | str) -> dict:
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+        from ray.tune.search import BasicVariantGenerator
+        scheduler = FIFOScheduler() if self.scheduler == "fifo" else ASHAScheduler(
+            time_attr="round", max_t=self.rounds, grace_period=self.grace_rounds,
+            reduction_factor=self.reduction_factor)
+        return {"metric": self.metric, "mode": self.mode, "num_samples": self.samples, "scheduler": scheduler,
+                "search_alg": BasicVariantGenerator(random_state=self.seed,
+                                                    max_concurrent=0 if parallel == "auto" else parallel)}
+
+
+def literal(value) -> str:
+    """`value` as a TOML value, as --set takes it."""
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _param(p, i: int, where: str) -> Param:
+    kinds = [k for k in KINDS if isinstance(p, dict) and k in p]
+    if not isinstance(p, dict) or set(p) != {"key", *kinds} or len(kinds) != 1 or not isinstance(p["key"], str):
+        raise ConfigError(f"{where}: [[param]] {i} needs a key and exactly one of {', '.join(KINDS)}")
+    kind, values = kinds[0], p[kinds[0]]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: param {p['key']}: {kind} must be a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        lo_hi = len(values) == 2 and all(_number(v) for v in values) and values[0] < values[1]
+        if not lo_hi or (kind == "loguniform" and values[0] <= 0) or \
+                (kind == "randint" and not all(type(v) is int for v in values)):
+            raise ConfigError(f"{where}: param {p['key']}: {kind} takes [low, high] with low < high"
+                              + (", both > 0" if kind == "loguniform" else "")
+                              + (", both integers" if kind == "randint" else "") + f"; got {values!r}")
+    return Param(p["key"], kind, tuple(values))
+
+
+def _get(s: dict, key: str, default, ok, what: str, where: str):
+    value = s.get(key, default)
+    if not ok(value):
+        raise ConfigError(f"{where}: tune.{key} must be {what}, got {value!r}")
+    return value
+
+
+def plan_search(path: str | Path) -> Search:
+    """The search described by a tune file; every key and every end of every range checked now."""
+    from fmlray.trials import METRICS
+
+    path = Path(path)
+    spec = load_toml(path)
+    if set(spec) - {"tune", "param"} or not isinstance(spec.get("tune"), dict):
+        raise ConfigError(f"{path}: a tune file has a [tune] table and [[param]] tables (found {sorted(spec)})")
+    s, where = spec["tune"], str(path)
+    bad = set(s) - KEYS
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)} in [tune]; valid: {', '.join(sorted(KEYS))}")
+    name = _get(s, "name", None, lambda v: isinstance(v, str) and v, "a non-empty string", where)
+    folder_name(f"{where}: tune.name", name)
+    text = lambda v: isinstance(v, str) and bool(v)  # noqa: E731
+    count = lambda lo, hi: lambda v: type(v) is int and lo <= v <= hi  # noqa: E731
+    base = path.parent / _get(s, "base", "x", text, "a path (in quotes)", where) if "base" in s else None
+    common = _get(s, "set", [], lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  "a list of \"section.key=value\" strings", where)
+    metric = _get(s, "metric", "local_mean", lambda v: v in METRICS, "one of " + ", ".join(METRICS), where)
+    mode = _get(s, "mode", "max", lambda v: v in ("max", "min"), "\"max\" or \"min\"", where)
+    samples = _get(s, "samples", 8, count(1, 100_000), "a number of samples from 1 to 100,000", where)
+    _get(s, "search", "random", lambda v: v == "random", "\"random\" (Tune's BasicVariantGenerator; "
+         "Tune's other searchers need packages fmlray does not install)", where)
+    scheduler = _get(s, "scheduler", "asha", lambda v: v in ("asha", "fifo"), "\"asha\" or \"fifo\"", where)
+    grace = _get(s, "grace_rounds", 1, count(1, 2**31 - 1), "a number of rounds >= 1", where)
+    factor = _get(s, "reduction_factor", 2, count(2, 1000), "an integer from 2 to 1000", where)
+    parallel = parallel_value(s.get("parallel", "auto"), f"{where}: tune.parallel")
+    top = _get(s, "top", 3, count(1, 1000), "a number from 1 to 1000", where)
+    seed = _get(s, "seed", 0, count(0, 2**32 - 1), "an integer from 0 to 2**32 - 1", where)
+    output_dir = _get(s, "output_dir", "runs/tune", text, "a non-empty string", where)
+    params = spec.get("param", [])
+    if not isinstance(params, list) or not params:
+        raise ConfigError(f"{where}: a tune file needs at least one [[param]] table (a key and its range)")
+    params = tuple(_param(p, i, where) for i, p in enumerate(params))
+    keys = [p.key for p in params]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{where}: a key is searched twice ({keys}); give each key one [[param]]")
+    search = Search(Path(output_dir) / name, name, base, tuple(common), params, metric, mode, samples, scheduler,
+                    grace, factor, parallel, top, seed, rounds=0)
+    ends = [{p.key: p.values[0] for p in params}, {p.key: p.values[-1] for p in params}]
+    ends += [{p.key: v} for p in params if p.kind in ("choice", "grid") for v in p.values]
+    for values in ends:  # every end of every range must make a valid config
+        try:
+            cfg = search.config(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: with {', '.join(f'{k}={literal(v)}' for k, v in values.items())}: "
+                              f"{exc}") from None
+    if cfg.run.eval_every != 1:
+        raise ConfigError(f"{where}: the scheduler reads {metric} every round; set run.eval_every = 1")
+    if grace > cfg.run.rounds and scheduler == "asha":
+        raise ConfigError(f"{where}: tune.grace_rounds = {grace} is more than run.rounds = {cfg.run.rounds}")
+    return Search(**{**search.__dict__, "rounds": cfg.run.rounds})
+
+
+def run_search(path: str | Path, echo=print, parallel: int | str | None = None) -> tuple[Path, list[dict]]:
+    """Run the search; write trials.parquet and the best configs as presets; return (folder, ranked rows)."""
+    import ray
+
+    from fmlray.engine.ray_engine import capacity, connect
+    from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
+    from fmlray.trials import tune_run
+
+    search = plan_search(path)
+    parallel = search.parallel if parallel is None else parallel
+    if search.folder.exists():
+        raise FmlrayError(f"{search.folder} exists (an earlier search); choose another tune.name or move it away")
+    started = connect(search.config({p.key: p.values[0] for p in search.params}).engine.address)
+    try:
+        cap = capacity()
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        share = None if parallel == "auto" else parallel
+
+        def plan(cfg: Config) -> list[dict]:
+            specs = trial_actors(cfg, cap, share) if cfg.engine.kind == "ray" else []
+            return trial_bundles(cfg, specs)
+
+        search.bundles_of["plan"] = plan
+        for p_values in ({p.key: p.values[0] for p in search.params}, {p.key: p.values[-1] for p in search.params}):
+            check_trial_fits(search.name, plan(search.config(p_values)), nodes)
+        echo(f"{search.total} trial(s) of {search.name}, {search.scheduler.upper()} on {search.metric} "
+             f"({search.mode}), {'as many as fit' if parallel == 'auto' else f'up to {parallel}'} at once")
+        grid, results = tune_run([], parallel, search.folder / ".tune", echo, search=search)
+    finally:
+        if started:
+            ray.shutdown()
+    rows = ranked(search, grid)
+    write_outputs(search, rows)
+    return search.folder, rows
+
+
+def ranked(search: Search, grid) -> list[dict]:
+    """One row per trial: its values, rounds run, status and last figures; those that ran every round first,
+    each group best first by the metric."""
+    from fmlray.trials import METRICS, search_run_name
+
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        if "round" not in m:
+            continue
+        row = {"trial": search_run_name(m.get("trial_id", "_?")), "rounds": int(m["round"]),
+               "complete": int(m["round"]) == search.rounds, **{p.key: result.config[p.key] for p in search.params},
+               **{k: float(m.get(k, math.nan)) for k in METRICS}}
+        rows.append(row)
+    sign = -1 if search.mode == "max" else 1
+
+    def key(r):
+        v = r[search.metric]
+        return (not r["complete"], math.isnan(v), sign * v if not math.isnan(v) else 0.0, r["trial"])
+    return sorted(rows, key=key)
+
+
+def write_outputs(search: Search, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not rows:
+        return
+    table = pa.Table.from_pylist(rows)
+    tmp = search.folder / ".trials.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(search.folder / "trials.parquet")
+    for rank, row in enumerate(rows[: search.top], 1):
+        values = {p.key: row[p.key] for p in search.params}
+        cfg = search.config(values, f"{search.name}-best-{rank}")
+        head = (f"# fmlray tune {search.name}: rank {rank} of {len(rows)} by {search.metric} ({search.mode}) = "
+                f"{row[search.metric]:.4f} after {row['rounds']} of {search.rounds} rounds ({row['trial']}); "
+                + ", ".join(f"{k} = {literal(v)}" for k, v in values.items()) + "\n")
+        out = search.folder / f"best-{rank}.toml"
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(head + tomli_w.dumps(to_dict(cfg)))
+        tmp.replace(out)
+
+
+def format_best(search_rows: list[dict], search: Search) -> str:
+    """The best `top` trials as a table: rank, trial, each searched value, rounds, the metric."""
+    keys = [p.key for p in search.params]
+    head = ["rank", "trial", *keys, "rounds", search.metric]
+    cells = [[str(i), r["trial"], *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys),
+              f"{r['rounds']}/{search.rounds}", f"{r[search.metric]:.4f}"]
+             for i, r in enumerate(search_rows[: search.top], 1)]
+    width = [max(len(x) for x in col) for col in zip(head, *cells)]
+    return "\n".join("  ".join(f"{x:<{w}}" for x, w in zip(line, width)) for line in [head, *cells])

@@ -1,0 +1,308 @@
+"""Runs as Ray Tune trials: the parallel executor of `fmlray sweep` and the trials of `fmlray tune`.
+
+Each run is one trial. A trial reserves a placement group sized to its own simulation
+(`resources.trial_bundles`: its driver's bundle, then one bundle per client actor), and the Ray engine
+inside it puts its actors into those bundles; the serial engine trains in the trial's driver, on the one
+CPU of its bundle. A trial runs `run_experiment` exactly as `fmlray run` does (same run folder, same
+checkpoints, same metrics), and reports every round's summary to Tune. Trials never call `ray.init` or
+`ray.shutdown`, and never read the whole cluster's resources.
+
+Stopping: SIGINT / SIGTERM reach the sweep's process only. It tells the trials through a small
+`Control` actor, which each trial asks once a round; a trial then checkpoints and ends its run after
+the round it is in (a rerun resumes it), and trials not started yet end at once. The first failed run
+stops the others the same way, as the sequential loop stops at it.
+
+Tune's own experiment state goes under `<folder>/.tune/` (never ~/ray_results), and its console output
+is silenced: fmlray prints one line per finished run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmlray.config import Config
+from fmlray.errors import FmlrayError
+
+STATS = ("mean", "std", "min", "p10")
+
+
+def figures(summary: dict) -> dict:
+    """A round summary as flat numbers for Tune (NaN where a round was not evaluated): round, local_mean,
+    local_std, local_min, local_p10, the same for global_clients_*, global_test, round_seconds."""
+    out = {"round": summary["round"]}
+    for key in ("local", "global_clients"):
+        for stat in STATS:
+            out[f"{key}_{stat}"] = summary[key][stat] if summary[key] else math.nan
+    out["global_test"] = math.nan if summary["global_test"] is None else summary["global_test"]
+    out["round_seconds"] = math.nan if summary["seconds"] is None else summary["seconds"]
+    return out
+
+
+METRICS = tuple(figures({"round": 0, "local": None, "global_clients": None, "global_test": None,
+                         "seconds": None}))[1:]
+
+
+class TrialsStopped(Exception):
+    """A signal stopped the trials; `unfinished` runs keep their checkpoints for a rerun."""
+
+    def __init__(self, unfinished: list[str]):
+        super().__init__(f"stopped with {len(unfinished)} run(s) unfinished")
+        self.unfinished = unfinished
+
+
+class Control:
+    """A Ray actor (no CPU) the trials ask, once a round, whether the sweep is stopping."""
+
+    def __init__(self):
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def asked(self) -> bool:
+        return self.stopping
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    cfg: Config
+    bundles: list[dict[str, float]]
+
+
+def plan_trials(runs: dict[str, Config], parallel: int | str) -> list[Trial]:
+    """Each run's placement group on the connected cluster, `parallel` trials at once (an int, or "auto":
+    each at its smallest); a trial the cluster could never place is a one-line ResourceError now."""
+    import ray
+
+    from fmlray.engine.ray_engine import capacity
+    from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
+    from fmlray.errors import ResourceError
+
+    cap = capacity()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    out = []
+    for name, cfg in runs.items():
+        try:
+            specs = trial_actors(cfg, cap, None if parallel == "auto" else parallel) if cfg.engine.kind == "ray" else []
+        except ResourceError as exc:
+            raise ResourceError(f"run {name} cannot be a trial on this cluster: {exc}") from None
+        bundles = trial_bundles(cfg, specs)
+        check_trial_fits(name, bundles, nodes)
+        out.append(Trial(name, cfg, bundles))
+    return out
+
+
+def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, build=None) -> None:
+    """The trainable: one run, in this trial's placement group, resumed from its checkpoint if it has one.
+    A sweep's trial names its run (config["run"]); a search's builds it (`build(config, trial_id)`)."""
+    import ray
+    from ray import tune
+
+    from fmlray import checkpoint
+    from fmlray.simulation import RunInterrupted, run_experiment
+
+    node = ray.get_runtime_context().get_node_id()
+    asked = lambda: ray.get(control.asked.remote())  # noqa: E731
+    if asked():
+        tune.report({"status": "skipped", "node": node, **{k: math.nan for k in METRICS}})
+        return
+    try:
+        # Tune starts a trial in a folder of its own; the run's relative paths are the sweep's
+        os.chdir(launch_dir)
+    except OSError:
+        tune.report({"status": "error", "node": node, **{k: math.nan for k in METRICS},
+                     "error": f"this node has no folder {launch_dir} (where the sweep was started); on a "
+                              "cluster give the sweep an absolute output_dir on storage every node shares"})
+        return
+    name, cfg = (config["run"], trials[config["run"]].cfg) if build is None else \
+        build(config, tune.get_context().get_trial_id())
+    run_dir = Path(cfg.run.output_dir) / name
+    resume = run_dir if checkpoint.exists(run_dir) else None
+    started, began = time.perf_counter(), time.time()
+    status = {"status": "done"}
+    log: list[str] = []  # what `fmlray run` would print before its rounds: the title, the engine's notes
+    last: dict = {}  # the last round's figures, repeated in the final report (Tune reads a metric from each)
+
+    def report(summary: dict) -> None:
+        last.update(figures(summary))
+        if summary["round"] < cfg.run.rounds:  # the last round goes with the final report, once the run's
+            tune.report({**last, "status": "running", "node": node, "run": name})  # outputs are written:
+            # a scheduler that stops a trial does so in tune.report (SystemExit), leaving it resumable
+
+    def echo(line: str) -> None:
+        if not line.startswith("round "):
+            log.append(line)
+
+    try:
+        run_experiment(cfg, echo=echo, resume_dir=resume, stop=asked, report=report)
+    except RunInterrupted:
+        status = {"status": "stopped"}
+    except FmlrayError as exc:
+        status = {"status": "error", "error": " ".join(str(exc).splitlines())}
+    tune.report({**last, "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
+                 "began": began, "ended": time.time(), "log": " | ".join(log), **status})
+
+
+def search_run_name(trial_id: str) -> str:
+    """A search's trial's run folder: trial-<Tune's trial index>, e.g. trial-00003."""
+    return f"trial-{trial_id.rsplit('_', 1)[-1]}"
+
+
+def _progress_callback(echo: Callable[[str], None], order: Callable[[str], int], total: int, control, signalled,
+                       name_of: Callable):
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """One line per finished run; tells the trials to stop on a signal or at the first failed run."""
+
+        def __init__(self):
+            self.results: dict[str, dict] = {}
+            self.errors: dict[str, str] = {}
+            self.started: dict[str, float] = {}
+            self.stop_sent = False
+
+        def stop(self) -> None:
+            if not self.stop_sent:
+                self.stop_sent = True
+                control.stop.remote()
+
+        def on_step_begin(self, iteration, trials, **info):
+            if signalled():
+                self.stop()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[name_of(trial)] = time.perf_counter()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            name = name_of(trial)
+            self.results[name] = result
+            if result.get("status") == "error":
+                self.errors[name] = result["error"]
+                self.stop()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            name = name_of(trial)
+            r = self.results.get(name, {})
+            if r.get("status") not in ("done", "stopped", "running"):
+                return
+            status = f"stopped early by the scheduler after round {r['round']}" if r["status"] == "running" else \
+                r["status"]
+            took = time.perf_counter() - self.started.get(name, time.perf_counter())
+            last = self.last_figures(name)
+            echo(f"[{order(name)}/{total}] {name}: {status}{' (resumed)' if r.get('resumed') else ''} "
+                 f"in {took:.1f}s" + (f", {last}" if last else "") + f" (node {r.get('node', '?')[:8]})")
+
+        def last_figures(self, name: str) -> str:
+            r = self.results.get(name, {})  # the final report repeats the last round's figures
+            parts = []
+            if not math.isnan(r.get("local_mean", math.nan)):
+                parts.append(f"local {r['local_mean']:.3f}")
+            if not math.isnan(r.get("global_test", math.nan)):
+                parts.append(f"global/test {r['global_test']:.3f}")
+            return ", ".join(parts)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            name = name_of(trial)
+            where = getattr(trial, "error_file", None) or "Tune's trial folder"
+            self.errors[name] = f"the trial failed ({_last_line(where)}); its traceback is in {where}"
+            self.stop()
+
+    return Progress()
+
+
+def _last_line(path) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return "no error file"
+    return lines[-1] if lines else "no message"
+
+
+def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Callable[[str], None], *,
+             order: dict[str, int] | None = None, total: int | None = None, search=None):
+    """Run `trials` (one per run of a sweep), or `search` (a SearchSpec-like object: param_space,
+    tune_config, build(config, trial_id) -> (name, cfg), bundles(cfg), total), on the connected Ray;
+    return (Tune's results, {name: last result}). Raises the first failed run's error, or
+    TrialsStopped on a signal."""
+    import ray
+    from ray import tune
+
+    from fmlray.engine.ray_engine import _environ
+    from fmlray.simulation import StopOnSignal
+
+    by_name = {t.name: t for t in trials}
+    control = ray.remote(num_cpus=0)(Control).remote()
+    with StopOnSignal(echo) as signalled:
+        if search is None:
+            order = order or {t.name: i for i, t in enumerate(trials, 1)}
+            progress = _progress_callback(echo, order.__getitem__, total or len(trials), control, signalled,
+                                          lambda trial: trial.config["run"])
+            trainable = tune.with_parameters(_trial, trials=by_name, control=control, launch_dir=os.getcwd())
+            trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
+                by_name[config["run"]].bundles))
+            param_space, extra = {"run": tune.grid_search(list(by_name))}, {}
+        else:
+            name_of = lambda trial: search_run_name(trial.trial_id)  # noqa: E731
+            progress = _progress_callback(echo, lambda name: int(name.rsplit("-", 1)[1]) + 1, search.total, control,
+                                          signalled, name_of)
+            trainable = tune.with_parameters(_trial, trials={}, control=control, launch_dir=os.getcwd(),
+                                             build=search.build)
+            trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
+                search.bundles(search.build(config, "_0")[1])))
+            param_space, extra = search.param_space, search.tune_config(parallel)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" or search else parallel,
+                                        reuse_actors=True, **extra),
+            run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage.resolve()),
+                                      verbose=0, callbacks=[progress]))
+        # our handlers, not Tune's; Tune's old console output, which verbose=0 silences wholly
+        with _environ(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0"):
+            grid = tuner.fit()
+        stopping = signalled()
+    ray.kill(control)
+    if progress.errors:
+        name, message = next(iter(progress.errors.items()))
+        raise FmlrayError(f"run {name}: {message}")
+    unfinished = [n for n, r in progress.results.items() if r.get("status") in ("stopped", "skipped")]
+    unfinished += [n for n in by_name if n not in progress.results]
+    if stopping and (unfinished or search is not None):
+        raise TrialsStopped(unfinished)
+    return grid, progress.results
+
+
+def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run the sweep's unfinished runs as Tune trials, `parallel` at once ("auto": as many as fit);
+    return each run's last result (its status, node, start and end times)."""
+    from fmlray import checkpoint
+    from fmlray.engine.ray_engine import connect
+
+    todo = {}
+    for i, run in enumerate(sweep.runs, 1):
+        if (sweep.folder / run.name / "metrics.parquet").is_file():
+            echo(f"[{i}/{len(sweep.runs)}] {run.name}: done")
+        else:
+            todo[run.name] = run.cfg
+    if not todo:
+        return {}
+    import ray
+
+    started = connect(sweep.runs[0].cfg.engine.address)
+    try:
+        trials = plan_trials(todo, parallel)
+        resuming = sum(checkpoint.exists(sweep.folder / name) for name in todo)
+        at_once = "as many as fit" if parallel == "auto" else f"up to {parallel}"
+        echo(f"{len(trials)} run(s) as Ray Tune trials, {at_once} at once"
+             + (f", {resuming} resuming" if resuming else "") + f"; Tune's records in {sweep.folder / '.tune'}")
+        return tune_run(trials, parallel, sweep.folder / ".tune", echo, total=len(sweep.runs),
+                        order={run.name: i for i, run in enumerate(sweep.runs, 1)})[1]
+    finally:
+        if started:
+            ray.shutdown()

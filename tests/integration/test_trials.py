@@ -1,0 +1,207 @@
+"""Sweeps on Ray Tune: the same table as the sequential loop, trials in placement groups sized to their
+runs, two single-actor trials at once on two CPUs, a stopped sweep finished by a rerun, trials spread over
+the nodes of a three-raylet cluster, and the one-line error for a trial that cannot fit."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmlray import checkpoint
+from fmlray.cli import main
+from fmlray.engine.resources import DRIVER_MEMORY
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+GRID = """
+[sweep]
+name = "grid"
+output_dir = "{out}"
+seeds = [0, 1]
+set = ["engine.kind=ray", "run.rounds=2", "training.epochs=1", "clients.num_clients=8",
+       "clients.groups=[{{name='all', share=1.0, local_model='mlp', num_cpus=1}}]"{extra}]
+
+[[axis]]
+name = "algorithm"
+values = ["algorithm.name=fml", "algorithm.name=fedavg"]
+"""
+
+
+def spec(tmp_path, name="s.toml", extra="", text=GRID):
+    path = tmp_path / name
+    path.write_text(text.format(out=tmp_path / "runs", extra=extra))
+    return path
+
+
+def rows(path):
+    key = lambda r: (r["run"], r["round"], r["client"], r["model"], r["split"])  # noqa: E731
+    return {key(r): r for r in pq.read_table(path).to_pylist()}
+
+
+def tune_records(folder: Path) -> list[dict]:
+    """The last result Tune recorded for each trial (Tune's own files, in the sweep's folder)."""
+    out = []
+    for f in folder.glob(".tune/*/*/result.json"):
+        out.append(json.loads(f.read_text().splitlines()[-1]))
+    return out
+
+
+def test_parallel_sweep_matches_the_sequential_one_two_single_actor_trials_at_once(ray_session, tmp_path, capsys):
+    import ray
+
+    # Prepare: the same grid of 4 runs, into two folders
+    seq_dir, par_dir = tmp_path / "seq", tmp_path / "par"
+    seq_dir.mkdir(), par_dir.mkdir()
+    seq, par = spec(seq_dir), spec(par_dir)
+    # Execute
+    assert main(["sweep", str(seq)]) == 0  # the loop, one run after another (two actors each on two CPUs)
+    capsys.readouterr()
+    assert main(["sweep", str(par), "--parallel", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # Assert: one line per run (and a header and the last line), not Tune's tables
+    assert len(out) == 6 and sum(": done in" in line for line in out) == 4, out
+    a, b = rows(seq_dir / "runs/grid/results.parquet"), rows(par_dir / "runs/grid/results.parquet")
+    assert a.keys() == b.keys() and len(a) > 100
+    for k in a:
+        for col in ("loss", "accuracy"):
+            x, y = a[k][col], b[k][col]
+            assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-5 * max(1.0, abs(x)), (k, col, x, y)
+        assert a[k]["samples"] == b[k]["samples"] and a[k]["seed"] == b[k]["seed"]
+    # each trial ran its engine in its own placement group: a memory-only driver bundle and one 1-CPU actor
+    records = tune_records(par_dir / "runs/grid")
+    assert len(records) == 4 and all(r["status"] == "done" for r in records)
+    assert all("1 client actors on 1 node(s) in the trial's placement group" in r["log"] for r in records)
+    shapes = [sorted((i, dict(b)) for i, b in pg["bundles"].items())
+              for pg in ray.util.placement_group_table().values()]
+    assert [(0, {"memory": float(DRIVER_MEMORY)}), (1, {"CPU": 1.0})] in shapes
+    # two trials at once on two CPUs: some two runs overlapped in time
+    spans = sorted((r["began"], r["ended"]) for r in records)
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
+    assert not (Path.home() / "ray_results").exists() or "grid" not in os.listdir(Path.home() / "ray_results")
+
+
+def test_a_trial_that_cannot_fit_is_one_line_before_anything_starts(ray_session, tmp_path, capsys):
+    path = spec(tmp_path, extra=', "engine.num_actors=3"')  # 3 one-CPU actors; the cluster has 2 CPUs
+    code = main(["sweep", str(path), "--parallel", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "run fml-s0 cannot be a trial on this cluster" in err and "need 3 CPUs" in err, err
+    assert not (tmp_path / "runs" / "grid").exists() or list((tmp_path / "runs" / "grid").iterdir()) == []
+
+
+STOPPABLE = """
+[sweep]
+name = "stop"
+output_dir = "{out}"
+seeds = [0, 1]
+set = ["engine.kind=serial", "training.epochs=1", "run.checkpoint_every=1"{extra}]
+
+[[axis]]
+name = "length"
+values = [{{label = "short", set = ["run.rounds=2"]}}, {{label = "long", set = ["run.rounds=12"]}}]
+"""
+
+
+def test_sigterm_mid_sweep_then_a_rerun_finishes_only_the_missing_runs(ray_session, tmp_path, capsys):
+    # Prepare: two short runs, then two long ones, two at a time, in a process of its own (its own Ray)
+    path = spec(tmp_path, text=STOPPABLE)
+    folder = tmp_path / "runs" / "stop"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "sweep", str(path), "--parallel", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Execute: SIGTERM once a long run has its first checkpoint
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists(folder / "long-s0") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    # Assert: stopped with a line saying so, the short runs finished, the long ones not
+    assert proc.returncode == 130, (out, err[-3000:])
+    assert "run(s) unfinished" in err and "Traceback" not in err, err[-3000:]
+    assert (folder / "short-s0/metrics.parquet").is_file() and (folder / "short-s1/metrics.parquet").is_file()
+    assert not (folder / "long-s0/metrics.parquet").exists() and checkpoint.exists(folder / "long-s0")
+    stopped_at = checkpoint.load(folder / "long-s0").round
+    assert stopped_at < 12
+    finished = {p: p.stat().st_mtime_ns for p in folder.glob("*/metrics.parquet")}
+    # Execute: the same sweep again
+    assert main(["sweep", str(path), "--parallel", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Assert: the finished runs were not run again; the long ones resumed and finished
+    assert "[1/4] short-s0: done" in lines and "[2/4] short-s1: done" in lines
+    assert any(line.startswith("[3/4] long-s0: done (resumed) in") for line in lines), lines
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    table = pq.read_table(folder / "results.parquet").to_pylist()
+    assert {r["run"] for r in table} == {"short-s0", "short-s1", "long-s0", "long-s1"}
+    assert sorted({r["round"] for r in table if r["run"] == "long-s0"}) == list(range(1, 13))
+
+
+def test_trials_spread_over_the_nodes_of_a_three_raylet_cluster(tmp_path):
+    # Prepare: three raylets of one CPU each, in a process of its own (one Ray connection per process)
+    path = spec(tmp_path, extra=', "engine.state_store=\'memory\'"')
+    out = tmp_path / "placed.json"
+    ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Unix socket paths; private: no stale address file
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    # Execute
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "trials_multinode_script.py"), str(path), str(out)],
+                              capture_output=True, text=True, timeout=400, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    # Assert: every run finished, and the trials ran on more than one node
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    placed = json.loads(out.read_text())
+    assert sorted(placed["runs"]) == ["fedavg-s0", "fedavg-s1", "fml-s0", "fml-s1"]
+    assert len(placed["nodes"]) == 3
+    assert len(set(placed["runs"].values())) >= 2, placed
+    assert (tmp_path / "runs/grid/results.parquet").is_file()
+
+
+SEARCH = """
+[tune]
+name = "s"
+output_dir = "{out}"
+set = ["engine.kind=serial", "run.rounds=3", "training.epochs=1", "clients.num_clients=8"]
+samples = 3
+grace_rounds = 1
+top = 2
+
+[[param]]
+key = "algorithm.fml.alpha"
+uniform = [0.1, 0.9]
+
+[[param]]
+key = "training.lr"
+loguniform = [0.003, 0.1]
+"""
+
+
+def test_fmlray_tune_prints_the_best_configs_and_writes_them_as_presets(ray_session, tmp_path, capsys):
+    from fmlray.config import load_config
+
+    path = spec(tmp_path, text=SEARCH)
+    assert main(["tune", str(path), "--parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "runs" / "s"
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert len(trials) == 3 and all(0.1 <= t["algorithm.fml.alpha"] <= 0.9 for t in trials)
+    complete = [t for t in trials if t["complete"]]
+    assert complete and trials[0]["complete"]  # ASHA may stop some; the best ran every round
+    assert trials[0]["local_mean"] == max(t["local_mean"] for t in complete)
+    table = out.split("rank", 1)[1].splitlines()
+    assert "trial-0000" in table[1] and f"{trials[0]['local_mean']:.4f}" in table[1]
+    best = load_config(folder / "best-1.toml")
+    assert best.algorithm.fml.alpha == trials[0]["algorithm.fml.alpha"] and best.run.rounds == 3
+    assert (folder / trials[0]["trial"] / "metrics.parquet").is_file()  # its run folder, as fmlray run writes it
+    assert (folder / "best-2.toml").is_file() and not (folder / "best-3.toml").exists()
