@@ -88,8 +88,10 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         result = engine.train_round(rnd, ids, state, progress=console and console.phase(f"  training {tag}", len(ids)))
         bad = [c["excluded"] for c in result.clients if "excluded" in c]
         if bad and len(bad) == len(result.clients):
+            hint = "lower training.lr or check the data"
+            first = bad[0].removesuffix(f"; {hint}")  # the client's own reason may end with the same advice
             raise TrainingError(f"round {rnd}: every client's update was NaN/Inf, nothing to average "
-                                f"(first: {bad[0]}); lower training.lr or check the data")
+                                f"(first: {first}); {hint}")
         state = result.global_state
         new = metrics.train_rows(rnd, result.clients, groups) + metrics.recovery_rows(rnd, result.failures, groups)
         if rnd % cfg.run.eval_every == 0 or rnd == rounds:

@@ -18,6 +18,7 @@ combined Parquet table. Re-running a sweep skips finished runs and resumes inter
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fmlray.config import Config, folder_name, load_config, load_toml
-from fmlray.errors import ConfigError
+from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
 
 RESULTS = "results.parquet"
@@ -175,6 +176,11 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
 
     sweep = plan_sweep(path)
     folder, runs = sweep.folder, sweep.runs
+    for run in runs:  # before any run starts: a folder in the way is the user's, never replaced
+        run_dir = folder / run.name
+        if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
+            raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
+                              "move it away, or set the sweep's output_dir to another folder")
     if parallel is not None or (sweep.executor == "tune" and not sequential):
         from fmlray.trials import run_trials
         run_trials(sweep, sweep.parallel if parallel is None else parallel, echo)

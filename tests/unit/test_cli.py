@@ -172,6 +172,7 @@ def test_nan_loss_stops_the_run_naming_the_client_and_writes_nothing(tmp_path, c
     out = tmp_path / "runs"
     err = fail(capsys, ["run", *QUICK, "--set", f"run.output_dir={out}"], "loss is not finite", out)
     assert "client 0 (group mlp), round 1, training" in err
+    assert err.count("lower training.lr or check the data") == 1  # said once, not by the client and again by the round
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):

@@ -102,3 +102,18 @@ def test_bad_sweep_files_name_the_problem(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:
         plan(spec)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_folder_in_the_way_of_a_sweep_run_is_refused_before_anything_runs(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(out=tmp_path / "runs"))
+    folder, runs = plan(spec)
+    theirs = folder / runs[5].name
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert f"{theirs} exists but holds neither a finished run nor a checkpoint" in err
+    assert "--overwrite" not in err and len(err.strip().splitlines()) == 1  # sweep has no --overwrite
+    assert sorted(p.name for p in folder.iterdir()) == [runs[5].name]  # nothing ran
+    assert (theirs / "notes.txt").read_text() == "mine"
