@@ -12,9 +12,11 @@ node's local disk (`DiskStore`). A client without a row has never trained: it is
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import mmap
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,7 @@ class DiskStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # held while this process lives: see `_tidy_scratch`
         except OSError as exc:
             raise ResourceError(f"cannot write client state under {folder} ({exc.strerror}); "
                                 "set engine.state_dir to a writable node-local folder") from None
@@ -317,5 +320,31 @@ def state_folder(state_dir: str, run_token: str, host: str) -> tuple[Path, Path 
     import tempfile
     if state_dir:
         return Path(state_dir) / f"fmlray-{run_token}" / host, None
+    _tidy_scratch(Path(tempfile.gettempdir()))
     root = Path(tempfile.gettempdir()) / f"fmlray-state-{run_token}"
     return root / host, root
+
+
+def _tidy_scratch(tmp: Path, min_age_s: float = 60.0) -> None:
+    """Delete scratch rows that a killed run left (SIGKILL, a lost node: nothing ran its clean-up).
+    A live store holds an flock on its file; a file whose lock can be taken has no owner left.
+    (Files younger than `min_age_s` are spared: their owner may not have locked them yet.)"""
+    for rows in tmp.glob("fmlray-state-*/*/*.rows"):
+        try:
+            if time.time() - rows.stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(rows, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            rows.unlink(missing_ok=True)
+        except OSError:
+            continue  # a live run's
+        finally:
+            os.close(fd)
+        for folder in (rows.parent, rows.parent.parent):
+            try:
+                folder.rmdir()  # once empty
+            except OSError:
+                break

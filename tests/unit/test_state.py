@@ -90,6 +90,43 @@ def test_the_disk_store_grows_in_place_and_deletes_its_file(tmp_path):
     assert not store.path.exists()
 
 
+
+def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fmlray.engine.state import _tidy_scratch
+    layout = trained_workspace("lenet5", "sgd").layout
+    live = DiskStore(layout, tmp_path / "fmlray-state-live" / "actor-0")
+    live.put(0)[:] = 1
+    live.done(0)
+    # a store in another process, killed with SIGKILL: its file stays, its lock goes with the process
+    code = ("import sys; from fmlray.engine.state import DiskStore, Layout; from tests.unit.test_state import "
+            "trained_workspace as t; s = DiskStore(t('lenet5', 'sgd').layout, sys.argv[1]); s.put(0); s.done(0); "
+            "print('ready', flush=True); sys.stdin.read()")
+    dead = tmp_path / "fmlray-state-dead" / "actor-1"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(dead)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).parents[2])
+    assert proc.stdout.readline().strip() == "ready"
+    _tidy_scratch(tmp_path, min_age_s=0)
+    [rows] = dead.glob("*.rows")
+    assert rows.exists()  # its owner lives
+    proc.kill()
+    proc.wait()
+    old = tmp_path / "fmlray-state-young" / "actor-2" / "lenet5.rows"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")  # unlocked but new: its owner may be about to lock it
+    _tidy_scratch(tmp_path, min_age_s=60)
+    assert old.exists() and rows.exists()  # both too young to judge
+    os.utime(rows, (0, 0))
+    _tidy_scratch(tmp_path, min_age_s=60)
+    assert not (tmp_path / "fmlray-state-dead").exists()  # the rows, then the emptied folders
+    assert live.path.exists() and (live.get(0) == 1).all() and old.exists()
+    live.close()
+
+
 def run(overrides, engine=None):
     cfg = load_config(None, ["engine.kind=serial", "run.rounds=3", "training.epochs=1", *overrides])
     prepared = prepare(cfg)
