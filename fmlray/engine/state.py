@@ -93,6 +93,7 @@ class Workspace:
         self.tensors = list(model.state_dict().values())  # detached views of the live parameters and buffers
         self.params = list(model.parameters())
         self.client: int | None = None  # whose state the workspace holds now
+        self._buffers: dict[str, torch.Tensor] = {}  # the optimiser's state of a loaded row, by slot name
         # Initial models are drawn on the CPU whatever the device: a GPU's generator gives other numbers
         # than the CPU's for the same seed, and a client's first model must not depend on where it trains.
         self._cpu_twin = model if device.type == "cpu" else None
@@ -109,14 +110,22 @@ class Workspace:
                 _copy(self.tensors, list(self._cpu_twin.state_dict().values()))
         else:
             lay = self.layout
-            _copy(self.tensors, [lay.view(row, s) for s in lay.model_slots])
-            for s in lay.opt_slots:
+            # The optimiser's state goes into tensors the workspace keeps from client to client: a fresh
+            # allocation per client (megabytes for cnn5) costs the kernel's page faults every time.
+            # Adam's step counter stays a CPU scalar, as torch keeps it; the rest lives with the parameter.
+            dst = [self._opt_buffer(s) for s in lay.opt_slots]
+            _copy(self.tensors + dst, [lay.view(row, s) for s in lay.model_slots + lay.opt_slots])
+            for s, t in zip(lay.opt_slots, dst):
                 _, i, name = s.name.split("/", 2)
-                p = self.params[int(i)]
-                t = lay.view(row, s)
-                # Adam's step counter stays a CPU scalar, as torch keeps it; the rest lives with the parameter
-                self.opt.state[p][name] = t.clone() if name == "step" else t.to(self.device, copy=True)
+                self.opt.state[self.params[int(i)]][name] = t
         self.client = cid
+
+    def _opt_buffer(self, slot: Slot) -> torch.Tensor:
+        t = self._buffers.get(slot.name)
+        if t is None:
+            device = torch.device("cpu") if slot.name.endswith("/step") else self.device
+            t = self._buffers[slot.name] = torch.zeros(slot.shape, dtype=getattr(torch, slot.dtype), device=device)
+        return t
 
     def store(self, row: np.ndarray) -> None:
         """Write the workspace's model and optimiser state into `row`."""
