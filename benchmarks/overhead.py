@@ -5,6 +5,7 @@ so drift in the machine's speed falls on all of them alike.
 
     python benchmarks/overhead.py --workload digits --quick
     python benchmarks/overhead.py --workload fmnist --quick
+    python benchmarks/overhead.py --workload fmnist-full --ways floor-1t,ray-2   # all 60,000 rows, ~25 min
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ WORKLOADS = {
     # the issue's CNN (conv 32 5x5, pool, conv 64 5x5, pool, fc 512, fc 10): fmlray's `cnn5`
     "fmnist": Workload("compute-bound", "fmnist", "cnn5", {"full": 10000, "quick": 2000, "smoke": 200},
                        {"full": 5, "quick": 4, "smoke": 1}),
+    # the same on all 60,000 training rows: where a client's update dominates and the peer was measured
+    "fmnist-full": Workload("compute-bound, full size", "fmnist", "cnn5", {"full": 0, "quick": 20000, "smoke": 1000},
+                            {"full": 3, "quick": 2, "smoke": 1}),
 }
 ALGORITHMS = ("fedavg", "fml")
 NUM_CLIENTS = 20
@@ -194,6 +198,8 @@ def cpu_phase(w: Workload, args, prepared: dict[str, Prepared], configs: dict[st
         ways += [Floor(f"floor-1t/{algo}", cfg, prep, 1), Floor(f"floor-{cores}t/{algo}", cfg, prep, cores),
                  EngineWay(f"serial/{algo}", cfg, prep, 1)]
         ways += [EngineWay(f"ray-{k}/{algo}", ray_config(cfg, k, 1.0), prep, 1) for k in args.actors]
+    if args.ways:  # floor-1t stays: every ratio is taken against it
+        ways = [w for w in ways if w.name.split("/")[0] in {*args.ways, "floor-1t"}]
     return ways
 
 
@@ -308,6 +314,15 @@ def targets(workload: str, summary: list[dict], alone: list[dict]) -> list[dict]
     """The issue's targets that this workload's numbers speak to, each with its value and verdict."""
     cpu = [s for s in summary if s["phase"] == "cpu"]
     checks = []
+    if workload == "fmnist-full":  # issue 12's targets
+        floor_client = {s["algorithm"]: s["client_s"] for s in cpu if s["way"] == "floor-1t"}
+        for s in cpu:
+            if s["way"] == "ray-2":
+                checks.append((f"{s['algorithm']}: Ray 2 actors / floor(a)", s["ratio_vs_floor"], 0.55))
+                checks.append((f"{s['algorithm']}: clients' summed update time, Ray 2 actors / floor(a)",
+                               s["client_s"] / floor_client[s["algorithm"]], 1.10))
+                if s["fml_vs_fedavg"] is not None:
+                    checks.append(("FML / FedAvg, Ray 2 actors", s["fml_vs_fedavg"], 1.9))
     if workload == "fmnist":
         for s in cpu:
             if s["way"] == "ray-2":
@@ -361,13 +376,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="digits",
-                   help="digits: overhead-bound (MLP); fmnist: compute-bound (CNN)")
+                   help="digits: overhead-bound (MLP); fmnist: compute-bound (CNN) on 10,000 rows; "
+                        "fmnist-full: the same on all 60,000")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="sized to finish in under 3 minutes on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny, for CI: checks the script runs, not its numbers")
     p.add_argument("--algorithms", type=benchlib.comma_list(str), default=list(ALGORITHMS), help="fedavg,fml")
     p.add_argument("--actors", type=benchlib.comma_list(int), default=None,
                    help="Ray engine actor counts (default: 1, 2, 4, ... up to the number of cores)")
+    p.add_argument("--ways", type=benchlib.comma_list(str), default=[],
+                   help="only these CPU ways besides floor-1t, e.g. ray-2,serial (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per way (default: by workload and size)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per way first (default 1)")
     p.add_argument("--max-train-samples", type=int, default=None, help="training rows (0: all; default by size)")
@@ -391,6 +409,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.max_train_samples = w.train_samples[args.variant]
     if unknown := [a for a in args.algorithms if a not in ALGORITHMS]:
         p.error(f"--algorithms: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
+    known = {"floor-1t", f"floor-{cores}t", "serial", *(f"ray-{k}" for k in args.actors)}
+    if unknown := [w for w in args.ways if w not in known]:
+        p.error(f"--ways: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     if any(k < 1 or k > NUM_CLIENTS for k in args.actors):
         p.error(f"--actors: each count must be between 1 and {NUM_CLIENTS} (the number of clients)")
     if args.rounds < 1 or args.warmup < 0:
