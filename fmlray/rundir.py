@@ -27,7 +27,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import tomli_w
 
-from fmlray import metrics, plots
+from fmlray import metrics
 from fmlray.config import Config, to_dict
 from fmlray.errors import FmlrayError
 
@@ -334,6 +334,7 @@ def finish(run_dir: Path, summary: list[dict], title: str) -> None:
     _atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
     _atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
     tmp = run_dir / f".{PLOT}.tmp.png"
+    from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
     plots.accuracy_plot(summary, title, tmp)
     os.replace(tmp, run_dir / PLOT)
 

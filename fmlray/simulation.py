@@ -12,19 +12,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmlray import metrics
 from fmlray.aggregate import State
-from fmlray.checkpoint import Resume
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
-from fmlray.engine.host import initial_global_state
 from fmlray.errors import FmlrayError, TrainingError
 from fmlray.progress import Console
 from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
+
+if TYPE_CHECKING:  # torch comes with these: imported when a run starts, after its first line
+    from fmlray.checkpoint import Resume
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     `record(round, rows)` with each round's rows (else they are kept in the result), and
     `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true.
     A `console` shows the progress of long rounds."""
+    from fmlray.engine.host import initial_global_state
+
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
     state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
@@ -165,22 +169,27 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             report: Callable[[dict], None] | None, asked: Callable[[], bool]):
     import psutil
 
-    from fmlray import checkpoint, rundir
+    from fmlray import rundir
     from fmlray.data import partition_counts
     from fmlray.engine import make_engine
 
     began = time.perf_counter()
     console = echo if isinstance(echo, Console) else Console(echo)
-    resume = checkpoint.load(folder.path, cfg) if resuming else None
+    resume = None
+    if resuming:
+        from fmlray import checkpoint
+        resume = checkpoint.load(folder.path, cfg)
     if resume is not None and resume.round >= cfg.run.rounds:
         raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")
     console(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
+    from fmlray import checkpoint  # torch, ~1.5 s: after the first line
     if prepared is None:
+        loading = time.perf_counter()
         prepared = prepare(cfg)
         d = prepared.dataset
         console(f"data: {len(d.y_train)} training and {len(d.y_test)} test rows of {cfg.data.dataset} over "
-                f"{cfg.clients.num_clients} clients ({time.perf_counter() - began:.1f}s)")
+                f"{cfg.clients.num_clients} clients ({time.perf_counter() - loading:.1f}s)")
     engine = make_engine(cfg)
     try:
         console(f"starting the {cfg.engine.kind} engine")
