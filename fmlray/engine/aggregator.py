@@ -10,19 +10,20 @@ from __future__ import annotations
 import time
 
 from fmlray import aggregate
-from fmlray.aggregate import PartialSum, State
+from fmlray.aggregate import PartialSum, Server, State
 
 
 class Aggregator:
-    """Receives client actors' partial sums straight from the object store and averages them."""
+    """Receives client actors' partial sums straight from the object store and applies the algorithm's
+    server half (`fmlray.aggregate.Server`, plain numbers) to their combined sum."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
-    def aggregate(self, previous: State, *partials: PartialSum | None) -> State:
+    def aggregate(self, server: Server, previous: State, *partials: PartialSum | None) -> State:
         started = time.perf_counter()
         total = aggregate.combine(p for p in partials if p is not None)  # in actor = client-id order
-        new = aggregate.next_global(previous, total)
+        new = server.next_global(previous, total)
         self.seconds.append(time.perf_counter() - started)
         return new
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import psutil
 
-from fmlray import aggregate
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
@@ -32,7 +31,7 @@ class SerialEngine:
 
     def train_round(self, rnd: int, client_ids: list[int], global_state: State | None) -> RoundResult:
         partial, clients = self.host.train(rnd, client_ids, global_state)
-        return RoundResult(aggregate.next_global(global_state, partial), clients)
+        return RoundResult(self.host.algo.server.next_global(global_state, partial), clients)
 
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None) -> EvalResult:
         return EvalResult(self.host.evaluate(global_state, client_ids),
