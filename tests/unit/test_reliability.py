@@ -35,8 +35,9 @@ def private_rows(run_dir):
     return {cid: bytes(open_rows(ckpt.folder / ref.file)[ref.row]) for cid, ref in ckpt.refs().items()}
 
 
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys):
-    out = ["--set", f"run.output_dir={tmp_path}", "--set", "clients.fraction=0.5"]
+@pytest.mark.parametrize("algorithm", ["fml", "fedper", "apfl", "dml"])  # a local model; a head; a scalar; two models
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys, algorithm):
+    out = ["--set", f"run.output_dir={tmp_path}", "--set", "clients.fraction=0.5", "--set", f"algorithm.name={algorithm}"]
     assert main(["run", *SERIAL, *out, "--set", "run.rounds=4", "--set", "run.name=whole"]) == 0
     assert main(["run", *SERIAL, *out, "--set", "run.rounds=2", "--set", "run.name=split"]) == 0
     assert checkpoint.load(tmp_path / "split").round == 2
