@@ -96,6 +96,8 @@ class Algorithm:
             raise ValueError(f"{self.name}: names {sorted(unknown - set(names))} are not among its models {names}")
         if self.shares is not None and self.model(self.shares).arch != "global":
             raise ValueError(f"{self.name}: the model that receives the global state must have arch 'global'")
+        if any(m.init == "global" and m.arch != "global" for m in self.models):
+            raise ValueError(f"{self.name}: only a model of arch 'global' can start as the round-0 global model")
 
     @property
     def trains(self) -> tuple[str, ...]:
