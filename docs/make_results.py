@@ -1,10 +1,11 @@
 """Regenerate docs/RESULTS.md and its plots from the sweeps' saved Parquet tables.
 
-    python docs/make_results.py [--runs runs/sweeps]
+    python docs/make_results.py [--runs runs/sweeps] [--only SWEEP]
 
 Every table and plot comes from runs/sweeps/<sweep>/results.parquet (written by `fmlray sweep`);
 the plain-language reading of each experiment comes from docs/readings.toml, written by a person.
-Experiments whose sweep has not finished are listed as not run.
+Experiments whose sweep has not finished are listed as not run. With --only, only that experiment's
+section of the existing RESULTS.md is regenerated (the others stay as they are).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ EXPERIMENTS = [  # (sweep name, title)
     ("fmnist-models", "3. Model heterogeneity and the catfish (Fashion-MNIST)"),
     ("fmnist-alpha-beta", "4. The balance α / β (Fashion-MNIST)"),
     ("digits", "5. The heterogeneity grid on digits"),
+    ("digits-baselines", "6. Personalised-FL baselines beside FML (digits: Dirichlet(0.5) and shards)"),
 ]
 FIGURES = ("local", "local_p10", "global_clients", "global_test")
 # Sweeps whose client groups differ between variants get a per-group table; the named variant's
@@ -51,8 +53,8 @@ def per_run(rows: list[dict], axes: list[str]) -> dict[str, dict]:
         run = out.setdefault(r["run"], {"labels": tuple(r[a] for a in axes), "local": [], "global": [], "test": None})
         if r["split"] == "global_test":
             run["test"] = r["accuracy"]
-        else:
-            run[r["model"]].append(r["accuracy"])
+        else:  # "local" (the personalised model), "global", and any other model an algorithm names (dml's "peer")
+            run.setdefault(r["model"], []).append(r["accuracy"])
     return out
 
 
@@ -228,9 +230,57 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, {versions}"
 
 
+def section(name: str, title: str, runs_dir: Path, readings: dict, figdir: Path, base: set[str]) -> list[str]:
+    """One experiment's part of RESULTS.md (and its plots), from its sweep's results table."""
+    parts = [f"## {title}\n",
+             f"Command: `fmlray sweep experiments/{name}.toml` (sizes and settings in that file), "
+             f"then `python docs/make_results.py`.\n"]
+    table_path = runs_dir / name / "results.parquet"
+    if not table_path.is_file():
+        return parts + ["**Not run yet**: no results table. Run the command above.\n"]
+    parts.append(sizes(table_path.parent))
+    parts.append(produced_by(table_path.parent))
+    table = pq.read_table(table_path)
+    axes = [c for c in table.column_names if c not in base]
+    rows = table.to_pylist()
+    runs = per_run(rows, axes)
+    parts.append(summary_table(runs, axes) + "\n")
+    if name in GROUP_BASELINE:
+        parts.append("Per client group (local models only):\n")
+        parts.append(group_table(rows, axes, GROUP_BASELINE[name]) + "\n")
+    plot_curves(curves(rows, axes), axes, title, figdir / f"{name}-curves.png")
+    plot_clients(runs, axes, figdir / f"{name}-clients.png")
+    parts.append(f"![accuracy over rounds](results/{name}-curves.png)\n")
+    parts.append(f"![per-client accuracy](results/{name}-clients.png)\n")
+    if name in readings:
+        parts.append(readings[name]["text"].strip() + "\n")
+    return parts
+
+
+def _only(args, readings: dict, figdir: Path) -> None:
+    """Regenerate one experiment's section in place (or add it, in EXPERIMENTS' order, at the end)."""
+    titles = dict(EXPERIMENTS)
+    if args.only not in titles:
+        raise SystemExit(f"--only {args.only}: not an experiment; choose one of {', '.join(titles)}")
+    path = DOCS / "RESULTS.md"
+    text = path.read_text()
+    base = {f.name for f in SCHEMA} | {"run", "seed"}
+    new = "\n".join(section(args.only, titles[args.only], Path(args.runs), readings, figdir, base))
+    head = f"## {titles[args.only]}\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + new + (text[nxt:] if nxt >= 0 else "\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + new + "\n"
+    path.write_text(text)
+    print(f"wrote the {args.only} section of {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/sweeps", help="where `fmlray sweep` wrote its folders")
+    parser.add_argument("--only", metavar="SWEEP", help="regenerate only this experiment's section of RESULTS.md")
     args = parser.parse_args()
     readings = tomllib.loads((DOCS / "readings.toml").read_text()) if (DOCS / "readings.toml").exists() else {}
     figdir = DOCS / "results"
@@ -245,30 +295,11 @@ def main() -> None:
              "loop's; their parity tests are in tests/integration). "
              "Experiment 1 at full size on a GPU has not been run: no GPU machine has been lent to this "
              "project yet.\n"]
+    if args.only:
+        _only(args, readings, figdir)
+        return
     for name, title in EXPERIMENTS:
-        parts.append(f"## {title}\n")
-        parts.append(f"Command: `fmlray sweep experiments/{name}.toml` (sizes and settings in that file), "
-                     f"then `python docs/make_results.py`.\n")
-        table_path = Path(args.runs) / name / "results.parquet"
-        if not table_path.is_file():
-            parts.append("**Not run yet**: no results table. Run the command above.\n")
-            continue
-        parts.append(sizes(table_path.parent))
-        parts.append(produced_by(table_path.parent))
-        table = pq.read_table(table_path)
-        axes = [c for c in table.column_names if c not in base]
-        rows = table.to_pylist()
-        runs = per_run(rows, axes)
-        parts.append(summary_table(runs, axes) + "\n")
-        if name in GROUP_BASELINE:
-            parts.append("Per client group (local models only):\n")
-            parts.append(group_table(rows, axes, GROUP_BASELINE[name]) + "\n")
-        plot_curves(curves(rows, axes), axes, title, figdir / f"{name}-curves.png")
-        plot_clients(runs, axes, figdir / f"{name}-clients.png")
-        parts.append(f"![accuracy over rounds](results/{name}-curves.png)\n")
-        parts.append(f"![per-client accuracy](results/{name}-clients.png)\n")
-        if name in readings:
-            parts.append(readings[name]["text"].strip() + "\n")
+        parts += section(name, title, Path(args.runs), readings, figdir, base)
     (DOCS / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {DOCS / 'RESULTS.md'}")
 

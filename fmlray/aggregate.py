@@ -62,6 +62,32 @@ def next_global(previous: State, total: PartialSum | None) -> State:
     return previous if total is None else finalize(total, previous)
 
 
+@dataclass(frozen=True)
+class Server:
+    """An algorithm's server half: how clients' shares are weighted, and the new global state from the
+    weighted mean. Plain numbers, no torch: the aggregator actor calls it.
+
+    `lr` is a server learning rate (FedAvgM without momentum; Hsu et al., arXiv 1909.06335): the new global
+    state is previous + lr·(mean − previous). At 1 it is the mean itself (returned as is, not recomputed)."""
+
+    weighting: str = "samples"  # "samples": by the client's training samples; "uniform": 1 each
+    lr: float = 1.0
+
+    def weight(self, samples: int) -> float:
+        return float(samples) if self.weighting == "samples" else 1.0
+
+    def next_global(self, previous: State, total: PartialSum | None) -> State:
+        """The round's new global state; `previous` unchanged when no update came."""
+        if total is None:
+            return previous
+        mean = finalize(total, previous)
+        if self.lr == 1.0:
+            return mean
+        # integer buffers (BatchNorm's counters) take the mean's value: a step between counts means nothing
+        return {k: np.asarray(previous[k] + self.lr * (mean[k].astype(np.float64) - previous[k]), dtype=mean[k].dtype)
+                if _is_float(mean[k]) else mean[k] for k in mean}
+
+
 def average(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> State:
     """Weighted mean of whole states: finalize(combine(weighted(...)))."""
     return finalize(combine(weighted(s, w) for s, w in zip(states, weights)), states[0])

@@ -50,6 +50,14 @@ def fixed_config(cfg: Config) -> dict:
     return d
 
 
+def _with_defaults(saved, defaults):
+    """A checkpoint's config with the keys it lacks taken from `defaults`: a checkpoint of an older fmlray
+    predates the keys added since (e.g. algorithm.server_lr), and ran as their defaults do."""
+    if isinstance(saved, dict) and isinstance(defaults, dict):
+        return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+    return saved
+
+
 def _differences(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
@@ -154,7 +162,7 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
     if not ok:
         raise FmlrayError(f"{path} is damaged or not a checkpoint this fmlray can read; start the run again")
     if cfg is not None:
-        diff = _differences(manifest.get("config"), fixed_config(cfg))
+        diff = _differences(_with_defaults(manifest.get("config"), fixed_config(Config())), fixed_config(cfg))
         if diff:
             raise FmlrayError(f"the checkpoint in {run_dir} belongs to another config (differs in "
                               f"{', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); on resume only "

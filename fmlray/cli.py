@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
     _config_args(compare)
     compare.add_argument("--algorithms", default="fml,fedavg,fedprox,local",
-                         help="comma-separated (default: fml,fedavg,fedprox,local)")
+                         help="comma-separated, or \"all\" (default: fml,fedavg,fedprox,local; all adds ditto, "
+                         "fedper, fedrep, fedbn, apfl, lgfedavg, dml)")
     _overwrite_arg(compare, "the runs/<name>-<algorithm>/ folders")
     sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
     sweep.add_argument("sweep_file", help="a TOML sweep file, e.g. experiments/digits.toml")
@@ -124,7 +125,8 @@ def cmd_compare(args) -> int:
     from fmlray.jobs import check_path
     from fmlray.rundir import check_new
 
-    names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    names = list(ALGORITHMS) if args.algorithms.strip() == "all" else \
+        [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
     if not names or unknown:
         raise ConfigError(f"--algorithms: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")

@@ -27,7 +27,9 @@ from fmlray.errors import ConfigError
 DATASETS = ("digits", "synthetic", "fmnist", "mnist", "cifar10", "cifar100", "emnist")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "file")
 MODELS = ("mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18")
-ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
+# The algorithm registry: each name is a module fmlray/algorithms/<name>.py (its hyper-parameters, if any, are
+# a section of AlgorithmConfig below, so that a bad value fails here, before torch is imported).
+ALGORITHMS = ("fml", "fedavg", "fedprox", "local", "ditto", "fedper", "fedrep", "fedbn", "apfl", "lgfedavg", "dml")
 ENGINES = ("serial", "ray")
 EMNIST_SPLITS = {"balanced": 47, "byclass": 62, "bymerge": 47, "digits": 10, "letters": 26, "mnist": 10}  # classes
 FIXED_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}  # the loaders check it
@@ -307,15 +309,72 @@ class FedProxConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DittoConfig:
+    lam: float = _key("λ: pull of each personal model toward the global model; 0 is Local beside FedAvg "
+                      "(the paper tunes it per dataset, from 0.01 to 2)", 0.1)
+
+    def __post_init__(self):
+        _within("algorithm.ditto.lam", self.lam, 0, 100, "the Ditto paper uses 0.01 to 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedPerConfig:
+    head_layers: int = _key("last layers of the global architecture each client keeps (its head); 0 is FedAvg", 1)
+
+    def __post_init__(self):
+        _between("algorithm.fedper.head_layers", self.head_layers, 0, 1000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedRepConfig:
+    head_layers: int = _key("last layers each client keeps (its head); the rest is the shared representation", 1)
+    body_epochs: int = _key("of the training.epochs, the last ones train the representation (head fixed); the "
+                            "others the head (representation fixed)", 1)
+
+    def __post_init__(self):
+        _between("algorithm.fedrep.head_layers", self.head_layers, 0, 1000)
+        _between("algorithm.fedrep.body_epochs", self.body_epochs, 0, INT32_MAX)
+
+
+@dataclass(frozen=True, kw_only=True)
+class APFLConfig:
+    alpha: float = _key("initial mixing weight α of each personal model (v̄ = α·v + (1 − α)·w)", 0.5)
+    adaptive: bool = _key("learn α on each client by gradient steps (the paper's adaptive α); false keeps it fixed", True)
+    alpha_lr: float = _key("learning rate of α's steps", 0.01)
+
+    def __post_init__(self):
+        _unit("algorithm.apfl.alpha", self.alpha)
+        _check(0 < self.alpha_lr <= 10, f"algorithm.apfl.alpha_lr must be in (0, 10], got {self.alpha_lr}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LGFedAvgConfig:
+    global_layers: int = _key("last layers of the global architecture that are shared (averaged); the rest is each "
+                              "client's own representation", 1)
+
+    def __post_init__(self):
+        _between("algorithm.lgfedavg.global_layers", self.global_layers, 0, 1000)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
-    name: str = _key(" | ".join(ALGORITHMS), "fml")
-    weighting: str = _key("how memes are averaged: by the clients' sample counts (samples) or uniform", "samples")
+    name: str = _key(" | ".join(ALGORITHMS) + " (dml reads algorithm.fml's alpha, beta and temperature)", "fml")
+    weighting: str = _key("how the shared models are averaged: by the clients' sample counts (samples) or uniform",
+                          "samples")
+    server_lr: float = _key("server learning rate: global ← global + server_lr·(mean − global); 1 is the mean", 1.0)
     fml: FMLConfig = field(default_factory=FMLConfig)
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    ditto: DittoConfig = field(default_factory=DittoConfig)
+    fedper: FedPerConfig = field(default_factory=FedPerConfig)
+    fedrep: FedRepConfig = field(default_factory=FedRepConfig)
+    apfl: APFLConfig = field(default_factory=APFLConfig)
+    lgfedavg: LGFedAvgConfig = field(default_factory=LGFedAvgConfig)
 
     def __post_init__(self):
         _one_of("algorithm.name", self.name, ALGORITHMS)
         _one_of("algorithm.weighting", self.weighting, ("samples", "uniform"))
+        _check(0 < self.server_lr <= 10 and math.isfinite(self.server_lr),
+               f"algorithm.server_lr must be in (0, 10], got {self.server_lr}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +402,11 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        _check(self.algorithm.name != "fedrep" or self.algorithm.fedrep.body_epochs <= self.training.epochs,
+               f"algorithm.fedrep.body_epochs = {self.algorithm.fedrep.body_epochs} is more than training.epochs = "
+               f"{self.training.epochs}; lower it or raise training.epochs")
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)

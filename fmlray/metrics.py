@@ -4,7 +4,9 @@ Columns (the Parquet schema, also in the README):
   round     int32   1-based round
   client    int32   client id; -1 on round-level rows
   group     string  the client's group; "" on round-level rows
-  model     string  "local" | "meme" (trained copy of the global model) | "global" | "" (round row)
+  model     string  a model the algorithm declares (fml: "local", "meme", the trained copy of the global
+                    model; dml: "local", "peer"; ...; "local" is always the client's personalised model),
+                    "global" (the global model) or "" (round row)
   split     string  "train" | "test" (the client's own test split) | "global_test" | "round"
   loss      double  mean cross-entropy (train rows: the client's training loss)
   accuracy  double
@@ -35,6 +37,11 @@ def row(rnd: int, client: int = -1, group: str = "", model: str = "", split: str
                 accuracy=accuracy, samples=samples, seconds=seconds, note=note)
 
 
+def models_in(result: dict) -> list[str]:
+    """The models a host's result dict has figures for (its `<model>_loss` keys), in its order."""
+    return [k.removesuffix("_loss") for k in result if k.endswith("_loss")]
+
+
 def train_rows(rnd: int, results: list[dict], groups: list[str]) -> list[dict]:
     """Rows for the clients trained this round, one per model they trained."""
     out = []
@@ -42,22 +49,21 @@ def train_rows(rnd: int, results: list[dict], groups: list[str]) -> list[dict]:
         if "excluded" in r:
             out.append(row(rnd, r["client"], groups[r["client"]], split="excluded", samples=r["samples"],
                            seconds=r["seconds"], note=r["excluded"]))
-        for model in ("local", "meme"):
-            if f"{model}_loss" in r:
-                out.append(row(rnd, r["client"], groups[r["client"]], model, "train", loss=r[f"{model}_loss"],
-                               accuracy=r[f"{model}_accuracy"], samples=r["samples"], seconds=r["seconds"]))
+        for model in models_in(r):
+            out.append(row(rnd, r["client"], groups[r["client"]], model, "train", loss=r[f"{model}_loss"],
+                           accuracy=r[f"{model}_accuracy"], samples=r["samples"], seconds=r["seconds"]))
     return out
 
 
 def eval_rows(rnd: int, clients: list[dict], global_test: tuple[float, float] | None,
               test_samples: int, groups: list[str]) -> list[dict]:
-    """Rows for an evaluation: every client's local and global model on its split, and the global test."""
+    """Rows for an evaluation: every client's models (as the algorithm names them) and the global model on its
+    split, and the global model on the global test set."""
     out = []
     for r in clients:
-        for model in ("local", "global"):
-            if f"{model}_loss" in r:
-                out.append(row(rnd, r["client"], groups[r["client"]], model, "test", loss=r[f"{model}_loss"],
-                               accuracy=r[f"{model}_accuracy"], samples=r["test_samples"]))
+        for model in models_in(r):
+            out.append(row(rnd, r["client"], groups[r["client"]], model, "test", loss=r[f"{model}_loss"],
+                           accuracy=r[f"{model}_accuracy"], samples=r["test_samples"]))
     if global_test is not None:
         out.append(row(rnd, model="global", split="global_test", loss=global_test[0], accuracy=global_test[1],
                        samples=test_samples))

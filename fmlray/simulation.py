@@ -21,7 +21,7 @@ from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
-from fmlray.errors import FmlrayError, TrainingError
+from fmlray.errors import ConfigError, FmlrayError, TrainingError
 from fmlray.progress import Console
 from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
 
@@ -126,7 +126,10 @@ class Prepared:
 
 
 def prepare(cfg: Config) -> Prepared:
-    """Load the data, partition it, and check every model fits it — before anything is written."""
+    """Load the data, partition it, and check every model fits it, and that the algorithm shares something of
+    the global model if it shares at all — before anything is written."""
+    from fmlray.algorithms import build_algorithm
+    from fmlray.algorithms.base import layers
     from fmlray.data import load_dataset, partition_dataset
     from fmlray.models import build_model
 
@@ -134,6 +137,13 @@ def prepare(cfg: Config) -> Prepared:
     partition = partition_dataset(dataset, cfg.data, num_clients=cfg.clients.num_clients, seed=cfg.run.seed)
     for name in {cfg.model.meme, *(g.local_model for g in cfg.clients.groups)}:
         build_model(name, dataset.input_shape, dataset.num_classes)  # raises a ConfigError on a misfit
+    algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+    if algo.shares is not None:
+        meme = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
+        if not algo.shared_keys(meme):
+            raise ConfigError(f"algorithm {cfg.algorithm.name!r} shares no part of model.meme {cfg.model.meme!r} "
+                              f"({len(layers(meme))} layers) with these settings; lower the layers it keeps "
+                              f"(algorithm.{cfg.algorithm.name}.*) or use algorithm.name = \"local\"")
     return Prepared(dataset, partition)
 
 

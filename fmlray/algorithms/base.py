@@ -1,4 +1,10 @@
-"""The one client training loop every algorithm shares; algorithms differ only in their loss.
+"""What an algorithm is, and the one client training loop every algorithm shares.
+
+An `Algorithm` is whole: it declares the models each client trains (`Model`: which architecture,
+how a never-trained client's copy starts), which of them receives the global state and which of
+its keys it shares (the rest stay with the client), its per-batch losses and hooks, and its server
+half (`fmlray.aggregate.Server`: the weighting and the server update). The engines read these
+declarations and never an algorithm's name.
 
 Pure PyTorch: no Ray, no files, no config objects beyond plain numbers, so a client update can
 be called in a unit test with two tensors and a learning rate of 1.0.
@@ -8,35 +14,103 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from fmlray.aggregate import Server
 from fmlray.errors import TrainingError
 
 # logits of each trained model, labels, round (1-based) -> one loss per trained model
 LossFn = Callable[[dict[str, Tensor], Tensor, int], dict[str, Tensor]]
-# the meme being trained, the global parameters it started from -> a penalty on the meme
+# a model being trained, the parameters of the global model it was sent this round -> a penalty on it
 PenaltyFn = Callable[[nn.Module, list[Tensor]], Tensor]
+# the client's models, its private scalars, a batch, the models wanted -> their logits
+ForwardFn = Callable[[dict[str, nn.Module], dict[str, Tensor], Tensor, tuple[str, ...]], dict[str, Tensor]]
+# a module -> the state_dict keys it shares with the server
+KeysFn = Callable[[nn.Module], list[str]]
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model a client trains every round."""
+
+    name: str  # its name in metrics and checkpoints; "local" is the client's personalised model
+    arch: str = "client"  # "client": its group's local_model; "global": model.meme (the global architecture)
+    # what a client's copy holds before its first round: "seed" draws it from (seed, client); "global" is
+    # the round-0 global model (the same for every client). Keys it receives are the global's every round.
+    init: str = "seed"
+
+
+def all_keys(module: nn.Module) -> list[str]:
+    return list(module.state_dict())
+
+
+def layers(module: nn.Module) -> list[list[str]]:
+    """The module's state_dict keys grouped by the layer (submodule) that holds them, in order."""
+    groups: dict[str, list[str]] = {}
+    for key in module.state_dict():
+        groups.setdefault(key.rpartition(".")[0], []).append(key)
+    return list(groups.values())
+
+
+def last_layers(k: int) -> KeysFn:
+    """The keys of the module's last `k` layers (0: none)."""
+    def keys(module: nn.Module) -> list[str]:
+        return [key for group in (layers(module)[-k:] if k else []) for key in group]
+    return keys
+
+
+def all_but_last_layers(k: int) -> KeysFn:
+    """Every key except those of the module's last `k` layers."""
+    def keys(module: nn.Module) -> list[str]:
+        last = set(last_layers(k)(module))
+        return [key for key in module.state_dict() if key not in last]
+    return keys
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """A client update: which models it trains, and the per-batch loss of each."""
+    """A federated algorithm: the client half (models, losses, hooks) and the server half."""
 
     name: str
-    trains: tuple[str, ...]  # subset of ("local", "meme"); only the meme is shared
+    models: tuple[Model, ...]  # trained on the same batches, in this order
     loss: LossFn
-    penalty: PenaltyFn | None = None  # added to the meme's loss (FedProx's proximal term)
+    shares: str | None = None  # the model that receives the global state and sends its shared keys back
+    shared_keys: KeysFn = all_keys  # which keys of `shares` are global; the others stay with the client
+    penalties: dict[str, PenaltyFn] = field(default_factory=dict)  # by model: a term against the received global
+    forward: ForwardFn | None = None  # how logits are computed (default: each model on the batch)
+    frozen: Callable[[int, int], dict[str, KeysFn]] | None = None  # (epoch, epochs) -> keys not stepped, by model
+    scalars: dict[str, float] = field(default_factory=dict)  # private numbers each client keeps, initial values
+    scalar_step: Callable[[dict[str, Tensor]], None] | None = None  # updates them after each step (grads set)
+    evaluates: tuple[str, ...] = ("local",)  # models tested on each client's own split (besides the global)
+    server: Server = Server()
+
+    def __post_init__(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names) or "global" in names:
+            raise ValueError(f"{self.name}: model names must be unique and not 'global', got {names}")
+        unknown = ({self.shares} - {None}) | set(self.penalties) | (set(self.evaluates) - {"global"})
+        if not unknown <= set(names):
+            raise ValueError(f"{self.name}: names {sorted(unknown - set(names))} are not among its models {names}")
+        if self.shares is not None and self.model(self.shares).arch != "global":
+            raise ValueError(f"{self.name}: the model that receives the global state must have arch 'global'")
+        if any(m.init == "global" and m.arch != "global" for m in self.models):
+            raise ValueError(f"{self.name}: only a model of arch 'global' can start as the round-0 global model")
 
     @property
-    def shares_meme(self) -> bool:
-        return "meme" in self.trains
+    def trains(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
 
-    @property
-    def has_local(self) -> bool:
-        return "local" in self.trains
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+    def logits(self, models: dict[str, nn.Module], scalars: dict[str, Tensor], x: Tensor,
+               names: tuple[str, ...]) -> dict[str, Tensor]:
+        if self.forward is not None:
+            return self.forward(models, scalars, x, names)
+        return {name: models[name](x) for name in names}
 
 
 def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -69,46 +143,71 @@ def train_client(
     generator: torch.Generator,
     rnd: int = 1,
     anchor: list[Tensor] | None = None,
+    scalars: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
-    """Run `epochs` of `algo` on (x, y); return each trained model's mean train loss and accuracy."""
-    for name in algo.trains:
+    """Run `epochs` of `algo` on (x, y); return each trained model's mean train loss and accuracy.
+
+    `anchor`: the parameters of the global model received this round (for `algo.penalties`);
+    `scalars`: the client's private numbers, as 0-d tensors that require grad (for `algo.scalars`)."""
+    names, scalars = algo.trains, scalars or {}
+    for name in names:
         models[name].train()
-    loss_sum = dict.fromkeys(algo.trains, 0.0)
-    correct = dict.fromkeys(algo.trains, 0)
+    loss_sum = dict.fromkeys(names, 0.0)
+    correct = dict.fromkeys(names, 0)
     seen = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        frozen = _frozen_params(algo, models, epoch, epochs)
         for idx in batches(len(y), batch_size, generator):
             xb, yb = x[idx], y[idx]
-            logits = {name: models[name](xb) for name in algo.trains}
+            logits = algo.logits(models, scalars, xb, names)
             losses = algo.loss(logits, yb, rnd)
-            if algo.penalty is not None:
-                losses["meme"] = losses["meme"] + algo.penalty(models["meme"], anchor)
+            for name, penalty in algo.penalties.items():
+                losses[name] = losses[name] + penalty(models[name], anchor)
             total = sum(losses.values())
             if not math.isfinite(total.item()):
                 bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 raise TrainingError(f"loss is not finite ({bad}); lower training.lr or check the data")
-            for name in algo.trains:
+            for name in names:
                 optimizers[name].zero_grad(set_to_none=True)
+            for s in scalars.values():
+                s.grad = None
             # Peers are detached inside the losses, so one backward of the sum gives each model
             # exactly the gradient of its own loss, at the cost of a single backward pass.
             total.backward()
-            for name in algo.trains:
+            for p in frozen:
+                p.grad = None  # an optimiser skips a parameter without a gradient: no step, no decay
+            for name in names:
                 optimizers[name].step()
-            for name in algo.trains:
+            if algo.scalar_step is not None:
+                with torch.no_grad():
+                    algo.scalar_step(scalars)
+            for name in names:
                 loss_sum[name] += losses[name].item() * len(yb)
                 correct[name] += int((logits[name].argmax(1) == yb).sum())
             seen += len(yb)
     out = {}
-    for name in algo.trains:
+    for name in names:
         out[f"{name}_loss"] = loss_sum[name] / seen
         out[f"{name}_accuracy"] = correct[name] / seen
     return out
 
 
+def _frozen_params(algo: Algorithm, models: dict[str, nn.Module], epoch: int, epochs: int) -> list[Tensor]:
+    """The parameters `algo` keeps fixed in this epoch (FedRep trains its head, then its body)."""
+    if algo.frozen is None:
+        return []
+    out = []
+    for name, keys_fn in algo.frozen(epoch, epochs).items():
+        keys = set(keys_fn(models[name]))
+        out += [p for k, p in models[name].named_parameters() if k in keys]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on (x, y)."""
-    model.eval()
+def evaluate(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` (a module, or a function of a batch) on (x, y)."""
+    if isinstance(model, nn.Module):
+        model.eval()
     loss, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
         logits = model(x[start:start + batch_size])

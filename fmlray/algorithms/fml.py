@@ -2,7 +2,8 @@
 
 Each client trains a private local model and a meme (a fork of the global model) on the same
 batches, each learning from the label and from the other's detached output (deep mutual
-learning, Zhang et al., arXiv 1706.00384). Only the meme is averaged.
+learning, Zhang et al., arXiv 1706.00384). Only the meme is averaged. The local model may have its own
+architecture (the client group's); the meme has the global one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from fmlray.algorithms.base import Algorithm
+from fmlray.aggregate import Server
+from fmlray.algorithms import fedavg
+from fmlray.algorithms.base import Algorithm, Model
 
 
 def distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -32,11 +35,26 @@ def mutual_losses(z_local: Tensor, z_meme: Tensor, y: Tensor, *, alpha: float, b
     return l_local, l_meme
 
 
-def make(*, alpha: float, beta: float, temperature: float = 1.0, schedule=None) -> Algorithm:
-    """FML; `schedule(rnd) -> (alpha, beta)` overrides the constants (dynamic balancing)."""
+def losses_of(names: tuple[str, str], *, alpha: float, beta: float, temperature: float = 1.0, schedule=None):
+    """The per-batch loss of two models learning from each other (first: α, second: β); `schedule(rnd) ->
+    (alpha, beta)` overrides the constants (dynamic balancing)."""
+    first, second = names
+
     def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
         a, b = schedule(rnd) if schedule else (alpha, beta)
-        l_local, l_meme = mutual_losses(logits["local"], logits["meme"], y, alpha=a, beta=b, temperature=temperature)
-        return {"local": l_local, "meme": l_meme}
+        l1, l2 = mutual_losses(logits[first], logits[second], y, alpha=a, beta=b, temperature=temperature)
+        return {first: l1, second: l2}
+    return loss
 
-    return Algorithm(name="fml", trains=("local", "meme"), loss=loss)
+
+def make(*, alpha: float, beta: float, temperature: float = 1.0, schedule=None, server: Server = Server()) -> Algorithm:
+    """FML; `schedule(rnd) -> (alpha, beta)` overrides the constants (dynamic balancing)."""
+    return Algorithm(name="fml", models=(Model("local"), fedavg.MEME), shares="meme", evaluates=("local",),
+                     loss=losses_of(("local", "meme"), alpha=alpha, beta=beta, temperature=temperature,
+                                    schedule=schedule), server=server)
+
+
+def from_config(cfg, rounds: int) -> Algorithm:
+    f = cfg.fml
+    return make(alpha=f.alpha, beta=f.beta, temperature=f.temperature, schedule=lambda rnd: f.at_round(rnd, rounds),
+                server=fedavg.server_of(cfg))

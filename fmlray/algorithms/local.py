@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from fmlray.algorithms.base import Algorithm
+from fmlray.algorithms.base import Algorithm, Model
 
 
 def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
@@ -13,4 +13,8 @@ def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
 
 
 def make() -> Algorithm:
-    return Algorithm(name="local", trains=("local",), loss=loss)
+    return Algorithm(name="local", models=(Model("local"),), loss=loss)
+
+
+def from_config(cfg, rounds: int) -> Algorithm:
+    return make()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 
 from fmlray import aggregate
-from fmlray.aggregate import PartialSum, State
+from fmlray.aggregate import PartialSum, Server, State
 
 
 class Aggregator:
-    """Receives client actors' partial sums straight from the object store and averages them; between
-    rounds it is idle, so it also keeps the count of clients done in the current call (progress)."""
+    """Receives client actors' partial sums straight from the object store and applies the algorithm's
+    server half (`fmlray.aggregate.Server`, plain numbers) to their combined sum; between rounds it is
+    idle, so it also keeps the count of clients done in the current call (progress)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
@@ -30,10 +31,10 @@ class Aggregator:
     def progress(self, tag: str) -> dict[int, int]:
         return dict(self.done) if tag == self.tag else {}
 
-    def aggregate(self, previous: State, *partials: PartialSum | None) -> State:
+    def aggregate(self, server: Server, previous: State, *partials: PartialSum | None) -> State:
         started = time.perf_counter()
         total = aggregate.combine(p for p in partials if p is not None)  # in actor = client-id order
-        new = aggregate.next_global(previous, total)
+        new = server.next_global(previous, total)
         self.seconds.append(time.perf_counter() - started)
         return new
 

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from fmlray.aggregate import PartialSum, State
-from fmlray.algorithms import build_algorithm, evaluate, make_optimizer, train_client
+from fmlray.algorithms import Algorithm, build_algorithm, evaluate, make_optimizer, train_client
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.errors import FmlrayError, ResourceError, TrainingError
-from fmlray.engine.state import STORES, DiskStore, Layout, MemoryStore, RowRef, Workspace, crc, open_rows, write_rows
+from fmlray.engine.state import (STORES, DiskStore, Layout, MemoryStore, Part, RowRef, Workspace, crc, open_rows,
+                                 write_rows)
 from fmlray.models import build_model
 from fmlray.seeding import BATCH_ORDER, GLOBAL_INIT, LOCAL_INIT, derive_seed
 
@@ -44,19 +45,72 @@ def seeded_model(name: str, dataset: Dataset, seed: int) -> nn.Module:
 
 
 def initial_global_state(cfg: Config, dataset: Dataset) -> State | None:
-    """The round-0 global (meme) model, or None for algorithms that share nothing."""
-    if not build_algorithm(cfg.algorithm, cfg.run.rounds).shares_meme:
+    """The round-0 global state: the keys the algorithm shares of the seeded global model, or None for
+    algorithms that share nothing."""
+    algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+    if algo.shares is None:
         return None
-    return state_of(seeded_model(cfg.model.meme, dataset, derive_seed(cfg.run.seed, GLOBAL_INIT)))
+    model = seeded_model(cfg.model.meme, dataset, derive_seed(cfg.run.seed, GLOBAL_INIT))
+    state = state_of(model)
+    return {k: state[k] for k in algo.shared_keys(model)}
 
 
 def evaluate_global(cfg: Config, dataset: Dataset, state: State | None) -> tuple[float, float] | None:
-    """(loss, accuracy) of the global model on the global test set."""
+    """(loss, accuracy) of the global model on the global test set; None when there is no global model, or
+    when it is only part of a model (FedPer's body, FedBN's non-BatchNorm layers, ...)."""
     if state is None:
         return None
     model = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
+    if set(state) != set(model.state_dict()):
+        return None
     load_state(model, state)
     return evaluate(model, shared_tensor(dataset.x_test), shared_tensor(dataset.y_test))
+
+
+@dataclass
+class Received:
+    """The global state as tensors on a host's device, in the shared model's key order (checked once a round)."""
+
+    keys: list[str]
+    tensors: list[torch.Tensor]
+    anchor: list[torch.Tensor] | None  # the global model's parameters in order, for penalties
+
+
+@dataclass
+class GlobalSpec:
+    """What the global state holds for this algorithm: its keys and shapes, and whether it is a whole model."""
+
+    shapes: dict[str, tuple[int, ...]]
+    params: list[str]  # the global architecture's parameter keys, in order
+    complete: bool
+
+    @classmethod
+    def of(cls, algo: Algorithm, model: nn.Module) -> "GlobalSpec":
+        state = model.state_dict()
+        keys = algo.shared_keys(model)
+        return cls({k: tuple(state[k].shape) for k in keys}, [k for k, _ in model.named_parameters()],
+                   len(keys) == len(state))
+
+
+def private_layout(cfg: Config, algo: Algorithm, models: dict[str, nn.Module], archs: tuple[str, ...]) -> Layout:
+    """Where a client's private state sits in its row: each of `algo`'s models (built as `models`, of
+    architectures `archs`) keeps the keys it does not share and, if it receives nothing, its optimiser."""
+    parts = []
+    for m, arch in zip(algo.models, archs):
+        keys = list(models[m.name].state_dict())
+        if m.name == algo.shares:
+            shared = set(algo.shared_keys(models[m.name]))
+            keys = [k for k in keys if k not in shared]
+        if keys:
+            parts.append((arch, Part(m.name, models[m.name], tuple(keys), m.name != algo.shares)))
+    name = "+".join(dict.fromkeys(arch for arch, _ in parts)) or "none"
+    t = cfg.training
+    return Layout(name, [p for _, p in parts], t.optimizer, t.momentum, tuple(algo.scalars))
+
+
+def client_archs(cfg: Config, algo: Algorithm, local_model: str) -> tuple[str, ...]:
+    """The architecture of each of `algo`'s models on a client whose group's local model is `local_model`."""
+    return tuple(local_model if m.arch == "client" else cfg.model.meme for m in algo.models)
 
 
 @dataclass
@@ -78,9 +132,10 @@ def shared_tensor(a: np.ndarray) -> torch.Tensor:
 class ClientHost:
     """Owns clients' rows and private state; trains and evaluates them in client-id order.
 
-    Private state (local model and optimiser) lives in a state store as one row per client that has
-    trained (see fmlray.engine.state); one workspace model per architecture is loaded from a row to
-    train or evaluate a client and stored back after, so memory follows the clients that trained."""
+    Private state (what the algorithm keeps on the client: models or parts of them, optimisers, scalars) lives
+    in a state store as one row per client that has trained (see fmlray.engine.state); one workspace (the
+    algorithm's models) per layout is loaded from a row to train or evaluate a client and stored back after,
+    so memory follows the clients that trained. The model that receives the global state gets it per client."""
 
     def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, client_ids: list[int],
                  device: str = "cpu", store: str = "memory", state_dir: str | Path | None = None):
@@ -97,8 +152,8 @@ class ClientHost:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         if store == "disk" and self.state_dir is None:
             raise ValueError("a disk state store needs a state_dir")
-        self.workspaces: dict[str, Workspace] = {}  # by architecture
-        self.stores: dict[str, MemoryStore | DiskStore] = {}
+        self.workspaces: dict[tuple[str, ...], Workspace] = {}  # by the architectures of the algorithm's models
+        self.stores: dict[tuple[str, ...], MemoryStore | DiskStore] = {}  # the same keys, where a row holds something
         self.dirty: set[int] = set()  # clients whose row changed since the last checkpoint
         self.state_seconds = 0.0  # spent loading and storing rows (reported per client, for benchmarks)
         if store == "disk":
@@ -109,7 +164,8 @@ class ClientHost:
                 raise ResourceError(f"cannot write client state under {self.state_dir} ({exc.strerror}); "
                                     "set engine.state_dir to a writable node-local folder") from None
         self.add_clients(client_ids)
-        self._meme: nn.Module | None = None  # one workspace, loaded with the global state per client
+        self._spec: GlobalSpec | None = None  # what the global state holds (made on first use)
+        self._sent: dict[tuple[str, ...], list[torch.Tensor]] = {}  # per workspace: its shared model's shared tensors
 
     def add_clients(self, client_ids: list[int], folder: Path | None = None, refs: dict | None = None) -> None:
         """Host these clients (e.g. adopted from a lost actor), with their rows from a checkpoint if given."""
@@ -123,35 +179,65 @@ class ClientHost:
 
     # -- private state: workspaces and stores ------------------------------------------------------
 
-    def _workspace(self, arch: str) -> Workspace:
-        ws = self.workspaces.get(arch)
+    def _archs(self, c: Client) -> tuple[str, ...]:
+        """The architecture of each of the algorithm's models for client `c`: its workspace's key."""
+        return client_archs(self.cfg, self.algo, c.local_model)
+
+    def _workspace(self, key: tuple[str, ...]) -> Workspace:
+        ws = self.workspaces.get(key)
         if ws is None:
-            model = build_model(arch, self.dataset.input_shape, self.dataset.num_classes).to(self.device)
-            t = self.cfg.training
-            ws = self.workspaces[arch] = Workspace(Layout(arch, model, t.optimizer, t.momentum), model,
-                                                   self._optimizer(model), self.device)
-            self.stores[arch] = STORES[self.store_kind](ws.layout, self.state_dir)
+            shape, classes = self.dataset.input_shape, self.dataset.num_classes
+            models = {m.name: build_model(arch, shape, classes).to(self.device) for m, arch in zip(self.algo.models, key)}
+            layout = private_layout(self.cfg, self.algo, models, key)
+            ws = self.workspaces[key] = Workspace(layout, models, {n: self._optimizer(m) for n, m in models.items()},
+                                                  self.device)
+            if layout.slots:
+                self.stores[key] = STORES[self.store_kind](layout, self.state_dir)
+            if self.algo.shares is not None:
+                live = models[self.algo.shares].state_dict()  # detached views of the live parameters and buffers
+                self._sent[key] = [live[k] for k in self.algo.shared_keys(models[self.algo.shares])]
         return ws
 
-    def _local(self, c: Client) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """The workspace of `c`'s architecture holding `c`'s private state."""
-        ws = self._workspace(c.local_model)
+    def _seeds(self, c: Client) -> dict[str, int]:
+        """Where each private model of a never-trained client starts: "seed" models from (seed, client) (the
+        first as FML's local model always has), "global" ones as the round-0 global model."""
+        seed, out, drawn = self.cfg.run.seed, {}, 0
+        for m in self.algo.models:
+            if m.init == "global":
+                out[m.name] = derive_seed(seed, GLOBAL_INIT)
+            else:
+                out[m.name] = derive_seed(seed, LOCAL_INIT, c.cid, *([drawn] if drawn else []))
+                drawn += 1
+        return out
+
+    def _private(self, c: Client) -> Workspace:
+        """The workspace of `c`'s architectures holding `c`'s private state."""
+        key = self._archs(c)
+        ws = self._workspace(key)
+        store = self.stores.get(key)
         if ws.client != c.cid:
             started = time.perf_counter()
-            store = self.stores[c.local_model]
-            ws.load(store.get(c.cid), derive_seed(self.cfg.run.seed, LOCAL_INIT, c.cid), c.cid)
-            store.done(c.cid)
+            ws.load(None if store is None else store.get(c.cid), self._seeds(c), c.cid, self.algo.scalars)
+            if store is not None:
+                store.done(c.cid)
             self.state_seconds += time.perf_counter() - started
-        return ws.model, ws.opt
+        return ws
 
     def _keep(self, c: Client) -> None:
         """Store the workspace's state (just trained) as `c`'s row."""
+        key = self._archs(c)
+        store = self.stores.get(key)
+        if store is None:
+            return
         started = time.perf_counter()
-        store = self.stores[c.local_model]
-        self.workspaces[c.local_model].store(store.put(c.cid))
+        self.workspaces[key].store(store.put(c.cid))
         store.done(c.cid)
         self.dirty.add(c.cid)
         self.state_seconds += time.perf_counter() - started
+
+    def modules(self) -> list[nn.Module]:
+        """Every model this host holds (its workspaces'; none before its first round)."""
+        return [m for ws in self.workspaces.values() for m in ws.models.values()]
 
     def _forget_workspaces(self) -> None:
         for ws in self.workspaces.values():
@@ -165,8 +251,8 @@ class ClientHost:
         """Write the rows changed since the last checkpoint, one `.npy` per architecture, into `folder`
         (under a temporary name, then renamed); return their manifest entries."""
         entries = []
-        for arch, store in sorted(self.stores.items()):
-            cids = sorted(c for c in self.dirty if c in store and self.clients[c].local_model == arch)
+        for key, store in sorted(self.stores.items()):
+            cids = sorted(c for c in self.dirty if c in store and self._archs(self.clients[c]) == key)
             if not cids:
                 continue
             name = f"{tag}-{store.layout.name}.npy"
@@ -185,15 +271,18 @@ class ClientHost:
         for file, items in sorted(by_file.items()):
             rows = open_rows(Path(folder) / file)
             for cid, ref in items:
-                arch = self.clients[cid].local_model
-                self._workspace(arch)
-                store = self.stores[arch]
+                key = self._archs(self.clients[cid])
+                self._workspace(key)
+                store = self.stores.get(key)
+                if store is None:
+                    raise FmlrayError(f"{Path(folder) / file} holds private state for client {cid}, but this config's "
+                                      f"algorithm keeps none: the checkpoint belongs to another config")
                 if ref.row >= len(rows):
                     raise FmlrayError(f"{Path(folder) / file} is damaged (it has no row {ref.row} for client {cid}); "
                                       "the checkpoint cannot be resumed")
                 if ref.layout != store.layout.name or rows.shape[1] != store.layout.nbytes:
                     raise FmlrayError(f"{Path(folder) / file} holds client {cid}'s state for layout {ref.layout}, "
-                                      f"but this config's {arch} is {store.layout.name}: the checkpoint belongs "
+                                      f"but this config's is {store.layout.name}: the checkpoint belongs "
                                       "to another model or config")
                 dst = store.put(cid)
                 dst[:] = rows[ref.row]
@@ -216,28 +305,30 @@ class ClientHost:
             return self.x_test[c.test_rows].to(self.device), self.y_test[c.test_rows].to(self.device)
         return self.x[c.train_rows].to(self.device), self.y[c.train_rows].to(self.device)
 
-    def _global_tensors(self, state: State) -> list[torch.Tensor]:
-        """The global `state` as tensors in the meme workspace's key order (built on first use), on this
-        host's device; checked and converted once a round, not once a client."""
-        if self._meme is None:
-            self._meme = build_model(self.cfg.model.meme, self.dataset.input_shape, self.dataset.num_classes)
-            self._meme.to(self.device)
-            self._meme_state = self._meme.state_dict()  # detached views of the live parameters and buffers
-            self._meme_opt = self._optimizer(self._meme)
-        if set(state) != set(self._meme_state):
-            raise TrainingError(f"the global state's keys do not match model {self.cfg.model.meme!r}")
+    def _global_tensors(self, state: State) -> Received:
+        """The global `state` as tensors in the shared model's key order, on this host's device; checked and
+        converted once a round, not once a client."""
+        if self._spec is None:
+            self._spec = GlobalSpec.of(self.algo, build_model(self.cfg.model.meme, self.dataset.input_shape,
+                                                              self.dataset.num_classes))
+        spec, meme = self._spec, self.cfg.model.meme
+        if set(state) != set(spec.shapes):
+            raise TrainingError(f"the global state's keys do not match model {meme!r}")
         tensors = []
-        for k, live in self._meme_state.items():
-            if tuple(state[k].shape) != tuple(live.shape):
+        for k, shape in spec.shapes.items():
+            if tuple(state[k].shape) != shape:
                 raise TrainingError(f"global state entry {k!r} has shape {tuple(state[k].shape)}, "
-                                    f"model {self.cfg.model.meme!r} wants {tuple(live.shape)}")
+                                    f"model {meme!r} wants {shape}")
             tensors.append(shared_tensor(state[k]).to(self.device))
-        return tensors
+        anchor = None
+        if self.algo.penalties:
+            at = dict(zip(spec.shapes, tensors))
+            anchor = [at[k] for k in spec.params]  # algorithms with penalties share every key
+        return Received(list(spec.shapes), tensors, anchor)
 
-    def _load_meme(self, global_tensors: list[torch.Tensor]) -> nn.Module:
-        """The meme workspace holding the global model (one fused copy, not load_state_dict)."""
-        torch._foreach_copy_(list(self._meme_state.values()), global_tensors)
-        return self._meme
+    def _receive(self, c: Client, glob: Received) -> None:
+        """Put the global state into the shared model of `c`'s workspace (one fused copy, not load_state_dict)."""
+        torch._foreach_copy_(self._sent[self._archs(c)], glob.tensors)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.training
@@ -246,18 +337,19 @@ class ClientHost:
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None,
               tick: Callable[[int], None] | None = None) -> tuple[PartialSum | None, list[dict]]:
-        """Train the given clients for round `rnd`; return their memes' weighted partial sum and metrics.
-        `tick(n)`, if given, hears how many of them are done after each one (progress)."""
-        shared = None if global_state is None else self._global_tensors(global_state)
+        """Train the given clients for round `rnd`; return the weighted partial sum of what they share, and
+        their metrics. `tick(n)`, if given, hears how many of them are done after each one (progress)."""
+        glob = None if global_state is None else self._global_tensors(global_state)
         total, results = None, []
         for cid in sorted(client_ids):
             c = self.clients[cid]
             started, self.state_seconds = time.perf_counter(), 0.0
             try:
                 with _stage(c, rnd, "training"):
-                    metrics, meme = self._train_one(c, rnd, shared)
-                    if meme is not None and not _finite(self._meme_state.values()):
-                        raise TrainingError("the meme's parameters are not finite (or beyond ~1e19)")
+                    metrics, sent = self._train_one(c, rnd, glob)
+                    if sent is not None and not _finite(sent):
+                        raise TrainingError(f"the shared model {self.algo.shares!r}'s parameters are not finite "
+                                            "(or beyond ~1e19)")
             except TrainingError as exc:  # a bad update is left out of the average, not fatal
                 self._forget_workspaces()  # and out of the client's private state: its row stays as it was
                 results.append({"client": cid, "samples": len(c.train_rows), "excluded": str(exc),
@@ -265,52 +357,54 @@ class ClientHost:
                 if tick is not None:
                     tick(len(results))
                 continue
-            if meme is not None:
-                weight = len(c.train_rows) if self.cfg.algorithm.weighting == "samples" else 1.0
+            if sent is not None:
                 if total is None:
-                    total = _Sum(self._meme_state)
-                total.add(self._meme_state.values(), weight)
+                    total = _Sum(dict(zip(glob.keys, sent)))
+                total.add(sent, self.algo.server.weight(len(c.train_rows)))
             results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started,
                             "state_seconds": self.state_seconds, **metrics})
             if tick is not None:
                 tick(len(results))
         return (None if total is None else total.partial()), results
 
-    def _train_one(self, c: Client, rnd: int, shared: list[torch.Tensor] | None) -> tuple[dict, nn.Module | None]:
-        models, opts, anchor = {}, {}, None
-        if self.algo.has_local:
-            models["local"], opts["local"] = self._local(c)
-        if self.algo.shares_meme:
-            meme = models["meme"] = self._load_meme(shared)
-            self._meme_opt.state.clear()  # as a new optimiser would be: the meme's starts fresh every round
-            opts["meme"] = self._meme_opt
-            if self.algo.penalty is not None:
-                anchor = [p.detach().clone() for p in meme.parameters()]
+    def _train_one(self, c: Client, rnd: int, glob: Received | None) -> tuple[dict, list[torch.Tensor] | None]:
+        ws = self._private(c)
+        if glob is not None:
+            self._receive(c, glob)
+            ws.opts[self.algo.shares].state.clear()  # as a new optimiser would be: it starts fresh every round
         t = self.cfg.training
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
         x, y = self._rows(c)
-        metrics = train_client(self.algo, models, opts, x, y, epochs=t.epochs, batch_size=t.batch_size,
-                               generator=gen, rnd=rnd, anchor=anchor)
-        if "local" in opts:
-            opts["local"].zero_grad(set_to_none=True)  # the next client's first step drops them anyway
-            self._keep(c)
-        return metrics, models.get("meme")
+        metrics = train_client(self.algo, ws.models, ws.opts, x, y, epochs=t.epochs, batch_size=t.batch_size,
+                               generator=gen, rnd=rnd, anchor=None if glob is None else glob.anchor,
+                               scalars=ws.scalars)
+        for part in ws.layout.parts:
+            ws.opts[part.name].zero_grad(set_to_none=True)  # the next client's first step drops them anyway
+        self._keep(c)
+        return metrics, (None if glob is None else self._sent[self._archs(c)])
 
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None,
                  tick: Callable[[int], None] | None = None) -> list[dict]:
-        """Each client's local model and the global model on the client's own test split (`tick` as in train)."""
+        """Each client's models the algorithm names (its personalised "local" one first) on the client's own
+        test split, and the global model there too when the algorithm shares a whole model (`tick` as in train)."""
+        glob = None if global_state is None else self._global_tensors(global_state)
         rows = []
-        meme = None if global_state is None else self._load_meme(self._global_tensors(global_state))
         for cid in sorted(self.clients if client_ids is None else client_ids):
             c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}
             self.state_seconds = 0.0
             with _stage(c, None, "evaluation"):
                 x, y = self._rows(c, test=True)
-                if self.algo.has_local:
-                    row["local_loss"], row["local_accuracy"] = evaluate(self._local(c)[0], x, y)
-                if meme is not None:
-                    row["global_loss"], row["global_accuracy"] = evaluate(meme, x, y)
+                ws = self._private(c)
+                if glob is not None:
+                    self._receive(c, glob)
+                for m in ws.models.values():
+                    m.eval()
+                for name in self.algo.evaluates:
+                    predict = lambda xb, name=name: self.algo.logits(ws.models, ws.scalars, xb, (name,))[name]  # noqa: E731
+                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(predict, x, y)
+                if glob is not None and self._spec.complete:
+                    row["global_loss"], row["global_accuracy"] = evaluate(ws.models[self.algo.shares], x, y)
             row["state_seconds"] = self.state_seconds
             rows.append(row)
             if tick is not None:

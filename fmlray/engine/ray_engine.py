@@ -27,8 +27,8 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from fmlray import aggregate
 from fmlray.aggregate import State
+from fmlray.algorithms import build_algorithm
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
@@ -72,12 +72,8 @@ def device_facts(device: str, modules) -> dict:
 
 
 def held_modules(host) -> list:
-    """The models a client host holds: the meme workspace and one workspace per local architecture
-    (none before its first round)."""
-    if host is None:
-        return []
-    meme = [host._meme] if host._meme is not None else []
-    return meme + [ws.model for ws in host.workspaces.values()]
+    """The models a client host holds: its workspaces' (none before its first round)."""
+    return [] if host is None else host.modules()
 
 
 class ClientActor:
@@ -112,7 +108,7 @@ class ClientActor:
         """The clients' partial sum and metrics; with `final` (this call holds every client of the
         round), the new global state itself, averaged here instead of in the aggregator."""
         partial, metrics = self.host.train(rnd, client_ids, global_state, tick=self._ticker(tag))
-        return (aggregate.next_global(global_state, partial) if final else partial), metrics
+        return (self.host.algo.server.next_global(global_state, partial) if final else partial), metrics
 
     def evaluate(self, global_state: State | None, client_ids: list[int], tag: str | None = None) -> list[dict]:
         return self.host.evaluate(global_state, client_ids, tick=self._ticker(tag))
@@ -376,6 +372,7 @@ class RayEngine:
 
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
         self.cfg, self.dataset = cfg, dataset
+        self.server = build_algorithm(cfg.algorithm, cfg.run.rounds).server  # plain numbers: the aggregator's half
         self.owns_ray = connect(cfg.engine.address)
         cost = [len(rows) for rows in partition.train]
         group = ray.util.get_current_placement_group()
@@ -456,7 +453,7 @@ class RayEngine:
         if len(done) == 1 and final(self.actors[self.owner[client_ids[0]]], client_ids):
             new_ref = partials[0]  # already the new global state
         elif global_state is not None:
-            new_ref = self.aggregator.aggregate.remote(g_ref, *partials)
+            new_ref = self.aggregator.aggregate.remote(self.server, g_ref, *partials)
         else:
             new_ref = None
         clients = [m for _, _, ms in done for m in ms]

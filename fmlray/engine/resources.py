@@ -196,16 +196,21 @@ class StorePlan:
 
 
 def row_bytes(cfg: Config, dataset) -> dict[str, int]:
-    """Bytes of one client's private state (local model + optimiser) per local architecture."""
+    """Bytes of one client's private state (what its algorithm keeps: models or parts, optimisers, scalars)
+    per local architecture; {} when the algorithm keeps nothing on the clients."""
     from fmlray.algorithms import build_algorithm
-    from fmlray.engine.state import Layout
+    from fmlray.engine.host import client_archs, private_layout
     from fmlray.models import build_model
 
-    if not build_algorithm(cfg.algorithm, cfg.run.rounds).has_local:
-        return {}
-    t = cfg.training
-    return {g.local_model: Layout(g.local_model, build_model(g.local_model, dataset.input_shape, dataset.num_classes),
-                                  t.optimizer, t.momentum).nbytes for g in cfg.clients.groups}
+    algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+    out = {}
+    for g in cfg.clients.groups:
+        archs = client_archs(cfg, algo, g.local_model)
+        models = {m.name: build_model(a, dataset.input_shape, dataset.num_classes) for m, a in zip(algo.models, archs)}
+        layout = private_layout(cfg, algo, models, archs)
+        if layout.slots:
+            out[g.local_model] = layout.nbytes
+    return out
 
 
 def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> StorePlan:

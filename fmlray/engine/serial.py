@@ -11,7 +11,6 @@ from pathlib import Path
 import psutil
 import torch
 
-from fmlray import aggregate
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
@@ -39,7 +38,7 @@ class SerialEngine:
     def train_round(self, rnd: int, client_ids: list[int], global_state: State | None,
                     progress: Callable[[int], None] | None = None) -> RoundResult:
         partial, clients = self.host.train(rnd, client_ids, global_state, tick=progress)
-        return RoundResult(aggregate.next_global(global_state, partial), clients)
+        return RoundResult(self.host.algo.server.next_global(global_state, partial), clients)
 
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None,
                  progress: Callable[[int], None] | None = None) -> EvalResult:

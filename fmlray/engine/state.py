@@ -1,6 +1,7 @@
-"""Clients' private state (local model and optimiser) as plain rows of bytes, in memory or on disk.
+"""Clients' private state (private models, optimisers, scalars) as plain rows of bytes, in memory or on disk.
 
-FML's clients each keep a local model and its optimiser across rounds. Kept as live modules, that
+FML's clients each keep a local model and its optimiser across rounds (Ditto a personal model, FedPer
+its head, FedBN its BatchNorm layers, DML two models, APFL a model and its mixing weight). Kept as live modules, that
 costs every client that exists; kept as rows, it costs the clients that have trained, and a host
 needs only one workspace model per architecture, loaded from a client's row before training or
 evaluation and stored back after. A `Layout` says where each tensor sits in a row; a store keeps
@@ -37,7 +38,7 @@ def _up(n: int, to: int) -> int:
 
 @dataclass(frozen=True)
 class Slot:
-    name: str  # "local/<state_dict key>" or "opt/<param index>/<optimiser state name>"
+    name: str  # "<model>/<state_dict key>", "opt/<param index>/<optimiser state name>" or "scalar/<name>"
     shape: tuple[int, ...]
     dtype: str
     offset: int
@@ -54,28 +55,56 @@ def _optimizer_slots(optimizer: str, momentum: float) -> list[tuple[str, bool]]:
     return [("momentum_buffer", True)] if momentum > 0 else []
 
 
-class Layout:
-    """Where each tensor of one architecture's private state sits in a client's row of bytes."""
+@dataclass(frozen=True)
+class Part:
+    """One model's share of a client's row: the keys it keeps privately, and whether its optimiser state
+    is kept too (a model that receives nothing from the server keeps it; one that does starts each round
+    with a fresh optimiser, as FedAvg's clients do)."""
 
-    def __init__(self, arch: str, model: nn.Module, optimizer: str, momentum: float):
-        specs: list[tuple[str, tuple[int, ...], str]] = [
-            (f"local/{k}", tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
-        for i, p in enumerate(model.parameters()):
+    name: str
+    model: nn.Module
+    keys: tuple[str, ...]
+    optimizer: bool
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class Layout:
+    """Where each tensor of a client's private state sits in its row of bytes: the private keys of each
+    `Part`, the optimiser state of the parts that keep it, and the algorithm's private scalars.
+
+    `Layout(arch, model, ...)` with one module is the common case: a "local" model kept whole, with its
+    optimiser (FML's and Local's rows; the slot names, and so the layout names, predate the other parts)."""
+
+    def __init__(self, arch: str, parts: nn.Module | list[Part], optimizer: str, momentum: float,
+                 scalars: tuple[str, ...] = ()):
+        if isinstance(parts, nn.Module):
+            parts = [Part("local", parts, tuple(parts.state_dict()), True)]
+        self.parts = list(parts)
+        specs: list[tuple[str, tuple[int, ...], str]] = []
+        for part in self.parts:
+            state = part.model.state_dict()
+            specs += [(f"{part.name}/{k}", tuple(state[k].shape), _dtype(state[k])) for k in part.keys]
+        params = [p for part in self.parts if part.optimizer for p in part.model.parameters()]
+        for i, p in enumerate(params):
             for name, like in _optimizer_slots(optimizer, momentum):
-                specs.append((f"opt/{i}/{name}", tuple(p.shape) if like else (),
-                              str(p.dtype).removeprefix("torch.") if like else "float32"))
+                specs.append((f"opt/{i}/{name}", tuple(p.shape) if like else (), _dtype(p) if like else "float32"))
+        specs += [(f"scalar/{name}", (), "float32") for name in scalars]
         self.slots, offset = [], 0
         for name, shape, dtype in specs:
             self.slots.append(Slot(name, shape, dtype, offset))
             offset = _up(offset + self.slots[-1].nbytes, ALIGN)
         self.nbytes = max(offset, ALIGN)
         digest = hashlib.sha256(repr([(s.name, s.shape, s.dtype) for s in self.slots]).encode()).hexdigest()[:10]
-        self.name = f"{arch}-{digest}"  # names the architecture and the exact layout (checked on resume)
-        self.model_slots = [s for s in self.slots if s.name.startswith("local/")]
+        self.name = f"{arch}-{digest}"  # names the architecture(s) and the exact layout (checked on resume)
         self.opt_slots = [s for s in self.slots if s.name.startswith("opt/")]
+        self.scalar_slots = [s for s in self.slots if s.name.startswith("scalar/")]
+        self.model_slots = [s for s in self.slots if s not in self.opt_slots and s not in self.scalar_slots]
 
     def unpack(self, row: np.ndarray) -> dict[str, np.ndarray]:
-        """A row as named arrays ('local/<key>', 'opt/<i>/<name>'), copied: for inspection and tests."""
+        """A row as named arrays ('local/<key>', 'opt/<i>/<name>', ...), copied: for inspection and tests."""
         return {s.name: np.array(row[s.offset:s.offset + s.nbytes].view(np.dtype(s.dtype)).reshape(s.shape))
                 for s in self.slots}
 
@@ -86,28 +115,53 @@ class Layout:
 
 
 class Workspace:
-    """One architecture's model and optimiser, into which clients' rows are loaded in turn."""
+    """A client's models and optimisers (one set per layout on a host), into which clients' rows are
+    loaded in turn. Models outside the layout's parts (one that receives the whole global state) are
+    held here too but never touched by a row."""
 
-    def __init__(self, layout: Layout, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
-        self.layout, self.model, self.opt, self.device = layout, model, optimizer, device
-        self.tensors = list(model.state_dict().values())  # detached views of the live parameters and buffers
-        self.params = list(model.parameters())
+    def __init__(self, layout: Layout, models: nn.Module | dict[str, nn.Module],
+                 opts: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None, device: torch.device):
+        if isinstance(models, nn.Module):
+            models, opts = {"local": models}, {"local": opts}
+        self.layout, self.models, self.opts, self.device = layout, models, opts, device
+        state = {p.name: models[p.name].state_dict() for p in layout.parts}  # detached views of the live tensors
+        self.tensors = [state[p.name][k] for p in layout.parts for k in p.keys]
+        self.params = [(prm, p.name) for p in layout.parts if p.optimizer for prm in models[p.name].parameters()]
+        self.scalars = {s.name.removeprefix("scalar/"): torch.zeros((), device=device, requires_grad=True)
+                        for s in layout.scalar_slots}
         self.client: int | None = None  # whose state the workspace holds now
         self._buffers: dict[str, torch.Tensor] = {}  # the optimiser's state of a loaded row, by slot name
         # Initial models are drawn on the CPU whatever the device: a GPU's generator gives other numbers
         # than the CPU's for the same seed, and a client's first model must not depend on where it trains.
-        self._cpu_twin = model if device.type == "cpu" else None
+        self._cpu_twins = {p.name: models[p.name] for p in layout.parts if device.type == "cpu"}
 
-    def load(self, row: np.ndarray | None, seed: int | None, cid: int) -> None:
-        """Put a client's row in place or, when it has none, its initial model (drawn from `seed`) and a
-        fresh optimiser."""
-        self.opt.state.clear()  # as a new optimiser would be; a row fills it back below
+    @property
+    def model(self) -> nn.Module:
+        return self.models[self.layout.parts[0].name]
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.opts[self.layout.parts[0].name]
+
+    def load(self, row: np.ndarray | None, seeds: int | dict[str, int] | None, cid: int,
+             scalars: dict[str, float] | None = None) -> None:
+        """Put a client's row in place or, when it has none, its initial models (each drawn from its seed in
+        `seeds`, by part name), fresh optimisers and the scalars' initial values."""
+        for p in self.layout.parts:
+            self.opts[p.name].state.clear()  # as a new optimiser would be; a row fills it back below
         if row is None:
-            if self._cpu_twin is None:
-                self._cpu_twin = copy.deepcopy(self.model).cpu()
-            initialise(self._cpu_twin, seed)
-            if self._cpu_twin is not self.model:
-                _copy(self.tensors, list(self._cpu_twin.state_dict().values()))
+            seeds = seeds if isinstance(seeds, dict) else {p.name: seeds for p in self.layout.parts}
+            for p in self.layout.parts:
+                twin = self._cpu_twins.get(p.name)
+                if twin is None:
+                    twin = self._cpu_twins[p.name] = copy.deepcopy(self.models[p.name]).cpu()
+                initialise(twin, seeds[p.name])
+                if twin is not self.models[p.name]:
+                    live, drawn = self.models[p.name].state_dict(), twin.state_dict()
+                    _copy([live[k] for k in p.keys], [drawn[k] for k in p.keys])
+            with torch.no_grad():
+                for name, t in self.scalars.items():
+                    t.fill_((scalars or {})[name])
         else:
             lay = self.layout
             # The optimiser's state goes into tensors the workspace keeps from client to client: a fresh
@@ -117,7 +171,11 @@ class Workspace:
             _copy(self.tensors + dst, [lay.view(row, s) for s in lay.model_slots + lay.opt_slots])
             for s, t in zip(lay.opt_slots, dst):
                 _, i, name = s.name.split("/", 2)
-                self.opt.state[self.params[int(i)]][name] = t
+                p, part = self.params[int(i)]
+                self.opts[part].state[p][name] = t
+            with torch.no_grad():
+                for s in lay.scalar_slots:
+                    self.scalars[s.name.removeprefix("scalar/")].copy_(lay.view(row, s))
         self.client = cid
 
     def _opt_buffer(self, slot: Slot) -> torch.Tensor:
@@ -128,17 +186,20 @@ class Workspace:
         return t
 
     def store(self, row: np.ndarray) -> None:
-        """Write the workspace's model and optimiser state into `row`."""
+        """Write the workspace's private state (models, optimisers, scalars) into `row`."""
         lay = self.layout
         _copy([lay.view(row, s) for s in lay.model_slots], self.tensors)
         for s in lay.opt_slots:
             _, i, name = s.name.split("/", 2)
-            t = self.opt.state.get(self.params[int(i)], {}).get(name)
+            p, part = self.params[int(i)]
+            t = self.opts[part].state.get(p, {}).get(name)
             dst = lay.view(row, s)
             if t is None:  # no step taken for this parameter: zeros are the fresh state (SGD and Adam alike)
                 dst.zero_()
             else:
                 dst.copy_(t.detach())
+        for s in lay.scalar_slots:
+            lay.view(row, s).copy_(self.scalars[s.name.removeprefix("scalar/")].detach())
 
 
 def initialise(model: nn.Module, seed: int) -> None:

@@ -92,6 +92,26 @@ def test_the_aggregator_is_skipped_when_one_actor_beside_the_driver_holds_the_wh
     assert_same(serial, result)
 
 
+@pytest.mark.parametrize("algorithm, extra", [
+    ("ditto", []), ("fedper", []), ("fedrep", ["training.epochs=2"]), ("fedbn", ["model.meme=resnet8"]),
+    ("apfl", []), ("lgfedavg", []), ("dml", [])])
+def test_every_baseline_matches_serial_on_ray(ray_session, algorithm, extra):
+    # half the clients a round, so private state (heads, BatchNorm layers, personal models, α) outlives rounds
+    overrides = ["run.rounds=2", "training.epochs=1", "clients.num_clients=6", "clients.fraction=0.5",
+                 "data.max_train_samples=400", ONE_GROUP, f"algorithm.name={algorithm}", *extra]
+    serial = simulate_with(SerialEngine(), overrides)[0]
+    result, engine = simulate_with(RayEngine(), [*overrides, "engine.kind=ray", "engine.num_actors=2"])
+    assert len(engine.specs) == 2
+    assert (serial.global_state is None) == (result.global_state is None) == (algorithm == "dml")
+    if serial.global_state is not None:
+        assert_same(serial, result)
+    else:
+        key = lambda r: (r["round"], r["client"], r["model"], r["split"])  # noqa: E731
+        ra, rb = sorted(serial.rows, key=key), sorted(result.rows, key=key)
+        assert [key(r) for r in ra] == [key(r) for r in rb]
+        np.testing.assert_allclose([r["accuracy"] for r in ra], [r["accuracy"] for r in rb], atol=1e-6)
+
+
 def test_heterogeneous_groups_and_partial_participation_match_serial(ray_session):
     overrides = [*QUICK, "clients.fraction=0.5"]
     serial = simulate_with(SerialEngine(), overrides)[0]
@@ -312,11 +332,13 @@ def test_held_modules_are_the_hosts_workspaces():
 
     from torch import nn
 
+    from fmlray.engine.host import ClientHost
     from fmlray.engine.ray_engine import held_modules
     meme, a = nn.Linear(2, 2), nn.Linear(2, 3)
-    host = SimpleNamespace(_meme=meme, workspaces={"mlp": SimpleNamespace(model=a)})
-    assert [id(m) for m in held_modules(host)] == [id(meme), id(a)]
-    assert held_modules(SimpleNamespace(_meme=None, workspaces={})) == [] and held_modules(None) == []
+    host = SimpleNamespace(workspaces={("mlp", "mlp"): SimpleNamespace(models={"local": a, "meme": meme})})
+    host.modules = lambda: ClientHost.modules(host)
+    assert [id(m) for m in held_modules(host)] == [id(a), id(meme)]
+    assert held_modules(SimpleNamespace(modules=lambda: [])) == [] and held_modules(None) == []
 
 
 def test_progress_inside_a_round_counts_the_clients_actors_have_done(ray_session):

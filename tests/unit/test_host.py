@@ -84,4 +84,5 @@ def test_the_meme_starts_each_client_from_the_global_model_with_a_fresh_optimise
     alone, _ = fresh.train(1, [1], g)
     for k in partial.sums:
         np.testing.assert_array_equal(partial.sums[k], alone.sums[k], err_msg=k)
-    assert state_of(host._meme).keys() == g.keys()
+    (workspace,) = host.workspaces.values()  # FedAvg: one workspace, holding the meme
+    assert state_of(workspace.models["meme"]).keys() == g.keys()

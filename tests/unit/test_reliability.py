@@ -35,8 +35,9 @@ def private_rows(run_dir):
     return {cid: bytes(open_rows(ckpt.folder / ref.file)[ref.row]) for cid, ref in ckpt.refs().items()}
 
 
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys):
-    out = ["--set", f"run.output_dir={tmp_path}", "--set", "clients.fraction=0.5"]
+@pytest.mark.parametrize("algorithm", ["fml", "fedper", "apfl", "dml"])  # a local model; a head; a scalar; two models
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys, algorithm):
+    out = ["--set", f"run.output_dir={tmp_path}", "--set", "clients.fraction=0.5", "--set", f"algorithm.name={algorithm}"]
     assert main(["run", *SERIAL, *out, "--set", "run.rounds=4", "--set", "run.name=whole"]) == 0
     assert main(["run", *SERIAL, *out, "--set", "run.rounds=2", "--set", "run.name=split"]) == 0
     assert checkpoint.load(tmp_path / "split").round == 2
@@ -128,6 +129,22 @@ def test_resuming_with_another_config_is_refused_by_name(tmp_path, capsys, chang
     # what may change, may: how long, and where it runs
     assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=2",
                  "--set", "engine.state_store=disk", "--set", "run.eval_clients='sampled'"]) == 0
+
+
+def test_a_checkpoint_from_before_the_algorithm_keys_resumes_and_they_stay_at_their_defaults(tmp_path, capsys):
+    # a checkpoint written before algorithm.server_lr and the baselines' sections existed (issue 13)
+    import json
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1"]) == 0
+    path = tmp_path / "digits-fml" / "checkpoint" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key in ("server_lr", "ditto", "fedper", "fedrep", "apfl", "lgfedavg"):
+        del manifest["config"]["algorithm"][key]
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=2",
+                 "--set", "algorithm.server_lr=0.5"]) == 2
+    assert "differs in algorithm.server_lr" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=2"]) == 0
 
 
 def test_a_checkpoint_of_an_older_fmlray_is_named_as_such(tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_a_row_holds_the_model_and_the_optimiser_exactly(tmp_path, store_cls, ar
     src.store(store.put(7))
     store.done(7)
     dst = Workspace(src.layout, build_model(arch, (1, 8, 8), 10), None, torch.device("cpu"))
-    dst.opt = (torch.optim.Adam(dst.model.parameters(), lr=0.1) if optimizer == "adam"
+    dst.opts["local"] = (torch.optim.Adam(dst.model.parameters(), lr=0.1) if optimizer == "adam"
                else torch.optim.SGD(dst.model.parameters(), lr=0.1, momentum=0.9))
     dst.load(store.get(7), 0, 7)
     for (k, a), b in zip(src.model.state_dict().items(), dst.model.state_dict().values()):
