@@ -131,7 +131,7 @@ def start_engine(cfg: Config, prepared) -> tuple[RayEngine, dict]:
 
 def private_bytes(engine: RayEngine) -> int:
     """Bytes the client actors hold in memory for their clients' private state: the rows of a memory store
-    (a disk store's rows are in files), and each architecture's workspace model with its gradients and
+    (a disk store's rows are in files), and each workspace's private models with their gradients and
     optimiser state (read from the actors, between rounds)."""
     import ray
 
@@ -140,8 +140,9 @@ def private_bytes(engine: RayEngine) -> int:
         host = actor.host
         total = sum(len(s) * s.layout.nbytes for s in host.stores.values() if s.kind == "memory")
         for ws in host.workspaces.values():
-            tensors = ws.tensors + [p.grad for p in ws.params if p.grad is not None]
-            tensors += [v for st in ws.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+            tensors = ws.tensors + [p.grad for p, _ in ws.params if p.grad is not None]
+            tensors += [v for part in ws.layout.parts for st in ws.opts[part.name].state.values()
+                        for v in st.values() if torch.is_tensor(v)]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
     return sum(ray.get([a.__ray_call__.remote(count) for a in engine.actors]))
