@@ -178,9 +178,9 @@ class KillsAnActorMidRound(RayEngine):
 
     at = 2
 
-    def train_round(self, rnd, client_ids, global_state):
+    def train_round(self, rnd, client_ids, global_state, progress=None):
         self.kill_now = rnd == self.at
-        return super().train_round(rnd, client_ids, global_state)
+        return super().train_round(rnd, client_ids, global_state, progress)
 
     def _dispatch(self, client_ids, call, **kwargs):
         if getattr(self, "kill_now", False):
