@@ -10,12 +10,9 @@ import pytest
 
 import fmlray.algorithms
 from fmlray import config
-from fmlray.engine.serial import SerialEngine
-from fmlray.simulation import prepare, simulate
+from test_baselines import whole_run  # the same small serial run
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["engine.kind=serial", "clients.num_clients=4", "run.rounds=2", "training.epochs=1",
-         "data.max_train_samples=300", "clients.groups=[{name='all', share=1.0, local_model='mlp'}]"]
 
 
 def walkthrough() -> str:
@@ -25,14 +22,7 @@ def walkthrough() -> str:
 
 
 def run(name: str):
-    cfg = config.load_config(None, [*SMALL, f"algorithm.name={name}", "algorithm.fedper.head_layers=2"])
-    prepared = prepare(cfg)
-    engine = SerialEngine()
-    engine.start(cfg, prepared.dataset, prepared.partition)
-    try:
-        return simulate(cfg, prepared.dataset, prepared.partition, engine)
-    finally:
-        engine.close()
+    return whole_run(f"algorithm.name={name}", "algorithm.fedper.head_layers=2")
 
 
 def test_the_readmes_walkthrough_is_a_whole_algorithm_in_one_module_and_one_registry_line(tmp_path, monkeypatch):
