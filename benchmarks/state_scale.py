@@ -36,7 +36,8 @@ import benchlib  # noqa: E402
 from fmlray import checkpoint  # noqa: E402
 from fmlray.config import load_config  # noqa: E402
 from fmlray.engine.ray_engine import RayEngine  # noqa: E402
-from fmlray.simulation import eval_clients, initial_global_state, prepare, sample_clients  # noqa: E402
+from fmlray.engine.host import initial_global_state  # noqa: E402
+from fmlray.simulation import eval_clients, prepare, sample_clients  # noqa: E402
 
 GiB = 2**30
 

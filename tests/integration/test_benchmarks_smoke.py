@@ -63,3 +63,13 @@ def test_scaling_smoke_writes_parquet_markdown_and_plots(tmp_path):
     for plot in ("time", "overhead", "memory"):
         assert only(tmp_path, f"scaling-*-{plot}.png").stat().st_size > 0
     assert "## Start-up" in only(tmp_path, "scaling-*.md").read_text()
+
+
+def test_every_benchmark_script_imports_what_it_needs_from_fmlray():
+    # the scripts without a smoke run here (state_scale, sweeps, gpu_*) break silently when fmlray moves a name
+    scripts = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
+    assert {"state_scale", "sweeps", "gpu_check", "gpu_state_check"} <= set(scripts)
+    code = "import importlib, sys; [importlib.import_module(n) for n in sys.argv[1:]]"
+    proc = subprocess.run([sys.executable, "-c", code, *scripts], cwd=REPO / "benchmarks",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
