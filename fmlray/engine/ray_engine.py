@@ -163,6 +163,11 @@ _OUT_OF_MEMORY = ("a node ran out of memory and Ray's memory monitor killed a cl
                   "(clients.fraction); the last checkpoint is resumable")
 
 
+def _last(refs):
+    """The ref a call is done with: its last return (a call may return several)."""
+    return refs[-1] if isinstance(refs, (list, tuple)) else refs
+
+
 def _count(items) -> list[tuple[str, int]]:
     return list(Counter(items).items())
 
@@ -536,7 +541,7 @@ class RayEngine:
                 self._watch(calls, tag, progress, finished)
             for i, ids, refs in calls:
                 try:
-                    value = ray.get(refs[-1] if isinstance(refs, (list, tuple)) else refs)
+                    value = ray.get(_last(refs))
                 except ray.exceptions.RayTaskError as exc:  # first: it can wrap an ActorDiedError of
                     if isinstance(exc.cause, FmlrayError):  # an input, which is not this actor's death
                         raise type(exc.cause)(str(exc.cause)) from None  # one line, no remote traceback
@@ -557,14 +562,14 @@ class RayEngine:
     def _watch(self, calls, tag: str, progress, finished: int) -> None:
         """Until every call is done, tell `progress` once a second how many clients are: those of the
         calls already done (`finished` from earlier waves) and those the others' actors reported."""
-        last = {id(refs): (i, ids, refs[-1] if isinstance(refs, (list, tuple)) else refs) for i, ids, refs in calls}
+        last = [(i, ids, _last(refs)) for i, ids, refs in calls]
         while True:
-            ready, pending = ray.wait([r for _, _, r in last.values()], num_returns=len(last), timeout=1.0)
+            ready, pending = ray.wait([r for _, _, r in last], num_returns=len(last), timeout=1.0)
             if not pending:
                 return
             ready = set(ready)
             reported = ray.get(self.aggregator.progress.remote(tag))
-            progress(finished + sum(len(ids) if r in ready else reported.get(i, 0) for i, ids, r in last.values()))
+            progress(finished + sum(len(ids) if r in ready else reported.get(i, 0) for i, ids, r in last))
 
     def _by_owner(self, client_ids) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}

@@ -31,6 +31,16 @@ def good(n=20):
             **{f"test_{c}": np.array([c]) for c in range(n)}}
 
 
+def assert_refused(tmp_path, capsys, path, fragment):
+    """`fmlray run` with this partition file: one line naming the problem, exit 2, nothing written."""
+    out = tmp_path / "runs"
+    code = main(["run", *SERIAL, "--set", f"run.output_dir={out}", "--set", "data.partition=file",
+                 "--set", f"data.partition_file={str(path)!r}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("change, fragment", [
     (lambda a: a.update(train_3=np.array([99999])), "train_3 has indices outside"),
     (lambda a: a.update(train_4=np.arange(0, 10)), "some train rows are given to two clients"),
@@ -42,12 +52,7 @@ def test_a_file_that_does_not_fit_is_one_line_and_exit_2(tmp_path, capsys, chang
     arrays = good()
     change(arrays)
     path = write(tmp_path, **arrays)
-    out = tmp_path / "runs"
-    code = main(["run", *SERIAL, "--set", f"run.output_dir={out}", "--set", "data.partition=file",
-                 "--set", f"data.partition_file={str(path)!r}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-    assert not out.exists()
+    assert_refused(tmp_path, capsys, path, fragment)
 
 
 def test_missing_or_unreadable_file(tmp_path, capsys):
@@ -82,9 +87,4 @@ def zip_of(path, members):
 ])
 def test_a_file_of_another_format_is_one_line_and_exit_2(tmp_path, capsys, make, fragment):
     path = make(tmp_path / "p.npz")
-    out = tmp_path / "runs"
-    code = main(["run", *SERIAL, "--set", f"run.output_dir={out}", "--set", "data.partition=file",
-                 "--set", f"data.partition_file={str(path)!r}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-    assert not out.exists()
+    assert_refused(tmp_path, capsys, path, fragment)
