@@ -353,11 +353,12 @@ def test_progress_inside_a_round_counts_the_clients_actors_have_done(ray_session
         from fmlray.engine.host import initial_global_state
         result = engine.train_round(1, list(range(8)), initial_global_state(cfg, prepared.dataset),
                                     progress=heard.append)
-        evaluated = []
-        engine.evaluate(engine.fetch(result.global_state), progress=evaluated.append)
+        evaluated = []  # evaluation takes the same path with its own tag (too quick here to be heard from)
+        ev = engine.evaluate(engine.fetch(result.global_state), progress=evaluated.append)
     finally:
         engine.close()
-    assert len(result.clients) == 8
+    assert len(result.clients) == 8 and [r["client"] for r in ev.clients] == list(range(8))
+    assert all(0 <= n <= 8 for n in evaluated)
     assert heard == sorted(heard) and all(0 <= n <= 8 for n in heard)
     assert any(0 < n < 8 for n in heard), f"no count from inside the round: {heard}"
 
