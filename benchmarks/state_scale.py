@@ -99,8 +99,10 @@ def run_rounds(cfg, prepared, engine, first: int, last: int, state, writer, samp
             "round": rnd, "sampled": len(ids), "evaluated": len(ev.clients),
             "round_s": done - started, "train_s": trained - started, "eval_s": evaluated - trained,
             "checkpoint_s": done - evaluated,
-            "client_train_s": sum(c["seconds"] - c.get("state_seconds", 0.0) for c in clients),
+            "client_train_s": sum(c["seconds"] - c.get("state_seconds", 0.0) - c.get("init_seconds", 0.0)
+                                  for c in clients),
             "client_state_s": sum(c.get("state_seconds", 0.0) for c in clients),
+            "client_init_s": sum(c.get("init_seconds", 0.0) for c in clients),
             "eval_state_s": sum(c.get("state_seconds", 0.0) for c in ev.clients),
             "checkpoint_mib": info["bytes"] / 2**20,
             "disk_gib": (sum(du(p) for p in disk_paths)) / GiB,
@@ -149,6 +151,7 @@ def one(clients: int, rounds: int, per_round: int, ckpt: bool, prepared_by_n: di
                 "round_s": mean("round_s"), "train_s": mean("train_s"), "eval_s": mean("eval_s"),
                 "checkpoint_s": mean("checkpoint_s"), "checkpoint_mib": mean("checkpoint_mib"),
                 "state_vs_train": mean("client_state_s") / mean("client_train_s"),
+                "init_vs_train": mean("client_init_s") / mean("client_train_s"),
                 "eval_state_s": mean("eval_state_s"),
                 "peak_total_gib": peak["total"] / GiB, "peak_driver_gib": peak["driver"] / GiB,
                 "peak_actors_gib": peak["actors"] / GiB, "peak_ray_gib": peak["ray_system"] / GiB,
@@ -235,7 +238,8 @@ def resume_check(clients: int, rounds: int, per_round: int, prepared_by_n: dict)
 COLUMNS = [("clients", "clients", "d"), ("checkpoint", "ckpt", ""), ("store", "store", ""),
            ("clients_with_rows", "rows held", "d"), ("round_s", "s/round", ".2f"), ("train_s", "train s", ".2f"),
            ("eval_s", "eval s", ".2f"), ("checkpoint_s", "ckpt s", ".2f"), ("checkpoint_mib", "ckpt MiB", ".0f"),
-           ("state_vs_train", "load+store ÷ train", ".3f"), ("peak_total_gib", "peak PSS GiB", ".2f"),
+           ("state_vs_train", "load+store ÷ train", ".3f"), ("init_vs_train", "seeded init ÷ train", ".3f"),
+           ("peak_total_gib", "peak PSS GiB", ".2f"),
            ("peak_driver_gib", "driver", ".2f"), ("peak_actors_gib", "actors", ".2f"), ("peak_ray_gib", "Ray", ".2f"),
            ("disk_gib", "disk GiB", ".2f"), ("resume_s", "resume s", ".2f")]
 

@@ -156,6 +156,7 @@ class ClientHost:
         self.stores: dict[tuple[str, ...], MemoryStore | DiskStore] = {}  # the same keys, where a row holds something
         self.dirty: set[int] = set()  # clients whose row changed since the last checkpoint
         self.state_seconds = 0.0  # spent loading and storing rows (reported per client, for benchmarks)
+        self.init_seconds = 0.0  # spent drawing the initial models of clients without a row (the same)
         if store == "disk":
             try:  # here, not at the first store: an unusable folder is an error at start
                 self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -217,10 +218,14 @@ class ClientHost:
         store = self.stores.get(key)
         if ws.client != c.cid:
             started = time.perf_counter()
-            ws.load(None if store is None else store.get(c.cid), self._seeds(c), c.cid, self.algo.scalars)
+            row = None if store is None else store.get(c.cid)
+            ws.load(row, self._seeds(c), c.cid, self.algo.scalars)
             if store is not None:
                 store.done(c.cid)
-            self.state_seconds += time.perf_counter() - started
+            if row is None:
+                self.init_seconds += time.perf_counter() - started
+            else:
+                self.state_seconds += time.perf_counter() - started
         return ws
 
     def _keep(self, c: Client) -> None:
@@ -280,12 +285,13 @@ class ClientHost:
                 if ref.row >= len(rows):
                     raise FmlrayError(f"{Path(folder) / file} is damaged (it has no row {ref.row} for client {cid}); "
                                       "the checkpoint cannot be resumed")
-                if ref.layout != store.layout.name or rows.shape[1] != store.layout.nbytes:
+                n = store.layout.nbytes  # rows are padded to whole pages (older checkpoints' are not)
+                if ref.layout != store.layout.name or rows.shape[1] not in (n, store.layout.padded):
                     raise FmlrayError(f"{Path(folder) / file} holds client {cid}'s state for layout {ref.layout}, "
                                       f"but this config's is {store.layout.name}: the checkpoint belongs "
                                       "to another model or config")
                 dst = store.put(cid)
-                dst[:] = rows[ref.row]
+                dst[:] = rows[ref.row, :n]
                 if crc(dst) != ref.crc32:
                     raise FmlrayError(f"{Path(folder) / file} is damaged (client {cid}'s row fails its checksum); "
                                       "resume from another copy or start the run again")
@@ -343,7 +349,7 @@ class ClientHost:
         total, results = None, []
         for cid in sorted(client_ids):
             c = self.clients[cid]
-            started, self.state_seconds = time.perf_counter(), 0.0
+            started, self.state_seconds, self.init_seconds = time.perf_counter(), 0.0, 0.0
             try:
                 with _stage(c, rnd, "training"):
                     metrics, sent = self._train_one(c, rnd, glob)
@@ -362,7 +368,7 @@ class ClientHost:
                     total = _Sum(dict(zip(glob.keys, sent)))
                 total.add(sent, self.algo.server.weight(len(c.train_rows)))
             results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started,
-                            "state_seconds": self.state_seconds, **metrics})
+                            "state_seconds": self.state_seconds, "init_seconds": self.init_seconds, **metrics})
             if tick is not None:
                 tick(len(results))
         return (None if total is None else total.partial()), results
@@ -392,7 +398,7 @@ class ClientHost:
         for cid in sorted(self.clients if client_ids is None else client_ids):
             c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}
-            self.state_seconds = 0.0
+            self.state_seconds = self.init_seconds = 0.0
             with _stage(c, None, "evaluation"):
                 x, y = self._rows(c, test=True)
                 ws = self._private(c)
@@ -405,7 +411,7 @@ class ClientHost:
                     row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(predict, x, y)
                 if glob is not None and self._spec.complete:
                     row["global_loss"], row["global_accuracy"] = evaluate(ws.models[self.algo.shares], x, y)
-            row["state_seconds"] = self.state_seconds
+            row["state_seconds"], row["init_seconds"] = self.state_seconds, self.init_seconds
             rows.append(row)
             if tick is not None:
                 tick(len(rows))

@@ -83,8 +83,10 @@ def _damage_row(run_dir, how):
     shard = json.loads((folder / "manifest.json").read_text())["shards"][0]
     path = folder / shard["file"]
     if how == "flip":
+        import numpy as np
+        start = np.load(path, mmap_mode="r").offset  # the first row's first byte
         data = bytearray(path.read_bytes())
-        data[-5] ^= 0xFF
+        data[start + 5] ^= 0xFF
         path.write_bytes(bytes(data))
     elif how == "missing":
         path.unlink()

@@ -74,21 +74,39 @@ def test_initialising_in_place_equals_building_from_the_seed(arch, shape):
             assert torch.equal(a, b), (arch, k)
 
 
-def test_the_disk_store_grows_in_place_and_deletes_its_file(tmp_path):
+def test_the_disk_store_keeps_rows_on_disk_and_deletes_its_file(tmp_path):
     layout = trained_workspace("lenet5", "sgd").layout
     store = DiskStore(layout, tmp_path)
-    held = []  # row views a caller still holds while the store grows (restore_rows does)
-    for cid in range(40):  # past its first capacity (16 rows): it grows twice
-        held.append(store.put(cid))
-        held[-1][:] = cid
+    for cid in range(40):
+        store.put(cid)[:] = cid
         store.done(cid)
-    assert len(store) == 40 and store.capacity >= 40
-    assert all((store.get(cid) == cid).all() for cid in range(40)) and store.get(40) is None
-    assert all((row == cid).all() for cid, row in enumerate(held))
-    assert store.path.stat().st_size == store.capacity * store.stride and store.stride % 4096 == 0
+    store.put(7)[:] = 99  # a row written again stays in its place
+    store.done(7)
+    assert len(store) == 40 and store.get(40) is None
+    assert all((store.get(cid) == (99 if cid == 7 else cid)).all() for cid in range(40))
+    assert store.path.stat().st_size == 40 * store.stride and store.stride % 4096 == 0
     store.close()
     assert not store.path.exists()
 
+
+def test_checkpoint_row_files_are_npy_tables_of_page_padded_rows(tmp_path):
+    from fmlray.engine.state import PAGE, crc, open_rows, write_rows
+    layout = trained_workspace("lenet5", "sgd").layout
+    for store in (MemoryStore(layout), DiskStore(layout, tmp_path / "rows")):
+        rows = {}
+        for cid in (3, 1, 8):
+            row = store.put(cid)
+            row[:] = np.random.default_rng(cid).integers(0, 256, layout.nbytes, dtype=np.uint8)
+            rows[cid] = row.copy()
+            store.done(cid)
+        path = tmp_path / f"{store.kind}.npy"
+        crcs = write_rows(path, store, [1, 3])
+        table = np.load(path, allow_pickle=False)  # numpy's own reader takes the page-long header
+        assert table.shape == (2, layout.padded) and layout.padded % PAGE == 0
+        assert (table[0, :layout.nbytes] == rows[1]).all() and (table[1, :layout.nbytes] == rows[3]).all()
+        assert not table[:, layout.nbytes:].any() and crcs == [crc(rows[1]), crc(rows[3])]
+        assert (open_rows(path) == table).all() and not list(tmp_path.glob(".*.tmp"))
+        store.close()
 
 
 def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp_path):
@@ -230,3 +248,45 @@ def test_a_run_that_cannot_fit_a_node_is_refused_with_the_setting_to_change():
     with pytest.raises(ResourceError, match="lower engine.num_actors"):
         check_memory(cfg, plan_store(cfg.replace(engine=cfg.engine.__class__(state_store="disk")), prepared.dataset, 1),
                      prepared.dataset.nbytes, 64, 8 * GiB)
+
+
+def test_a_disk_store_that_cannot_write_says_where_and_what_to_change(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from fmlray.errors import ResourceError
+    store = DiskStore(trained_workspace("lenet5", "sgd").layout, tmp_path)
+    store.put(0)[:] = 1
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "pwrite", full)
+    store.done(0)  # the write goes on in a thread: its error comes with the next use of the row, or at close
+    message = f"cannot write client state to {store.path}.*No space left.*engine.state_dir"
+    with pytest.raises(ResourceError, match=message):
+        store.get(0)
+    store.put(1)
+    store.done(1)
+    with pytest.raises(ResourceError, match=message):
+        store.close()
+    assert not store.path.exists()
+
+
+def test_a_write_direct_io_refuses_goes_on_buffered(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import os
+
+    from fmlray.engine.state import _open_direct, _pwrite
+    fd, direct = _open_direct(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    real, calls = os.pwrite, []
+
+    def refuse_direct(fd, buf, offset):
+        calls.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        if calls[-1]:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bytes(buf[:3]), offset)  # a short write, as a file-size limit gives
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    _pwrite(fd, b"abcdefgh", 0)
+    os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"abcdefgh" and calls == [direct] * direct + [False] * 3
