@@ -86,3 +86,20 @@ def test_the_meme_starts_each_client_from_the_global_model_with_a_fresh_optimise
         np.testing.assert_array_equal(partial.sums[k], alone.sums[k], err_msg=k)
     (workspace,) = host.workspaces.values()  # FedAvg: one workspace, holding the meme
     assert state_of(workspace.models["meme"]).keys() == g.keys()
+
+
+def test_a_checkpoint_row_file_with_unpadded_rows_still_restores(tmp_path):
+    # row files written before rows were padded to pages: (n, row bytes) tables with numpy's own header
+    from fmlray.engine.state import RowRef, crc
+    one = ["training.momentum=0.9", "clients.groups=[{name='m', share=1.0, local_model='mlp'}]"]
+    cfg, prepared, host = host_for(one)  # FML: a local model and its optimiser per client
+    host.train(1, [0, 2], initial_global_state(cfg, prepared.dataset))
+    (store,) = host.stores.values()
+    rows = {cid: store.get(cid).copy() for cid in (0, 2)}
+    assert store.layout.padded > store.layout.nbytes
+    np.save(tmp_path / "old.npy", np.stack([rows[0], rows[2]]))
+    again = host_for(one)[2]
+    again.restore_rows(tmp_path, {cid: RowRef("old.npy", i, store.layout.name, crc(rows[cid]))
+                                  for i, cid in enumerate((0, 2))})
+    (restored,) = again.stores.values()
+    assert all((restored.get(cid) == rows[cid]).all() for cid in (0, 2))
