@@ -4,6 +4,7 @@ task, the config's checks, the dropped classes, and a serial run with three task
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
@@ -183,3 +184,28 @@ def test_cli_refuses_a_bad_task_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "clients.groups[mlp].task = 'coarse4' is not a task of digits" in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_tasks_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    sets = [x for o in THREE for x in ("--set", o)]
+    out = ["--set", f"run.output_dir={tmp_path}"]
+    assert main(["run", *sets, *out, "--set", "run.name=whole", "--set", "run.rounds=3"]) == 0
+    assert main(["run", *sets, *out, "--set", "run.name=cut"]) == 0  # 2 rounds, then one more
+    assert main(["run", "--resume", str(tmp_path / "cut"), "--set", "run.rounds=3"]) == 0
+    rows = sorted(p.name.split("-serial-")[1].rsplit("-", 1)[0] for p in (tmp_path / "cut" / "checkpoint").glob("rows-*"))
+    assert rows == ["lenet5-3way", "mlp", "mlp-2way"]  # a layout per architecture and number of outputs
+    whole, cut = (pq.read_table(tmp_path / n / "metrics.parquet").to_pylist() for n in ("whole", "cut"))
+    pick = lambda rows: [(r["round"], r["client"], r["model"], r["split"], round(r["accuracy"], 6))  # noqa: E731
+                         for r in rows if r["split"] in ("test", "group_test")]
+    assert pick(whole) == pick(cut)
+
+
+def test_readme_task_groups_and_preset_load():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    section = (root / "README.md").read_text().split("\n## Tasks", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    preset = load_config(root / "fmlray/presets/digits-tasks.toml")
+    groups = {g.name: g.task for g in preset.clients.groups}
+    assert block.count("[[clients.groups]]") == 2 and groups["parity"] == "parity"
+    assert groups["shapes"] == (0, 1, -1, -1, 1, -1, 0, 1, 0, 0) and "task = [0, 1, -1, -1, 1, -1, 0, 1, 0, 0]" in block
