@@ -21,7 +21,7 @@ from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
-from fmlray.errors import ConfigError, FmlrayError, TrainingError
+from fmlray.errors import ConfigError, DataError, FmlrayError, TrainingError
 from fmlray.progress import Console
 from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
 
@@ -78,12 +78,11 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true.
     A `console` shows the progress of long rounds."""
     from fmlray.engine.host import initial_global_state
-
     from fmlray.tasks import of_group
 
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
-    tasks = {g.name: of_group(cfg, g) for g in cfg.clients.groups}
-    by_task = {name: t.describe() for name, t in tasks.items()} if any(not t.identity for t in tasks.values()) else {}
+    tasks = {g.name: of_group(cfg, g) for g in cfg.clients.groups}  # per-group rows only in runs with tasks
+    by_task = {} if all(t.identity for t in tasks.values()) else {name: t.describe() for name, t in tasks.items()}
     state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
         state, first = resume.global_state, resume.round + 1
@@ -156,8 +155,6 @@ def prepare(cfg: Config) -> Prepared:
 def keep_task_classes(cfg: Config, dataset: Dataset, partition: Partition) -> Partition:
     """The partition without the rows of classes outside each client's task (fmlray.tasks: they are dropped);
     a client left with fewer than data.min_samples training rows, or no test rows, is an error."""
-    from fmlray.data import Partition
-    from fmlray.errors import DataError
     from fmlray.tasks import of_group
 
     tasks = [of_group(cfg, g) for g in cfg.clients.groups]

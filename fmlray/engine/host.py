@@ -413,13 +413,15 @@ class ClientHost:
                 for m in ws.models.values():
                     m.eval()
                 task = c.task and c.task.members  # every model is tested in the client's task space
+
+                def predict(xb, name):
+                    return self.algo.logits(ws.models, ws.scalars, xb, (name,), task)[name]
+
                 for name in self.algo.evaluates:
-                    predict = lambda xb, name=name: self.algo.logits(ws.models, ws.scalars, xb, (name,), task)[name]  # noqa: E731
-                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(predict, x, y)
+                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(lambda xb: predict(xb, name), x, y)
                 if glob is not None and self._spec.complete:
-                    shared = self.algo.shares
-                    predict = lambda xb: self.algo.logits(ws.models, ws.scalars, xb, (shared,), task)[shared]  # noqa: E731
-                    row["global_loss"], row["global_accuracy"] = evaluate(predict, x, y)
+                    row["global_loss"], row["global_accuracy"] = evaluate(
+                        lambda xb: predict(xb, self.algo.shares), x, y)
             row["state_seconds"], row["init_seconds"] = self.state_seconds, self.init_seconds
             rows.append(row)
             if tick is not None:

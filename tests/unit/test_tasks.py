@@ -209,3 +209,9 @@ def test_readme_task_groups_and_preset_load():
     groups = {g.name: g.task for g in preset.clients.groups}
     assert block.count("[[clients.groups]]") == 2 and groups["parity"] == "parity"
     assert groups["shapes"] == (0, 1, -1, -1, 1, -1, 0, 1, 0, 0) and "task = [0, 1, -1, -1, 1, -1, 0, 1, 0, 0]" in block
+
+
+def test_fmlray_config_lists_a_task_list_as_it_was_given(capsys):
+    assert main(["config", "--set", "clients.groups.1.task=[0, 1, -1, -1, 1, -1, 0, 1, 0, 0]"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("clients.groups.1.task "))
+    assert line.split(None, 1)[1].startswith('[0, 1, -1, -1, 1, -1, 0, 1, 0, 0]  "identity"')
