@@ -34,11 +34,15 @@ EXPERIMENTS = [  # (sweep name, title)
     ("digits", "5. The heterogeneity grid on digits"),
     ("digits-baselines", "6. Personalised-FL baselines beside FML (digits: Dirichlet(0.5) and shards)"),
     ("fmnist-baselines", "7. Personalised-FL baselines beside FML (Fashion-MNIST: Dirichlet(0.5) and shards)"),
+    ("fmnist-tasks", "8. Task heterogeneity: fine, coarse and binary clients (Fashion-MNIST)"),
 ]
 FIGURES = ("local", "local_p10", "global_clients", "global_test")
 # Sweeps whose client groups differ between variants get a per-group table; the named variant's
 # accuracies on the *same clients* (same data: the partition depends on the seed only) are the baseline.
 GROUP_BASELINE = {"fmnist-models": ("locals", "homogeneous")}
+# Sweeps with tasks get a per-group table from their group_test rows (each group in its own task's space),
+# beside the named variant's local models on the same clients.
+TASK_BASELINE = {"fmnist-tasks": ("algorithm", "local")}
 
 
 def per_run(rows: list[dict], axes: list[str]) -> dict[str, dict]:
@@ -166,6 +170,45 @@ def group_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) ->
     return "\n".join(lines)
 
 
+def task_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) -> str:
+    """Final-round accuracy per variant and client group, each client in its group's task space (the mean over
+    the group's clients, then mean ± std over seeds): local models, the baseline's local models on the same
+    clients (the variant with the same labels except `baseline` = (axis, value)), and the global model."""
+    axis, value = baseline
+    at = axes.index(axis)
+    last: dict[str, int] = {}
+    for r in rows:
+        if r["split"] == "test":
+            last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    per: dict[tuple, dict[str, dict[int, list[float]]]] = {}  # (labels, group) -> model -> seed -> accuracies
+    task: dict[str, str] = {}  # the group's task, from its group_test rows (none: the dataset's classes)
+    for r in rows:
+        if r["split"] == "group_test":
+            task[r["group"]] = r["note"].removeprefix("task ")
+        elif r["split"] == "test" and r["round"] == last[r["run"]]:
+            models = per.setdefault((tuple(r[a] for a in axes), r["group"]), {})
+            models.setdefault(r["model"], {}).setdefault(r["seed"], []).append(r["accuracy"])
+    acc = {k: {m: {s: float(np.mean(v)) for s, v in seeds.items()} for m, seeds in models.items()}
+           for k, models in per.items()}
+    clients = {k: len(next(iter(next(iter(models.values())).values()))) for k, models in per.items()}
+
+    def cell(xs: list[float]) -> str:
+        return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+
+    head = [*axes, "group", "task", "clients", "local (own test)", f"{axis} = {value}, same clients", "difference",
+            "global (client tests)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (labels, group), models in acc.items():
+        mine = models.get("local", {})
+        base = acc.get((labels[:at] + (value,) + labels[at + 1:], group), {}).get("local", {})
+        diff = [mine[s] - base[s] for s in mine if s in base] if labels[at] != value else []
+        lines.append("| " + " | ".join([*labels, group, task.get(group, "identity"), str(clients[labels, group]),
+                                        cell(list(mine.values())), cell(list(base.values())) if diff else "–",
+                                        "–" if not diff else f"{np.mean(diff):+.3f} ± {np.std(diff):.3f}",
+                                        cell(list(models.get("global", {}).values()))]) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(cv: dict, axes: list[str], title: str, path: Path) -> None:
     """Accuracy over rounds (mean across seeds): solid = local models, dashed = global on the test set."""
     panel_axis = axes[1] if len(axes) > 1 else None
@@ -249,6 +292,10 @@ def section(name: str, title: str, runs_dir: Path, readings: dict, figdir: Path,
     if name in GROUP_BASELINE:
         parts.append("Per client group (local models only):\n")
         parts.append(group_table(rows, axes, GROUP_BASELINE[name]) + "\n")
+    if name in TASK_BASELINE:
+        parts.append("Per client group, each in its own task's space (local models and the global model on the "
+                     "group's client test splits):\n")
+        parts.append(task_table(rows, axes, TASK_BASELINE[name]) + "\n")
     plot_curves(curves(rows, axes), axes, title, figdir / f"{name}-curves.png")
     plot_clients(runs, axes, figdir / f"{name}-clients.png")
     parts.append(f"![accuracy over rounds](results/{name}-curves.png)\n")

@@ -290,8 +290,8 @@ def _literal(value) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # TOML's basic strings escape as JSON does
-    if isinstance(value, tuple):
-        return f"[{', '.join(g.name for g in value)}]"
+    if isinstance(value, tuple):  # groups by their names; a task's list of labels as it is
+        return f"[{', '.join(str(getattr(g, 'name', g)) for g in value)}]"
     return repr(value)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fmlray.errors import ConfigError
+from fmlray.tasks import resolve as resolve_task
 
 DATASETS = ("digits", "synthetic", "fmnist", "mnist", "cifar10", "cifar100", "emnist")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural", "file")
@@ -180,9 +181,8 @@ class DataConfig:
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _positive("data.quantity_alpha", self.quantity_alpha)
         _one_of("data.emnist_split", self.emnist_split, EMNIST_SPLITS)
-        classes = self.synthetic_classes if self.dataset == "synthetic" else \
-            EMNIST_SPLITS[self.emnist_split] if self.dataset == "emnist" else FIXED_CLASSES[self.dataset]
-        _between("data.classes_per_client", self.classes_per_client, 1, classes, f" (the {self.dataset} classes)")
+        _between("data.classes_per_client", self.classes_per_client, 1, self.num_classes,
+                 f" (the {self.dataset} classes)")
         _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
         _between("data.min_samples", self.min_samples, 1, INT32_MAX)
         _between("data.max_train_samples", self.max_train_samples, 0, INT32_MAX)
@@ -191,6 +191,13 @@ class DataConfig:
         _within("data.synthetic_beta", self.synthetic_beta, 0, 100, "the paper uses 0 to 1")
         _between("data.synthetic_dim", self.synthetic_dim, 1, MAX_SYNTHETIC_DIM)
         _between("data.synthetic_classes", self.synthetic_classes, 2, MAX_SYNTHETIC_CLASSES)
+
+    @property
+    def num_classes(self) -> int:
+        """The dataset's (global) classes, known before it is loaded."""
+        if self.dataset == "synthetic":
+            return self.synthetic_classes
+        return EMNIST_SPLITS[self.emnist_split] if self.dataset == "emnist" else FIXED_CLASSES[self.dataset]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,6 +210,8 @@ class GroupConfig:
     share: float = _key("share of the clients left by counts (give count or share)", 0.0)
     num_cpus: float = _key("CPUs per client actor (Ray engine)", 1.0)
     num_gpus: float = _key("GPUs per client actor; fractions share a GPU: 0.25 packs four actors on one", 0.0)
+    task: str | tuple[int, ...] = _key("what its local models predict: identity, a named task (fmlray/tasks.py), or "
+                                       "one task label per class (-1: dropped from its clients)", "identity")
 
     def __post_init__(self):
         key = f"clients.groups[{self.name}]"
@@ -215,6 +224,7 @@ class GroupConfig:
         _at_least(f"{key}.num_gpus", self.num_gpus, 0)
         _check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus),
                f"{key}.num_gpus must be a fraction <= 1 or a whole number, got {self.num_gpus}")
+        _check(bool(self.task), f"{key}.task is empty; give \"identity\", a named task or a list")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -404,6 +414,9 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
+        for g in self.clients.groups:  # a task fits one dataset: checked here, where both are known
+            resolve_task(g.task, dataset=self.data.dataset, num_classes=self.data.num_classes,
+                         key=f"clients.groups[{g.name}].task")
         _check(self.algorithm.name != "fedrep" or self.algorithm.fedrep.body_epochs <= self.training.epochs,
                f"algorithm.fedrep.body_epochs = {self.algorithm.fedrep.body_epochs} is more than training.epochs = "
                f"{self.training.epochs}; lower it or raise training.epochs")
@@ -436,7 +449,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[-1], key)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
-        _check(isinstance(value, (list, tuple)), f"{key} must be a list of tables, got {value!r}")
+        what = "a list of tables" if dataclasses.is_dataclass(item_tp) else "a list"
+        _check(isinstance(value, (list, tuple)), f"{key} must be {what}, got {value!r}")
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), f"{key} must be a table, got {value!r}")

@@ -7,8 +7,11 @@ Columns (the Parquet schema, also in the README):
   model     string  a model the algorithm declares (fml: "local", "meme", the trained copy of the global
                     model; dml: "local", "peer"; ...; "local" is always the client's personalised model),
                     "global" (the global model) or "" (round row)
-  split     string  "train" | "test" (the client's own test split) | "global_test" | "round"
-  loss      double  mean cross-entropy (train rows: the client's training loss)
+  split     string  "train" | "test" (the client's own test split) | "global_test" | "round" |
+                    "group_test" (runs with tasks: per client group and model, the mean over its clients'
+                    test rows; client -1, samples: their test rows, note: "task <the group's task>")
+  loss      double  mean cross-entropy (train rows: the client's training loss); a client's rows are in its
+                    group's task space (fmlray.tasks), global_test rows in the dataset's classes
   accuracy  double
   samples   int64   rows the figure is over (round row: clients sampled)
   seconds   double  client update time (train rows), round wall time (round row)
@@ -70,6 +73,18 @@ def eval_rows(rnd: int, clients: list[dict], global_test: tuple[float, float] | 
     return out
 
 
+def group_rows(rnd: int, rows: list[dict], tasks: dict[str, str]) -> list[dict]:
+    """Per client group (`tasks`: group -> its task, described) and model: the mean loss and accuracy of its
+    clients' test rows among `rows`, each in the group's task space."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            by.setdefault((r["group"], r["model"]), []).append(r)
+    return [row(rnd, -1, group, model, "group_test", loss=float(np.mean([r["loss"] for r in rs])),
+                accuracy=float(np.mean([r["accuracy"] for r in rs])), samples=sum(r["samples"] for r in rs),
+                note=f"task {tasks[group]}") for (group, model), rs in by.items()]
+
+
 def recovery_rows(rnd: int, failures: list[dict], groups: list[str]) -> list[dict]:
     """One row per client whose actor was lost this round and whose update was re-run elsewhere."""
     return [row(rnd, cid, groups[cid], split="recovered", note=f["note"]) for f in failures for cid in f["clients"]]
@@ -94,13 +109,21 @@ def round_summary(rows: list[dict]) -> dict:
 
     test = acc("global", "global_test")
     timing = [r for r in rows if r["split"] == "round"]
-    return {
+    out = {
         "round": rows[0]["round"],
         "local": stats(acc("local", "test")),
         "global_clients": stats(acc("global", "test")),
         "global_test": test[0] if test else None,
         "seconds": timing[0]["seconds"] if timing else None,
     }
+    groups = {r["group"]: r["note"].removeprefix("task ") for r in rows if r["split"] == "group_test"}
+    if groups:  # a run with tasks: the same figures per group, each in its task's space
+        def of(group: str, model: str) -> dict | None:
+            return stats([r["accuracy"] for r in rows if r["split"] == "test" and r["group"] == group
+                          and r["model"] == model])
+        out["groups"] = {g: {"task": t, "local": of(g, "local"), "global_clients": of(g, "global")}
+                         for g, t in groups.items()}
+    return out
 
 
 def summaries(table: pa.Table) -> list[dict]:
@@ -143,6 +166,15 @@ def format_summary(s: dict, title: str) -> str:
             lines.append(f"{label:<34}" + "".join(f"{_fmt(st[k]):>8}" for k in ("mean", "std", "min", "p10")))
     if s["global_test"] is not None:
         lines.append(f"{'global model, global test set':<34}{_fmt(s['global_test']):>8}")
+    if s.get("groups"):
+        lines.append("by group, own test splits in the group's task space (mean / p10 across its clients):")
+        wg = max(len("group"), *map(len, s["groups"])) + 2
+        wt = max(len(g["task"]) for g in s["groups"].values()) + 2
+        lines.append(f"  {'group':<{wg}}{'task':<{wt}}{'local':>8}{'p10':>8}{'global':>8}{'p10':>8}")
+        for group, g in s["groups"].items():
+            loc, glo = g["local"] or {}, g["global_clients"] or {}
+            lines.append(f"  {group:<{wg}}{g['task']:<{wt}}{_fmt(loc.get('mean')):>8}{_fmt(loc.get('p10')):>8}"
+                         f"{_fmt(glo.get('mean')):>8}{_fmt(glo.get('p10')):>8}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine import Engine
-from fmlray.errors import ConfigError, FmlrayError, TrainingError
+from fmlray.errors import ConfigError, DataError, FmlrayError, TrainingError
 from fmlray.progress import Console
 from fmlray.seeding import EVAL_SAMPLE, SAMPLING, derive_seed
 
@@ -78,8 +78,11 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true.
     A `console` shows the progress of long rounds."""
     from fmlray.engine.host import initial_global_state
+    from fmlray.tasks import of_group
 
     groups = [cfg.clients.groups[g].name for g in cfg.clients.group_of_clients()]
+    tasks = {g.name: of_group(cfg, g) for g in cfg.clients.groups}  # per-group rows only in runs with tasks
+    by_task = {} if all(t.identity for t in tasks.values()) else {name: t.describe() for name, t in tasks.items()}
     state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
         state, first = resume.global_state, resume.round + 1
@@ -102,7 +105,8 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
             tested = eval_clients(cfg, rnd, ids)
             ev = engine.evaluate(state, tested, progress=console and console.phase(
                 f"  evaluating {tag}", cfg.clients.num_clients if tested is None else len(tested)))
-            new += metrics.eval_rows(rnd, ev.clients, ev.global_test, len(dataset.y_test), groups)
+            evaluated = metrics.eval_rows(rnd, ev.clients, ev.global_test, len(dataset.y_test), groups)
+            new += evaluated + (metrics.group_rows(rnd, evaluated, by_task) if by_task else [])
         new.append(metrics.row(rnd, samples=len(ids), seconds=time.perf_counter() - started))
         if record is None:
             kept += new
@@ -135,6 +139,7 @@ def prepare(cfg: Config) -> Prepared:
 
     dataset = load_dataset(cfg.data, num_clients=cfg.clients.num_clients, seed=cfg.run.seed)
     partition = partition_dataset(dataset, cfg.data, num_clients=cfg.clients.num_clients, seed=cfg.run.seed)
+    partition = keep_task_classes(cfg, dataset, partition)
     for name in {cfg.model.meme, *(g.local_model for g in cfg.clients.groups)}:
         build_model(name, dataset.input_shape, dataset.num_classes)  # raises a ConfigError on a misfit
     algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
@@ -147,8 +152,37 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(dataset, partition)
 
 
+def keep_task_classes(cfg: Config, dataset: Dataset, partition: Partition) -> Partition:
+    """The partition without the rows of classes outside each client's task (fmlray.tasks: they are dropped);
+    a client left with fewer than data.min_samples training rows, or no test rows, is an error."""
+    from fmlray.tasks import of_group
+
+    tasks = [of_group(cfg, g) for g in cfg.clients.groups]
+    if not any(t.dropped for t in tasks):
+        return partition
+    train, test = list(partition.train), list(partition.test)
+    for cid, gi in enumerate(cfg.clients.group_of_clients()):
+        task = tasks[gi]
+        if not task.dropped:
+            continue
+        dropped = np.asarray(task.dropped)
+        train[cid] = train[cid][~np.isin(dataset.y_train[train[cid]], dropped)]
+        kept = test[cid][~np.isin(dataset.y_test[test[cid]], dropped)]
+        where = f"client {cid} (group {cfg.clients.groups[gi].name}, task {task.describe()})"
+        if len(train[cid]) < cfg.data.min_samples:
+            raise DataError(f"{where} keeps {len(train[cid])} training rows of its task's classes, fewer than "
+                            f"data.min_samples = {cfg.data.min_samples}; lower data.min_samples, map fewer classes "
+                            "to -1, or use another partition")
+        if len(kept) == 0 and len(test[cid]):
+            raise DataError(f"{where} keeps no test rows of its task's classes; map fewer classes to -1, raise "
+                            "data.max_test_samples, or use another partition")
+        test[cid] = kept
+    return Partition(tuple(train), tuple(test))
+
+
 def title(cfg: Config) -> str:
-    groups = ", ".join(f"{g.name}:{g.local_model}" for g in cfg.clients.groups)
+    groups = ", ".join(f"{g.name}:{g.local_model}" + ("" if g.task == "identity" else f"/{_task_text(g.task)}")
+                       for g in cfg.clients.groups)
     return (f"{cfg.run.name}: {cfg.algorithm.name} on {cfg.data.dataset} ({cfg.data.partition}), "
             f"{cfg.clients.num_clients} clients [{groups}], meme {cfg.model.meme}, seed {cfg.run.seed}, "
             f"{cfg.engine.kind} engine")
@@ -243,6 +277,10 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
     rundir.finish(folder.path, summary, title(cfg))
     into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
     return folder.path, summary[-1]
+
+
+def _task_text(task) -> str:
+    return task if isinstance(task, str) else "[" + ",".join(map(str, task)) + "]"
 
 
 class StopOnSignal:

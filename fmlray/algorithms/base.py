@@ -107,10 +107,23 @@ class Algorithm:
         return next(m for m in self.models if m.name == name)
 
     def logits(self, models: dict[str, nn.Module], scalars: dict[str, Tensor], x: Tensor,
-               names: tuple[str, ...]) -> dict[str, Tensor]:
-        if self.forward is not None:
-            return self.forward(models, scalars, x, names)
-        return {name: models[name](x) for name in names}
+               names: tuple[str, ...], task: Tensor | None = None) -> dict[str, Tensor]:
+        """Each named model's logits on `x`; with a `task` (see `task_logits`), those of the models of the global
+        architecture are carried into the task's space (the others were built with the task's outputs)."""
+        out = self.forward(models, scalars, x, names) if self.forward is not None else \
+            {name: models[name](x) for name in names}
+        if task is not None:
+            out = {n: task_logits(z, task) if self.model(n).arch == "global" else z for n, z in out.items()}
+        return out
+
+
+def task_logits(z: Tensor, members: Tensor) -> Tensor:
+    """Log-probabilities over a task's labels from logits `z` over the global classes: log Σ_{c→k} softmax(z)_c,
+    renormalised over the task's classes. `members` (labels × classes, bool) says which classes map to each
+    label; a class in no row is outside the task. They are the task-space logits every loss takes: CE on them
+    is the marginal's CE, and softmax(them / T) is the marginal, sharpened or softened by T (exact at T = 1)."""
+    grouped = z.unsqueeze(1).masked_fill(~members, float("-inf"))  # (N, labels, classes)
+    return torch.log_softmax(torch.logsumexp(grouped, dim=2), dim=1)
 
 
 def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -144,11 +157,13 @@ def train_client(
     rnd: int = 1,
     anchor: list[Tensor] | None = None,
     scalars: dict[str, Tensor] | None = None,
+    task: Tensor | None = None,
 ) -> dict[str, float]:
     """Run `epochs` of `algo` on (x, y); return each trained model's mean train loss and accuracy.
 
     `anchor`: the parameters of the global model received this round (for `algo.penalties`);
-    `scalars`: the client's private numbers, as 0-d tensors that require grad (for `algo.scalars`)."""
+    `scalars`: the client's private numbers, as 0-d tensors that require grad (for `algo.scalars`);
+    `task`: the client's task (`task_logits`' members; `y` holds its labels), None for the dataset's classes."""
     names, scalars = algo.trains, scalars or {}
     for name in names:
         models[name].train()
@@ -159,7 +174,7 @@ def train_client(
         frozen = _frozen_params(algo, models, epoch, epochs)
         for idx in batches(len(y), batch_size, generator):
             xb, yb = x[idx], y[idx]
-            logits = algo.logits(models, scalars, xb, names)
+            logits = algo.logits(models, scalars, xb, names, task)
             losses = algo.loss(logits, yb, rnd)
             for name, penalty in algo.penalties.items():
                 losses[name] = losses[name] + penalty(models[name], anchor)

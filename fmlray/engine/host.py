@@ -25,6 +25,8 @@ from fmlray.engine.state import (STORES, DiskStore, Layout, MemoryStore, Part, R
                                  write_rows)
 from fmlray.models import build_model
 from fmlray.seeding import BATCH_ORDER, GLOBAL_INIT, LOCAL_INIT, derive_seed
+from fmlray.engine.tasks import ClientTask, arch_name, build_arch
+from fmlray.tasks import of_group
 
 
 def state_of(model: nn.Module) -> State:
@@ -108,9 +110,11 @@ def private_layout(cfg: Config, algo: Algorithm, models: dict[str, nn.Module], a
     return Layout(name, [p for _, p in parts], t.optimizer, t.momentum, tuple(algo.scalars))
 
 
-def client_archs(cfg: Config, algo: Algorithm, local_model: str) -> tuple[str, ...]:
-    """The architecture of each of `algo`'s models on a client whose group's local model is `local_model`."""
-    return tuple(local_model if m.arch == "client" else cfg.model.meme for m in algo.models)
+def client_archs(cfg: Config, algo: Algorithm, local_model: str, outputs: int | None = None) -> tuple[str, ...]:
+    """The architecture of each of `algo`'s models on a client whose group's local model is `local_model`, with
+    `outputs` labels when its task has other than the dataset's classes (see `arch_name`)."""
+    local = local_model if outputs is None or outputs == cfg.data.num_classes else arch_name(local_model, outputs)
+    return tuple(local if m.arch == "client" else cfg.model.meme for m in algo.models)
 
 
 @dataclass
@@ -120,6 +124,7 @@ class Client:
     local_model: str
     train_rows: torch.Tensor  # indices into the host's (shared, read-only) dataset arrays
     test_rows: torch.Tensor
+    task: ClientTask | None = None  # its group's task; None: the dataset's classes
 
 
 def shared_tensor(a: np.ndarray) -> torch.Tensor:
@@ -171,10 +176,11 @@ class ClientHost:
     def add_clients(self, client_ids: list[int], folder: Path | None = None, refs: dict | None = None) -> None:
         """Host these clients (e.g. adopted from a lost actor), with their rows from a checkpoint if given."""
         groups, group_of = self.cfg.clients.groups, self.cfg.clients.group_of_clients()
+        tasks = [ClientTask.of(of_group(self.cfg, g), self.device) for g in groups]
         for cid in sorted(client_ids):
             g = groups[group_of[cid]]
             self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(self.partition.train[cid]),
-                                       torch.from_numpy(self.partition.test[cid]))
+                                       torch.from_numpy(self.partition.test[cid]), tasks[group_of[cid]])
         if refs:
             self.restore_rows(folder, refs)
 
@@ -182,13 +188,12 @@ class ClientHost:
 
     def _archs(self, c: Client) -> tuple[str, ...]:
         """The architecture of each of the algorithm's models for client `c`: its workspace's key."""
-        return client_archs(self.cfg, self.algo, c.local_model)
+        return client_archs(self.cfg, self.algo, c.local_model, c.task and c.task.task.num_labels)
 
     def _workspace(self, key: tuple[str, ...]) -> Workspace:
         ws = self.workspaces.get(key)
         if ws is None:
-            shape, classes = self.dataset.input_shape, self.dataset.num_classes
-            models = {m.name: build_model(arch, shape, classes).to(self.device) for m, arch in zip(self.algo.models, key)}
+            models = {m.name: build_arch(arch, self.dataset).to(self.device) for m, arch in zip(self.algo.models, key)}
             layout = private_layout(self.cfg, self.algo, models, key)
             ws = self.workspaces[key] = Workspace(layout, models, {n: self._optimizer(m) for n, m in models.items()},
                                                   self.device)
@@ -307,9 +312,10 @@ class ClientHost:
         self.workspaces.clear()
 
     def _rows(self, c: Client, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if test:
-            return self.x_test[c.test_rows].to(self.device), self.y_test[c.test_rows].to(self.device)
-        return self.x[c.train_rows].to(self.device), self.y[c.train_rows].to(self.device)
+        """A client's rows, labelled in its task's space."""
+        x, y, rows = (self.x_test, self.y_test, c.test_rows) if test else (self.x, self.y, c.train_rows)
+        x, y = x[rows].to(self.device), y[rows].to(self.device)
+        return x, (y if c.task is None else c.task.label_of[y])
 
     def _global_tensors(self, state: State) -> Received:
         """The global `state` as tensors in the shared model's key order, on this host's device; checked and
@@ -383,7 +389,7 @@ class ClientHost:
         x, y = self._rows(c)
         metrics = train_client(self.algo, ws.models, ws.opts, x, y, epochs=t.epochs, batch_size=t.batch_size,
                                generator=gen, rnd=rnd, anchor=None if glob is None else glob.anchor,
-                               scalars=ws.scalars)
+                               scalars=ws.scalars, task=c.task and c.task.members)
         for part in ws.layout.parts:
             ws.opts[part.name].zero_grad(set_to_none=True)  # the next client's first step drops them anyway
         self._keep(c)
@@ -406,11 +412,16 @@ class ClientHost:
                     self._receive(c, glob)
                 for m in ws.models.values():
                     m.eval()
+                task = c.task and c.task.members  # every model is tested in the client's task space
+
+                def predict(xb, name):
+                    return self.algo.logits(ws.models, ws.scalars, xb, (name,), task)[name]
+
                 for name in self.algo.evaluates:
-                    predict = lambda xb, name=name: self.algo.logits(ws.models, ws.scalars, xb, (name,))[name]  # noqa: E731
-                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(predict, x, y)
+                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(lambda xb: predict(xb, name), x, y)
                 if glob is not None and self._spec.complete:
-                    row["global_loss"], row["global_accuracy"] = evaluate(ws.models[self.algo.shares], x, y)
+                    row["global_loss"], row["global_accuracy"] = evaluate(
+                        lambda xb: predict(xb, self.algo.shares), x, y)
             row["state_seconds"], row["init_seconds"] = self.state_seconds, self.init_seconds
             rows.append(row)
             if tick is not None:

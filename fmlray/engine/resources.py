@@ -190,9 +190,19 @@ def size(nbytes: float) -> str:
 @dataclass(frozen=True)
 class StorePlan:
     kind: str  # "memory" | "disk"
-    row_bytes: dict[str, int]  # a client's private state, by local architecture
+    row_bytes: dict[str, int]  # a client's private state, by local architecture (`local_arch`)
     estimate: int  # private state if every client trained (the most a store can hold)
     line: str  # said once at start
+
+
+def local_arch(cfg: Config, group) -> str:
+    """A group's local architecture as workspaces name it: with its task's outputs when they are not the
+    dataset's classes (e.g. "lenet5-4way")."""
+    from fmlray.engine.tasks import arch_name
+    from fmlray.tasks import of_group
+
+    outputs = of_group(cfg, group).num_labels
+    return group.local_model if outputs == cfg.data.num_classes else arch_name(group.local_model, outputs)
 
 
 def row_bytes(cfg: Config, dataset) -> dict[str, int]:
@@ -200,16 +210,16 @@ def row_bytes(cfg: Config, dataset) -> dict[str, int]:
     per local architecture; {} when the algorithm keeps nothing on the clients."""
     from fmlray.algorithms import build_algorithm
     from fmlray.engine.host import client_archs, private_layout
-    from fmlray.models import build_model
+    from fmlray.engine.tasks import build_arch
 
     algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
     out = {}
     for g in cfg.clients.groups:
-        archs = client_archs(cfg, algo, g.local_model)
-        models = {m.name: build_model(a, dataset.input_shape, dataset.num_classes) for m, a in zip(algo.models, archs)}
+        archs = client_archs(cfg, algo, local_arch(cfg, g))
+        models = {m.name: build_arch(a, dataset) for m, a in zip(algo.models, archs)}
         layout = private_layout(cfg, algo, models, archs)
         if layout.slots:
-            out[g.local_model] = layout.nbytes
+            out[local_arch(cfg, g)] = layout.nbytes
     return out
 
 
@@ -218,12 +228,12 @@ def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> Stor
     over `nodes`, fits in a quarter of a node's memory."""
     rows = row_bytes(cfg, dataset)
     sizes = cfg.clients.group_sizes()
-    estimate = sum(n * rows[g.local_model] for g, n in zip(cfg.clients.groups, sizes) if g.local_model in rows)
+    local = [local_arch(cfg, g) for g in cfg.clients.groups]
+    estimate = sum(n * rows[a] for a, n in zip(local, sizes) if a in rows)
     kind = cfg.engine.state_store
     if kind == "auto":
         kind = "memory" if estimate / max(nodes, 1) <= STORE_SHARE * node_memory else "disk"
-    per = ", ".join(f"{n:,} × {rows[g.local_model] / 2**20:.2f} MiB ({g.local_model})"
-                    for g, n in zip(cfg.clients.groups, sizes) if n and g.local_model in rows)
+    per = ", ".join(f"{n:,} × {rows[a] / 2**20:.2f} MiB ({a})" for a, n in zip(local, sizes) if n and a in rows)
     where = "in memory" if kind == "memory" else \
         f"on disk, memory-mapped under {cfg.engine.state_dir or 'a scratch folder of each node'}"
     line = (f"private state: up to {size(estimate)} ({per or 'none'}), kept {where}"
