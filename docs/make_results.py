@@ -33,8 +33,7 @@ EXPERIMENTS = [  # (sweep name, title)
     ("fmnist-alpha-beta", "4. The balance α / β (Fashion-MNIST)"),
     ("digits", "5. The heterogeneity grid on digits"),
     ("digits-baselines", "6. Personalised-FL baselines beside FML (digits: Dirichlet(0.5) and shards)"),
-    ("fmnist-baselines", "7. Personalised-FL baselines beside FML (Fashion-MNIST: Dirichlet(0.5) and shards)"),
-    ("fmnist-tasks", "8. Task heterogeneity: fine, coarse and binary clients (Fashion-MNIST)"),
+    ("fmnist-tasks", "7. Task heterogeneity: fine, coarse and binary clients (Fashion-MNIST)"),
 ]
 FIGURES = ("local", "local_p10", "global_clients", "global_test")
 # Sweeps whose client groups differ between variants get a per-group table; the named variant's

@@ -1,4 +1,4 @@
-"""Experiment 8's breakdown of the final global models on the global test set: fine (10-class) accuracy,
+"""Experiment 7's breakdown of the final global models on the global test set: fine (10-class) accuracy,
 coarse4 accuracy (a prediction in the right coarse class), fine accuracy among coarse-right predictions,
 and fine accuracy on tops and on footwear; mean over seeds. Reads the sweep's run folders (checkpoints).
 
