@@ -1,0 +1,341 @@
+"""A group's clients trained as one batched model: their models stacked, one vmapped step for all of them.
+
+For the small models federated simulations mostly use, one client's SGD step is tiny and much of it is
+per-step overhead (on a CPU thread) or a sliver of a GPU. So a host trains the clients of a round that
+share a workspace (the same architectures) together: each parameter and its momentum is stacked over the
+K clients (a leading dimension), the forward pass is `torch.func.vmap` over `functional_call` of the
+algorithm's own models, one backward gives every client's gradients, and SGD (momentum, weight decay, as
+torch.optim.SGD computes it) is a few fused ops on the stacked tensors.
+
+- Each client keeps its own batch order, drawn from (seed, round, client) exactly as the sequential loop
+  draws it, and its own number of steps. Clients are sorted by their number of steps, longest first, so
+  the clients still training at a step are a prefix of the stack: the step computes on that prefix and
+  updates its parameters *and* momentum, and the clients that have finished are masked out of both
+  (a slice, so neither their compute nor a `where` is paid).
+- Within a step, a client whose batch is shorter (the last of an epoch) is padded to the longest and its
+  padded samples weigh 0 in its loss: the loss is taken per sample (the algorithm's loss on batches of one,
+  vmapped) and averaged over the real samples. That is exact for a loss that is the batch mean of
+  per-sample terms, as every algorithm's is; a host checks it once per workspace and falls back otherwise.
+- What is not batched falls back to the sequential loop (`fmlray.algorithms.base.train_client`), saying
+  why once per host: Adam, algorithms with their own forward or private scalars (APFL) or frozen layers
+  (FedRep), and models with buffers (BatchNorm's running statistics).
+
+The result equals the sequential loop's up to float rounding (batched matrix products sum in another
+order); tests/unit/test_batched.py holds every algorithm that batches to it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from fmlray.algorithms.base import Algorithm, batches
+from fmlray.engine.device import autocast
+from fmlray.engine.state import _copy
+from fmlray.seeding import BATCH_ORDER, derive_seed
+
+if TYPE_CHECKING:
+    from fmlray.engine.host import Client, ClientHost, Received
+
+# `training.batching = "auto"`: the architectures (every model of the workspace among them) batched on each
+# device type, from benchmarks/results/vmap-*.md. On the CPU a vmapped Linear is one batched matmul, a
+# win; a vmapped convolution becomes a grouped one, which is slower than the loop. No GPU measured yet.
+AUTO_BATCHED = {"cpu": frozenset({"mlp"})}
+
+
+class Outcome(NamedTuple):
+    """What training one client gave: its metrics and shared tensors, or why it was left out."""
+
+    metrics: dict | None
+    sent: list[Tensor] | None  # the shared model's shared tensors (in the received state's key order)
+    error: str | None
+    share: float  # of its unit's time (batched clients split it by their steps)
+
+
+class _Models(nn.Module):
+    """An algorithm's models as one module, for functional_call: its forward gives their logits and penalties."""
+
+    def __init__(self, algo: Algorithm, models: dict[str, nn.Module]):
+        super().__init__()
+        self.algo = algo
+        self.models = nn.ModuleDict({n: models[n] for n in algo.trains})
+
+    def forward(self, x: Tensor, anchor: list[Tensor] | None):
+        logits = {n: self.models[n](x) for n in self.algo.trains}
+        penalties = {n: p(self.models[n], anchor) for n, p in self.algo.penalties.items()}
+        return logits, penalties
+
+
+@dataclass
+class _Plan:
+    """How a workspace's parameters stack: names for functional_call, shapes, and where each comes from."""
+
+    wrapper: _Models
+    names: list[str]  # "models.<model>.<parameter>", every parameter of every trained model
+    shapes: list[tuple[int, ...]]
+    from_global: list[int]  # per received key (in its order): the parameter it fills
+    from_row: list[int]  # per model slot of the row layout: the parameter it fills
+    momentum_row: list[int]  # per optimiser slot of the row layout: the parameter whose momentum it is
+
+
+def plan_of(algo: Algorithm, ws, shared: list[str] | None) -> _Plan:
+    """The stacking plan of workspace `ws` (`shared`: the shared model's received keys, None if none)."""
+    wrapper = _Models(algo, ws.models)
+    flat = {(n, k): i for i, (n, k) in enumerate((n, k) for n in algo.trains
+                                                   for k, _ in ws.models[n].named_parameters())}
+    shapes = [tuple(p.shape) for n in algo.trains for p in ws.models[n].parameters()]
+    from_row = [flat[(part.name, k)] for part in ws.layout.parts for k in part.keys]
+    momentum_row = [flat[(part.name, k)] for part in ws.layout.parts if part.optimizer
+                    for k, _ in part.model.named_parameters()]
+    from_global = [flat[(algo.shares, k)] for k in shared or []]
+    if sorted(from_row + from_global) != list(range(len(flat))):
+        raise AssertionError("the batched path cannot place every parameter")  # a layout change missed here
+    return _Plan(wrapper, [f"models.{n}.{k}" for n, k in flat], shapes, from_global, from_row, momentum_row)
+
+
+def loss_is_sample_mean(algo: Algorithm, classes: int) -> bool:
+    """Whether `algo`'s loss on a batch is the mean of its losses on each sample alone (the padding needs it)."""
+    gen = torch.Generator().manual_seed(0)
+    z = {n: torch.randn(3, classes, generator=gen) for n in algo.trains}
+    y = torch.randint(classes, (3,), generator=gen)
+    try:
+        whole = algo.loss(z, y, 1)
+        each = [algo.loss({n: v[i:i + 1] for n, v in z.items()}, y[i:i + 1], 1) for i in range(3)]
+    except Exception:  # noqa: BLE001 - a loss that cannot take this probe is not batched, not a failed run
+        return False
+    return all(torch.allclose(whole[n], sum(e[n] for e in each) / 3, rtol=1e-5, atol=1e-6) for n in whole)
+
+
+class Batcher:
+    """A host's batched path: which of a round's clients train together, and their training."""
+
+    def __init__(self, host: ClientHost):
+        self.host = host
+        self.why: dict[tuple[str, ...], str | None] = {}  # by workspace: why it cannot batch (None: it can)
+        self.plans: dict[tuple[str, ...], _Plan] = {}
+        self.noted: set[str] = set()
+
+    def units(self, cids: list[int], received: bool) -> list[tuple[list[int], bool]]:
+        """`cids` (sorted) as units of work in order: (clients, batched?). A batched unit is a run of
+        consecutive clients of one workspace, at most `training.max_batched_clients` long."""
+        host, out, run = self.host, [], []
+        for cid in cids:
+            if run and host._archs(host.clients[cid]) != host._archs(host.clients[run[-1]]):
+                out += self._split(run, received)
+                run = []
+            run.append(cid)
+        return out + (self._split(run, received) if run else [])
+
+    def _split(self, run: list[int], received: bool) -> list[tuple[list[int], bool]]:
+        if not self._batches(self.host._archs(self.host.clients[run[0]]), len(run), received):
+            return [([cid], False) for cid in run]
+        cap = self.host.cfg.training.max_batched_clients
+        chunks = [run[i:i + cap] for i in range(0, len(run), cap)]
+        return [(chunk, len(chunk) > 1) for chunk in chunks]
+
+    def _batches(self, key: tuple[str, ...], n: int, received: bool) -> bool:
+        mode, device = self.host.cfg.training.batching, self.host.device
+        if mode == "sequential" or n < 2:
+            return False
+        if mode == "auto" and not set(key) <= AUTO_BATCHED.get(device.type, frozenset()):
+            return False
+        why = self._why(key) or (None if received or self.host.algo.shares is None else "no global state received")
+        if why is not None:
+            if why not in self.noted:
+                self.noted.add(why)
+                warnings.warn(f"training.batching = {mode!r}: clients with models {'+'.join(key)} train one after "
+                              f"another: {why}", stacklevel=2)
+            return False
+        return True
+
+    def _why(self, key: tuple[str, ...]) -> str | None:
+        if key not in self.why:
+            self.why[key] = self._reason(key)
+        return self.why[key]
+
+    def _reason(self, key: tuple[str, ...]) -> str | None:
+        algo, t = self.host.algo, self.host.cfg.training
+        if t.optimizer != "sgd":
+            return f"the batched step is SGD's (training.optimizer = {t.optimizer!r})"
+        if algo.forward is not None or algo.scalars:
+            return f"{algo.name} computes its logits with its own forward or private scalars"
+        if algo.frozen is not None:
+            return f"{algo.name} freezes layers epoch by epoch"
+        ws = self.host._workspace(key)
+        if any(True for m in ws.models.values() for _ in m.buffers()):
+            return "a model keeps buffers (BatchNorm's running statistics), which vmap does not update"
+        if not loss_is_sample_mean(algo, self.host.dataset.num_classes):
+            return f"{algo.name}'s loss is not the batch mean of per-sample terms, so shorter batches cannot be padded"
+        return None
+
+    def _plan(self, key: tuple[str, ...], glob: Received | None) -> _Plan:
+        if key not in self.plans:
+            self.plans[key] = plan_of(self.host.algo, self.host._workspace(key), None if glob is None else glob.keys)
+        return self.plans[key]
+
+    def _order(self, c: Client, rnd: int) -> list[Tensor]:
+        """The client's batches this round, as indices into its host's training rows: the same draws, from the
+        same seed, as the sequential loop's."""
+        host, t = self.host, self.host.cfg.training
+        gen = torch.Generator().manual_seed(derive_seed(host.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
+        index = host.train_rows.index(c.cid)
+        n = len(c.train_rows)
+        return [index[idx] for _ in range(t.epochs) for idx in batches(n, t.batch_size, gen)]
+
+    def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
+        """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
+        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        key = host._archs(clients[0])
+        ws, plan = host._workspace(key), self._plan(key, glob)
+        steps = [self._order(c, rnd) for c in clients]
+        rank = sorted(range(len(clients)), key=lambda k: -len(steps[k]))  # longest first: the active are a prefix
+        ranked = [clients[k] for k in rank]
+        params, moms = self._load(key, ranked, ws, plan, glob)
+        stats = self._steps(plan, params, moms, [steps[k] for k in rank], rnd,
+                            None if glob is None else glob.anchor)
+        bad = self._store(key, ranked, ws, plan, params, moms, stats)
+        total = sum(len(s) for s in steps)
+        out: list[Outcome | None] = [None] * len(clients)
+        for i, k in enumerate(rank):
+            share = len(steps[k]) / total
+            if bad[i] is not None:
+                out[k] = Outcome(None, None, bad[i], share)
+                continue
+            seen = stats["seen"][i]
+            metrics = {}
+            for n in algo.trains:
+                metrics[f"{n}_loss"] = stats["loss"][n][i] / seen
+                metrics[f"{n}_accuracy"] = stats["correct"][n][i] / seen
+            sent = None if glob is None else [params[j][i] for j in plan.from_global]
+            out[k] = Outcome(metrics, sent, None, share)
+        return out
+
+    def _load(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, glob: Received | None):
+        """The clients' parameters and momentum, stacked in `ranked` order: private ones from their rows (or
+        their initial models), received ones from the global state; the shared model's momentum starts at 0."""
+        host, t, dev = self.host, self.host.cfg.training, self.host.device
+        started = time.perf_counter()
+        k = len(ranked)
+        params = [torch.empty((k, *s), device=dev) for s in plan.shapes]
+        moms = [torch.zeros((k, *s), device=dev) for s in plan.shapes] if t.momentum > 0 else None
+        store, lay = host.stores.get(key), ws.layout
+        if store is not None:
+            for i, c in enumerate(ranked):
+                row = store.get(c.cid)
+                if row is None:  # never trained: its initial models, drawn as the sequential path draws them
+                    ws.load(None, host._seeds(c), c.cid, host.algo.scalars)
+                    _copy([params[j][i] for j in plan.from_row], ws.tensors)
+                elif plan.from_row:
+                    _copy([params[j][i] for j in plan.from_row], [lay.view(row, s) for s in lay.model_slots])
+                    if moms is not None and plan.momentum_row:
+                        _copy([moms[j][i] for j in plan.momentum_row], [lay.view(row, s) for s in lay.opt_slots])
+                store.done(c.cid)
+            ws.client = None  # the workspace holds no one client's state now
+        if glob is not None:
+            for j, g in zip(plan.from_global, glob.tensors):
+                params[j].copy_(g.expand_as(params[j]))
+        host.state_seconds += time.perf_counter() - started
+        return params, moms
+
+    def _steps(self, plan: _Plan, params: list[Tensor], moms: list[Tensor] | None, steps: list[list[Tensor]],
+               rnd: int, anchor: list[Tensor] | None) -> dict:
+        """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
+        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        dev, k_all = host.device, len(steps)
+        x_all, y_all = host.train_rows.source()
+        sizes = [[len(b) for b in s] for s in steps]
+        widest = max(max(s) for s in sizes)
+        table = torch.zeros((len(steps[0]), k_all, widest), dtype=torch.long)
+        for i, s in enumerate(steps):
+            for j, b in enumerate(s):
+                table[j, i, :len(b)] = b
+        table = table.to(x_all.device)
+        count = torch.zeros((len(steps[0]), k_all), dtype=torch.float32)
+        for i, s in enumerate(sizes):
+            count[:len(s), i] = torch.tensor(s, dtype=torch.float32)
+        count = count.to(dev)
+        names = algo.trains
+        loss_sum = torch.zeros((len(names), k_all), dtype=torch.float64, device=dev)
+        correct = torch.zeros((len(names), k_all), dtype=torch.long, device=dev)
+        bad = torch.zeros(k_all, dtype=torch.bool, device=dev)
+        bad_losses = torch.zeros((len(names), k_all), device=dev)
+
+        def client(p: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor | None):
+            logits, penalties = functional_call(plan.wrapper, p, (x, anchor))
+            if w is None:
+                losses = algo.loss(logits, y, rnd)
+            else:  # per sample, weighted by 1/(real samples) or 0 (padding)
+                each = vmap(lambda z, yy: algo.loss({n: v[None] for n, v in z.items()}, yy[None], rnd))(logits, y)
+                losses = {n: (v * w).sum() for n, v in each.items()}
+            losses = {n: losses[n] + penalties[n] if n in penalties else losses[n] for n in names}
+            hits = {n: logits[n].argmax(1) == y for n in names}
+            if w is not None:
+                hits = {n: h & (w > 0) for n, h in hits.items()}
+            return torch.stack([losses[n] for n in names]), torch.stack([h.sum() for h in hits.values()])
+
+        batched = {False: vmap(client, in_dims=(0, 0, 0, 0)), True: vmap(client, in_dims=(0, 0, 0, None))}
+        mixed = autocast(dev, t.precision)
+        lr, momentum, decay = t.lr, t.momentum, t.weight_decay
+        for j in range(len(steps[0])):
+            k = sum(1 for s in sizes if len(s) > j)  # the clients still training: a prefix
+            width = max(s[j] for s in sizes[:k])
+            uniform = all(s[j] == width for s in sizes[:k])
+            idx = table[j, :k, :width]
+            x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+            n = count[j, :k]
+            w = None if uniform else (torch.arange(width, device=dev) < n[:, None]) / n[:, None]
+            views = [p[:k] for p in params]
+            leaves = [v.detach().requires_grad_() for v in views]
+            with mixed:
+                losses, hits = batched[uniform](dict(zip(plan.names, leaves)), x, y, w)
+            grads = torch.autograd.grad(losses.float().sum(), leaves)
+            with torch.no_grad():
+                # torch.optim.SGD's update (dampening 0, no Nesterov), on the prefix only
+                if decay:
+                    grads = torch._foreach_add(grads, views, alpha=decay)
+                if moms is not None:
+                    bufs = [m[:k] for m in moms]
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, grads)
+                    grads = bufs
+                torch._foreach_add_(views, grads, alpha=-lr)
+                losses = losses.detach().float().T  # (model, client)
+                fresh = ~torch.isfinite(losses.sum(0)) & ~bad[:k]
+                bad_losses[:, :k] = torch.where(fresh, losses, bad_losses[:, :k])
+                bad[:k] |= fresh
+                loss_sum[:, :k] += losses * n
+                correct[:, :k] += hits.T
+        return {"loss": dict(zip(names, loss_sum.tolist())), "correct": dict(zip(names, correct.tolist())),
+                "seen": [float(sum(s)) for s in sizes], "bad": bad.tolist(), "bad_losses": bad_losses.T.tolist()}
+
+    def _store(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, params, moms,
+               stats) -> list[str | None]:
+        """Write each client's private state back to its row, except where its loss went non-finite (its
+        row stays as it was, as in the sequential path); per client, why it is left out (None: it is not)."""
+        host = self.host
+        started = time.perf_counter()
+        store, lay = host.stores.get(key), ws.layout
+        out = []
+        for i, c in enumerate(ranked):
+            if stats["bad"][i]:
+                bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(host.algo.trains, stats["bad_losses"][i]))
+                out.append(f"loss is not finite ({bad}); lower training.lr or check the data")
+                continue
+            out.append(None)
+            if store is None:
+                continue
+            row = store.put(c.cid)
+            if plan.from_row:
+                _copy([lay.view(row, s) for s in lay.model_slots], [params[j][i] for j in plan.from_row])
+            for s, j in zip(lay.opt_slots, plan.momentum_row):
+                lay.view(row, s).copy_(moms[j][i])
+            store.done(c.cid)
+            host.dirty.add(c.cid)
+        host.state_seconds += time.perf_counter() - started
+        return out
