@@ -29,8 +29,10 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -43,10 +45,21 @@ from fmlray.seeding import BATCH_ORDER, derive_seed
 if TYPE_CHECKING:
     from fmlray.engine.host import Client, ClientHost, Received
 
-# `training.batching = "auto"`: the architectures (every model of the workspace among them) batched on each
-# device type, from benchmarks/results/vmap-*.md. On the CPU a vmapped Linear is one batched matmul, a
-# win; a vmapped convolution becomes a grouped one, which is slower than the loop. No GPU measured yet.
-AUTO_BATCHED = {"cpu": frozenset({"mlp"})}
+# `training.batching = "auto"` (measured on 2 Xeon vCPUs, 1 thread, FedAvg, batch 32; see benchmarks/README.md):
+# on the CPU a vmapped Linear is one batched matmul and wins (digits mlp: 1.8x at 20 clients, 2.8x at 100, but
+# 0.8x at 2 and 1.0x at 4), while a vmapped convolution becomes a grouped one, slower than the loop on 28x28
+# images (fmnist lenet5, cnn, cnn5: 0.74-0.76x) though not on 8x8 ones (digits lenet5 1.7x, cnn 1.25x).
+# Not measured on a GPU yet (benchmarks/gpu_check.sh does): there auto stays sequential; set "vmap".
+AUTO_MIN_CLIENTS = 8
+AUTO_MAX_CONV_PIXELS = 8 * 8
+
+
+def auto_batches(models: list[nn.Module], input_shape: tuple[int, ...], device: torch.device, clients: int) -> bool:
+    """Whether `training.batching = "auto"` trains `clients` clients of these models as one batched model."""
+    if device.type != "cpu" or clients < AUTO_MIN_CLIENTS:
+        return False
+    convolves = any(isinstance(m, nn.Conv2d) for model in models for m in model.modules())
+    return not convolves or (len(input_shape) == 3 and input_shape[1] * input_shape[2] <= AUTO_MAX_CONV_PIXELS)
 
 
 class Outcome(NamedTuple):
@@ -56,6 +69,10 @@ class Outcome(NamedTuple):
     sent: list[Tensor] | None  # the shared model's shared tensors (in the received state's key order)
     error: str | None
     share: float  # of its unit's time (batched clients split it by their steps)
+    checked: bool = False  # whether `sent` was already found finite
+
+
+NOT_FINITE = "the shared model {!r}'s parameters are not finite (or beyond ~1e19)"
 
 
 class _Models(nn.Module):
@@ -74,7 +91,8 @@ class _Models(nn.Module):
 
 @dataclass
 class _Plan:
-    """How a workspace's parameters stack: names for functional_call, shapes, and where each comes from."""
+    """How a workspace's parameters stack: names for functional_call, shapes, where each comes from, and the
+    memory order each is stored in."""
 
     wrapper: _Models
     names: list[str]  # "models.<model>.<parameter>", every parameter of every trained model
@@ -82,6 +100,10 @@ class _Plan:
     from_global: list[int]  # per received key (in its order): the parameter it fills
     from_row: list[int]  # per model slot of the row layout: the parameter it fills
     momentum_row: list[int]  # per optimiser slot of the row layout: the parameter whose momentum it is
+    orders: list[tuple[int, ...]] = None  # per parameter: its dimensions in the order its stack stores them
+
+    def __post_init__(self):
+        self.orders = self.orders or [tuple(range(len(s))) for s in self.shapes]
 
 
 def plan_of(algo: Algorithm, ws, shared: list[str] | None) -> _Plan:
@@ -99,6 +121,57 @@ def plan_of(algo: Algorithm, ws, shared: list[str] | None) -> _Plan:
     return _Plan(wrapper, [f"models.{n}.{k}" for n, k in flat], shapes, from_global, from_row, momentum_row)
 
 
+class _Stack:
+    """K clients' copies of every parameter of a plan (or of its momentum). Each is stored contiguous in the
+    memory order its gradient comes in (a vmapped Linear's weight gradient is transposed), so that the fused
+    SGD step reads parameter, gradient and momentum without copying them."""
+
+    def __init__(self, plan: _Plan, k: int, device: torch.device, zero: bool = False):
+        make = torch.zeros if zero else torch.empty
+        self.store = [make((k, *(s[d] for d in o)), device=device) for s, o in zip(plan.shapes, plan.orders)]
+        self.back = [tuple(sorted(range(len(o)), key=o.__getitem__)) for o in plan.orders]  # store → parameter
+
+    def client(self, j: int, i: int) -> Tensor:
+        """Parameter j of client i, shaped as the model's (a view)."""
+        return self.store[j][i].permute(self.back[j])
+
+    def shaped(self, j: int, t: Tensor) -> Tensor:
+        """`t`, stored as parameter j's stack (leading client dimension), shaped as the parameter."""
+        return t.permute(0, *(1 + d for d in self.back[j]))
+
+    def first(self, k: int) -> "_Stack":
+        """The first k clients' (views: a stack kept from round to round is reused, not allocated again,
+        which on the CPU would fault in its pages anew every round)."""
+        out = object.__new__(_Stack)
+        out.store, out.back = [t[:k] for t in self.store], self.back
+        return out
+
+    def finite(self, js: list[int]) -> list[bool]:
+        """Per client: whether parameters `js` are all finite (a fused L2 norm per stacked tensor, as
+        host._finite does per client; beyond ~1e19 counts as not finite too)."""
+        norms = torch.stack([torch.linalg.vector_norm(self.store[j].flatten(1), dim=1) for j in js])
+        return norms.isfinite().all(0).tolist()
+
+
+def _slots(lay, plan: _Plan, params: _Stack, moms: _Stack | None):
+    """(row slot, parameter index, stack) of every tensor a client's row holds."""
+    out = list(zip(lay.model_slots, plan.from_row, repeat(params)))
+    if moms is not None:
+        out += zip(lay.opt_slots, plan.momentum_row, repeat(moms))
+    return out
+
+
+def _index(at: list[int], device: torch.device) -> slice | Tensor:
+    """Positions `at` in a stack: a slice when they are 0..n-1 (every client), else an index tensor."""
+    return slice(0, len(at)) if at == list(range(len(at))) else torch.tensor(at, device=device)
+
+
+def _column(table: Tensor, slot) -> Tensor:
+    """Slot `slot` of every row of `table` (clients' rows of bytes, one per line) as a (clients, *shape) view."""
+    k = len(table)
+    return table[:, slot.offset:slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).view(k, *slot.shape)
+
+
 def loss_is_sample_mean(algo: Algorithm, classes: int) -> bool:
     """Whether `algo`'s loss on a batch is the mean of its losses on each sample alone (the padding needs it)."""
     gen = torch.Generator().manual_seed(0)
@@ -112,6 +185,24 @@ def loss_is_sample_mean(algo: Algorithm, classes: int) -> bool:
     return all(torch.allclose(whole[n], sum(e[n] for e in each) / 3, rtol=1e-5, atol=1e-6) for n in whole)
 
 
+def sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, lr: float, momentum: float,
+        decay: float) -> None:
+    """torch.optim.SGD's step (dampening 0, no Nesterov) on stacked tensors, in place; a momentum buffer of
+    zeros is a fresh one. torch's fused kernel makes one pass over each tensor, 3x faster here than the
+    four passes of foreach ops: stacked over clients, these tensors outgrow the CPU's caches."""
+    if bufs is not None and hasattr(torch, "_fused_sgd_"):
+        torch._fused_sgd_(params, grads, bufs, weight_decay=decay, momentum=momentum, lr=lr, dampening=0.0,
+                          nesterov=False, maximize=False, is_first_step=False)
+        return
+    if decay:
+        grads = torch._foreach_add(grads, params, alpha=decay)
+    if bufs is not None:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        grads = bufs
+    torch._foreach_add_(params, grads, alpha=-lr)
+
+
 class Batcher:
     """A host's batched path: which of a round's clients train together, and their training."""
 
@@ -119,6 +210,8 @@ class Batcher:
         self.host = host
         self.why: dict[tuple[str, ...], str | None] = {}  # by workspace: why it cannot batch (None: it can)
         self.plans: dict[tuple[str, ...], _Plan] = {}
+        self.stacks: dict[tuple[str, ...], tuple[_Stack, _Stack | None]] = {}  # by workspace: the largest used
+        self.tables: dict[tuple[str, ...], Tensor] = {}  # the same, for rows
         self.noted: set[str] = set()
 
     def units(self, cids: list[int], received: bool) -> list[tuple[list[int], bool]]:
@@ -140,10 +233,11 @@ class Batcher:
         return [(chunk, len(chunk) > 1) for chunk in chunks]
 
     def _batches(self, key: tuple[str, ...], n: int, received: bool) -> bool:
-        mode, device = self.host.cfg.training.batching, self.host.device
+        host, mode = self.host, self.host.cfg.training.batching
         if mode == "sequential" or n < 2:
             return False
-        if mode == "auto" and not set(key) <= AUTO_BATCHED.get(device.type, frozenset()):
+        if mode == "auto" and not auto_batches(list(host._workspace(key).models.values()), host.dataset.input_shape,
+                                               host.device, min(n, host.cfg.training.max_batched_clients)):
             return False
         why = self._why(key) or (None if received or self.host.algo.shares is None else "no global state received")
         if why is not None:
@@ -174,97 +268,43 @@ class Batcher:
             return f"{algo.name}'s loss is not the batch mean of per-sample terms, so shorter batches cannot be padded"
         return None
 
-    def _plan(self, key: tuple[str, ...], glob: Received | None) -> _Plan:
+    def _table(self, key: tuple[str, ...], nbytes: int, k: int) -> Tensor:
+        """A (k, nbytes) table of rows on the CPU, kept from round to round: bytes between a row's tensors are
+        zero (as in a fresh row) and stay so, and its pages are not faulted in anew every round."""
+        table = self.tables.get(key)
+        if table is None or len(table) < k:
+            table = self.tables[key] = torch.zeros((k, nbytes), dtype=torch.uint8)
+        return table[:k]
+
+    def _plan(self, key: tuple[str, ...], glob: Received | None, rnd: int) -> _Plan:
         if key not in self.plans:
-            self.plans[key] = plan_of(self.host.algo, self.host._workspace(key), None if glob is None else glob.keys)
+            plan = plan_of(self.host.algo, self.host._workspace(key), None if glob is None else glob.keys)
+            plan.orders = self._grad_orders(plan, rnd, None if glob is None else glob.anchor)
+            self.plans[key] = plan
         return self.plans[key]
 
-    def _order(self, c: Client, rnd: int) -> list[Tensor]:
-        """The client's batches this round, as indices into its host's training rows: the same draws, from the
-        same seed, as the sequential loop's."""
-        host, t = self.host, self.host.cfg.training
-        gen = torch.Generator().manual_seed(derive_seed(host.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
-        index = host.train_rows.index(c.cid)
-        n = len(c.train_rows)
-        return [index[idx] for _ in range(t.epochs) for idx in batches(n, t.batch_size, gen)]
+    def _grad_orders(self, plan: _Plan, rnd: int, anchor: list[Tensor] | None) -> list[tuple[int, ...]]:
+        """The memory order each parameter's gradient comes in, from one step of two clients on random data."""
+        host = self.host
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((2, 2, *host.dataset.input_shape), generator=gen).to(host.device)
+        y = torch.zeros((2, 2), dtype=torch.long, device=host.device)
+        stack = _Stack(plan, 2, host.device)
+        leaves = [torch.randn(t.shape, generator=gen).to(host.device).requires_grad_() for t in stack.store]
+        losses, _ = self._client_fn(plan, rnd, anchor, uniform=True)(
+            dict(zip(plan.names, (stack.shaped(j, t) for j, t in enumerate(leaves)))), x, y, None)
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        orders = []
+        for j, g in enumerate(grads):
+            g = None if g is None else stack.shaped(j, g)  # in the parameter's shape, with the gradient's strides
+            strides = [1] * len(plan.shapes[j]) if g is None else g.stride()[1:]
+            orders.append(tuple(sorted(range(len(plan.shapes[j])), key=lambda d: -strides[d])))
+        return orders
 
-    def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
-        """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
-        host, algo, t = self.host, self.host.algo, self.host.cfg.training
-        key = host._archs(clients[0])
-        ws, plan = host._workspace(key), self._plan(key, glob)
-        steps = [self._order(c, rnd) for c in clients]
-        rank = sorted(range(len(clients)), key=lambda k: -len(steps[k]))  # longest first: the active are a prefix
-        ranked = [clients[k] for k in rank]
-        params, moms = self._load(key, ranked, ws, plan, glob)
-        stats = self._steps(plan, params, moms, [steps[k] for k in rank], rnd,
-                            None if glob is None else glob.anchor)
-        bad = self._store(key, ranked, ws, plan, params, moms, stats)
-        total = sum(len(s) for s in steps)
-        out: list[Outcome | None] = [None] * len(clients)
-        for i, k in enumerate(rank):
-            share = len(steps[k]) / total
-            if bad[i] is not None:
-                out[k] = Outcome(None, None, bad[i], share)
-                continue
-            seen = stats["seen"][i]
-            metrics = {}
-            for n in algo.trains:
-                metrics[f"{n}_loss"] = stats["loss"][n][i] / seen
-                metrics[f"{n}_accuracy"] = stats["correct"][n][i] / seen
-            sent = None if glob is None else [params[j][i] for j in plan.from_global]
-            out[k] = Outcome(metrics, sent, None, share)
-        return out
-
-    def _load(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, glob: Received | None):
-        """The clients' parameters and momentum, stacked in `ranked` order: private ones from their rows (or
-        their initial models), received ones from the global state; the shared model's momentum starts at 0."""
-        host, t, dev = self.host, self.host.cfg.training, self.host.device
-        started = time.perf_counter()
-        k = len(ranked)
-        params = [torch.empty((k, *s), device=dev) for s in plan.shapes]
-        moms = [torch.zeros((k, *s), device=dev) for s in plan.shapes] if t.momentum > 0 else None
-        store, lay = host.stores.get(key), ws.layout
-        if store is not None:
-            for i, c in enumerate(ranked):
-                row = store.get(c.cid)
-                if row is None:  # never trained: its initial models, drawn as the sequential path draws them
-                    ws.load(None, host._seeds(c), c.cid, host.algo.scalars)
-                    _copy([params[j][i] for j in plan.from_row], ws.tensors)
-                elif plan.from_row:
-                    _copy([params[j][i] for j in plan.from_row], [lay.view(row, s) for s in lay.model_slots])
-                    if moms is not None and plan.momentum_row:
-                        _copy([moms[j][i] for j in plan.momentum_row], [lay.view(row, s) for s in lay.opt_slots])
-                store.done(c.cid)
-            ws.client = None  # the workspace holds no one client's state now
-        if glob is not None:
-            for j, g in zip(plan.from_global, glob.tensors):
-                params[j].copy_(g.expand_as(params[j]))
-        host.state_seconds += time.perf_counter() - started
-        return params, moms
-
-    def _steps(self, plan: _Plan, params: list[Tensor], moms: list[Tensor] | None, steps: list[list[Tensor]],
-               rnd: int, anchor: list[Tensor] | None) -> dict:
-        """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
-        host, algo, t = self.host, self.host.algo, self.host.cfg.training
-        dev, k_all = host.device, len(steps)
-        x_all, y_all = host.train_rows.source()
-        sizes = [[len(b) for b in s] for s in steps]
-        widest = max(max(s) for s in sizes)
-        table = torch.zeros((len(steps[0]), k_all, widest), dtype=torch.long)
-        for i, s in enumerate(steps):
-            for j, b in enumerate(s):
-                table[j, i, :len(b)] = b
-        table = table.to(x_all.device)
-        count = torch.zeros((len(steps[0]), k_all), dtype=torch.float32)
-        for i, s in enumerate(sizes):
-            count[:len(s), i] = torch.tensor(s, dtype=torch.float32)
-        count = count.to(dev)
-        names = algo.trains
-        loss_sum = torch.zeros((len(names), k_all), dtype=torch.float64, device=dev)
-        correct = torch.zeros((len(names), k_all), dtype=torch.long, device=dev)
-        bad = torch.zeros(k_all, dtype=torch.bool, device=dev)
-        bad_losses = torch.zeros((len(names), k_all), device=dev)
+    def _client_fn(self, plan: _Plan, rnd: int, anchor: list[Tensor] | None, uniform: bool):
+        """One client's step, vmapped over clients: (losses (client, model), correct predictions (client, model))
+        of parameters, a batch and, where batches differ in length (not `uniform`), per-sample weights."""
+        algo, names = self.host.algo, self.host.algo.trains
 
         def client(p: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor | None):
             logits, penalties = functional_call(plan.wrapper, p, (x, anchor))
@@ -279,9 +319,109 @@ class Batcher:
                 hits = {n: h & (w > 0) for n, h in hits.items()}
             return torch.stack([losses[n] for n in names]), torch.stack([h.sum() for h in hits.values()])
 
-        batched = {False: vmap(client, in_dims=(0, 0, 0, 0)), True: vmap(client, in_dims=(0, 0, 0, None))}
+        return vmap(client, in_dims=(0, 0, 0, None if uniform else 0))
+
+    def _order(self, c: Client, rnd: int) -> list[Tensor]:
+        """The client's batches this round, as indices into its host's training rows: the same draws, from the
+        same seed, as the sequential loop's."""
+        host, t = self.host, self.host.cfg.training
+        gen = torch.Generator().manual_seed(derive_seed(host.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
+        index = host.train_rows.index(c.cid)
+        n = len(c.train_rows)
+        return [index[idx] for _ in range(t.epochs) for idx in batches(n, t.batch_size, gen)]
+
+    def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
+        """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
+        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        key = host._archs(clients[0])
+        ws, plan = host._workspace(key), self._plan(key, glob, rnd)
+        steps = [self._order(c, rnd) for c in clients]
+        rank = sorted(range(len(clients)), key=lambda k: -len(steps[k]))  # longest first: the active are a prefix
+        ranked = [clients[k] for k in rank]
+        params, moms = self._load(key, ranked, ws, plan, glob)
+        stats = self._steps(plan, params, moms, [steps[k] for k in rank], rnd,
+                            None if glob is None else glob.anchor)
+        bad = self._store(key, ranked, ws, plan, params, moms, stats)
+        total = sum(len(s) for s in steps)
+        finite = params.finite(plan.from_global) if glob is not None else None
+        out: list[Outcome | None] = [None] * len(clients)
+        for i, k in enumerate(rank):
+            share = len(steps[k]) / total
+            if bad[i] is not None:
+                out[k] = Outcome(None, None, bad[i], share)
+                continue
+            seen = stats["seen"][i]
+            metrics = {}
+            for n in algo.trains:
+                metrics[f"{n}_loss"] = stats["loss"][n][i] / seen
+                metrics[f"{n}_accuracy"] = stats["correct"][n][i] / seen
+            if glob is None:
+                out[k] = Outcome(metrics, None, None, share, True)
+            elif not finite[i]:
+                out[k] = Outcome(None, None, NOT_FINITE.format(algo.shares), share, True)
+            else:
+                out[k] = Outcome(metrics, [params.client(j, i) for j in plan.from_global], None, share, True)
+        return out
+
+    def _load(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, glob: Received | None):
+        """The clients' parameters and momentum, stacked in `ranked` order: private ones from their rows (or
+        their initial models), received ones from the global state; the shared model's momentum starts at 0."""
+        host, dev = self.host, self.host.device
+        started = time.perf_counter()
+        k = len(ranked)
+        kept = self.stacks.get(key)
+        if kept is None or len(kept[0].store[0]) < k:
+            kept = self.stacks[key] = (_Stack(plan, k, dev),
+                                       _Stack(plan, k, dev) if host.cfg.training.momentum > 0 else None)
+        params, moms = (None if s is None else s.first(k) for s in kept)
+        if moms is not None:
+            torch._foreach_zero_(moms.store)
+        store, lay = host.stores.get(key), ws.layout
+        if store is not None:
+            kept_rows = [(i, store.get(c.cid)) for i, c in enumerate(ranked)]
+            old = [(i, row) for i, row in kept_rows if row is not None]
+            if old:  # one copy per client into a table of rows, then one copy per tensor for every client
+                table = self._table(key, lay.nbytes, len(old))
+                rows = table.numpy()
+                for n, (_, row) in enumerate(old):
+                    rows[n] = row
+                table = table.to(dev)
+                at = _index([i for i, _ in old], dev)
+                for slot, j, stack in _slots(lay, plan, params, moms):
+                    stack.shaped(j, stack.store[j])[at] = _column(table, slot)
+            for i, c in enumerate(ranked):
+                if kept_rows[i][1] is None:  # never trained: its initial models, drawn as the sequential path does
+                    ws.load(None, host._seeds(c), c.cid, host.algo.scalars)
+                    _copy([params.client(j, i) for j in plan.from_row], ws.tensors)
+                store.done(c.cid)
+            ws.client = None  # the workspace holds no one client's state now
+        if glob is not None:
+            for j, g in zip(plan.from_global, glob.tensors):
+                stacked = params.shaped(j, params.store[j])
+                stacked.copy_(g.expand_as(stacked))
+        host.state_seconds += time.perf_counter() - started
+        return params, moms
+
+    def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[list[Tensor]],
+               rnd: int, anchor: list[Tensor] | None) -> dict:
+        """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
+        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        dev, k_all, names = host.device, len(steps), host.algo.trains
+        x_all, y_all = host.train_rows.source()
+        sizes = [[len(b) for b in s] for s in steps]
+        table = torch.zeros((len(steps[0]), k_all, max(max(s) for s in sizes)), dtype=torch.long)
+        count = torch.zeros((len(steps[0]), k_all))
+        for i, s in enumerate(steps):
+            count[:len(s), i] = torch.tensor(sizes[i], dtype=torch.float32)
+            for j, b in enumerate(s):
+                table[j, i, :len(b)] = b
+        table, count = table.to(x_all.device), count.to(dev)
+        loss_sum = torch.zeros((len(names), k_all), dtype=torch.float64, device=dev)
+        correct = torch.zeros((len(names), k_all), dtype=torch.long, device=dev)
+        bad = torch.zeros(k_all, dtype=torch.bool, device=dev)
+        bad_losses = torch.zeros((len(names), k_all), device=dev)
+        step = {u: self._client_fn(plan, rnd, anchor, u) for u in (True, False)}
         mixed = autocast(dev, t.precision)
-        lr, momentum, decay = t.lr, t.momentum, t.weight_decay
         for j in range(len(steps[0])):
             k = sum(1 for s in sizes if len(s) > j)  # the clients still training: a prefix
             width = max(s[j] for s in sizes[:k])
@@ -290,21 +430,15 @@ class Batcher:
             x, y = x_all[idx].to(dev), y_all[idx].to(dev)
             n = count[j, :k]
             w = None if uniform else (torch.arange(width, device=dev) < n[:, None]) / n[:, None]
-            views = [p[:k] for p in params]
+            views = [p[:k] for p in params.store]
             leaves = [v.detach().requires_grad_() for v in views]
             with mixed:
-                losses, hits = batched[uniform](dict(zip(plan.names, leaves)), x, y, w)
+                losses, hits = step[uniform](
+                    dict(zip(plan.names, (params.shaped(i, v) for i, v in enumerate(leaves)))), x, y, w)
             grads = torch.autograd.grad(losses.float().sum(), leaves)
             with torch.no_grad():
-                # torch.optim.SGD's update (dampening 0, no Nesterov), on the prefix only
-                if decay:
-                    grads = torch._foreach_add(grads, views, alpha=decay)
-                if moms is not None:
-                    bufs = [m[:k] for m in moms]
-                    torch._foreach_mul_(bufs, momentum)
-                    torch._foreach_add_(bufs, grads)
-                    grads = bufs
-                torch._foreach_add_(views, grads, alpha=-lr)
+                sgd(views, list(grads), None if moms is None else [m[:k] for m in moms.store], t.lr, t.momentum,
+                    t.weight_decay)
                 losses = losses.detach().float().T  # (model, client)
                 fresh = ~torch.isfinite(losses.sum(0)) & ~bad[:k]
                 bad_losses[:, :k] = torch.where(fresh, losses, bad_losses[:, :k])
@@ -326,16 +460,22 @@ class Batcher:
             if stats["bad"][i]:
                 bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(host.algo.trains, stats["bad_losses"][i]))
                 out.append(f"loss is not finite ({bad}); lower training.lr or check the data")
-                continue
-            out.append(None)
-            if store is None:
-                continue
-            row = store.put(c.cid)
-            if plan.from_row:
-                _copy([lay.view(row, s) for s in lay.model_slots], [params[j][i] for j in plan.from_row])
-            for s, j in zip(lay.opt_slots, plan.momentum_row):
-                lay.view(row, s).copy_(moms[j][i])
-            store.done(c.cid)
-            host.dirty.add(c.cid)
+            else:
+                out.append(None)
+        good = [i for i, why in enumerate(out) if why is None]
+        if store is not None and good:
+            # each tensor of every client into a table of rows (zeros between tensors, as a fresh row has),
+            # then one copy per client into its row
+            cpu = self._table(key, lay.nbytes, len(good))
+            table = cpu.to(host.device)
+            at = _index(good, host.device)
+            for slot, j, stack in _slots(lay, plan, params, moms):
+                _column(table, slot).copy_(stack.shaped(j, stack.store[j])[at])
+            rows = table.cpu().numpy()
+            for n, i in enumerate(good):
+                c = ranked[i]
+                store.put(c.cid)[:] = rows[n]
+                store.done(c.cid)
+                host.dirty.add(c.cid)
         host.state_seconds += time.perf_counter() - started
         return out

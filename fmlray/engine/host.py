@@ -21,7 +21,7 @@ from fmlray.algorithms import Algorithm, build_algorithm, evaluate, make_optimiz
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.errors import FmlrayError, ResourceError, TrainingError
-from fmlray.engine.batched import Batcher, Outcome
+from fmlray.engine.batched import NOT_FINITE, Batcher, Outcome
 from fmlray.engine.device import Rows, autocast, check_precision, cuda_determinism
 from fmlray.engine.state import (STORES, DiskStore, Layout, MemoryStore, Part, RowRef, Workspace, crc, open_rows,
                                  write_rows)
@@ -364,10 +364,9 @@ class ClientHost:
             else:
                 outcomes = [self._attempt(clients[0], rnd, glob)]
             seconds = time.perf_counter() - started
-            for c, (metrics, sent, error, share) in zip(clients, outcomes):
-                if error is None and sent is not None and not _finite(sent):
-                    error = (f"the shared model {self.algo.shares!r}'s parameters are not finite "
-                             "(or beyond ~1e19)")
+            for c, (metrics, sent, error, share, checked) in zip(clients, outcomes):
+                if error is None and sent is not None and not checked and not _finite(sent):
+                    error = NOT_FINITE.format(self.algo.shares)
                 if error is not None:  # a bad update is left out of the average, not fatal
                     self._forget_workspaces()  # and out of the client's private state: its row stays as it was
                     results.append({"client": c.cid, "samples": len(c.train_rows),
