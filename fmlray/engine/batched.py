@@ -241,7 +241,7 @@ class Batcher:
             return False
         why = self._why(key) or (None if received or self.host.algo.shares is None else "no global state received")
         if why is not None:
-            if why not in self.noted:
+            if mode == "vmap" and why not in self.noted:  # asked for: say once why not (auto's choices are quiet)
                 self.noted.add(why)
                 warnings.warn(f"training.batching = {mode!r}: clients with models {'+'.join(key)} train one after "
                               f"another: {why}", stacklevel=2)
