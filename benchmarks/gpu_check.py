@@ -12,9 +12,11 @@ an uninterrupted one. It writes `gpu-check.json` (`gpu-check-tf32.json` with `--
 and exits 1 if any check failed.
 
 `bench` times rounds of the Fashion-MNIST workload of overhead.py (20 clients, Dirichlet(0.5),
-cnn5 as local model and meme, 1 epoch, batch 32) on: the Ray engine with 1 actor x 1 GPU, with
-4 actors x 0.25 GPU, with one 1-CPU actor per core (the CPU path), and a plain PyTorch loop on the
-GPU (overhead.py's floor). The ways run one after another (1 x 1.0 and 4 x 0.25 GPU cannot exist at
+1 epoch, batch 32), for each of `--models` (lenet5 and cnn5) as local model and meme, on: the Ray
+engine with 1 actor x 1 GPU, with 4 actors x 0.25 GPU (clients one after another), with 1 actor x 1 GPU
+training its clients as one batched model (`training.batching = "vmap"`, the `-vmap` way; issue 14's
+target: >= 3x the 4 x 0.25 way on lenet5), with one 1-CPU actor per core (the CPU path), and a plain
+PyTorch loop on the GPU (overhead.py's floor). The ways run one after another (1 x 1.0 and 4 x 0.25 GPU cannot exist at
 once on one GPU). It writes `gpu-bench.parquet` / `.md` / `.json` after every way.
 
 `--cpu-dry-run` does all of it on a machine without CUDA: Ray gets one logical GPU, the GPU
@@ -245,6 +247,10 @@ def check_config(name: str, groups: str, extra=()):
 QUARTER = ("clients.groups=[{name='quarter', count=8, local_model='cnn5', num_cpus=1.0, num_gpus=0.25}, "
            "{name='cpu', count=4, local_model='mlp', num_cpus=1.0, num_gpus=0.0}]")
 WHOLE = "clients.groups=[{name='whole', count=12, local_model='cnn5', num_cpus=1.0, num_gpus=1.0}]"
+# issue 14's batched path on the GPU: one actor trains its 12 clients as one vmapped model (no BatchNorm:
+# resnet8 would fall back to the sequential loop)
+BATCHED = "clients.groups=[{name='batched', count=12, local_model='lenet5', num_cpus=1.0, num_gpus=1.0}]"
+EXTRA = {"batched": ("model.meme='mlp'", "training.batching='vmap'")}
 
 
 def check_actors(checks: Checks, label: str, specs: list[dict], infos: list[dict], fraction: float,
@@ -433,10 +439,11 @@ def run_check(args) -> int:
                                   f"conv rel. error vs float64 {p['conv_rel_error']:.3g}")
             checks.guard("memory cap probe (0.25 GPU)", probe)
 
-        runs = (("quarter", QUARTER), ("whole", WHOLE)) if args.precision == "fp32" else (("quarter", QUARTER),)
+        runs = ((("quarter", QUARTER), ("whole", WHOLE), ("batched", BATCHED)) if args.precision == "fp32"
+                else (("quarter", QUARTER),))
         for label, groups in runs:
             def one(label=label, groups=groups):
-                cfg = check_config(label, groups)
+                cfg = check_config(label, groups, EXTRA.get(label, ()))
                 cfg = cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray"))
                 prepared = prepare(cfg)
                 t0 = time.perf_counter()
@@ -494,23 +501,24 @@ def run_check(args) -> int:
 # ---------------------------------------------------------------------------------------------- bench
 
 def bench_ways(args, prepared, configs) -> list:
-    from overhead import EngineWay, Floor, ray_config
+    from overhead import EngineWay, Floor, batching, ray_config
     cores = os.cpu_count() or 1
     cpu_actors = min(cores, 20)
     ways = []
-    for algo in args.algorithms:
-        cfg = configs[algo]
+    for (model, algo), cfg in configs.items():
+        tag = f"{model}/{algo}"
         for f in args.fractions:  # as many actors of share f as fill one GPU, one CPU each
             n = min(cfg.clients.num_clients, max(1, round(1 / f)))
-            ways.append(EngineWay(f"ray-gpu{f:g}x{n}/{algo}", ray_config(cfg, n, 1.0, f), prepared, 1))
-        ways.append(EngineWay(f"ray-cpu{cpu_actors}/{algo}", ray_config(cfg, cpu_actors, 1.0), prepared, 1))
+            ways.append(EngineWay(f"ray-gpu{f:g}x{n}/{tag}", ray_config(cfg, n, 1.0, f), prepared, 1))
+        ways.append(EngineWay(f"ray-gpu1x1-vmap/{tag}", ray_config(batching(cfg, "vmap"), 1, 1.0, 1.0), prepared, 1))
+        ways.append(EngineWay(f"ray-cpu{cpu_actors}/{tag}", ray_config(cfg, cpu_actors, 1.0), prepared, 1))
         if not args.cpu_dry_run:
-            ways.append(Floor(f"floor-cuda/{algo}", cfg, prepared, 1, "cuda"))
+            ways.append(Floor(f"floor-cuda/{tag}", cfg, prepared, 1, "cuda"))
     return ways
 
 
 def bench_markdown(meta, summary, args, skipped) -> str:
-    cols = [("way", "way", ""), ("algorithm", "algorithm", ""), ("device", "device", ""),
+    cols = [("way", "way", ""), ("model", "model", ""), ("algorithm", "algorithm", ""), ("device", "device", ""),
             ("actors", "actors", "d"), ("gpu_fraction", "GPU/actor", "g"), ("median_s", "s/round (median)", ".3f"),
             ("min_s", "min", ".3f"), ("max_s", "max", ".3f"), ("client_s", "client s (sum)", ".3f"),
             ("vs_cpu", "x ray-cpu", ".3f"), ("start_s", "start s", ".1f")]
@@ -525,29 +533,35 @@ def bench_markdown(meta, summary, args, skipped) -> str:
     lines += ["## Environment", "", f"- GPU: {'; '.join(gpus)} (CUDA driver API {meta.get('gpu', {}).get('cuda_driver_api', '-')})",
               benchlib.environment_markdown(meta), f"- cuDNN TF32: {meta['cudnn_allow_tf32']}, matmul TF32: "
               f"{meta['matmul_allow_tf32']}", "", "## Config (FML; FedAvg differs only in algorithm.name)", "",
-              "```json", json.dumps(meta["configs"][args.algorithms[0]], indent=1), "```", ""]
+              "```json", json.dumps(next(iter(meta["configs"].values())), indent=1), "```", ""]
+    targets = [s for s in summary if s["way"] == "ray-gpu1x1-vmap" and s.get("vs_quarter") is not None]
+    if targets:
+        lines[4:4] = ["## Target (issue 14)", "", *(f"- {s['model']} {s['algorithm']}: 1 actor batched is "
+                      f"{s['vs_quarter']:.2f}x the throughput of 4 actors x 0.25 GPU (target >= 3 on lenet5)"
+                      for s in targets), ""]
     return "\n".join(lines)
 
 
 def run_bench(args) -> int:
     from fmlray.config import EngineConfig  # noqa: F401  (overhead's ray_config builds it)
     from overhead import WORKLOADS, base_config
-    w = WORKLOADS["fmnist"]
     configs = {}
-    for a in args.algorithms:
-        cfg = base_config(w, a, args.train_samples, args.warmup + args.rounds, 0)
-        configs[a] = cfg.replace(data=dataclasses.replace(cfg.data, root=args.data_root or ""))
-    prepared = prepare(configs[args.algorithms[0]])
-    meta = environment(args) | {"workload": "fmnist cnn5 (overhead.py's compute-bound workload)",
+    for model in args.models:
+        w = dataclasses.replace(WORKLOADS["fmnist"], model=model)
+        for a in args.algorithms:
+            cfg = base_config(w, a, args.train_samples, args.warmup + args.rounds, 0)
+            configs[(model, a)] = cfg.replace(data=dataclasses.replace(cfg.data, root=args.data_root or ""))
+    prepared = prepare(next(iter(configs.values())))  # the same data and partition for every model
+    meta = environment(args) | {"workload": f"fmnist {', '.join(args.models)} (overhead.py's compute-bound workload)",
                                 "train_rows": len(prepared.dataset.y_train),
-                                "configs": {a: to_dict(c) for a, c in configs.items()}}
+                                "configs": {"/".join(k): to_dict(c) for k, c in configs.items()}}
     meta["ray_up_s"] = start_ray(args)
     import ray
     if ray.cluster_resources().get("GPU", 0.0) < 1:
         ray.shutdown()
         print("gpu bench: Ray sees no GPU; nothing to measure", flush=True)
         return 1
-    ids = list(range(configs[args.algorithms[0]].clients.num_clients))
+    ids = list(range(next(iter(configs.values())).clients.num_clients))
     rows, summary, skipped = [], [], []
     started_all = time.perf_counter()
     stem = args.out / "gpu-bench"
@@ -574,7 +588,7 @@ def run_bench(args) -> int:
                     print(f"[bench] {way.name} round {rnd}: {seconds:.3f}s", flush=True)
             finally:
                 way.close()
-            summary.append({"way": way.name.split("/")[0], "algorithm": way.cfg.algorithm.name,
+            summary.append({"way": way.name.split("/")[0], "model": way.cfg.model.meme, "algorithm": way.cfg.algorithm.name,
                             "device": "cuda" if "gpu" in way.name or way.name.startswith("floor-cuda") else "cpu",
                             "actors": way.actors, "gpu_fraction": way.gpu_fraction,
                             "median_s": statistics.median(t for t, _ in times), "min_s": min(t for t, _ in times),
@@ -583,8 +597,11 @@ def run_bench(args) -> int:
             if args.cpu_dry_run:
                 summary[-1]["device"] = "cpu (dry run)"
             for s in summary:
-                cpu = [x["median_s"] for x in summary if x["way"].startswith("ray-cpu") and x["algorithm"] == s["algorithm"]]
+                same = [x for x in summary if x["algorithm"] == s["algorithm"] and x["model"] == s["model"]]
+                cpu = [x["median_s"] for x in same if x["way"].startswith("ray-cpu")]
                 s["vs_cpu"] = s["median_s"] / cpu[0] if cpu else None
+                quarter = [x["median_s"] for x in same if x["way"].startswith("ray-gpu0.25x")]
+                s["vs_quarter"] = quarter[0] / s["median_s"] if quarter else None
             meta["load_after"] = os.getloadavg()
             benchlib.write_parquet(rows, stem.with_suffix(".parquet"), meta)
             write_json(stem.with_suffix(".json"), {"meta": meta, "summary": summary, "skipped": skipped})
@@ -607,6 +624,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default="", help="folder with Fashion-MNIST's four IDX .gz files "
                    "(default: Debian's /usr/share/datasets/fashion-mnist)")
     p.add_argument("--algorithms", type=benchlib.comma_list(str), default=["fml", "fedavg"])
+    p.add_argument("--models", type=benchlib.comma_list(str), default=["lenet5", "cnn5"],
+                   help="bench: local model and meme of the Fashion-MNIST workload")
     p.add_argument("--train-samples", type=int, default=10000, help="bench: training rows (stratified subsample)")
     p.add_argument("--rounds", type=int, default=3, help="bench: timed rounds per way")
     p.add_argument("--warmup", type=int, default=1, help="bench: untimed rounds per way first")

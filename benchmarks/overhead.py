@@ -1,7 +1,9 @@
 """Seconds per round of one workload, four ways: (a) a plain PyTorch loop on one thread — the floor,
 (b) the same loop on every core's thread, (c) fmlray's serial engine, (d) fmlray's Ray engine with
-1..N actors. All ways live in one process tree and take turns round by round (the order rotating),
-so drift in the machine's speed falls on all of them alike.
+1..N actors; (c) and (d) each train an actor's clients one after another (`training.batching =
+"sequential"`), as one batched model (`-vmap`), and as `auto` picks (`serial-auto`). All ways live in
+one process tree and take turns round by round (the order rotating), so drift in the machine's speed
+falls on all of them alike.
 
     python benchmarks/overhead.py --workload digits --quick
     python benchmarks/overhead.py --workload fmnist --quick
@@ -71,8 +73,13 @@ def base_config(w: Workload, algorithm: str, train_samples: int, rounds: int, se
         f"data.max_train_samples={train_samples}", "data.max_test_samples=2000",
         f"clients.num_clients={NUM_CLIENTS}", "clients.fraction=1.0", group, f"model.meme='{w.model}'",
         "training.epochs=1", "training.batch_size=32", f"algorithm.name='{algorithm}'",
-        "engine.kind='serial'",
+        "engine.kind='serial'", "training.batching='sequential'",
     ])
+
+
+def batching(cfg: Config, how: str) -> Config:
+    """`cfg` with its clients trained `how` ("sequential", "vmap" or "auto")."""
+    return cfg.replace(training=dataclasses.replace(cfg.training, batching=how))
 
 
 def ray_config(cfg: Config, actors: int, num_cpus: float, num_gpus: float = 0.0) -> Config:
@@ -196,8 +203,12 @@ def cpu_phase(w: Workload, args, prepared: dict[str, Prepared], configs: dict[st
     for algo in args.algorithms:
         cfg, prep = configs[algo], prepared[algo]
         ways += [Floor(f"floor-1t/{algo}", cfg, prep, 1), Floor(f"floor-{cores}t/{algo}", cfg, prep, cores),
-                 EngineWay(f"serial/{algo}", cfg, prep, 1)]
+                 EngineWay(f"serial/{algo}", cfg, prep, 1),
+                 EngineWay(f"serial-vmap/{algo}", batching(cfg, "vmap"), prep, 1),
+                 EngineWay(f"serial-auto/{algo}", batching(cfg, "auto"), prep, 1)]
         ways += [EngineWay(f"ray-{k}/{algo}", ray_config(cfg, k, 1.0), prep, 1) for k in args.actors]
+        ways += [EngineWay(f"ray-{k}-vmap/{algo}", ray_config(batching(cfg, "vmap"), k, 1.0), prep, 1)
+                 for k in args.actors]
     if args.ways:  # floor-1t stays: every ratio is taken against it
         ways = [w for w in ways if w.name.split("/")[0] in {*args.ways, "floor-1t"}]
     return ways
@@ -323,6 +334,10 @@ def targets(workload: str, summary: list[dict], alone: list[dict]) -> list[dict]
                                s["client_s"] / floor_client[s["algorithm"]], 1.10))
                 if s["fml_vs_fedavg"] is not None:
                     checks.append(("FML / FedAvg, Ray 2 actors", s["fml_vs_fedavg"], 1.9))
+    serial = {s["algorithm"]: s["median_s"] for s in cpu if s["way"] == "serial"}
+    if workload in ("fmnist", "fmnist-full"):  # issue 14: auto picks the sequential loop for cnn5 on the CPU
+        checks += [(f"{s['algorithm']}: serial auto / serial sequential", s["median_s"] / serial[s["algorithm"]], 1.05)
+                   for s in cpu if s["way"] == "serial-auto"]
     if workload == "fmnist":
         for s in cpu:
             if s["way"] == "ray-2":
@@ -331,7 +346,11 @@ def targets(workload: str, summary: list[dict], alone: list[dict]) -> list[dict]
                     checks.append(("FML / FedAvg, Ray 2 actors", s["fml_vs_fedavg"], 2.1))
     if workload == "digits":
         checks += [(f"{s['algorithm']}: Ray {s['actors']} actor(s) / floor(a)", s["ratio_vs_floor"], 1.5)
-                   for s in cpu if s["kind"] == "ray"]
+                   for s in cpu if s["kind"] == "ray" and not s["way"].endswith("-vmap")]
+        # issue 14: batched, on one thread (serial engine, Ray with 1 actor); FedAvg <= 0.5, FML <= 1.0 x floor(a)
+        checks += [(f"{s['algorithm']}: {s['way']} (batched, 1 thread) / floor(a)", s["ratio_vs_floor"],
+                    0.5 if s["algorithm"] == "fedavg" else 1.0)
+                   for s in cpu if s["way"] in ("serial-vmap", "ray-1-vmap")]
         checks += [(f"whole-tree PSS, GiB, {m['way']} alone", m["total_mib"] / 1024, 2.0) for m in alone]
     return [{"check": c, "value": v, "target": f"<= {t:g}", "met": "yes" if v <= t else "no"} for c, v, t in checks]
 
@@ -352,7 +371,9 @@ def markdown(w: Workload, args, meta: dict, summary: list[dict], memory: dict, a
              f"{meta['train_rows']} training rows; {args.warmup} warm-up + {args.rounds} timed rounds per way, "
              "taking turns round by round. Ways: floor-1t = plain PyTorch loop, 1 thread (a); "
              f"floor-{os.cpu_count()}t = same, all threads (b); serial = fmlray serial engine, 1 thread (c); "
-             "ray-k = fmlray Ray engine, k actors of 1 CPU (1 thread) each (d).", "",
+             "ray-k = fmlray Ray engine, k actors of 1 CPU (1 thread) each (d); these train an actor's clients "
+             "one after another (`training.batching = \"sequential\"`); `-vmap`: as one batched model; "
+             "serial-auto: as `auto` picks.", "",
              benchlib.markdown_table(summary, SUMMARY_COLUMNS), ""]
     checks = targets(args.workload, summary, alone)
     if checks:
@@ -409,7 +430,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.max_train_samples = w.train_samples[args.variant]
     if unknown := [a for a in args.algorithms if a not in ALGORITHMS]:
         p.error(f"--algorithms: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
-    known = {"floor-1t", f"floor-{cores}t", "serial", *(f"ray-{k}" for k in args.actors)}
+    known = {"floor-1t", f"floor-{cores}t", "serial", "serial-vmap", "serial-auto",
+             *(f"ray-{k}{b}" for k in args.actors for b in ("", "-vmap"))}
     if unknown := [w for w in args.ways if w not in known]:
         p.error(f"--ways: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     if any(k < 1 or k > NUM_CLIENTS for k in args.actors):

@@ -275,6 +275,11 @@ class TrainingConfig:
     lr: float = _key("learning rate (the authors' code: SGD, lr 0.01, momentum 0.9, weight decay 5e-4)", 0.01)
     momentum: float = _key("SGD momentum", 0.9)
     weight_decay: float = _key("L2 weight decay", 5e-4)
+    batching: str = _key("a group's clients on an actor: \"sequential\", \"vmap\" (one batched model) or \"auto\" "
+                         "(vmap where measured faster)", "auto")
+    max_batched_clients: int = _key("most clients one batched step trains (each adds its models, momentum, gradients "
+                                    "and activations)", 128)
+    precision: str = _key("fp32, or bf16: forward passes and losses under autocast (GPUs with bfloat16, CPUs)", "fp32")
 
     def __post_init__(self):
         _between("training.epochs", self.epochs, 1, INT32_MAX)
@@ -283,6 +288,9 @@ class TrainingConfig:
         _check(0 < self.lr <= 10 and math.isfinite(self.lr), f"training.lr must be in (0, 10], got {self.lr}")
         _check(0 <= self.momentum < 1, f"training.momentum must be in [0, 1), got {self.momentum}")
         _within("training.weight_decay", self.weight_decay, 0, 1, "usually 1e-4 to 1e-2")
+        _one_of("training.batching", self.batching, ("auto", "sequential", "vmap"))
+        _between("training.max_batched_clients", self.max_batched_clients, 1, MAX_CLIENTS)
+        _one_of("training.precision", self.precision, ("fp32", "bf16"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -158,12 +159,14 @@ def train_client(
     anchor: list[Tensor] | None = None,
     scalars: dict[str, Tensor] | None = None,
     task: Tensor | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, float]:
     """Run `epochs` of `algo` on (x, y); return each trained model's mean train loss and accuracy.
 
     `anchor`: the parameters of the global model received this round (for `algo.penalties`);
     `scalars`: the client's private numbers, as 0-d tensors that require grad (for `algo.scalars`);
-    `task`: the client's task (`task_logits`' members; `y` holds its labels), None for the dataset's classes."""
+    `task`: the client's task (`task_logits`' members; `y` holds its labels), None for the dataset's classes;
+    `autocast`: the context forward passes and losses run in (mixed precision)."""
     names, scalars = algo.trains, scalars or {}
     for name in names:
         models[name].train()
@@ -174,10 +177,11 @@ def train_client(
         frozen = _frozen_params(algo, models, epoch, epochs)
         for idx in batches(len(y), batch_size, generator):
             xb, yb = x[idx], y[idx]
-            logits = algo.logits(models, scalars, xb, names, task)
-            losses = algo.loss(logits, yb, rnd)
-            for name, penalty in algo.penalties.items():
-                losses[name] = losses[name] + penalty(models[name], anchor)
+            with autocast():
+                logits = algo.logits(models, scalars, xb, names, task)
+                losses = algo.loss(logits, yb, rnd)
+                for name, penalty in algo.penalties.items():
+                    losses[name] = losses[name] + penalty(models[name], anchor)
             total = sum(losses.values())
             if not math.isfinite(total.item()):
                 bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())

@@ -19,12 +19,11 @@ from fmlray.algorithms.base import Algorithm, Model
 def distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(p_teacher ‖ p_student) at temperature T, batch mean, times T² (Hinton et al.)."""
     t = temperature
-    return F.kl_div(
-        F.log_softmax(student / t, dim=1),
-        F.log_softmax(teacher.detach() / t, dim=1),  # the peer teaches; no gradient reaches it
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
+    log_q = F.log_softmax(student / t, dim=1)
+    log_p = F.log_softmax(teacher.detach() / t, dim=1)  # the peer teaches; no gradient reaches it
+    # F.kl_div(log_q, log_p, reduction="batchmean", log_target=True), written out: torch.func.vmap (the
+    # batched client update) has no batching rule for kl_div and would loop over the clients instead.
+    return (log_p.exp() * (log_p - log_q)).sum() / student.shape[0] * (t * t)
 
 
 def mutual_losses(z_local: Tensor, z_meme: Tensor, y: Tensor, *, alpha: float, beta: float,

@@ -21,6 +21,8 @@ from fmlray.algorithms import Algorithm, build_algorithm, evaluate, make_optimiz
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.errors import FmlrayError, ResourceError, TrainingError
+from fmlray.engine.batched import NOT_FINITE, Batcher, Outcome
+from fmlray.engine.device import Rows, autocast, check_precision, cuda_determinism
 from fmlray.engine.state import (STORES, DiskStore, Layout, MemoryStore, Part, RowRef, Workspace, crc, open_rows,
                                  write_rows)
 from fmlray.models import build_model
@@ -143,14 +145,24 @@ class ClientHost:
     so memory follows the clients that trained. The model that receives the global state gets it per client."""
 
     def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, client_ids: list[int],
-                 device: str = "cpu", store: str = "memory", state_dir: str | Path | None = None):
+                 device: str = "cpu", store: str = "memory", state_dir: str | Path | None = None,
+                 resident: bool | None = None):
         self.cfg = cfg
         self.dataset = dataset
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            cuda_determinism()
+        if (problem := check_precision(self.device, cfg.training.precision)) is not None:
+            raise ResourceError(problem)
         self.algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
-        # Zero-copy views of the dataset; a client's rows are gathered when it trains or is evaluated.
+        # Zero-copy views of the dataset; a client's rows are gathered when it trains or is evaluated, or
+        # (`resident`, the default off the CPU) every hosted client's rows are copied to the device once.
         self.x, self.y = shared_tensor(dataset.x_train), shared_tensor(dataset.y_train)
         self.x_test, self.y_test = shared_tensor(dataset.x_test), shared_tensor(dataset.y_test)
+        resident = self.device.type != "cpu" if resident is None else resident
+        self.train_rows = Rows(self.x, self.y, self.device, resident)
+        self.test_rows = Rows(self.x_test, self.y_test, self.device, resident)
+        self.batcher = Batcher(self)
         self.partition = partition
         self.clients: dict[int, Client] = {}
         self.store_kind = store
@@ -179,8 +191,10 @@ class ClientHost:
         tasks = [ClientTask.of(of_group(self.cfg, g), self.device) for g in groups]
         for cid in sorted(client_ids):
             g = groups[group_of[cid]]
-            self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(self.partition.train[cid]),
-                                       torch.from_numpy(self.partition.test[cid]), tasks[group_of[cid]])
+            c = self.clients[cid] = Client(cid, g.name, g.local_model, torch.from_numpy(self.partition.train[cid]),
+                                           torch.from_numpy(self.partition.test[cid]), tasks[group_of[cid]])
+            self.train_rows.add(cid, c.train_rows)
+            self.test_rows.add(cid, c.test_rows)
         if refs:
             self.restore_rows(folder, refs)
 
@@ -312,10 +326,9 @@ class ClientHost:
         self.workspaces.clear()
 
     def _rows(self, c: Client, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """A client's rows, labelled in its task's space."""
-        x, y, rows = (self.x_test, self.y_test, c.test_rows) if test else (self.x, self.y, c.train_rows)
-        x, y = x[rows].to(self.device), y[rows].to(self.device)
-        return x, (y if c.task is None else c.task.label_of[y])
+        """A client's rows (kept where the host trains), labelled in its task's space."""
+        x, y = (self.test_rows if test else self.train_rows).get(c.cid)
+        return x, (y if c.task is None else c.task.label_of.to(y.device)[y])
 
     def _global_tensors(self, state: State) -> Received:
         """The global `state` as tensors in the shared model's key order, on this host's device; checked and
@@ -353,31 +366,45 @@ class ClientHost:
         their metrics. `tick(n)`, if given, hears how many of them are done after each one (progress)."""
         glob = None if global_state is None else self._global_tensors(global_state)
         total, results = None, []
-        for cid in sorted(client_ids):
-            c = self.clients[cid]
+        # Units of work in client-id order: one client (sequential), or a run of clients of one workspace
+        # trained as one batched model (see fmlray.engine.batched); partial sums still add in client-id order.
+        for cids, batched in self.batcher.units(sorted(client_ids), glob is not None):
+            clients = [self.clients[cid] for cid in cids]
             started, self.state_seconds, self.init_seconds = time.perf_counter(), 0.0, 0.0
-            try:
-                with _stage(c, rnd, "training"):
-                    metrics, sent = self._train_one(c, rnd, glob)
-                    if sent is not None and not _finite(sent):
-                        raise TrainingError(f"the shared model {self.algo.shares!r}'s parameters are not finite "
-                                            "(or beyond ~1e19)")
-            except TrainingError as exc:  # a bad update is left out of the average, not fatal
-                self._forget_workspaces()  # and out of the client's private state: its row stays as it was
-                results.append({"client": cid, "samples": len(c.train_rows), "excluded": str(exc),
-                                "seconds": time.perf_counter() - started})
-                if tick is not None:
-                    tick(len(results))
-                continue
-            if sent is not None:
-                if total is None:
-                    total = _Sum(dict(zip(glob.keys, sent)))
-                total.add(sent, self.algo.server.weight(len(c.train_rows)))
-            results.append({"client": cid, "samples": len(c.train_rows), "seconds": time.perf_counter() - started,
-                            "state_seconds": self.state_seconds, "init_seconds": self.init_seconds, **metrics})
+            if batched:
+                with _stage(clients[0], rnd, f"batched training of clients {cids[0]}..{cids[-1]}"):
+                    outcomes = self.batcher.train(clients, rnd, glob)
+            else:
+                outcomes = [self._attempt(clients[0], rnd, glob)]
+            seconds = time.perf_counter() - started
+            for c, (metrics, sent, error, share, checked) in zip(clients, outcomes):
+                if error is None and sent is not None and not checked and not _finite(sent):
+                    error = NOT_FINITE.format(self.algo.shares)
+                if error is not None:  # a bad update is left out of the average, not fatal
+                    self._forget_workspaces()  # and out of the client's private state: its row stays as it was
+                    results.append({"client": c.cid, "samples": len(c.train_rows),
+                                    "excluded": f"{_stage(c, rnd, 'training').where}: {error}",
+                                    "seconds": seconds * share})
+                    continue
+                if sent is not None:
+                    if total is None:
+                        total = _Sum(dict(zip(glob.keys, sent)))
+                    total.add(sent, self.algo.server.weight(len(c.train_rows)))
+                results.append({"client": c.cid, "samples": len(c.train_rows), "seconds": seconds * share,
+                                "state_seconds": self.state_seconds * share,
+                                "init_seconds": self.init_seconds * share, **metrics})
             if tick is not None:
                 tick(len(results))
         return (None if total is None else total.partial()), results
+
+    def _attempt(self, c: Client, rnd: int, glob: Received | None) -> Outcome:
+        """Train one client on its own (the sequential path); a TrainingError leaves it out, with why."""
+        with _stage(c, rnd, "training"):  # names the client in any other error
+            try:
+                metrics, sent = self._train_one(c, rnd, glob)
+            except TrainingError as exc:
+                return Outcome(None, None, str(exc), 1.0)
+        return Outcome(metrics, sent, None, 1.0)
 
     def _train_one(self, c: Client, rnd: int, glob: Received | None) -> tuple[dict, list[torch.Tensor] | None]:
         ws = self._private(c)
@@ -389,7 +416,8 @@ class ClientHost:
         x, y = self._rows(c)
         metrics = train_client(self.algo, ws.models, ws.opts, x, y, epochs=t.epochs, batch_size=t.batch_size,
                                generator=gen, rnd=rnd, anchor=None if glob is None else glob.anchor,
-                               scalars=ws.scalars, task=c.task and c.task.members)
+                               scalars=ws.scalars, task=c.task and c.task.members,
+                               autocast=lambda: autocast(self.device, t.precision))
         for part in ws.layout.parts:
             ws.opts[part.name].zero_grad(set_to_none=True)  # the next client's first step drops them anyway
         self._keep(c)

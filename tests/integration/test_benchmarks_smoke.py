@@ -73,3 +73,10 @@ def test_every_benchmark_script_imports_what_it_needs_from_fmlray():
     proc = subprocess.run([sys.executable, "-c", code, *scripts], cwd=REPO / "benchmarks",
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_batched_smoke_writes_parquet_and_markdown(tmp_path):
+    run_script("batched.py", tmp_path)
+    rows = pq.read_table(only(tmp_path, "batched-clients-smoke-*.parquet")).to_pylist()
+    assert {r["mode"] for r in rows} == {"sequential", "vmap", "auto"} and all(r["seconds"] > 0 for r in rows)
+    assert "vmap speed-up" in only(tmp_path, "batched-clients-smoke-*.md").read_text()

@@ -143,6 +143,18 @@ def test_fractional_gpus_are_packed_four_per_gpu(ray_session):
     assert {r["client"] for r in result.rows if r["split"] == "train"} == set(range(8))
 
 
+def test_batched_actors_on_logical_gpus_match_the_sequential_serial_engine(ray_session):
+    # 2 actors of 0.5 (logical) GPU each train their half of the round as one vmapped model; they fall
+    # back to the CPU here, where the batched path is the same code as on a GPU
+    overrides = [*QUICK, "clients.fraction=0.8",
+                 "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=0.5, num_gpus=0.5}]"]
+    serial = simulate_with(SerialEngine(), [*overrides, "training.batching='sequential'"])[0]
+    result, engine = simulate_with(RayEngine(), [*overrides, "engine.kind=ray", "engine.num_actors=2",
+                                                 "training.batching='vmap'"])
+    assert len(engine.specs) == 2 and {i["device"] for i in engine.infos} == {"cpu"}
+    assert_same(serial, result)
+
+
 def test_a_group_too_big_for_the_cluster_fails_at_once(ray_session):
     cfg = load_config(None, ["engine.kind=ray", "clients.groups=[{name='big', share=1.0, num_cpus=4}]"])
     prepared = prepare(cfg)

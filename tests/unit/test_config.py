@@ -165,9 +165,10 @@ def test_fmlray_config_lists_every_key_with_value_default_and_description(capsys
     assert lines[0].split() == ["key", "value", "default", "description"]
     listed = {line.split()[0]: line.split(None, 3)[1:] for line in lines[1:]}
     assert list(listed) == [key for key, *_ in keys(Config())]
-    assert len(listed) == 70 and {"run.eval_clients", "engine.state_store", "engine.state_dir", "algorithm.fml.alpha_end",
-                                  "algorithm.server_lr", "algorithm.ditto.lam", "algorithm.fedrep.body_epochs",
-                                  "algorithm.fedprox.mu", "clients.groups.1.num_gpus", "clients.groups.1.task"} <= set(listed)
+    assert len(listed) == 73 and {"run.eval_clients", "training.batching", "training.precision", "engine.state_store",
+                                  "engine.state_dir", "algorithm.fml.alpha_end", "algorithm.server_lr",
+                                  "algorithm.ditto.lam", "algorithm.fedrep.body_epochs", "algorithm.fedprox.mu",
+                                  "clients.groups.1.num_gpus", "clients.groups.1.task"} <= set(listed)
     assert listed["training.lr"] == ["0.05", "0.01", "learning rate (the authors' code: SGD, lr 0.01, momentum 0.9, "
                                                      "weight decay 5e-4)"]
     assert listed["clients.groups.1.local_model"][:2] == ['"cnn"', '"mlp"']

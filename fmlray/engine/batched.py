@@ -1,0 +1,483 @@
+"""A group's clients trained as one batched model: their models stacked, one vmapped step for all of them.
+
+For the small models federated simulations mostly use, one client's SGD step is tiny and much of it is
+per-step overhead (on a CPU thread) or a sliver of a GPU. So a host trains the clients of a round that
+share a workspace (the same architectures) together: each parameter and its momentum is stacked over the
+K clients (a leading dimension), the forward pass is `torch.func.vmap` over `functional_call` of the
+algorithm's own models, one backward gives every client's gradients, and SGD (momentum, weight decay, as
+torch.optim.SGD computes it) is a few fused ops on the stacked tensors.
+
+- Each client keeps its own batch order, drawn from (seed, round, client) exactly as the sequential loop
+  draws it, and its own number of steps. Clients are sorted by their number of steps, longest first, so
+  the clients still training at a step are a prefix of the stack: the step computes on that prefix and
+  updates its parameters *and* momentum, and the clients that have finished are masked out of both
+  (a slice, so neither their compute nor a `where` is paid).
+- Within a step, a client whose batch is shorter (the last of an epoch) is padded to the longest and its
+  padded samples weigh 0 in its loss: the loss is taken per sample (the algorithm's loss on batches of one,
+  vmapped) and averaged over the real samples. That is exact for a loss that is the batch mean of
+  per-sample terms, as every algorithm's is; a host checks it once per workspace and falls back otherwise.
+- What is not batched falls back to the sequential loop (`fmlray.algorithms.base.train_client`), saying
+  why once per host: Adam, algorithms with their own forward or private scalars (APFL) or frozen layers
+  (FedRep), and models with buffers (BatchNorm's running statistics).
+
+The result equals the sequential loop's up to float rounding (batched matrix products sum in another
+order); tests/unit/test_batched.py holds every algorithm that batches to it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from itertools import repeat
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from fmlray.algorithms.base import Algorithm, batches
+from fmlray.engine.device import autocast
+from fmlray.engine.state import _copy
+from fmlray.seeding import BATCH_ORDER, derive_seed
+
+if TYPE_CHECKING:
+    from fmlray.engine.host import Client, ClientHost, Received
+
+# `training.batching = "auto"` (measured on 2 Xeon vCPUs, 1 thread, FedAvg, batch 32; see benchmarks/README.md):
+# on the CPU a vmapped Linear is one batched matmul and wins (digits mlp: 1.8x at 20 clients, 2.8x at 100, but
+# 0.8x at 2 and 1.0x at 4), while a vmapped convolution becomes a grouped one, slower than the loop on 28x28
+# images (fmnist lenet5, cnn, cnn5: 0.74-0.76x) though not on 8x8 ones (digits lenet5 1.7x, cnn 1.25x).
+# Not measured on a GPU yet (benchmarks/gpu_check.sh does): there auto stays sequential; set "vmap".
+AUTO_MIN_CLIENTS = 8
+AUTO_MAX_CONV_PIXELS = 8 * 8
+
+
+def auto_batches(models: list[nn.Module], input_shape: tuple[int, ...], device: torch.device, clients: int) -> bool:
+    """Whether `training.batching = "auto"` trains `clients` clients of these models as one batched model."""
+    if device.type != "cpu" or clients < AUTO_MIN_CLIENTS:
+        return False
+    convolves = any(isinstance(m, nn.Conv2d) for model in models for m in model.modules())
+    return not convolves or (len(input_shape) == 3 and input_shape[1] * input_shape[2] <= AUTO_MAX_CONV_PIXELS)
+
+
+class Outcome(NamedTuple):
+    """What training one client gave: its metrics and shared tensors, or why it was left out."""
+
+    metrics: dict | None
+    sent: list[Tensor] | None  # the shared model's shared tensors (in the received state's key order)
+    error: str | None
+    share: float  # of its unit's time (batched clients split it by their steps)
+    checked: bool = False  # whether `sent` was already found finite
+
+
+NOT_FINITE = "the shared model {!r}'s parameters are not finite (or beyond ~1e19)"
+
+
+class _Models(nn.Module):
+    """An algorithm's models as one module, for functional_call: its forward gives their logits and penalties."""
+
+    def __init__(self, algo: Algorithm, models: dict[str, nn.Module]):
+        super().__init__()
+        self.algo = algo
+        self.models = nn.ModuleDict({n: models[n] for n in algo.trains})
+
+    def forward(self, x: Tensor, anchor: list[Tensor] | None):
+        logits = {n: self.models[n](x) for n in self.algo.trains}
+        penalties = {n: p(self.models[n], anchor) for n, p in self.algo.penalties.items()}
+        return logits, penalties
+
+
+@dataclass
+class _Plan:
+    """How a workspace's parameters stack: names for functional_call, shapes, where each comes from, and the
+    memory order each is stored in."""
+
+    wrapper: _Models
+    names: list[str]  # "models.<model>.<parameter>", every parameter of every trained model
+    shapes: list[tuple[int, ...]]
+    from_global: list[int]  # per received key (in its order): the parameter it fills
+    from_row: list[int]  # per model slot of the row layout: the parameter it fills
+    momentum_row: list[int]  # per optimiser slot of the row layout: the parameter whose momentum it is
+    orders: list[tuple[int, ...]] = None  # per parameter: its dimensions in the order its stack stores them
+
+    def __post_init__(self):
+        self.orders = self.orders or [tuple(range(len(s))) for s in self.shapes]
+
+
+def plan_of(algo: Algorithm, ws, shared: list[str] | None) -> _Plan:
+    """The stacking plan of workspace `ws` (`shared`: the shared model's received keys, None if none)."""
+    wrapper = _Models(algo, ws.models)
+    flat = {(n, k): i for i, (n, k) in enumerate((n, k) for n in algo.trains
+                                                   for k, _ in ws.models[n].named_parameters())}
+    shapes = [tuple(p.shape) for n in algo.trains for p in ws.models[n].parameters()]
+    from_row = [flat[(part.name, k)] for part in ws.layout.parts for k in part.keys]
+    momentum_row = [flat[(part.name, k)] for part in ws.layout.parts if part.optimizer
+                    for k, _ in part.model.named_parameters()]
+    from_global = [flat[(algo.shares, k)] for k in shared or []]
+    if sorted(from_row + from_global) != list(range(len(flat))):
+        raise AssertionError("the batched path cannot place every parameter")  # a layout change missed here
+    return _Plan(wrapper, [f"models.{n}.{k}" for n, k in flat], shapes, from_global, from_row, momentum_row)
+
+
+class _Stack:
+    """K clients' copies of every parameter of a plan (or of its momentum). Each is stored contiguous in the
+    memory order its gradient comes in (a vmapped Linear's weight gradient is transposed), so that the fused
+    SGD step reads parameter, gradient and momentum without copying them."""
+
+    def __init__(self, plan: _Plan, k: int, device: torch.device, zero: bool = False):
+        make = torch.zeros if zero else torch.empty
+        self.store = [make((k, *(s[d] for d in o)), device=device) for s, o in zip(plan.shapes, plan.orders)]
+        self.back = [tuple(sorted(range(len(o)), key=o.__getitem__)) for o in plan.orders]  # store → parameter
+
+    def client(self, j: int, i: int) -> Tensor:
+        """Parameter j of client i, shaped as the model's (a view)."""
+        return self.store[j][i].permute(self.back[j])
+
+    def shaped(self, j: int, t: Tensor) -> Tensor:
+        """`t`, stored as parameter j's stack (leading client dimension), shaped as the parameter."""
+        return t.permute(0, *(1 + d for d in self.back[j]))
+
+    def first(self, k: int) -> "_Stack":
+        """The first k clients' (views: a stack kept from round to round is reused, not allocated again,
+        which on the CPU would fault in its pages anew every round)."""
+        out = object.__new__(_Stack)
+        out.store, out.back = [t[:k] for t in self.store], self.back
+        return out
+
+    def finite(self, js: list[int]) -> list[bool]:
+        """Per client: whether parameters `js` are all finite (a fused L2 norm per stacked tensor, as
+        host._finite does per client; beyond ~1e19 counts as not finite too)."""
+        norms = torch.stack([torch.linalg.vector_norm(self.store[j].flatten(1), dim=1) for j in js])
+        return norms.isfinite().all(0).tolist()
+
+
+def _slots(lay, plan: _Plan, params: _Stack, moms: _Stack | None):
+    """(row slot, parameter index, stack) of every tensor a client's row holds."""
+    out = list(zip(lay.model_slots, plan.from_row, repeat(params)))
+    if moms is not None:
+        out += zip(lay.opt_slots, plan.momentum_row, repeat(moms))
+    return out
+
+
+def _index(at: list[int], device: torch.device) -> slice | Tensor:
+    """Positions `at` in a stack: a slice when they are 0..n-1 (every client), else an index tensor."""
+    return slice(0, len(at)) if at == list(range(len(at))) else torch.tensor(at, device=device)
+
+
+def _column(table: Tensor, slot) -> Tensor:
+    """Slot `slot` of every row of `table` (clients' rows of bytes, one per line) as a (clients, *shape) view."""
+    k = len(table)
+    return table[:, slot.offset:slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).view(k, *slot.shape)
+
+
+def loss_is_sample_mean(algo: Algorithm, classes: int) -> bool:
+    """Whether `algo`'s loss on a batch is the mean of its losses on each sample alone (the padding needs it)."""
+    gen = torch.Generator().manual_seed(0)
+    z = {n: torch.randn(3, classes, generator=gen) for n in algo.trains}
+    y = torch.randint(classes, (3,), generator=gen)
+    try:
+        whole = algo.loss(z, y, 1)
+        each = [algo.loss({n: v[i:i + 1] for n, v in z.items()}, y[i:i + 1], 1) for i in range(3)]
+    except Exception:  # noqa: BLE001 - a loss that cannot take this probe is not batched, not a failed run
+        return False
+    return all(torch.allclose(whole[n], sum(e[n] for e in each) / 3, rtol=1e-5, atol=1e-6) for n in whole)
+
+
+def sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, lr: float, momentum: float,
+        decay: float) -> None:
+    """torch.optim.SGD's step (dampening 0, no Nesterov) on stacked tensors, in place; a momentum buffer of
+    zeros is a fresh one. torch's fused kernel makes one pass over each tensor, 3x faster here than the
+    four passes of foreach ops: stacked over clients, these tensors outgrow the CPU's caches."""
+    if bufs is not None and hasattr(torch, "_fused_sgd_"):
+        torch._fused_sgd_(params, grads, bufs, weight_decay=decay, momentum=momentum, lr=lr, dampening=0.0,
+                          nesterov=False, maximize=False, is_first_step=False)
+        return
+    if decay:
+        grads = torch._foreach_add(grads, params, alpha=decay)
+    if bufs is not None:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        grads = bufs
+    torch._foreach_add_(params, grads, alpha=-lr)
+
+
+class Batcher:
+    """A host's batched path: which of a round's clients train together, and their training."""
+
+    def __init__(self, host: ClientHost):
+        self.host = host
+        self.why: dict[tuple[str, ...], str | None] = {}  # by workspace: why it cannot batch (None: it can)
+        self.plans: dict[tuple[str, ...], _Plan] = {}
+        self.stacks: dict[tuple[str, ...], tuple[_Stack, _Stack | None]] = {}  # by workspace: the largest used
+        self.tables: dict[tuple[str, ...], Tensor] = {}  # the same, for rows
+        self.noted: set[str] = set()
+
+    def units(self, cids: list[int], received: bool) -> list[tuple[list[int], bool]]:
+        """`cids` (sorted) as units of work in order: (clients, batched?). A batched unit is a run of
+        consecutive clients of one workspace, at most `training.max_batched_clients` long."""
+        host, out, run = self.host, [], []
+        for cid in cids:
+            if run and (host._archs(host.clients[cid]) != host._archs(host.clients[run[-1]])
+                        or host.clients[cid].task is not host.clients[run[-1]].task):
+                out += self._split(run, received)
+                run = []
+            run.append(cid)
+        return out + (self._split(run, received) if run else [])
+
+    def _split(self, run: list[int], received: bool) -> list[tuple[list[int], bool]]:
+        # Clients with a task train one after another: the batched losses are the dataset's classes'.
+        if self.host.clients[run[0]].task is not None or not self._batches(self.host._archs(self.host.clients[run[0]]), len(run), received):
+            return [([cid], False) for cid in run]
+        cap = self.host.cfg.training.max_batched_clients
+        chunks = [run[i:i + cap] for i in range(0, len(run), cap)]
+        return [(chunk, len(chunk) > 1) for chunk in chunks]
+
+    def _batches(self, key: tuple[str, ...], n: int, received: bool) -> bool:
+        host, mode = self.host, self.host.cfg.training.batching
+        if mode == "sequential" or n < 2:
+            return False
+        if mode == "auto" and not auto_batches(list(host._workspace(key).models.values()), host.dataset.input_shape,
+                                               host.device, min(n, host.cfg.training.max_batched_clients)):
+            return False
+        why = self._why(key) or (None if received or self.host.algo.shares is None else "no global state received")
+        if why is not None:
+            if mode == "vmap" and why not in self.noted:  # asked for: say once why not (auto's choices are quiet)
+                self.noted.add(why)
+                warnings.warn(f"training.batching = {mode!r}: clients with models {'+'.join(key)} train one after "
+                              f"another: {why}", stacklevel=2)
+            return False
+        return True
+
+    def _why(self, key: tuple[str, ...]) -> str | None:
+        if key not in self.why:
+            self.why[key] = self._reason(key)
+        return self.why[key]
+
+    def _reason(self, key: tuple[str, ...]) -> str | None:
+        algo, t = self.host.algo, self.host.cfg.training
+        if t.optimizer != "sgd":
+            return f"the batched step is SGD's (training.optimizer = {t.optimizer!r})"
+        if algo.forward is not None or algo.scalars:
+            return f"{algo.name} computes its logits with its own forward or private scalars"
+        if algo.frozen is not None:
+            return f"{algo.name} freezes layers epoch by epoch"
+        ws = self.host._workspace(key)
+        if any(True for m in ws.models.values() for _ in m.buffers()):
+            return "a model keeps buffers (BatchNorm's running statistics), which vmap does not update"
+        if not loss_is_sample_mean(algo, self.host.dataset.num_classes):
+            return f"{algo.name}'s loss is not the batch mean of per-sample terms, so shorter batches cannot be padded"
+        return None
+
+    def _table(self, key: tuple[str, ...], nbytes: int, k: int) -> Tensor:
+        """A (k, nbytes) table of rows on the CPU, kept from round to round: bytes between a row's tensors are
+        zero (as in a fresh row) and stay so, and its pages are not faulted in anew every round."""
+        table = self.tables.get(key)
+        if table is None or len(table) < k:
+            table = self.tables[key] = torch.zeros((k, nbytes), dtype=torch.uint8)
+        return table[:k]
+
+    def _plan(self, key: tuple[str, ...], glob: Received | None, rnd: int) -> _Plan:
+        if key not in self.plans:
+            plan = plan_of(self.host.algo, self.host._workspace(key), None if glob is None else glob.keys)
+            plan.orders = self._grad_orders(plan, rnd, None if glob is None else glob.anchor)
+            self.plans[key] = plan
+        return self.plans[key]
+
+    def _grad_orders(self, plan: _Plan, rnd: int, anchor: list[Tensor] | None) -> list[tuple[int, ...]]:
+        """The memory order each parameter's gradient comes in, from one step of two clients on random data."""
+        host = self.host
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((2, 2, *host.dataset.input_shape), generator=gen).to(host.device)
+        y = torch.zeros((2, 2), dtype=torch.long, device=host.device)
+        stack = _Stack(plan, 2, host.device)
+        leaves = [torch.randn(t.shape, generator=gen).to(host.device).requires_grad_() for t in stack.store]
+        losses, _ = self._client_fn(plan, rnd, anchor, uniform=True)(
+            dict(zip(plan.names, (stack.shaped(j, t) for j, t in enumerate(leaves)))), x, y, None)
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        orders = []
+        for j, g in enumerate(grads):
+            g = None if g is None else stack.shaped(j, g)  # in the parameter's shape, with the gradient's strides
+            strides = [1] * len(plan.shapes[j]) if g is None else g.stride()[1:]
+            orders.append(tuple(sorted(range(len(plan.shapes[j])), key=lambda d: -strides[d])))
+        return orders
+
+    def _client_fn(self, plan: _Plan, rnd: int, anchor: list[Tensor] | None, uniform: bool):
+        """One client's step, vmapped over clients: (losses (client, model), correct predictions (client, model))
+        of parameters, a batch and, where batches differ in length (not `uniform`), per-sample weights."""
+        algo, names = self.host.algo, self.host.algo.trains
+
+        def client(p: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor | None):
+            logits, penalties = functional_call(plan.wrapper, p, (x, anchor))
+            if w is None:
+                losses = algo.loss(logits, y, rnd)
+            else:  # per sample, weighted by 1/(real samples) or 0 (padding)
+                each = vmap(lambda z, yy: algo.loss({n: v[None] for n, v in z.items()}, yy[None], rnd))(logits, y)
+                losses = {n: (v * w).sum() for n, v in each.items()}
+            losses = {n: losses[n] + penalties[n] if n in penalties else losses[n] for n in names}
+            hits = {n: logits[n].argmax(1) == y for n in names}
+            if w is not None:
+                hits = {n: h & (w > 0) for n, h in hits.items()}
+            return torch.stack([losses[n] for n in names]), torch.stack([h.sum() for h in hits.values()])
+
+        return vmap(client, in_dims=(0, 0, 0, None if uniform else 0))
+
+    def _order(self, c: Client, rnd: int) -> list[Tensor]:
+        """The client's batches this round, as indices into its host's training rows: the same draws, from the
+        same seed, as the sequential loop's."""
+        host, t = self.host, self.host.cfg.training
+        gen = torch.Generator().manual_seed(derive_seed(host.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
+        index = host.train_rows.index(c.cid)
+        n = len(c.train_rows)
+        return [index[idx] for _ in range(t.epochs) for idx in batches(n, t.batch_size, gen)]
+
+    def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
+        """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
+        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        key = host._archs(clients[0])
+        ws, plan = host._workspace(key), self._plan(key, glob, rnd)
+        steps = [self._order(c, rnd) for c in clients]
+        rank = sorted(range(len(clients)), key=lambda k: -len(steps[k]))  # longest first: the active are a prefix
+        ranked = [clients[k] for k in rank]
+        params, moms = self._load(key, ranked, ws, plan, glob)
+        stats = self._steps(plan, params, moms, [steps[k] for k in rank], rnd,
+                            None if glob is None else glob.anchor)
+        bad = self._store(key, ranked, ws, plan, params, moms, stats)
+        total = sum(len(s) for s in steps)
+        finite = params.finite(plan.from_global) if glob is not None else None
+        out: list[Outcome | None] = [None] * len(clients)
+        for i, k in enumerate(rank):
+            share = len(steps[k]) / total
+            if bad[i] is not None:
+                out[k] = Outcome(None, None, bad[i], share)
+                continue
+            seen = stats["seen"][i]
+            metrics = {}
+            for n in algo.trains:
+                metrics[f"{n}_loss"] = stats["loss"][n][i] / seen
+                metrics[f"{n}_accuracy"] = stats["correct"][n][i] / seen
+            if glob is None:
+                out[k] = Outcome(metrics, None, None, share, True)
+            elif not finite[i]:
+                out[k] = Outcome(None, None, NOT_FINITE.format(algo.shares), share, True)
+            else:
+                out[k] = Outcome(metrics, [params.client(j, i) for j in plan.from_global], None, share, True)
+        return out
+
+    def _load(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, glob: Received | None):
+        """The clients' parameters and momentum, stacked in `ranked` order: private ones from their rows (or
+        their initial models), received ones from the global state; the shared model's momentum starts at 0."""
+        host, dev = self.host, self.host.device
+        started = time.perf_counter()
+        k = len(ranked)
+        kept = self.stacks.get(key)
+        if kept is None or len(kept[0].store[0]) < k:
+            kept = self.stacks[key] = (_Stack(plan, k, dev),
+                                       _Stack(plan, k, dev) if host.cfg.training.momentum > 0 else None)
+        params, moms = (None if s is None else s.first(k) for s in kept)
+        if moms is not None:
+            torch._foreach_zero_(moms.store)
+        store, lay = host.stores.get(key), ws.layout
+        if store is not None:
+            kept_rows = [(i, store.get(c.cid)) for i, c in enumerate(ranked)]
+            old = [(i, row) for i, row in kept_rows if row is not None]
+            if old:  # one copy per client into a table of rows, then one copy per tensor for every client
+                table = self._table(key, lay.nbytes, len(old))
+                rows = table.numpy()
+                for n, (_, row) in enumerate(old):
+                    rows[n] = row
+                table = table.to(dev)
+                at = _index([i for i, _ in old], dev)
+                for slot, j, stack in _slots(lay, plan, params, moms):
+                    stack.shaped(j, stack.store[j])[at] = _column(table, slot)
+            for i, c in enumerate(ranked):
+                if kept_rows[i][1] is None:  # never trained: its initial models, drawn as the sequential path does
+                    ws.load(None, host._seeds(c), c.cid, host.algo.scalars)
+                    _copy([params.client(j, i) for j in plan.from_row], ws.tensors)
+                store.done(c.cid)
+            ws.client = None  # the workspace holds no one client's state now
+        if glob is not None:
+            for j, g in zip(plan.from_global, glob.tensors):
+                stacked = params.shaped(j, params.store[j])
+                stacked.copy_(g.expand_as(stacked))
+        host.state_seconds += time.perf_counter() - started
+        return params, moms
+
+    def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[list[Tensor]],
+               rnd: int, anchor: list[Tensor] | None) -> dict:
+        """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
+        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        dev, k_all, names = host.device, len(steps), host.algo.trains
+        x_all, y_all = host.train_rows.source()
+        sizes = [[len(b) for b in s] for s in steps]
+        table = torch.zeros((len(steps[0]), k_all, max(max(s) for s in sizes)), dtype=torch.long)
+        count = torch.zeros((len(steps[0]), k_all))
+        for i, s in enumerate(steps):
+            count[:len(s), i] = torch.tensor(sizes[i], dtype=torch.float32)
+            for j, b in enumerate(s):
+                table[j, i, :len(b)] = b
+        table, count = table.to(x_all.device), count.to(dev)
+        loss_sum = torch.zeros((len(names), k_all), dtype=torch.float64, device=dev)
+        correct = torch.zeros((len(names), k_all), dtype=torch.long, device=dev)
+        bad = torch.zeros(k_all, dtype=torch.bool, device=dev)
+        bad_losses = torch.zeros((len(names), k_all), device=dev)
+        step = {u: self._client_fn(plan, rnd, anchor, u) for u in (True, False)}
+        mixed = autocast(dev, t.precision)
+        for j in range(len(steps[0])):
+            k = sum(1 for s in sizes if len(s) > j)  # the clients still training: a prefix
+            width = max(s[j] for s in sizes[:k])
+            uniform = all(s[j] == width for s in sizes[:k])
+            idx = table[j, :k, :width]
+            x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+            n = count[j, :k]
+            w = None if uniform else (torch.arange(width, device=dev) < n[:, None]) / n[:, None]
+            views = [p[:k] for p in params.store]
+            leaves = [v.detach().requires_grad_() for v in views]
+            with mixed:
+                losses, hits = step[uniform](
+                    dict(zip(plan.names, (params.shaped(i, v) for i, v in enumerate(leaves)))), x, y, w)
+            grads = torch.autograd.grad(losses.float().sum(), leaves)
+            with torch.no_grad():
+                sgd(views, list(grads), None if moms is None else [m[:k] for m in moms.store], t.lr, t.momentum,
+                    t.weight_decay)
+                losses = losses.detach().float().T  # (model, client)
+                fresh = ~torch.isfinite(losses.sum(0)) & ~bad[:k]
+                bad_losses[:, :k] = torch.where(fresh, losses, bad_losses[:, :k])
+                bad[:k] |= fresh
+                loss_sum[:, :k] += losses * n
+                correct[:, :k] += hits.T
+        return {"loss": dict(zip(names, loss_sum.tolist())), "correct": dict(zip(names, correct.tolist())),
+                "seen": [float(sum(s)) for s in sizes], "bad": bad.tolist(), "bad_losses": bad_losses.T.tolist()}
+
+    def _store(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, params, moms,
+               stats) -> list[str | None]:
+        """Write each client's private state back to its row, except where its loss went non-finite (its
+        row stays as it was, as in the sequential path); per client, why it is left out (None: it is not)."""
+        host = self.host
+        started = time.perf_counter()
+        store, lay = host.stores.get(key), ws.layout
+        out = []
+        for i, c in enumerate(ranked):
+            if stats["bad"][i]:
+                bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(host.algo.trains, stats["bad_losses"][i]))
+                out.append(f"loss is not finite ({bad}); lower training.lr or check the data")
+            else:
+                out.append(None)
+        good = [i for i, why in enumerate(out) if why is None]
+        if store is not None and good:
+            # each tensor of every client into a table of rows (zeros between tensors, as a fresh row has),
+            # then one copy per client into its row
+            cpu = self._table(key, lay.nbytes, len(good))
+            table = cpu.to(host.device)
+            at = _index(good, host.device)
+            for slot, j, stack in _slots(lay, plan, params, moms):
+                _column(table, slot).copy_(stack.shaped(j, stack.store[j])[at])
+            rows = table.cpu().numpy()
+            for n, i in enumerate(good):
+                c = ranked[i]
+                store.put(c.cid)[:] = rows[n]
+                store.done(c.cid)
+                host.dirty.add(c.cid)
+        host.state_seconds += time.perf_counter() - started
+        return out
