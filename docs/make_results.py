@@ -83,6 +83,20 @@ def curves(rows: list[dict], axes: list[str]) -> dict[tuple, dict[str, dict[int,
     return out
 
 
+def cell(xs: list[float]) -> str:
+    """Mean ± std, or a dash for nothing."""
+    return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
+
+
+def last_rounds(rows: list[dict]) -> dict[str, int]:
+    """Each run's last evaluated round."""
+    last: dict[str, int] = {}
+    for r in rows:
+        if r["split"] == "test":
+            last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    return last
+
+
 def summary_table(runs: dict[str, dict], axes: list[str]) -> str:
     """Mean ± std across seeds of the final-round client means, one row per variant."""
     variants: dict[tuple, dict[str, list[float]]] = {}
@@ -96,9 +110,6 @@ def summary_table(runs: dict[str, dict], axes: list[str]) -> str:
             v["global_clients"].append(np.mean(run["global"]))
         if run["test"] is not None:
             v["global_test"].append(run["test"])
-
-    def cell(xs: list[float]) -> str:
-        return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
 
     head = [*axes, "seeds", "local (own test)", "local p10", "global (client tests)", "global (global test)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -138,10 +149,7 @@ def group_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) ->
     the same labels except `baseline` = (axis, value)."""
     axis, value = baseline
     at = axes.index(axis)
-    last: dict[str, int] = {}
-    for r in rows:
-        if r["split"] == "test":
-            last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    last = last_rounds(rows)
     acc: dict[tuple, dict[int, dict]] = {}  # (labels, group) -> seed -> client -> accuracy
     base: dict[tuple, dict[int, float]] = {}  # (other labels, seed) -> client -> baseline accuracy
     for r in rows:
@@ -152,9 +160,6 @@ def group_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) ->
         others = labels[:at] + labels[at + 1:]
         if labels[at] == value:
             base.setdefault((others, r["seed"]), {})[r["client"]] = r["accuracy"]
-
-    def cell(xs: list[float]) -> str:
-        return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
 
     head = [*axes, "group", "clients", "local (own test)", f"same clients, {value}", "difference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -175,10 +180,7 @@ def task_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) -> 
     clients (the variant with the same labels except `baseline` = (axis, value)), and the global model."""
     axis, value = baseline
     at = axes.index(axis)
-    last: dict[str, int] = {}
-    for r in rows:
-        if r["split"] == "test":
-            last[r["run"]] = max(last.get(r["run"], 0), r["round"])
+    last = last_rounds(rows)
     per: dict[tuple, dict[str, dict[int, list[float]]]] = {}  # (labels, group) -> model -> seed -> accuracies
     task: dict[str, str] = {}  # the group's task, from its group_test rows (none: the dataset's classes)
     for r in rows:
@@ -190,9 +192,6 @@ def task_table(rows: list[dict], axes: list[str], baseline: tuple[str, str]) -> 
     acc = {k: {m: {s: float(np.mean(v)) for s, v in seeds.items()} for m, seeds in models.items()}
            for k, models in per.items()}
     clients = {k: len(next(iter(next(iter(models.values())).values()))) for k, models in per.items()}
-
-    def cell(xs: list[float]) -> str:
-        return "–" if not xs else f"{np.mean(xs):.3f} ± {np.std(xs):.3f}"
 
     head = [*axes, "group", "task", "clients", "local (own test)", f"{axis} = {value}, same clients", "difference",
             "global (client tests)"]
