@@ -380,22 +380,24 @@ class Batcher:
             torch._foreach_zero_(moms.store)
         store, lay = host.stores.get(key), ws.layout
         if store is not None:
-            kept_rows = [(i, store.get(c.cid)) for i, c in enumerate(ranked)]
-            old = [(i, row) for i, row in kept_rows if row is not None]
-            if old:  # one copy per client into a table of rows, then one copy per tensor for every client
-                table = self._table(key, lay.nbytes, len(old))
-                rows = table.numpy()
-                for n, (_, row) in enumerate(old):
-                    rows[n] = row
-                table = table.to(dev)
-                at = _index([i for i, _ in old], dev)
-                for slot, j, stack in _slots(lay, plan, params, moms):
-                    stack.shaped(j, stack.store[j])[at] = _column(table, slot)
+            # one copy per client into a table of rows (as each is read: a store's row is valid until `done`),
+            # then one copy per tensor for every client
+            table, old = self._table(key, lay.nbytes, k), []
+            rows = table.numpy()
             for i, c in enumerate(ranked):
-                if kept_rows[i][1] is None:  # never trained: its initial models, drawn as the sequential path does
+                row = store.get(c.cid)
+                if row is not None:
+                    rows[len(old)] = row
+                    old.append(i)
+                else:  # never trained: its initial models, drawn as the sequential path does
                     ws.load(None, host._seeds(c), c.cid, host.algo.scalars)
                     _copy([params.client(j, i) for j in plan.from_row], ws.tensors)
                 store.done(c.cid)
+            if old:
+                table = table[:len(old)].to(dev)
+                at = _index(old, dev)
+                for slot, j, stack in _slots(lay, plan, params, moms):
+                    stack.shaped(j, stack.store[j])[at] = _column(table, slot)
             ws.client = None  # the workspace holds no one client's state now
         if glob is not None:
             for j, g in zip(plan.from_global, glob.tensors):

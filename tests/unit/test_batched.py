@@ -236,3 +236,21 @@ def test_clients_with_a_task_train_one_after_another_and_the_others_still_batch(
     tasked = {cid for cid, c in host.clients.items() if c.task is not None}
     assert tasked and all(not batched for cids, batched in units if set(cids) & tasked)
     assert any(batched for _, batched in units)
+
+
+def test_a_batched_run_on_the_disk_store_equals_one_in_memory(tmp_path):
+    # the disk store hands out one buffer per read: the batched path must copy each row before the next read
+    overrides = [MLP, "run.rounds=3", "clients.fraction=1.0", "training.momentum=0.9"]
+    results = []
+    for store in ("memory", "disk"):
+        cfg = load_config(None, [*SMALL, *overrides, "training.batching='vmap'", f"engine.state_store={store!r}",
+                                 f"engine.state_dir={str(tmp_path)!r}"])
+        prepared = prepare(cfg)
+        engine = SerialEngine()
+        engine.start(cfg, prepared.dataset, prepared.partition)
+        try:
+            results.append(simulate(cfg, prepared.dataset, prepared.partition, engine).global_state)
+        finally:
+            engine.close()
+    for k in results[0]:
+        np.testing.assert_array_equal(results[0][k], results[1][k], err_msg=k)
