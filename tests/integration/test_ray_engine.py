@@ -355,8 +355,9 @@ def test_held_modules_are_the_hosts_workspaces():
 
 def test_progress_inside_a_round_counts_the_clients_actors_have_done(ray_session):
     # one actor, 8 clients of ~0.5 s each: the driver, polling once a second, hears counts from the actor
+    # (trained one after another: a batched unit of clients is heard from when it is done)
     cfg = load_config(None, ["run.rounds=1", "training.epochs=12", ONE_GROUP, "engine.kind=ray",
-                             "engine.num_actors=1", "clients.num_clients=8"])
+                             "engine.num_actors=1", "clients.num_clients=8", "training.batching='sequential'"])
     prepared = prepare(cfg)
     engine = RayEngine()
     engine.start(cfg, prepared.dataset, prepared.partition)
