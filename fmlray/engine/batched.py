@@ -45,10 +45,10 @@ from fmlray.seeding import BATCH_ORDER, derive_seed
 if TYPE_CHECKING:
     from fmlray.engine.host import Client, ClientHost, Received
 
-# `training.batching = "auto"` (measured on 2 Xeon vCPUs, 1 thread, FedAvg, batch 32; see benchmarks/README.md):
-# on the CPU a vmapped Linear is one batched matmul and wins (digits mlp: 1.8x at 20 clients, 2.8x at 100, but
+# `training.batching = "auto"` (benchmarks/results/batched-clients-2cpu-2026-11-26.md: 1 thread, FedAvg, batch 32):
+# on the CPU a vmapped Linear is one batched matmul and wins (digits mlp: 2.0x at 20 clients, 2.9x at 100, but
 # 0.8x at 2 and 1.0x at 4), while a vmapped convolution becomes a grouped one, slower than the loop on 28x28
-# images (fmnist lenet5, cnn, cnn5: 0.74-0.76x) though not on 8x8 ones (digits lenet5 1.7x, cnn 1.25x).
+# images (fmnist lenet5, cnn, cnn5: 0.66-0.90x) though not on 8x8 ones (digits lenet5 1.9x, cnn 1.4x).
 # Not measured on a GPU yet (benchmarks/gpu_check.sh does): there auto stays sequential; set "vmap".
 AUTO_MIN_CLIENTS = 8
 AUTO_MAX_CONV_PIXELS = 8 * 8
