@@ -369,7 +369,7 @@ class Batcher:
         """The clients' parameters and momentum, stacked in `ranked` order: private ones from their rows (or
         their initial models), received ones from the global state; the shared model's momentum starts at 0."""
         host, dev = self.host, self.host.device
-        started = time.perf_counter()
+        started, drawn = time.perf_counter(), 0.0
         k = len(ranked)
         kept = self.stacks.get(key)
         if kept is None or len(kept[0].store[0]) < k:
@@ -390,8 +390,10 @@ class Batcher:
                     rows[len(old)] = row
                     old.append(i)
                 else:  # never trained: its initial models, drawn as the sequential path does
+                    drawing = time.perf_counter()
                     ws.load(None, host._seeds(c), c.cid, host.algo.scalars)
                     _copy([params.client(j, i) for j in plan.from_row], ws.tensors)
+                    drawn += time.perf_counter() - drawing
                 store.done(c.cid)
             if old:
                 table = table[:len(old)].to(dev)
@@ -403,7 +405,8 @@ class Batcher:
             for j, g in zip(plan.from_global, glob.tensors):
                 stacked = params.shaped(j, params.store[j])
                 stacked.copy_(g.expand_as(stacked))
-        host.state_seconds += time.perf_counter() - started
+        host.state_seconds += time.perf_counter() - started - drawn  # as the sequential path counts them
+        host.init_seconds += drawn
         return params, moms
 
     def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[list[Tensor]],

@@ -20,14 +20,14 @@ from fmlray.aggregate import PartialSum, State
 from fmlray.algorithms import Algorithm, build_algorithm, evaluate, make_optimizer, train_client
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
-from fmlray.errors import FmlrayError, ResourceError, TrainingError
 from fmlray.engine.batched import NOT_FINITE, Batcher, Outcome
 from fmlray.engine.device import Rows, autocast, check_precision, cuda_determinism
 from fmlray.engine.state import (STORES, DiskStore, Layout, MemoryStore, Part, RowRef, Workspace, crc, open_rows,
                                  write_rows)
+from fmlray.engine.tasks import ClientTask, arch_name, build_arch
+from fmlray.errors import FmlrayError, ResourceError, TrainingError
 from fmlray.models import build_model
 from fmlray.seeding import BATCH_ORDER, GLOBAL_INIT, LOCAL_INIT, derive_seed
-from fmlray.engine.tasks import ClientTask, arch_name, build_arch
 from fmlray.tasks import of_group
 
 
@@ -328,7 +328,7 @@ class ClientHost:
     def _rows(self, c: Client, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A client's rows (kept where the host trains), labelled in its task's space."""
         x, y = (self.test_rows if test else self.train_rows).get(c.cid)
-        return x, (y if c.task is None else c.task.label_of.to(y.device)[y])
+        return x, (y if c.task is None else c.task.label_of[y])  # both on the host's device
 
     def _global_tensors(self, state: State) -> Received:
         """The global `state` as tensors in the shared model's key order, on this host's device; checked and

@@ -285,7 +285,7 @@ class DiskStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="fmlray-rows")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd, self.direct = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            self._fd, _ = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             fcntl.flock(self._fd, fcntl.LOCK_EX)  # held while this process lives: see `_tidy_scratch`
         except OSError as exc:
             raise ResourceError(f"cannot write client state under {folder} ({exc.strerror}); "
