@@ -77,6 +77,9 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("clients.groups.0.num_gpus=inf", "clients.groups[0].num_gpus must be a finite number"),
     ('run.name="a\\u0085"', "holds a control character"),
     ("run.seed=9223372036854775808", "does not fit in 64 bits"),
+    ("training.batching=jit", "training.batching = 'jit' is unknown; choose one of auto, sequential, vmap"),
+    ("training.max_batched_clients=0", "training.max_batched_clients must be >= 1, got 0"),
+    ("training.precision=fp16", "training.precision = 'fp16' is unknown; choose one of fp32, bf16"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
