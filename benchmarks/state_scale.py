@@ -20,8 +20,10 @@ Results: benchmarks/results/state-scale-fmnist-<N>cpu-<date>.{md,parquet}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -258,18 +260,35 @@ def main(argv: list[str] | None = None) -> int:
                              "commit and on the work tree, one after the other (the 'no slower than before' target)")
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 clients, 3 rounds, resume check at 100")
     parser.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
+    parser.add_argument("--one", metavar="N,CKPT,JSON", help=argparse.SUPPRESS)  # a configuration, in a child
     args = parser.parse_args(argv)
+    if args.one:  # one configuration in this fresh process and its own Ray; its row as JSON
+        n, ckpt, out = args.one.split(",", 2)
+        benchlib.start_ray(num_cpus=2)
+        try:
+            row = one(int(n), args.rounds, args.per_round, ckpt == "1", {})
+        finally:
+            ray.shutdown()
+        Path(out).write_text(json.dumps(row))
+        return 0
     if args.quick:
         args.clients, args.rounds, args.resume_check = [100, 1000], 3, [100]
     meta = benchlib.run_meta(args)
     meta["load_before"] = os.getloadavg()
-    benchlib.start_ray(num_cpus=2)
-    prepared: dict = {}
     rows = []
+    # Each configuration runs in a fresh process with its own Ray, so that its driver holds one size's data
+    # and nothing a larger run left behind: the driver's PSS per size is then comparable across sizes.
     for n in args.clients:
         for ckpt in ([True, False] if n in args.no_checkpoint_baseline else [True]):
             print(f"{n} clients, checkpoint {'every round' if ckpt else 'never'}", flush=True)
-            rows.append(one(n, args.rounds, args.per_round, ckpt, prepared))
+            with tempfile.TemporaryDirectory() as tmp:
+                got = Path(tmp) / "row.json"
+                subprocess.run([sys.executable, __file__, "--one", f"{n},{int(ckpt)},{got}", "--rounds",
+                                str(args.rounds), "--per-round", str(args.per_round)], check=True)
+                rows.append(json.loads(got.read_text()))
+    prepared: dict = {}
+    if args.resume_check:
+        benchlib.start_ray(num_cpus=2)
     checks = [resume_check(n, args.rounds, args.per_round, prepared) for n in args.resume_check]
     against = versus(args.against, args.rounds, args.per_round) if args.against else None
     meta["load_after"] = os.getloadavg()
@@ -280,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# State scale: FML on Fashion-MNIST, cnn5 locals, ~{args.per_round} clients a round",
              "", benchlib.environment_markdown(meta), "",
              f"{args.rounds} rounds, 1 epoch, batch 32, 2 Ray actors × 1 CPU, evaluation of the round's clients + 200 "
-             "a round; means over rounds 2 on (round 1 warms up).", "",
+             "a round; means over rounds 2 on (round 1 warms up). Each configuration ran in a fresh process with "
+             "its own Ray (its driver holds that size's data only).", "",
              benchlib.markdown_table(rows, COLUMNS), ""]
     for n in args.no_checkpoint_baseline:
         with_ckpt = [r for r in rows if r["clients"] == n and r["checkpoint"]]

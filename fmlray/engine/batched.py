@@ -386,6 +386,9 @@ class Batcher:
             rows = table.numpy()
             for i, c in enumerate(ranked):
                 row = store.get(c.cid)
+                after = ranked[i + 1].cid if i + 1 < len(ranked) else host._then.get(max(r.cid for r in ranked))
+                if after is not None:
+                    host.prefetch(after)
                 if row is not None:
                     rows[len(old)] = row
                     old.append(i)

@@ -174,6 +174,7 @@ class ClientHost:
         self.dirty: set[int] = set()  # clients whose row changed since the last checkpoint
         self.state_seconds = 0.0  # spent loading and storing rows (reported per client, for benchmarks)
         self.init_seconds = 0.0  # spent drawing the initial models of clients without a row (the same)
+        self._then: dict[int, int] = {}  # in the round's order: the client after each (its row is read ahead)
         if store == "disk":
             try:  # here, not at the first store: an unusable folder is an error at start
                 self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -241,11 +242,19 @@ class ClientHost:
             ws.load(row, self._seeds(c), c.cid, self.algo.scalars)
             if store is not None:
                 store.done(c.cid)
+            if (after := self._then.get(c.cid)) is not None:
+                self.prefetch(after)
             if row is None:
                 self.init_seconds += time.perf_counter() - started
             else:
                 self.state_seconds += time.perf_counter() - started
         return ws
+
+    def prefetch(self, cid: int) -> None:
+        """Have `cid`'s row read ahead while the host computes (a disk store's rows come from its thread)."""
+        store = self.stores.get(self._archs(self.clients[cid]))
+        if store is not None:
+            store.prefetch(cid)
 
     def _keep(self, c: Client) -> None:
         """Store the workspace's state (just trained) as `c`'s row."""
@@ -368,7 +377,10 @@ class ClientHost:
         total, results = None, []
         # Units of work in client-id order: one client (sequential), or a run of clients of one workspace
         # trained as one batched model (see fmlray.engine.batched); partial sums still add in client-id order.
-        for cids, batched in self.batcher.units(sorted(client_ids), glob is not None):
+        units = self.batcher.units(sorted(client_ids), glob is not None)
+        order = [cid for cids, _ in units for cid in cids]
+        self._then = dict(zip(order, order[1:]))
+        for cids, batched in units:
             clients = [self.clients[cid] for cid in cids]
             started, self.state_seconds, self.init_seconds = time.perf_counter(), 0.0, 0.0
             if batched:
@@ -429,7 +441,9 @@ class ClientHost:
         test split, and the global model there too when the algorithm shares a whole model (`tick` as in train)."""
         glob = None if global_state is None else self._global_tensors(global_state)
         rows = []
-        for cid in sorted(self.clients if client_ids is None else client_ids):
+        order = sorted(self.clients if client_ids is None else client_ids)
+        self._then = dict(zip(order, order[1:]))
+        for cid in order:
             c = self.clients[cid]
             row = {"client": c.cid, "test_samples": len(c.test_rows)}
             self.state_seconds = self.init_seconds = 0.0

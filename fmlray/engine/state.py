@@ -255,6 +255,9 @@ class MemoryStore:
     def done(self, cid: int) -> None:
         """The caller has finished reading or writing `cid`'s row."""
 
+    def prefetch(self, cid: int) -> None:
+        """`cid`'s row is likely the next one `get` is asked for (nothing to do in RAM)."""
+
     def close(self) -> None:
         self.rows.clear()
 
@@ -262,11 +265,12 @@ class MemoryStore:
 class DiskStore:
     """Rows in one file per architecture on the node's disk, a row per client that has trained, placed on
     first store. Rows are read and written whole, with direct I/O where the file system has it, through
-    two page-aligned buffers the store reuses: rows go between them and the disk without the kernel's page
+    three page-aligned buffers the store reuses: rows go between them and the disk without the kernel's page
     cache, so neither the host's memory nor the node's page cache grows with the clients trained. (On the
     VM this was measured on, memory the guest has not touched lately costs ~2.5 s/GiB the first time: a
-    store through the page cache cost ~33 ms per 13 MiB `cnn5` row, a direct write ~7 ms.) A stored row is
-    written by a thread while the host trains its next client; one write is in flight at a time.
+    store through the page cache cost ~33 ms per 13 MiB `cnn5` row, a direct write ~7 ms.) One thread does
+    the disk work while the host computes: a stored row is written while the next client trains, and the
+    row `prefetch` names is read ahead; its jobs run in the order given, so a read never overtakes a write.
 
     `get` and `put` return one of those buffers: a caller uses a row, then calls `done`, before the next."""
 
@@ -277,12 +281,13 @@ class DiskStore:
         self.stride = layout.padded
         self.path = Path(folder) / f"{layout.name}.rows"
         self.slot: dict[int, int] = {}
-        self._bufs = [mmap.mmap(-1, self.stride) for _ in range(2)]  # page-aligned, as direct I/O needs
+        self._bufs = [mmap.mmap(-1, self.stride) for _ in range(3)]  # page-aligned, as direct I/O needs
         self._rows = [np.frombuffer(b, np.uint8)[:layout.nbytes] for b in self._bufs]
-        self._out = 0  # the buffer handed out last
+        self._held: int | None = None  # the buffer handed out by `get` or `put`, until `done`
         self._writing: int | None = None  # the client whose row `put` handed out, written by `done`
         self._flight: tuple[int, int, Future] | None = None  # (buffer, client, write) under way
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fmlray-rows")
+        self._ahead: tuple[int, int, Future] | None = None  # (buffer, client, read) asked for by `prefetch`
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="fmlray-rows")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd, _ = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
@@ -297,10 +302,10 @@ class DiskStore:
     def __len__(self) -> int:
         return len(self.slot)
 
-    def _hand_out(self) -> int:
-        """A buffer no write is using."""
-        self._out = 1 if self._flight is not None and self._flight[0] == 0 else 0
-        return self._out
+    def _free(self) -> int:
+        """A buffer that is not handed out, being written, or holding a read-ahead row."""
+        busy = {self._held} | {job[0] for job in (self._flight, self._ahead) if job is not None}
+        return next(b for b in range(len(self._bufs)) if b not in busy)
 
     def _settle(self) -> None:
         """Wait for the write under way, if any."""
@@ -314,36 +319,66 @@ class DiskStore:
             raise ResourceError(f"cannot write client state to {self.path} ({exc.strerror}); free disk space there "
                                 "or set engine.state_dir elsewhere") from None
 
-    def get(self, cid: int) -> np.ndarray | None:
-        i = self.slot.get(cid)
-        if i is None:
-            return None
-        if self._flight is not None and self._flight[1] == cid:
-            self._settle()
-        b = self._hand_out()
-        if os.preadv(self._fd, [self._bufs[b]], i * self.stride) != self.stride:
+    def _read(self, b: int, cid: int) -> None:
+        if os.preadv(self._fd, [self._bufs[b]], self.slot[cid] * self.stride) != self.stride:
             raise ResourceError(f"{self.path} was cut short under this run (client {cid}'s row is missing); "
                                 "set engine.state_dir to a folder nothing else cleans")
+
+    def _take_ahead(self, cid: int | None) -> int | None:
+        """Finish the read-ahead; its buffer if it read `cid`'s row (else it is dropped)."""
+        if self._ahead is None:
+            return None
+        b, got, read = self._ahead
+        self._ahead = None
+        try:
+            read.result()
+        except OSError as exc:
+            if got != cid:
+                return None  # a row nobody asked for after all; a real fault shows again on the next read
+            raise ResourceError(f"cannot read client state from {self.path} ({exc.strerror})") from None
+        return b if got == cid else None
+
+    def prefetch(self, cid: int) -> None:
+        if cid not in self.slot or (self._ahead is not None and self._ahead[1] == cid):
+            return
+        self._take_ahead(None)
+        b = self._free()
+        self._ahead = (b, cid, self._io.submit(self._read, b, cid))
+
+    def get(self, cid: int) -> np.ndarray | None:
+        if cid not in self.slot:
+            return None
+        b = self._take_ahead(cid)
+        if b is None:
+            if self._flight is not None and self._flight[1] == cid:
+                self._settle()
+            b = self._free()
+            self._read(b, cid)
+        self._held = b
         return self._rows[b]
 
     def put(self, cid: int) -> np.ndarray:
+        if self._ahead is not None and self._ahead[1] == cid:
+            self._take_ahead(None)  # about to be overwritten: a later `get` must read the new row
         self.slot.setdefault(cid, len(self.slot))
         self._writing = cid
-        return self._rows[self._hand_out()]
+        self._held = self._free()
+        return self._rows[self._held]
 
     def done(self, cid: int) -> None:
+        b, self._held = self._held, None
         if self._writing != cid:
             return
         self._writing = None
         self._settle()
-        b = self._out
-        self._flight = (b, cid, self._writer.submit(_pwrite, self._fd, self._bufs[b], self.slot[cid] * self.stride))
+        self._flight = (b, cid, self._io.submit(_pwrite, self._fd, self._bufs[b], self.slot[cid] * self.stride))
 
     def close(self) -> None:
         try:
+            self._take_ahead(None)
             self._settle()
         finally:
-            self._writer.shutdown()
+            self._io.shutdown()
             os.close(self._fd)
             self.path.unlink(missing_ok=True)
 
@@ -420,6 +455,8 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
         _pwrite(fd, memoryview(buf)[:PAGE], 0)
         for i, cid in enumerate(cids):
             row = store.get(cid)
+            if i + 1 < len(cids):
+                store.prefetch(cids[i + 1])
             crcs.append(crc(row))
             out[:len(row)] = row
             store.done(cid)

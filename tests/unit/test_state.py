@@ -89,6 +89,46 @@ def test_the_disk_store_keeps_rows_on_disk_and_deletes_its_file(tmp_path):
     assert not store.path.exists()
 
 
+def test_rows_read_ahead_are_never_stale(tmp_path):
+    # random puts, gets and read-aheads against a plain dict: a read-ahead row overwritten before its `get`,
+    # one asked for while its write is under way, one never used, one of a client with no row yet
+    layout = trained_workspace("lenet5", "sgd").layout
+    store, want = DiskStore(layout, tmp_path), {}
+    for cid, value in ((1, 10), (2, 20)):
+        store.put(cid)[:] = value
+        store.done(cid)
+    store.prefetch(1)
+    store.put(1)[:] = 11  # overwritten after its read-ahead was asked for
+    store.done(1)
+    assert (store.get(1) == 11).all()
+    store.done(1)
+    store.put(2)[:] = 21
+    store.done(2)
+    store.prefetch(2)  # asked for while its write may be under way
+    assert (store.get(2) == 21).all()
+    store.done(2)
+    store.prefetch(1)
+    assert (store.get(2) == 21).all()  # not the row read ahead
+    store.done(2)
+    want = {1: 11, 2: 21}
+    rng = np.random.default_rng(0)
+    for step in range(2000):
+        op, cid = rng.integers(0, 3), int(rng.integers(0, 4))
+        if op == 0:
+            store.put(cid)[:] = step % 251
+            want[cid] = step % 251
+            store.done(cid)
+        elif op == 1:
+            row = store.get(cid)
+            assert (row is None) if cid not in want else (row == want[cid]).all(), (step, cid)
+            store.done(cid)
+        else:
+            store.prefetch(cid)
+    store.prefetch(3)
+    store.close()  # with a read ahead still in flight
+    assert not store.path.exists()
+
+
 def test_checkpoint_row_files_are_npy_tables_of_page_padded_rows(tmp_path):
     from fmlray.engine.state import PAGE, crc, open_rows, write_rows
     layout = trained_workspace("lenet5", "sgd").layout
