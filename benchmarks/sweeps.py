@@ -1,11 +1,13 @@
 """How much faster is a sweep as Ray Tune trials than one run after another, and what does Tune cost a trial?
 
-    python benchmarks/sweeps.py [--out DIR] [--rounds 2] [--seeds 1]
+    python benchmarks/sweeps.py [--out DIR] [--rounds 2] [--epochs 1] [--seeds 1] [--skip-digits]
 
 Two measurements, each the same grid run both ways on one private Ray (2 CPUs on a 2-core machine):
 
 1. `experiment1`: experiment 1's grid (experiments/fmnist-heterogeneity.toml: 4 algorithms × 4
-   partitions, serial engine) reduced to `--seeds` seeds and `--rounds` rounds of 1 local epoch, as the
+   partitions, serial engine) reduced to `--seeds` seeds and `--rounds` rounds of `--epochs` local epochs
+   (the full grid: 3 seeds, 20 rounds of 5 epochs; the less work a run does, the more Tune's fixed cost
+   per trial weighs), as the
    sequential loop (`fmlray sweep --sequential`) and as trials (`--parallel auto`: one CPU each, two at once).
 2. `digits-overhead`: the digits default (Ray engine, two client actors) with seeds 0..2, as the loop and as
    trials one at a time (`--parallel 1`): the difference of the two wall times, per run, is what Tune adds
@@ -29,12 +31,13 @@ import benchlib
 EXPERIMENT1 = benchlib.REPO / "experiments" / "fmnist-heterogeneity.toml"
 
 
-def reduced(text: str, out: Path, seeds: int, rounds: int) -> str:
-    """Experiment 1's sweep file with fewer seeds and rounds, one epoch, writing under `out`."""
+def reduced(text: str, out: Path, seeds: int, rounds: int, epochs: int) -> str:
+    """Experiment 1's sweep file with fewer seeds, rounds and epochs, writing under `out`."""
     text = text.replace('base = "../fmlray/presets/', f'base = "{benchlib.REPO}/fmlray/presets/')
     text = text.replace('output_dir = "runs/sweeps"', f'output_dir = "{out}"')
     text = text.replace("seeds = [0, 1, 2]", f"seeds = {list(range(seeds))}")
-    text = text.replace('"run.rounds=20"', f'"run.rounds={rounds}"').replace('"training.epochs=5"', '"training.epochs=1"')
+    text = text.replace('"run.rounds=20"', f'"run.rounds={rounds}"')
+    text = text.replace('"training.epochs=5"', f'"training.epochs={epochs}"')
     return text
 
 
@@ -58,7 +61,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
     p.add_argument("--rounds", type=int, default=2, help="rounds per run of experiment 1's reduced grid")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round of experiment 1's reduced grid")
     p.add_argument("--seeds", type=int, default=1, help="seeds of experiment 1's reduced grid (the full one: 3)")
+    p.add_argument("--skip-digits", action="store_true", help="only experiment 1's grid (not Tune's cost per trial)")
     args = p.parse_args()
     meta = benchlib.run_meta(args)
     meta["load_before"] = os.getloadavg()
@@ -69,12 +74,14 @@ def main() -> None:
         files = {}
         for way in ("loop", "tune"):
             files["experiment1", way] = work / f"e1-{way}.toml"
-            files["experiment1", way].write_text(reduced(EXPERIMENT1.read_text(), work / way, args.seeds, args.rounds))
+            files["experiment1", way].write_text(reduced(EXPERIMENT1.read_text(), work / way, args.seeds, args.rounds,
+                                                                 args.epochs))
             files["digits", way] = work / f"d-{way}.toml"
             files["digits", way].write_text(DIGITS.format(repo=benchlib.REPO, out=work / f"d-{way}"))
         meta["sweep_files"] = {f"{w}-{k}": f.read_text() for (w, k), f in files.items()}
         runs = {"experiment1": 16 * args.seeds, "digits": 3}
-        for workload, tune_how in (("experiment1", {"parallel": "auto"}), ("digits", {"parallel": 1})):
+        measured = [("experiment1", {"parallel": "auto"})] + ([] if args.skip_digits else [("digits", {"parallel": 1})])
+        for workload, tune_how in measured:
             print(f"{workload}: loop", flush=True)
             loop = timed(files[workload, "loop"], sequential=True)
             print(f"{workload}: tune {tune_how}", flush=True)
@@ -88,7 +95,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     meta["load_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = benchlib.result_stem("sweeps", "experiment1-digits", f"r{args.rounds}-s{args.seeds}")
+    stem = benchlib.result_stem("sweeps", "experiment1-digits", f"r{args.rounds}-e{args.epochs}-s{args.seeds}")
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     table = benchlib.markdown_table(rows, [
         ("workload", "workload", ""), ("runs", "runs", ""), ("loop_s", "loop (s)", ".1f"),

@@ -34,6 +34,8 @@ EXPERIMENTS = [  # (sweep name, title)
     ("digits", "5. The heterogeneity grid on digits"),
     ("digits-baselines", "6. Personalised-FL baselines beside FML (digits: Dirichlet(0.5) and shards)"),
     ("fmnist-tasks", "7. Task heterogeneity: fine, coarse and binary clients (Fashion-MNIST)"),
+    ("fmnist-baselines", "8. Personalised-FL baselines beside FML (Fashion-MNIST: experiment 1's Dirichlet(0.5) "
+                         "and shards)"),
 ]
 FIGURES = ("local", "local_p10", "global_clients", "global_test")
 # Sweeps whose client groups differ between variants get a per-group table; the named variant's
