@@ -341,8 +341,8 @@ def main() -> None:
              f"Hardware and versions: {hardware()}. Each experiment says which executor and engine produced "
              "it (the Ray engine gives the serial engine's results to 1e-6, and Ray Tune trials the sequential "
              "loop's; their parity tests are in tests/integration). "
-             "Experiment 1 at full size on a GPU has not been run: no GPU machine has been lent to this "
-             "project yet.\n"]
+             "Experiment 1 at full size on a GPU has not been run (the GPU machines lent so far ran the GPU "
+             "checks in benchmarks/results/gpu-*).\n"]
     if args.only:
         _only(args, readings, figdir)
         return
