@@ -204,18 +204,21 @@ def fingerprint(search: Search) -> dict:
     """What makes two runs of a tune file the same search, as flat dotted keys: each range, the keys that
     draw, schedule and rank the trials, and the trials' config (base file and `set` resolved). Not `top`
     or `parallel`: changing those changes no trial."""
-    flat = {f"param.{p.key}": [p.kind, list(p.values)] for p in search.params}
+    params = {p.key: [p.kind, list(p.values)] for p in search.params}
+    flat = {f"param.{k}": v for k, v in params.items()}
     flat.update({f"tune.{k}": getattr(search, k) for k in ("metric", "mode", "samples", "scheduler",
                                                            "grace_rounds", "reduction_factor", "seed")})
-
-    def walk(prefix: str, d: dict) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            else:
-                flat[f"{prefix}{k}"] = v
-    walk("", to_dict(search.config({p.key: p.values[0] for p in search.params})))
+    config = _flatten(to_dict(search.config({p.key: p.values[0] for p in search.params})))
+    flat.update((k, v) for k, v in config.items() if k not in params)  # a searched key: its range above
     return json.loads(json.dumps(flat))  # as it reads back from the folder (tuples as lists)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves under dotted keys (a list is a leaf)."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def changed(old: dict, new: dict) -> list[str]:
