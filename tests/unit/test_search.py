@@ -101,3 +101,16 @@ def test_resume_point_needs_the_same_search_and_tunes_records(tmp_path):
     with pytest.raises(FmlrayError) as info:
         resume_point(other, "t.toml")
     assert "t.toml changed since the search" in str(info.value) and "(param.algorithm.fml.alpha)" in str(info.value)
+
+
+def test_resume_keeps_the_parallel_the_search_started_with(tmp_path):
+    from fmlray.search import run_search
+
+    path = tmp_path / "t.toml"
+    path.write_text(GOOD.format(out=tmp_path / "runs"))
+    search = plan_search(path)
+    _write_record(search, 2)
+    (search.folder / ".tune" / "20250101-000000").mkdir()
+    (search.folder / ".tune" / "20250101-000000" / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(FmlrayError, match=r"--resume keeps the parallel the search started with \(2\)"):
+        run_search(path, parallel=3, resume=True)
