@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "print the best configs and write them as presets")
     tune.add_argument("tune_file", help="a TOML tune file, e.g. experiments/tune-digits.toml")
     tune.add_argument("--parallel", metavar="N|auto", help="trials at once (default: the file's tune.parallel)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue a stopped or crashed search in its folder: finished trials are kept, the "
+                      "others go on from their checkpoints (the tune file must plan the same search)")
     report = sub.add_parser("report", help="reprint a finished run's summary")
     report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
@@ -216,10 +219,11 @@ def cmd_tune(args) -> int:
     check_path(search.folder, "the search's output_dir")
     parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
     try:
-        folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel)
+        folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,
+                                  resume=args.resume)
     except TrialsStopped:
-        print("fmlray: stopped; the trials' run folders keep their checkpoints (fmlray run --resume DIR)",
-              file=sys.stderr)
+        print(f"fmlray: stopped; the unfinished trials keep their checkpoints; continue with: fmlray tune "
+              f"{args.tune_file} --resume", file=sys.stderr)
         return 130
     print(format_best(rows, search))
     print(f"wrote {folder / 'trials.parquet'} and " + ", ".join(

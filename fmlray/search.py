@@ -24,11 +24,14 @@ Tune scheduler reading a named figure of each round; prints the best configs and
 
 Outputs, in <output_dir>/<name>/: one run folder per trial (trial-00000, ...: metrics, checkpoint),
 trials.parquet (every trial's values and last figures), best-1.toml ... (full configs for
-`fmlray run --config`), and Tune's own records under .tune/.
+`fmlray run --config`), and Tune's own records under .tune/, with the plan the search started with
+(.tune/search.json): `fmlray tune FILE --resume` continues a stopped or crashed search only if FILE
+still plans the same search.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,7 @@ from fmlray.config import Config, folder_name, load_config, load_toml, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.sweep import parallel_value
 
+RECORD = Path(".tune/search.json")  # in the search's folder: its fingerprint and parallel, for --resume
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 KEYS = {"name", "base", "output_dir", "set", "metric", "mode", "samples", "search", "scheduler", "grace_rounds",
         "reduction_factor", "parallel", "top", "seed"}
@@ -196,8 +200,70 @@ def plan_search(path: str | Path) -> Search:
     return Search(**{**search.__dict__, "rounds": cfg.run.rounds})
 
 
-def run_search(path: str | Path, echo=print, parallel: int | str | None = None) -> tuple[Path, list[dict]]:
-    """Run the search; write trials.parquet and the best configs as presets; return (folder, ranked rows)."""
+def fingerprint(search: Search) -> dict:
+    """What makes two runs of a tune file the same search, as flat dotted keys: each range, the keys that
+    draw, schedule and rank the trials, and the trials' config (base file and `set` resolved). Not `top`
+    or `parallel`: changing those changes no trial."""
+    params = {p.key: [p.kind, list(p.values)] for p in search.params}
+    flat = {f"param.{k}": v for k, v in params.items()}
+    flat.update({f"tune.{k}": getattr(search, k) for k in ("metric", "mode", "samples", "scheduler",
+                                                           "grace_rounds", "reduction_factor", "seed")})
+    config = _flatten(to_dict(search.config({p.key: p.values[0] for p in search.params})))
+    flat.update((k, v) for k, v in config.items() if k not in params)  # a searched key: its range above
+    return json.loads(json.dumps(flat))  # as it reads back from the folder (tuples as lists)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves under dotted keys (a list is a leaf)."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed(old: dict, new: dict) -> list[str]:
+    """The keys two fingerprints disagree on (present in one only, or with different values)."""
+    return sorted(k for k in old.keys() | new.keys() if k not in old or k not in new or old[k] != new[k])
+
+
+def resume_point(search: Search, where: str) -> tuple[Path, int | str]:
+    """The Tune experiment a stopped search continues from, and the `parallel` it started with; a one-line
+    FmlrayError (before Ray starts, nothing written) when the folder holds no search, or another one."""
+    from ray import tune
+
+    record = search.folder / RECORD
+    try:
+        old = json.loads(record.read_text())
+        fp, parallel = old["fingerprint"], old["parallel"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FmlrayError(f"{search.folder} holds no search to resume (no readable {RECORD}); "
+                          f"start it with fmlray tune {where}, without --resume") from None
+    diff = changed(fp, fingerprint(search))
+    if diff:
+        raise FmlrayError(f"{where} changed since the search in {search.folder} started ("
+                          + ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+                          + "); --resume continues the same search: undo the change, or give the new search "
+                          "another tune.name")
+    tune_dir = search.folder / ".tune"
+    runs = sorted(d for d in tune_dir.iterdir() if d.is_dir() and tune.Tuner.can_restore(d))
+    if not runs:
+        raise FmlrayError(f"{tune_dir} holds no Ray Tune state to resume (the search stopped before its first "
+                          f"trial); move {search.folder} away and start again")
+    return runs[-1], parallel
+
+
+def _write_record(search: Search, parallel: int | str) -> None:
+    record = search.folder / RECORD
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint(search), "parallel": parallel}, indent=1))
+    tmp.replace(record)
+
+
+def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
+               resume: bool = False) -> tuple[Path, list[dict]]:
+    """Run the search (or, with `resume`, continue it in its folder); write trials.parquet and the best
+    configs as presets; return (folder, ranked rows)."""
     import ray
 
     from fmlray.engine.ray_engine import capacity, connect
@@ -205,9 +271,17 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None) 
     from fmlray.trials import tune_run
 
     search = plan_search(path)
+    restore = None
+    if resume:
+        restore, started_with = resume_point(search, str(path))
+        if parallel is not None and parallel != started_with:
+            raise FmlrayError(f"--resume keeps the parallel the search started with ({started_with}); "
+                              "drop --parallel")
+        parallel = started_with
+    elif search.folder.exists():
+        raise FmlrayError(f"{search.folder} exists (an earlier search); continue it with --resume, or choose "
+                          "another tune.name or move it away")
     parallel = search.parallel if parallel is None else parallel
-    if search.folder.exists():
-        raise FmlrayError(f"{search.folder} exists (an earlier search); choose another tune.name or move it away")
     started = connect(search.config({p.key: p.values[0] for p in search.params}).engine.address)
     try:
         cap = capacity()
@@ -222,8 +296,12 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None) 
         for p_values in ({p.key: p.values[0] for p in search.params}, {p.key: p.values[-1] for p in search.params}):
             check_trial_fits(search.name, plan(search.config(p_values)), nodes)
         echo(f"{search.total} trial(s) of {search.name}, {search.scheduler.upper()} on {search.metric} "
-             f"({search.mode}), {'as many as fit' if parallel == 'auto' else f'up to {parallel}'} at once")
-        grid, results = tune_run([], parallel, search.folder / ".tune", echo, search=search)
+             f"({search.mode}), {'as many as fit' if parallel == 'auto' else f'up to {parallel}'} at once"
+             + (f"; resuming {restore}: finished trials kept, the others continue from their checkpoints"
+                if restore else ""))
+        if restore is None:
+            _write_record(search, parallel)
+        grid, results = tune_run([], parallel, search.folder / ".tune", echo, search=search, restore=restore)
     finally:
         if started:
             ray.shutdown()

@@ -10,7 +10,9 @@ checkpoints, same metrics), and reports every round's summary to Tune. Trials ne
 Stopping: SIGINT / SIGTERM reach the sweep's process only. It tells the trials through a small
 `Control` actor, which each trial asks once a round; a trial then checkpoints and ends its run after
 the round it is in (a rerun resumes it), and trials not started yet end at once. The first failed run
-stops the others the same way, as the sequential loop stops at it.
+stops the others the same way, as the sequential loop stops at it. A search's stopped trials end as
+errored in Tune's records (`LeftUnfinished`), so `fmlray tune --resume` restores the experiment
+(`Tuner.restore`) and runs them again, each from its run's checkpoint.
 
 Tune's own experiment state goes under `<folder>/.tune/` (never ~/ray_results), and its console output
 is silenced: fmlray prints one line per finished run.
@@ -18,6 +20,8 @@ is silenced: fmlray prints one line per finished run.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import time
@@ -53,6 +57,13 @@ class TrialsStopped(Exception):
     def __init__(self, unfinished: list[str]):
         super().__init__(f"stopped with {len(unfinished)} run(s) unfinished")
         self.unfinished = unfinished
+
+
+class LeftUnfinished(Exception):
+    """Ends a search's trial that a signal stopped (or that never started): Tune then records it as
+    errored, not finished, and `fmlray tune --resume` (`Tuner.restore(resume_errored=True)`) runs it
+    again, from its run's checkpoint. A sweep's trial just returns: a sweep's rerun finds its
+    unfinished runs by their folders."""
 
 
 class Control:
@@ -111,6 +122,8 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
     asked = lambda: ray.get(control.asked.remote())  # noqa: E731
     if asked():
         tune.report({"status": "skipped", "node": node, **{k: math.nan for k in METRICS}})
+        if build is not None:
+            raise LeftUnfinished("not started: the search was stopping")
         return
     try:
         # Tune starts a trial in a folder of its own; the run's relative paths are the sweep's
@@ -123,6 +136,13 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
     name, cfg = (config["run"], trials[config["run"]].cfg) if build is None else \
         build(config, tune.get_context().get_trial_id())
     run_dir = Path(cfg.run.output_dir) / name
+    if build is not None and (run_dir / "metrics.parquet").is_file():
+        # finished after the last state Tune wrote before a crash: its figures, not a second run
+        from fmlray.metrics import summaries
+        from fmlray.rundir import read_run
+        tune.report({**figures(summaries(read_run(run_dir)[0])[-1]), "run": name, "node": node, "resumed": True,
+                     "status": "done"})
+        return
     resume = run_dir if checkpoint.exists(run_dir) else None
     started, began = time.perf_counter(), time.time()
     status = {"status": "done"}
@@ -147,6 +167,8 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
         status = {"status": "error", "error": " ".join(str(exc).splitlines())}
     tune.report({**last, "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
                  "began": began, "ended": time.time(), "log": " | ".join(log), **status})
+    if build is not None and status["status"] == "stopped":
+        raise LeftUnfinished(f"stopped after round {last.get('round', 0)}; its checkpoint is in {run_dir}")
 
 
 def search_run_name(trial_id: str) -> str:
@@ -209,6 +231,9 @@ def _progress_callback(echo: Callable[[str], None], order: Callable[[str], int],
 
         def on_trial_error(self, iteration, trials, trial, **info):
             name = name_of(trial)
+            if self.results.get(name, {}).get("status") in ("stopped", "skipped"):  # left for a resume
+                self.on_trial_complete(iteration, trials, trial, **info)
+                return
             where = getattr(trial, "error_file", None) or "Tune's trial folder"
             self.errors[name] = f"the trial failed ({_last_line(where)}); its traceback is in {where}"
             self.stop()
@@ -224,16 +249,47 @@ def _last_line(path) -> str:
     return lines[-1] if lines else "no message"
 
 
+class _Unfinished(logging.Filter):
+    """Drops Tune's error logs (a traceback each, then "Trials did not complete") about a search's trials
+    left unfinished on purpose: a stop is one line, and --resume continues them."""
+
+    def __init__(self, stopping: Callable[[], bool]):
+        super().__init__()
+        self.stopping = stopping
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None  # Ray's error is also an instance of its cause
+        return not isinstance(exc, LeftUnfinished) and not (
+            self.stopping() and str(record.msg).startswith("Trials did not complete"))
+
+
+@contextlib.contextmanager
+def _quiet_unfinished(stopping: Callable[[], bool]):
+    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune")]
+    quiet = _Unfinished(stopping)
+    for one in loggers:
+        one.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for one in loggers:
+            one.removeFilter(quiet)
+
+
 def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Callable[[str], None], *,
-             order: dict[str, int] | None = None, total: int | None = None, search=None):
+             order: dict[str, int] | None = None, total: int | None = None, search=None,
+             restore: Path | None = None):
     """Run `trials` (one per run of a sweep), or `search` (a SearchSpec-like object: param_space,
     tune_config, build(config, trial_id) -> (name, cfg), bundles(cfg), total), on the connected Ray;
-    return (Tune's results, {name: last result}). Raises the first failed run's error, or
+    or, with `restore` (a search's Tune experiment folder), continue that search: its finished trials
+    kept, the others run again (each from its run's checkpoint), its searcher drawing the rest.
+    Return (Tune's results, {name: last result}). Raises the first failed run's error, or
     TrialsStopped on a signal."""
     import ray
     from ray import tune
 
     from fmlray.engine.ray_engine import _environ
+    from fmlray.relay import Relay, listening
     from fmlray.simulation import StopOnSignal
 
     by_name = {t.name: t for t in trials}
@@ -256,15 +312,20 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
             trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
                 search.bundles(search.build(config, "_0")[1])))
             param_space, extra = search.param_space, search.tune_config(parallel)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" or search else parallel,
-                                        reuse_actors=True, **extra),
-            run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage.resolve()),
-                                      verbose=0, callbacks=[progress]))
+        if restore is not None:  # the scheduler, searcher and RunConfig come back from Tune's records
+            tuner = tune.Tuner.restore(str(restore), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" or search else parallel,
+                                            reuse_actors=True, **extra),
+                run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage.resolve()),
+                                          verbose=0, callbacks=[Relay()]))
         # our handlers, not Tune's; Tune's old console output, which verbose=0 silences wholly
-        with _environ(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0"):
+        with _environ(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0"), listening(progress), \
+                _quiet_unfinished(signalled):
             grid = tuner.fit()
         stopping = signalled()
     ray.kill(control)

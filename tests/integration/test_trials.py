@@ -1,6 +1,7 @@
 """Sweeps on Ray Tune: the same table as the sequential loop, trials in placement groups sized to their
 runs, two single-actor trials at once on two CPUs, a stopped sweep finished by a rerun, trials spread over
-the nodes of a three-raylet cluster, and the one-line error for a trial that cannot fit."""
+the nodes of a three-raylet cluster, and the one-line error for a trial that cannot fit. Searches: the
+best configs as presets, and a search stopped by SIGTERM finished by --resume."""
 
 import json
 import math
@@ -205,3 +206,95 @@ def test_fmlray_tune_prints_the_best_configs_and_writes_them_as_presets(ray_sess
     assert best.algorithm.fml.alpha == trials[0]["algorithm.fml.alpha"] and best.run.rounds == 3
     assert (folder / trials[0]["trial"] / "metrics.parquet").is_file()  # its run folder, as fmlray run writes it
     assert (folder / "best-2.toml").is_file() and not (folder / "best-3.toml").exists()
+
+
+RESUMABLE = """
+[tune]
+name = "r"
+output_dir = "{out}"
+set = ["engine.kind=serial", "run.rounds=10", "training.epochs=1", "clients.num_clients=4",
+       "run.checkpoint_every=1"]
+samples = 3
+scheduler = "fifo"
+parallel = 1
+
+[[param]]
+key = "algorithm.fml.alpha"
+uniform = [0.1, 0.9]
+"""
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_sigterm_mid_search_then_resume_finishes_it_without_rerunning_finished_trials(ray_session, tmp_path, capsys):
+    # Prepare: three trials one at a time, in a process of its own (its own Ray)
+    path = spec(tmp_path, text=RESUMABLE)
+    folder = tmp_path / "runs" / "r"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "tune", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Execute: SIGTERM once the second trial has its first checkpoint
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists(folder / "trial-00001") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    # Assert: stopped with one line naming --resume; the first trial finished, the second not
+    assert proc.returncode == 130, (out, err[-3000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"fmlray tune {path} --resume"), err[-3000:]
+    assert "[2/3] trial-00001: stopped in" in out, out
+    assert (folder / "trial-00000/metrics.parquet").is_file() and not (folder / "trial-00001/metrics.parquet").exists()
+    assert checkpoint.load(folder / "trial-00001").round < 10
+    finished = (folder / "trial-00000/metrics.parquet").stat().st_mtime_ns
+    # Execute: --resume after the searched range changed
+    path.write_text(path.read_text().replace("uniform = [0.1, 0.9]", "uniform = [0.2, 0.9]"))
+    before = tree(folder)
+    assert main(["tune", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    # Assert: one line naming what changed, nothing written
+    assert len(err.splitlines()) == 1 and "changed since the search" in err and "param.algorithm.fml.alpha" in err, err
+    assert tree(folder) == before
+    # Execute: --resume with the file as the search started
+    path.write_text(path.read_text().replace("uniform = [0.2, 0.9]", "uniform = [0.1, 0.9]"))
+    assert main(["tune", str(path), "--resume"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Assert: the stopped trial went on from its checkpoint, the finished one did not run again, and the
+    # search ends with as many trials as it planned, every one complete
+    assert any(line.startswith("[2/3] trial-00001: done (resumed) in") for line in lines), lines
+    assert not any(line.startswith("[1/3]") for line in lines), lines
+    assert (folder / "trial-00000/metrics.parquet").stat().st_mtime_ns == finished
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert sorted(t["trial"] for t in trials) == ["trial-00000", "trial-00001", "trial-00002"]
+    assert all(t["complete"] and t["rounds"] == 10 for t in trials)
+    assert sorted(p.name for p in folder.glob("trial-*")) == ["trial-00000", "trial-00001", "trial-00002"]
+    for t in trials:  # every round once
+        rounds = pq.read_table(folder / t["trial"] / "metrics.parquet")["round"].to_pylist()
+        counts = {r: rounds.count(r) for r in set(rounds)}
+        assert sorted(counts) == list(range(1, 11)) and len(set(counts.values())) == 1, (t["trial"], counts)
+    assert (folder / "best-1.toml").is_file()
+
+
+def test_resume_without_a_search_to_resume_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = spec(tmp_path, text=RESUMABLE)
+    folder = tmp_path / "runs" / "r"
+    # no folder at all
+    assert main(["tune", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no search to resume" in err, err
+    assert not folder.exists()
+    # a folder without Tune's records (e.g. a run folder only)
+    (folder / "trial-00000").mkdir(parents=True)
+    assert main(["tune", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no search to resume" in err, err
+    assert [p.name for p in folder.rglob("*")] == ["trial-00000"]
+
+
+def test_an_existing_search_folder_is_refused_and_the_message_suggests_resume(tmp_path, capsys):
+    path = spec(tmp_path, text=RESUMABLE)
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists (an earlier search); continue it with --resume" in err, err

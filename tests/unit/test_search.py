@@ -2,8 +2,8 @@
 
 import pytest
 
-from fmlray.errors import ConfigError
-from fmlray.search import literal, plan_search
+from fmlray.errors import ConfigError, FmlrayError
+from fmlray.search import _write_record, changed, fingerprint, literal, plan_search, resume_point
 
 GOOD = """
 [tune]
@@ -57,3 +57,60 @@ def test_bad_tune_files_name_the_problem(tmp_path, change, fragment):
     with pytest.raises(ConfigError) as info:
         plan_search(path)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def plan(tmp_path, text, name="t.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return plan_search(path)
+
+
+def test_a_fingerprint_changes_with_what_draws_or_trains_the_trials_not_with_top_or_parallel(tmp_path):
+    # Prepare
+    good = GOOD.format(out=tmp_path / "runs")
+    start = fingerprint(plan(tmp_path, good))
+    # Execute / Assert: the keys that differ, by name
+    assert changed(start, fingerprint(plan(tmp_path, good))) == []
+    assert changed(start, fingerprint(plan(tmp_path, good.replace("samples = 5", "samples = 5\ntop = 1\nparallel = 2")))) == []
+    assert changed(start, fingerprint(plan(tmp_path, good.replace("[0.1, 0.9]", "[0.2, 0.9]")))) == \
+        ["param.algorithm.fml.alpha"]
+    assert changed(start, fingerprint(plan(tmp_path, good.replace("samples = 5", "samples = 6\nseed = 1")))) == \
+        ["tune.samples", "tune.seed"]
+    assert changed(start, fingerprint(plan(tmp_path, good.replace("run.rounds=4", "run.rounds=5")))) == ["run.rounds"]
+    assert changed(start, fingerprint(plan(tmp_path, good.replace('grid = ["sgd", "adam"]', 'grid = ["sgd"]')))) == \
+        ["param.training.optimizer"]
+    assert changed({"a": 1, "b": [1, 2]}, {"b": [1, 2], "c": 0}) == ["a", "c"]
+
+
+def test_resume_point_needs_the_same_search_and_tunes_records(tmp_path):
+    # Prepare: a search's folder with its record, but no Tune experiment yet
+    good = GOOD.format(out=tmp_path / "runs")
+    search = plan(tmp_path, good)
+    with pytest.raises(FmlrayError, match="holds no search to resume"):
+        resume_point(search, "t.toml")
+    _write_record(search, 2)
+    with pytest.raises(FmlrayError, match="holds no Ray Tune state to resume"):
+        resume_point(search, "t.toml")
+    # Execute: Tune's experiments (the newest one is continued)
+    for name in ("20250101-000000", "20250102-000000"):
+        (search.folder / ".tune" / name).mkdir()
+        (search.folder / ".tune" / name / "tuner.pkl").write_bytes(b"")
+    # Assert
+    assert resume_point(search, "t.toml") == (search.folder / ".tune" / "20250102-000000", 2)
+    other = plan(tmp_path, good.replace("[0.1, 0.9]", "[0.1, 0.8]"))
+    with pytest.raises(FmlrayError) as info:
+        resume_point(other, "t.toml")
+    assert "t.toml changed since the search" in str(info.value) and "(param.algorithm.fml.alpha)" in str(info.value)
+
+
+def test_resume_keeps_the_parallel_the_search_started_with(tmp_path):
+    from fmlray.search import run_search
+
+    path = tmp_path / "t.toml"
+    path.write_text(GOOD.format(out=tmp_path / "runs"))
+    search = plan_search(path)
+    _write_record(search, 2)
+    (search.folder / ".tune" / "20250101-000000").mkdir()
+    (search.folder / ".tune" / "20250101-000000" / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(FmlrayError, match=r"--resume keeps the parallel the search started with \(2\)"):
+        run_search(path, parallel=3, resume=True)
