@@ -45,7 +45,9 @@ class PrivateHead:
         # address file where it would find a plain `ray start`'s in /tmp/ray
         self.tmpdir = tempfile.mkdtemp(prefix="fr", dir="/tmp")
         self.temp_dir = os.path.join(self.tmpdir, "ray")
-        self.port, self.dashboard_port = free_port(), free_port()
+        # the job agent's HTTP port too: its default (52365) is taken by any other Ray on the machine (a sweep,
+        # a benchmark), and then `ray job submit` waits for an agent that never came up
+        self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
         self.num_cpus = num_cpus
 
     @property
@@ -64,7 +66,8 @@ class PrivateHead:
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
-             f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
+             f"--dashboard-agent-listen-port={self.agent_port}", f"--temp-dir={self.temp_dir}",
+             "--include-dashboard=true", "--disable-usage-stats"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env(RAY_AUTH_MODE="token"))
         # `ray start` writes the address file into its temp dir once the head is up, then blocks
         address_file = Path(self.temp_dir) / "ray_current_cluster"
