@@ -35,7 +35,7 @@ DATA = re.compile(r"^data: .*\((\d+\.\d+)s\)$")
 STARTING = re.compile(r"^starting the \w+ engine$")
 READY = re.compile(r"^ready in (\d+\.\d+)s \((\d+\.\d+)s since the process started(.*)\)$")
 SPLIT = re.compile(r"; ([A-Za-z ]+?) (\d+\.\d+)s")
-ROUND = re.compile(r"^round +(\d+)/(\d+) .* (\d+\.\d+)s(  checkpoint .*)?$")
+ROUND = re.compile(r"^round +(\d+)/(\d+) .*? (\d+\.\d+)s(  checkpoint .*)?$")  # not the checkpoint's seconds
 WROTE = re.compile(r"^wrote ")
 
 
@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     stem = benchlib.result_stem("wholerun", "digits", "" if args.variant == "full" else args.variant)
     args.out.mkdir(parents=True, exist_ok=True)
-    benchlib.write_parquet(rows + mem, args.out / f"{stem}.parquet", meta | {"summary": summary})
+    columns = list(dict.fromkeys(k for r in rows + mem for k in r))  # Arrow takes the first row's keys only
+    benchlib.write_parquet([{k: r.get(k) for k in columns} for r in rows + mem], args.out / f"{stem}.parquet",
+                           meta | {"summary": summary})
     report = markdown(args, meta, rows, summary, mem)
     (args.out / f"{stem}.md").write_text(report)
     print(report)
