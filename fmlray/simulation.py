@@ -240,8 +240,9 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         engine.start(cfg, prepared.dataset, prepared.partition)
         for note in getattr(engine, "notes", []):
             console(note)
+        split = "".join(f"; {what} {s:.1f}s" for what, s in getattr(engine, "startup", {}).items())
         console(f"ready in {time.perf_counter() - began:.1f}s "
-                f"({time.time() - psutil.Process().create_time():.1f}s since the process started)")
+                f"({time.time() - psutil.Process().create_time():.1f}s since the process started{split})")
         if resume is not None:
             rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
         else:

@@ -378,7 +378,10 @@ class RayEngine:
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
         self.cfg, self.dataset = cfg, dataset
         self.server = build_algorithm(cfg.algorithm, cfg.run.rounds).server  # plain numbers: the aggregator's half
+        began = time.perf_counter()
         self.owns_ray = connect(cfg.engine.address)
+        # where start-up went, said once in the run's "ready" line
+        self.startup = {"Ray up" if self.owns_ray else "Ray joined": time.perf_counter() - began}
         cost = [len(rows) for rows in partition.train]
         group = ray.util.get_current_placement_group()
         driver_node = ray.get_runtime_context().get_node_id()
@@ -407,6 +410,7 @@ class RayEngine:
         self.notes = [f"{len(self.specs)} client actors on {len(nodes)} node(s)"
                       + (" in the trial's placement group" if group is not None else "") + ": "
                       + ", ".join(f"{n} × {g}" for g, n in _count(s.group for s in self.specs)), self.plan.line]
+        began = time.perf_counter()
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
         token = uuid.uuid4().hex[:8]
@@ -423,6 +427,7 @@ class RayEngine:
         self.refs: dict[int, RowRef] = {}
         self.saved_round = "round 0 (no checkpoint yet: their initial models)"
         self.infos = self._wait_ready()
+        self.startup["actors ready"] = time.perf_counter() - began
         # Actors that may return a round's new global state themselves: only those beside the driver,
         # so that, like the aggregator's, it lives on the head and outlives any worker node.
         self.beside_driver = {a for a, info in zip(self.actors, self.infos) if info["node"] == driver_node}

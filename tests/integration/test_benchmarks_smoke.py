@@ -80,3 +80,15 @@ def test_batched_smoke_writes_parquet_and_markdown(tmp_path):
     rows = pq.read_table(only(tmp_path, "batched-clients-smoke-*.parquet")).to_pylist()
     assert {r["mode"] for r in rows} == {"sequential", "vmap", "auto"} and all(r["seconds"] > 0 for r in rows)
     assert "vmap speed-up" in only(tmp_path, "batched-clients-smoke-*.md").read_text()
+
+
+def test_wholerun_smoke_writes_parquet_and_markdown(tmp_path):
+    run_script("wholerun.py", tmp_path)
+    rows = pq.read_table(only(tmp_path, "wholerun-digits-smoke-*.parquet")).to_pylist()
+    timed = {r["way"]: r for r in rows if r["kind"] == "timing"}
+    assert set(timed) == {"fmlray", "plain"} and all(r["wall_s"] > 0 for r in timed.values())
+    assert timed["fmlray"]["ray_up_s"] > 0 and timed["fmlray"]["actors_ready_s"] > 0 and timed["fmlray"]["rounds"] == 1
+    memory = {r["way"]: r for r in rows if r["kind"] == "memory"}
+    assert memory["fmlray"]["pss_actors_mib"] > 0 and memory["plain"]["pss_total_mib"] > 0
+    report = only(tmp_path, "wholerun-digits-smoke-*.md").read_text()
+    assert "## Targets" in report and "## Where the time goes" in report and "## Config" in report
