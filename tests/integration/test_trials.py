@@ -51,6 +51,19 @@ def rows(path):
     return {key(r): r for r in pq.read_table(path).to_pylist()}
 
 
+def stopped(args: list[str], run_dir: Path) -> tuple[subprocess.Popen, str, str]:
+    """`fmlray ARGS` in a process of its own, SIGTERMed once `run_dir` has a checkpoint: (process, stdout, stderr)."""
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists(run_dir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    return proc, out, err
+
+
 def tune_records(folder: Path) -> list[dict]:
     """The last result Tune recorded for each trial (Tune's own files, in the sweep's folder)."""
     out = []
@@ -119,15 +132,8 @@ def test_sigterm_mid_sweep_then_a_rerun_finishes_only_the_missing_runs(ray_sessi
     # Prepare: two short runs, then two long ones, two at a time, in a process of its own (its own Ray)
     path = spec(tmp_path, text=STOPPABLE)
     folder = tmp_path / "runs" / "stop"
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "sweep", str(path), "--parallel", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # Execute: SIGTERM once a long run has its first checkpoint
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists(folder / "long-s0") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=180)
+    proc, out, err = stopped(["sweep", str(path), "--parallel", "2"], folder / "long-s0")
     # Assert: stopped with a line saying so, the short runs finished, the long ones not
     assert proc.returncode == 130, (out, err[-3000:])
     assert "run(s) unfinished" in err and "Traceback" not in err, err[-3000:]
@@ -232,15 +238,8 @@ def test_sigterm_mid_search_then_resume_finishes_it_without_rerunning_finished_t
     # Prepare: three trials one at a time, in a process of its own (its own Ray)
     path = spec(tmp_path, text=RESUMABLE)
     folder = tmp_path / "runs" / "r"
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "tune", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # Execute: SIGTERM once the second trial has its first checkpoint
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists(folder / "trial-00001") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=180)
+    proc, out, err = stopped(["tune", str(path)], folder / "trial-00001")
     # Assert: stopped with one line naming --resume; the first trial finished, the second not
     assert proc.returncode == 130, (out, err[-3000:])
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"fmlray tune {path} --resume"), err[-3000:]
