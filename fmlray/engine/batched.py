@@ -228,7 +228,8 @@ class Batcher:
 
     def _split(self, run: list[int], received: bool) -> list[tuple[list[int], bool]]:
         # Clients with a task train one after another: the batched losses are the dataset's classes'.
-        if self.host.clients[run[0]].task is not None or not self._batches(self.host._archs(self.host.clients[run[0]]), len(run), received):
+        first = self.host.clients[run[0]]
+        if first.task is not None or not self._batches(self.host._archs(first), len(run), received):
             return [([cid], False) for cid in run]
         cap = self.host.cfg.training.max_batched_clients
         chunks = [run[i:i + cap] for i in range(0, len(run), cap)]
@@ -384,9 +385,10 @@ class Batcher:
             # then one copy per tensor for every client
             table, old = self._table(key, lay.nbytes, k), []
             rows = table.numpy()
+            beyond = host._then.get(max(c.cid for c in ranked))  # the round's next client after this unit
             for i, c in enumerate(ranked):
                 row = store.get(c.cid)
-                after = ranked[i + 1].cid if i + 1 < len(ranked) else host._then.get(max(r.cid for r in ranked))
+                after = ranked[i + 1].cid if i + 1 < len(ranked) else beyond
                 if after is not None:
                     host.prefetch(after)
                 if row is not None:

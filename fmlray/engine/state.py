@@ -290,7 +290,7 @@ class DiskStore:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="fmlray-rows")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd, _ = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            self._fd = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             fcntl.flock(self._fd, fcntl.LOCK_EX)  # held while this process lives: see `_tidy_scratch`
         except OSError as exc:
             raise ResourceError(f"cannot write client state under {folder} ({exc.strerror}); "
@@ -401,15 +401,15 @@ def _pwrite(fd: int, buf, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
+def _open_direct(path: Path, flags: int) -> int:
     """Open `path` for direct I/O where its file system allows it (not tmpfs on older kernels, for one)."""
     if hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, flags | os.O_DIRECT, 0o600), True
+            return os.open(path, flags | os.O_DIRECT, 0o600)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, flags, 0o600), False
+    return os.open(path, flags, 0o600)
 
 
 STORES = {"memory": MemoryStore, "disk": DiskStore}
@@ -450,7 +450,7 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
     crcs = []
     fd = None
     try:
-        fd, _ = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         buf[:PAGE] = _npy_header((len(cids), width))  # direct I/O writes from page-aligned memory only
         _pwrite(fd, memoryview(buf)[:PAGE], 0)
         for i, cid in enumerate(cids):
