@@ -15,6 +15,7 @@ the timing, in one more run of each alone, sampled every 0.1 s (sampling slows w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -63,15 +64,10 @@ def spawn(way: str, rounds: int, name: str, sample: bool = False) -> dict:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         sampler = benchlib.MemorySampler(benchlib.actors_by_title(proc.pid), interval_s=0.1, root=proc.pid) \
             if sample else None
-        if sampler is not None:
-            sampler.__enter__()
-        try:
+        with sampler or contextlib.nullcontext():
             lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in proc.stdout]
             code = proc.wait()
             wall = time.perf_counter() - started
-        finally:
-            if sampler is not None:
-                sampler.__exit__(None, None, None)
     if code != 0:
         raise SystemExit(f"{way} exited with {code}: " + " | ".join(text for _, text in lines[-5:]))
     return {"wall_s": wall, "lines": lines, "peak": sampler.peak() if sampler is not None else None}

@@ -38,7 +38,8 @@ CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS =
     "metrics")
 
 
-def _atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary name, then renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -103,11 +104,11 @@ class RunFolder:
         try:
             self.temp.mkdir()
             self._made = True
-            _atomic(self.temp / MARKER, b"made by fmlray; fmlray deletes a run folder only when this file is in it\n")
+            write_atomic(self.temp / MARKER, b"made by fmlray; fmlray deletes a run folder only when this file is in it\n")
             write_config(self.temp, cfg)
             buf = io.BytesIO()
             pa.csv.write_csv(partition_table, buf)
-            _atomic(self.temp / PARTITION, buf.getvalue())
+            write_atomic(self.temp / PARTITION, buf.getvalue())
             tmp = self.temp / f".{PARTITION_FILE}.tmp.npz"
             save_partition(tmp, partition)
             os.replace(tmp, self.temp / PARTITION_FILE)
@@ -249,7 +250,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    _atomic(run_dir / CONFIG, tomli_w.dumps(to_dict(cfg)).encode())
+    write_atomic(run_dir / CONFIG, tomli_w.dumps(to_dict(cfg)).encode())
 
 
 def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
@@ -289,7 +290,7 @@ class Records:
     def _write(self, rnd: int, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        _atomic(self.parts / f"round-{rnd:06d}.parquet", buf.getvalue())
+        write_atomic(self.parts / f"round-{rnd:06d}.parquet", buf.getvalue())
 
     def append(self, rnd: int, rows: list[dict]) -> None:
         self._write(rnd, metrics.to_table(rows))
@@ -331,8 +332,8 @@ def finish(run_dir: Path, summary: list[dict], title: str) -> None:
     """Summaries and the plot of a finished run (its metrics.parquet is written by `Records.merge`)."""
     if not summary:
         return
-    _atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
-    _atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
+    write_atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
+    write_atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
     tmp = run_dir / f".{PLOT}.tmp.png"
     from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
     plots.accuracy_plot(summary, title, tmp)

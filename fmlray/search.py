@@ -253,11 +253,10 @@ def resume_point(search: Search, where: str) -> tuple[Path, int | str]:
 
 
 def _write_record(search: Search, parallel: int | str) -> None:
+    from fmlray.rundir import write_atomic
     record = search.folder / RECORD
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(f".{record.name}.tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint(search), "parallel": parallel}, indent=1))
-    tmp.replace(record)
+    write_atomic(record, json.dumps({"fingerprint": fingerprint(search), "parallel": parallel}, indent=1).encode())
 
 
 def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
@@ -336,6 +335,8 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from fmlray.rundir import write_atomic
+
     if not rows:
         return
     table = pa.Table.from_pylist(rows)
@@ -348,10 +349,7 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
         head = (f"# fmlray tune {search.name}: rank {rank} of {len(rows)} by {search.metric} ({search.mode}) = "
                 f"{row[search.metric]:.4f} after {row['rounds']} of {search.rounds} rounds ({row['trial']}); "
                 + ", ".join(f"{k} = {literal(v)}" for k, v in values.items()) + "\n")
-        out = search.folder / f"best-{rank}.toml"
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(head + tomli_w.dumps(to_dict(cfg)))
-        tmp.replace(out)
+        write_atomic(search.folder / f"best-{rank}.toml", (head + tomli_w.dumps(to_dict(cfg))).encode())
 
 
 def format_best(search_rows: list[dict], search: Search) -> str:
