@@ -175,6 +175,8 @@ class ClientHost:
         self.state_seconds = 0.0  # spent loading and storing rows (reported per client, for benchmarks)
         self.init_seconds = 0.0  # spent drawing the initial models of clients without a row (the same)
         self._then: dict[int, int] = {}  # in the round's order: the client after each (its row is read ahead)
+        self._lendable: set[tuple[str, ...]] = set()  # workspaces that train in their store's buffers
+        self._lent: dict[tuple[str, ...], int] = {}  # workspace → the client whose lent buffer it is bound to
         if store == "disk":
             try:  # here, not at the first store: an unusable folder is an error at start
                 self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +216,8 @@ class ClientHost:
                                                   self.device)
             if layout.slots:
                 self.stores[key] = STORES[self.store_kind](layout, self.state_dir)
+                if self.store_kind == "disk" and ws.bindable():
+                    self._lendable.add(key)
             if self.algo.shares is not None:
                 live = models[self.algo.shares].state_dict()  # detached views of the live parameters and buffers
                 self._sent[key] = [live[k] for k in self.algo.shared_keys(models[self.algo.shares])]
@@ -238,10 +242,19 @@ class ClientHost:
         store = self.stores.get(key)
         if ws.client != c.cid:
             started = time.perf_counter()
-            row = None if store is None else store.get(c.cid)
-            ws.load(row, self._seeds(c), c.cid, self.algo.scalars)
-            if store is not None:
-                store.done(c.cid)
+            if key in self._lendable:
+                # A disk store on the CPU lends the buffer the row was read (ahead) into, and the workspace
+                # trains in it: no copy on load or store (see Workspace.bind); the buffer goes back in `_keep`.
+                self._release(key)
+                row, filled = store.lend(c.cid)
+                ws.adopt(row, filled, self._seeds(c), c.cid, self.algo.scalars)
+                self._lent[key] = c.cid
+                row = row if filled else None
+            else:
+                row = None if store is None else store.get(c.cid)
+                ws.load(row, self._seeds(c), c.cid, self.algo.scalars)
+                if store is not None:
+                    store.done(c.cid)
             if (after := self._then.get(c.cid)) is not None:
                 self.prefetch(after)
             if row is None:
@@ -263,16 +276,35 @@ class ClientHost:
         if store is None:
             return
         started = time.perf_counter()
-        self.workspaces[key].store(store.put(c.cid))
-        store.done(c.cid)
+        ws = self.workspaces[key]
+        if self._lent.get(key) == c.cid:
+            ws.store(ws.bound)
+            del self._lent[key]
+            store.release(c.cid, write=True)
+            ws.unbind()
+        else:
+            ws.store(store.put(c.cid))
+            store.done(c.cid)
         self.dirty.add(c.cid)
         self.state_seconds += time.perf_counter() - started
+
+    def _release(self, key: tuple[str, ...]) -> None:
+        """Give back the buffer the workspace of `key` was lent, unwritten (its client's row stays as it was)."""
+        cid = self._lent.pop(key, None)
+        if cid is not None:
+            self.stores[key].release(cid, write=False)
+            self.workspaces[key].unbind()
+
+    def _release_all(self) -> None:
+        for key in list(self._lent):
+            self._release(key)
 
     def modules(self) -> list[nn.Module]:
         """Every model this host holds (its workspaces'; none before its first round)."""
         return [m for ws in self.workspaces.values() for m in ws.models.values()]
 
     def _forget_workspaces(self) -> None:
+        self._release_all()
         for ws in self.workspaces.values():
             ws.client = None
 
@@ -283,6 +315,7 @@ class ClientHost:
     def write_checkpoint(self, folder: Path, tag: str) -> list[dict]:
         """Write the rows changed since the last checkpoint, one `.npy` per architecture, into `folder`
         (under a temporary name, then renamed); return their manifest entries."""
+        self._release_all()
         entries = []
         for key, store in sorted(self.stores.items()):
             cids = sorted(c for c in self.dirty if c in store and self._archs(self.clients[c]) == key)
@@ -297,6 +330,7 @@ class ClientHost:
 
     def restore_rows(self, folder: Path, refs: dict[int, RowRef]) -> None:
         """Load these clients' rows from checkpoint files in `folder` (checking each row's checksum)."""
+        self._release_all()
         by_file: dict[str, list[tuple[int, RowRef]]] = {}
         for cid, ref in refs.items():
             if cid in self.clients:
@@ -329,6 +363,7 @@ class ClientHost:
 
     def close(self) -> None:
         """Drop every store (a disk store deletes its file)."""
+        self._release_all()
         for store in self.stores.values():
             store.close()
         self.stores.clear()
@@ -384,6 +419,7 @@ class ClientHost:
             clients = [self.clients[cid] for cid in cids]
             started, self.state_seconds, self.init_seconds = time.perf_counter(), 0.0, 0.0
             if batched:
+                self._release_all()  # the batched path reads and writes rows through the store itself
                 with _stage(clients[0], rnd, f"batched training of clients {cids[0]}..{cids[-1]}"):
                     outcomes = self.batcher.train(clients, rnd, glob)
             else:
@@ -468,6 +504,7 @@ class ClientHost:
             rows.append(row)
             if tick is not None:
                 tick(len(rows))
+        self._release_all()
         return rows
 
 

@@ -137,6 +137,66 @@ class Workspace:
         # Initial models are drawn on the CPU whatever the device: a GPU's generator gives other numbers
         # than the CPU's for the same seed, and a client's first model must not depend on where it trains.
         self._cpu_twins = {p.name: models[p.name] for p in layout.parts if device.type == "cpu"}
+        self.bound: np.ndarray | None = None  # the row the private tensors are views of (`bind`), if any
+        self._home: np.ndarray | None = None  # the workspace's own row, bound between clients
+
+    def bindable(self) -> bool:
+        """Whether the private tensors can be views of a row: on the CPU, with no tensor under two keys."""
+        ptrs = [t.data_ptr() for t in self.tensors]
+        return self.device.type == "cpu" and len(set(ptrs)) == len(ptrs) and bool(self.layout.slots)
+
+    def bind(self, row: np.ndarray) -> None:
+        """Make the private parameters and buffers views of `row` (no copy): training then updates the row in
+        place. The parameters stay the same objects (their optimisers keep them); only their storage moves."""
+        lay = self.layout
+        if self._home is None:  # first bind: the models' present values move to a row of the workspace's own
+            self._home = np.zeros(lay.nbytes, np.uint8)
+            _copy([lay.view(self._home, s) for s in lay.model_slots], self.tensors)
+            self._owners = []
+            for part in lay.parts:
+                for key in part.keys:
+                    prefix, _, attr = key.rpartition(".")
+                    self._owners.append((self.models[part.name].get_submodule(prefix), attr))
+        views = [lay.view(row, s) for s in lay.model_slots]
+        for (module, attr), v in zip(self._owners, views):
+            if attr in module._parameters:
+                module._parameters[attr].data = v
+            else:
+                module._buffers[attr] = v
+        self.tensors, self.bound = views, row
+
+    def unbind(self) -> None:
+        """Let go of the bound row (its owner may reuse it now): back to the workspace's own row, holding
+        nobody's state."""
+        for p in self.layout.parts:
+            self.opts[p.name].state.clear()  # its tensors were views of the row
+        self.bind(self._home)
+        self.client = None
+
+    def adopt(self, row: np.ndarray, filled: bool, seeds: int | dict[str, int], cid: int,
+              scalars: dict[str, float] | None = None) -> None:
+        """`load` without copies: bind `row` and train in it. A `filled` row holds the client's state; any other
+        is filled with the client's initial models and zeroed optimiser state (as a fresh optimiser starts:
+        SGD's first momentum, 0·m + g, equals the g it would copy; Adam starts from zeros anyway)."""
+        self.bind(row)
+        lay = self.layout
+        if not filled:
+            self.load(None, seeds, cid, scalars)  # draws the initial models into the row's views
+            for s in lay.opt_slots:
+                lay.view(row, s).zero_()
+            for s in lay.scalar_slots:
+                lay.view(row, s).copy_(self.scalars[s.name.removeprefix("scalar/")].detach())
+        for p in lay.parts:
+            self.opts[p.name].state.clear()
+        for s in lay.opt_slots:
+            _, i, name = s.name.split("/", 2)
+            p, part = self.params[int(i)]
+            self.opts[part].state[p][name] = lay.view(row, s)
+        if filled:
+            with torch.no_grad():
+                for s in lay.scalar_slots:
+                    self.scalars[s.name.removeprefix("scalar/")].copy_(lay.view(row, s))
+        self.client = cid
 
     @property
     def model(self) -> nn.Module:
@@ -189,9 +249,11 @@ class Workspace:
         return t
 
     def store(self, row: np.ndarray) -> None:
-        """Write the workspace's private state (models, optimisers, scalars) into `row`."""
+        """Write the workspace's private state (models, optimisers, scalars) into `row` (into the bound row:
+        only what is not already a view of it)."""
         lay = self.layout
-        _copy([lay.view(row, s) for s in lay.model_slots], self.tensors)
+        if row is not self.bound:
+            _copy([lay.view(row, s) for s in lay.model_slots], self.tensors)
         for s in lay.opt_slots:
             _, i, name = s.name.split("/", 2)
             p, part = self.params[int(i)]
@@ -199,7 +261,7 @@ class Workspace:
             dst = lay.view(row, s)
             if t is None:  # no step taken for this parameter: zeros are the fresh state (SGD and Adam alike)
                 dst.zero_()
-            else:
+            elif t.data_ptr() != dst.data_ptr():
                 dst.copy_(t.detach())
         for s in lay.scalar_slots:
             lay.view(row, s).copy_(self.scalars[s.name.removeprefix("scalar/")].detach())
@@ -272,7 +334,9 @@ class DiskStore:
     the disk work while the host computes: a stored row is written while the next client trains, and the
     row `prefetch` names is read ahead; its jobs run in the order given, so a read never overtakes a write.
 
-    `get` and `put` return one of those buffers: a caller uses a row, then calls `done`, before the next."""
+    `get` and `put` return one of those buffers: a caller uses a row, then calls `done`, before the next.
+    `lend` hands one out until `release`: a workspace on the CPU trains in it (its tensors are views of the
+    buffer), so a row is neither copied in on load nor out on store; the store's thread reads and writes it."""
 
     kind = "disk"
 
@@ -357,12 +421,27 @@ class DiskStore:
         self._held = b
         return self._rows[b]
 
-    def put(self, cid: int) -> np.ndarray:
+    def lend(self, cid: int) -> tuple[np.ndarray, bool]:
+        """A buffer the caller keeps until `release`, to train or evaluate `cid` in: holding `cid`'s row
+        (True), or, for a client without one, free (False)."""
+        row = self.get(cid)
+        if row is not None:
+            return row, True
+        self._held = self._free()
+        return self._rows[self._held], False
+
+    def release(self, cid: int, write: bool) -> None:
+        """Take back the lent buffer; with `write`, it is `cid`'s new row (written in the store's thread)."""
+        if write:
+            self.put(cid, self._held)
+        self.done(cid)
+
+    def put(self, cid: int, buffer: int | None = None) -> np.ndarray:
         if self._ahead is not None and self._ahead[1] == cid:
             self._take_ahead(None)  # about to be overwritten: a later `get` must read the new row
         self.slot.setdefault(cid, len(self.slot))
         self._writing = cid
-        self._held = self._free()
+        self._held = self._free() if buffer is None else buffer
         return self._rows[self._held]
 
     def done(self, cid: int) -> None:

@@ -196,15 +196,54 @@ def run(overrides, engine=None):
         engine.close()
 
 
-def test_memory_and_disk_stores_give_the_same_run_bit_for_bit():
-    sampled = ["clients.fraction=0.3"]
+# A disk store on the CPU lends its buffers and the workspace trains in them (no copies): every kind of
+# private state must come out as the memory store's copies give it.
+@pytest.mark.parametrize("setting", [[], ["training.optimizer='adam'"], ["algorithm.name=fedper"],
+                                     ["algorithm.name=apfl"], ["algorithm.name=dml"], ["algorithm.name=ditto"],
+                                     ["model.meme='resnet8'", "clients.groups=[{name='r', share=1.0, local_model='resnet8'}]",
+                                      "algorithm.name=fedbn", "run.rounds=2"]],
+                         ids=["fml", "adam", "fedper", "apfl", "dml", "ditto", "fedbn-batchnorm"])
+def test_memory_and_disk_stores_give_the_same_run_bit_for_bit(setting):
+    sampled = ["clients.fraction=0.3", *setting]
     a, _ = run([*sampled, "engine.state_store=memory"])
     b, engine = run([*sampled, "engine.state_store=disk"])
     assert engine.plan.kind == "disk"
-    for k in a.global_state:
+    assert (a.global_state is None) == (b.global_state is None)  # DML shares no model
+    for k in a.global_state or {}:
         np.testing.assert_array_equal(a.global_state[k], b.global_state[k])
     key = lambda r: (r["round"], r["client"], r["model"], r["split"], r["loss"], r["accuracy"])  # noqa: E731
     assert [key(r) for r in a.rows] == [key(r) for r in b.rows]
+
+
+def test_a_client_that_fails_in_a_lent_buffer_keeps_its_row_as_it_was(monkeypatch, tmp_path):
+    import fmlray.engine.host as host_module
+    from fmlray.errors import TrainingError
+    cfg = load_config(None, ["clients.num_clients=4", "training.epochs=1"])
+    prepared = prepare(cfg)
+    host = ClientHost(cfg, prepared.dataset, prepared.partition, [0, 1, 2, 3], store="disk", state_dir=tmp_path)
+    g = initial_global_state(cfg, prepared.dataset)
+    host.train(1, [0, 1], g)
+    key = host._archs(host.clients[0])
+    assert key in host._lendable  # the zero-copy path is the one under test
+    store = host.stores[key]
+    before = store.get(0).copy()
+    store.done(0)
+    evaluated = host.evaluate(g, [0])
+    real = host_module.train_client
+
+    def ruin_then_fail(algo, models, *args, **kwargs):
+        real(algo, models, *args, **kwargs)  # the bound row has changed in place by now
+        raise TrainingError("loss is not finite")
+
+    monkeypatch.setattr(host_module, "train_client", ruin_then_fail)
+    _, results = host.train(2, [0, 1], g)
+    assert all("loss is not finite" in r["excluded"] for r in results)
+    assert host._lent == {}
+    np.testing.assert_array_equal(store.get(0), before)
+    store.done(0)
+    scores = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]  # noqa: E731
+    assert scores(host.evaluate(g, [0])) == scores(evaluated)
+    host.close()
 
 
 def test_only_clients_that_trained_have_a_row_and_the_scratch_folder_goes():
