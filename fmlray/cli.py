@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         print("fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`fmlray partition | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)

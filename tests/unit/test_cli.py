@@ -63,6 +63,15 @@ def test_partition_prints_and_saves_the_table(tmp_path, capsys):
     assert (tmp_path / "p.csv").read_text().count("\n") == 21
 
 
+def test_a_pipe_closed_early_ends_the_command_quietly():
+    """`fmlray partition | head -1`: the reader goes first; the table's print meets a closed pipe."""
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "partition"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
+
+
 def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
     table = capsys.readouterr().out.split("algorithm")[-1]
