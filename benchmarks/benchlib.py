@@ -94,7 +94,8 @@ def result_stem(script: str, workload: str, variant: str) -> str:
 
 def write_parquet(rows: list[dict], path: Path, meta: dict) -> None:
     """Rows as Parquet, with `meta` (hardware, versions, config) as JSON in the schema metadata."""
-    table = pa.Table.from_pylist(rows)
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys (from_pylist takes the first's)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
     table = table.replace_schema_metadata({b"fmlray_benchmark": json.dumps(meta, default=str).encode()})
     pq.write_table(table, path)
 

@@ -92,3 +92,12 @@ def test_wholerun_smoke_writes_parquet_and_markdown(tmp_path):
     assert memory["fmlray"]["pss_actors_mib"] > 0 and memory["plain"]["pss_total_mib"] > 0
     report = only(tmp_path, "wholerun-digits-smoke-*.md").read_text()
     assert "## Targets" in report and "## Where the time goes" in report and "## Config" in report
+
+
+def test_a_record_keeps_the_columns_of_every_row(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import benchlib
+    benchlib.write_parquet([{"way": "floor", "s": 1.0}, {"way": "ray", "s": 2.0, "actors": 2}], tmp_path / "r.parquet",
+                           {"cpu": "test"})
+    assert pq.read_table(tmp_path / "r.parquet").to_pylist() == [{"way": "floor", "s": 1.0, "actors": None},
+                                                                 {"way": "ray", "s": 2.0, "actors": 2}]
