@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 from dataclasses import replace
+
+from fmlray import signals
 from pathlib import Path
 
 from fmlray.errors import FmlrayError
@@ -299,15 +301,6 @@ def _literal(value) -> str:
     return repr(value)
 
 
-class Terminated(BaseException):
-    """SIGTERM outside the rounds (start-up, between a sweep's runs); like KeyboardInterrupt, it
-    passes `except Exception` and unwinds every `finally` (the engine closes, a new run folder goes)."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -317,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 "partition": cmd_partition, "config": cmd_config}
     # Inside the rounds `simulation.StopOnSignal` turns SIGTERM into a stop after the round, with a checkpoint.
     main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    signals.reset()
+    before = signal.signal(signal.SIGTERM, signals.terminate) if main_thread else None
     try:
         return commands[args.command](args)
     except FmlrayError as exc:
@@ -326,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fmlray: interrupted; what no checkpoint held yet was dropped", file=sys.stderr)
         return 130
-    except Terminated:
+    except signals.Terminated:
         print("fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped",
               file=sys.stderr)
         return 130

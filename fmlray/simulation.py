@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmlray import metrics
+from fmlray import metrics, signals
 from fmlray.aggregate import State
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
@@ -238,6 +238,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
     try:
         console(f"starting the {cfg.engine.kind} engine")
         engine.start(cfg, prepared.dataset, prepared.partition)
+        signals.check()  # a SIGTERM whose raise was lost during start-up (see fmlray.signals)
         for note in getattr(engine, "notes", []):
             console(note)
         split = "".join(f"; {what} {s:.1f}s" for what, s in getattr(engine, "startup", {}).items())

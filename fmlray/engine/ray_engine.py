@@ -15,9 +15,7 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
-import threading
 import time
 import uuid
 import warnings
@@ -293,20 +291,15 @@ def start_private_ray(**resources) -> None:
 
 @contextlib.contextmanager
 def _keep_sigterm():
-    """`ray.init` makes SIGTERM exit the process at once (`sys.exit(15)`, no message, no cleanup of the
-    run); fmlray's own handler (a stop with one line, exit 130) is put back, and hears a SIGTERM that
-    came while Ray was starting."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
+    """`ray.init` would put in a SIGTERM handler of its own (`sys.exit(15)`: no message, no cleanup of the run,
+    and lost outright where it lands in a finaliser). Ray is kept from installing it, so the handler in force
+    (the CLI's: one line, exit 130, see fmlray.signals) hears a SIGTERM that comes while Ray starts."""
+    from ray._private import utils
+    install, utils.set_sigterm_handler = utils.set_sigterm_handler, lambda handler: None
     try:
         yield
-    except SystemExit as exc:
-        if exc.code == signal.SIGTERM and callable(before):
-            before(signal.SIGTERM, None)
-        raise
     finally:
-        if main and before is not None:
-            signal.signal(signal.SIGTERM, before)
+        utils.set_sigterm_handler = install
 
 
 def connect(address: str) -> bool:

@@ -289,3 +289,24 @@ def test_a_dataset_too_large_for_memory_is_one_line_naming_the_keys(tmp_path, ca
 
     monkeypatch.setattr(fmlray.data.sources, "_load_raw", no_memory)
     fail(capsys, ["run", *QUICK, "--set", f"run.output_dir={out}"], "digits does not fit in memory; lower data.max_train", out)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped raise, on purpose
+def test_a_sigterm_whose_raise_python_dropped_still_stops_the_start_up(tmp_path, monkeypatch, capsys):
+    """A signal that lands while a finaliser runs: Python prints "Exception ignored" and drops the raise."""
+    import signal
+    import weakref
+
+    from fmlray import signals
+    from fmlray.engine.serial import SerialEngine
+    real = SerialEngine.start
+
+    def start_then_a_lost_sigterm(self, *args):
+        real(self, *args)
+        weakref.finalize(type("Doomed", (), {})(), signals.terminate, signal.SIGTERM, None)  # runs and is dropped
+
+    monkeypatch.setattr(SerialEngine, "start", start_then_a_lost_sigterm)
+    assert main(["run", "--set", "engine.kind=serial", "--set", f"run.output_dir={tmp_path}"]) == 130
+    assert "terminated (SIGTERM) outside a round" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["partition"]) == 0  # the mark is this command's only
