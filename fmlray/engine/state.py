@@ -436,6 +436,11 @@ class DiskStore:
             self.put(cid, self._held)
         self.done(cid)
 
+    def page_buffer(self) -> mmap.mmap:
+        """The handed-out row's whole buffer (page-aligned, padded to whole pages with zeros): what direct I/O
+        can write as it is."""
+        return self._bufs[self._held]
+
     def put(self, cid: int, buffer: int | None = None) -> np.ndarray:
         if self._ahead is not None and self._ahead[1] == cid:
             self._take_ahead(None)  # about to be overwritten: a later `get` must read the new row
@@ -537,9 +542,13 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
             if i + 1 < len(cids):
                 store.prefetch(cids[i + 1])
             crcs.append(crc(row))
-            out[:len(row)] = row
-            store.done(cid)
-            _pwrite(fd, buf, PAGE + i * width)
+            if isinstance(store, DiskStore):  # written from the buffer the row was read into: no copy
+                _pwrite(fd, store.page_buffer(), PAGE + i * width)
+                store.done(cid)
+            else:
+                out[:len(row)] = row
+                store.done(cid)
+                _pwrite(fd, buf, PAGE + i * width)
         os.fsync(fd)
         os.close(fd)
         fd = None
