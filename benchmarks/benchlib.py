@@ -66,7 +66,7 @@ def versions() -> dict:
 def start_ray(num_cpus: float, num_gpus: float | None = None) -> float:
     """Start a private Ray on loopback, as `fmlray run` does (never one a `ray start` left behind, nor a
     stale address file of one); return the seconds it took."""
-    from fmlray.engine.ray_engine import start_private_ray
+    from fmlray.engine.connect import start_private_ray
     os.environ.pop("RAY_ADDRESS", None)  # start_private_ray ignores it, but fmlray's connect() would not
     started = time.perf_counter()
     start_private_ray(num_cpus=num_cpus, num_gpus=num_gpus)

@@ -100,7 +100,7 @@ def fmlray_phases(lines: list[tuple[float, str]], wall: float) -> dict:
         "torch_import_s": at["data"] - at["title"] - at["prepare_s"],  # fmlray.checkpoint brings torch
         "prepare_s": at["prepare_s"],  # load and partition the data, check the models
         "engine_import_s": at["starting"] - at["data"],  # make_engine: imports Ray
-        "ray_up_s": ray_up,  # the private ray.init
+        "ray_up_s": ray_up,  # waiting for the private ray.init (started in a thread at the first line)
         "actors_ready_s": actors,  # put the data, create the actors, until all answer
         "engine_other_s": at["ready"] - at["starting"] - ray_up - actors,
         "startup_s": at["ready"],  # spawn -> ready (round 1 starts)
@@ -166,7 +166,7 @@ FMLRAY_PHASES = [
     ("torch_import_s", "torch import (before the data)"),
     ("prepare_s", "data: load, partition, check the models"),
     ("engine_import_s", "Ray import (make_engine)"),
-    ("ray_up_s", "`ray.init` (private, loopback)"),
+    ("ray_up_s", "`ray.init` (private, loopback): the wait left once the data is in (it starts at the first line)"),
     ("actors_ready_s", "put the data, start the actors, until all answer"),
     ("engine_other_s", "rest of the engine start (plans, capacity)"),
     ("startup_s", "**start-up: spawn → ready**"),

@@ -170,7 +170,7 @@ def _shared_ray(cfg):
         return
     import ray
 
-    from fmlray.engine.ray_engine import connect
+    from fmlray.engine.connect import connect
     started = connect(cfg.engine.address)
     try:
         yield

@@ -265,7 +265,8 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
     configs as presets; return (folder, ranked rows)."""
     import ray
 
-    from fmlray.engine.ray_engine import capacity, connect
+    from fmlray.engine.connect import connect
+    from fmlray.engine.ray_engine import capacity
     from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
     from fmlray.trials import tune_run
 

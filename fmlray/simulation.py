@@ -227,14 +227,23 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")
     console(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
-    from fmlray import checkpoint  # torch, ~1.5 s: after the first line
-    if prepared is None:
-        loading = time.perf_counter()
-        prepared = prepare(cfg)
-        d = prepared.dataset
-        console(f"data: {len(d.y_train)} training and {len(d.y_test)} test rows of {cfg.data.dataset} over "
-                f"{cfg.clients.num_clients} clients ({time.perf_counter() - loading:.1f}s)")
-    engine = make_engine(cfg)
+    early = cfg.engine.kind == "ray"
+    if early:  # a private Ray comes up in a thread meanwhile (see fmlray.engine.connect)
+        from fmlray.engine.connect import abandon_early, start_early
+        start_early(cfg.engine.address)
+    try:
+        from fmlray import checkpoint  # torch, ~1.2 s: after the first line
+        if prepared is None:
+            loading = time.perf_counter()
+            prepared = prepare(cfg)
+            d = prepared.dataset
+            console(f"data: {len(d.y_train)} training and {len(d.y_test)} test rows of {cfg.data.dataset} over "
+                    f"{cfg.clients.num_clients} clients ({time.perf_counter() - loading:.1f}s)")
+        engine = make_engine(cfg)
+    except BaseException:
+        if early:
+            abandon_early()
+        raise
     try:
         console(f"starting the {cfg.engine.kind} engine")
         engine.start(cfg, prepared.dataset, prepared.partition)
@@ -275,6 +284,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                      record=records.append, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:
         engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
+        if early:
+            abandon_early()  # an engine that failed before it took the early Ray up
     summary = records.merge(final=True)
     rundir.finish(folder.path, summary, title(cfg))
     into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends

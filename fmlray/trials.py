@@ -288,7 +288,7 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
     import ray
     from ray import tune
 
-    from fmlray.engine.ray_engine import _environ
+    from fmlray.engine.connect import _environ
     from fmlray.relay import Relay, listening
     from fmlray.simulation import StopOnSignal
 
@@ -343,7 +343,7 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
     """Run the sweep's unfinished runs as Tune trials, `parallel` at once ("auto": as many as fit);
     return each run's last result (its status, node, start and end times)."""
     from fmlray import checkpoint
-    from fmlray.engine.ray_engine import connect
+    from fmlray.engine.connect import connect
 
     todo = {}
     for i, run in enumerate(sweep.runs, 1):

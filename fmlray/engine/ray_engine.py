@@ -10,12 +10,8 @@ store as the next round's broadcast. The dataset is put once; actors index it ze
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import secrets
 import shutil
-import socket
 import time
 import uuid
 import warnings
@@ -31,6 +27,7 @@ from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
+from fmlray.engine.connect import connect, release
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, match_bundles, plan_actors,
                                      plan_store)
@@ -168,189 +165,6 @@ def _last(refs):
 
 def _count(items) -> list[tuple[str, int]]:
     return list(Counter(items).items())
-
-
-def _timeout(name: str, default: float) -> float:
-    """A deadline in seconds from the environment (read when used, so a test can shorten it)."""
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        raise ResourceError(f"{name}={os.environ[name]!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ResourceError(f"{name} must be > 0 seconds, got {value:g}")
-    return value
-
-
-def _host_port(address: str) -> tuple[str, int] | None:
-    """("host", port) of a plain "host:port" address; None for "auto", "ray://..." and forms Ray judges."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or "://" in address:
-        return None
-    return host.strip("[]"), int(port)
-
-
-def _reachable(address: str) -> bool:
-    """A quick TCP check of a "host:port" address, so a wrong one fails now instead of after minutes."""
-    where = _host_port(address)
-    if where is None:
-        return True
-    try:
-        socket.create_connection(where, timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-def _serves_ray(address: str, timeout: float) -> bool:
-    """Whether `address` answers a gRPC health check with SERVING within `timeout` seconds. Ray's GCS
-    does (without a token); an HTTP server or anything else that merely accepts TCP does not, where
-    `ray.init` would retry for minutes printing C++ warnings."""
-    import grpc
-    with grpc.insecure_channel(address) as channel:
-        check = channel.unary_unary("/grpc.health.v1.Health/Check")
-        try:  # wait_for_ready: a head that is still starting gets the whole deadline
-            reply = check(b"", timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError:
-            return False
-    return reply == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
-
-
-def _check_head(address: str, hint: str) -> None:
-    """Fail in one line, within FMLRAY_CONNECT_TIMEOUT_S, unless a Ray head answers at "host:port"."""
-    if not _reachable(address):
-        raise ResourceError(f"no Ray cluster answers at {address}; {hint}")
-    if _host_port(address) is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-        return  # "ray://..." or a TLS cluster: Ray itself judges those
-    timeout = _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30)
-    if not _serves_ray(address, timeout):
-        raise ResourceError(f"{address} accepts connections but is not a Ray cluster (no Ray GCS answered within "
-                            f"{timeout:g}s; FMLRAY_CONNECT_TIMEOUT_S sets this deadline); {hint}")
-
-
-def _ray_start_address() -> tuple[str, str | None]:
-    """Ray's address file (`ray_current_cluster`, which `ray start` writes in Ray's temp folder) and
-    the address in it, or None when there is none."""
-    from ray._common.utils import get_ray_address_file
-    path = get_ray_address_file(None)
-    try:
-        with open(path) as f:
-            return path, f.read().strip() or None
-    except FileNotFoundError:
-        return path, None
-
-
-@contextlib.contextmanager
-def _environ(**values: str | None):
-    """Set (or, with None, remove) environment variables inside the block; restore them after."""
-    def put(items):
-        for k, v in items:
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    old = [(k, os.environ.get(k)) for k in values]
-    put(values.items())
-    try:
-        yield
-    finally:
-        put(old)
-
-
-def _reread_auth() -> None:
-    """Make this process read RAY_AUTH_MODE / RAY_AUTH_TOKEN again: Ray caches both at first use (and
-    a private Ray of an earlier run in this process left its own there). Ray does the same when it
-    turns token auth on for a new local cluster."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-def start_private_ray(**resources) -> None:
-    """Start a new single-node Ray for this process alone (`resources`: ray.init's num_cpus, num_gpus).
-
-    - A new instance whatever the machine holds (address="local"): never a cluster that a `ray start`
-      left running, nor a stale address file of one that is gone.
-    - Loopback only: every server (GCS, raylet, object manager, agents, workers) listens on
-      127.0.0.1. Ray does this where it expects no cluster (macOS, Windows); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-      asks for it here, read by the processes Ray starts, and the patched constant by this one.
-    - A token of its own: nothing else can join it, not even `ray.init(address="auto")`, which finds
-      any Ray's GCS on the machine from the process list. Setting the mode explicitly also keeps Ray
-      from warning that it turned token authentication on.
-    """
-    from ray._private import ray_constants
-    with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)):
-        loopback, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-        try:
-            _reread_auth()
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     logging_level=logging.WARNING, **resources)
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = loopback
-    # The processes started keep the token in their environment, and this one in Ray's cache.
-
-
-@contextlib.contextmanager
-def _keep_sigterm():
-    """`ray.init` would put in a SIGTERM handler of its own (`sys.exit(15)`: no message, no cleanup of the run,
-    and lost outright where it lands in a finaliser). Ray is kept from installing it, so the handler in force
-    (the CLI's: one line, exit 130, see fmlray.signals) hears a SIGTERM that comes while Ray starts."""
-    from ray._private import utils
-    install, utils.set_sigterm_handler = utils.set_sigterm_handler, lambda handler: None
-    try:
-        yield
-    finally:
-        utils.set_sigterm_handler = install
-
-
-def connect(address: str) -> bool:
-    """Join `address` (or RAY_ADDRESS), else start a private local Ray; True when this call connected.
-
-    "auto" means the cluster a `ray start` on this machine recorded in Ray's address file, and only
-    that one (Ray's own "auto" would also join any Ray it finds in the process list, e.g. another
-    fmlray run's private one)."""
-    if ray.is_initialized():
-        return False
-    with _keep_sigterm():
-        return _connect(address)
-
-
-def _connect(address: str) -> bool:
-    _reread_auth()
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    hint = "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray"
-    if not address:
-        try:
-            start_private_ray()
-        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-            raise ResourceError(f"cannot start a local Ray ({_first_line(exc)})") from None
-        return True
-    if address == "auto":
-        path, recorded = _ray_start_address()
-        if recorded is None:
-            raise ResourceError(f"engine.address=auto: no `ray start` cluster on this machine (no {path}); start "
-                                "one with `ray start --head`, give a cluster's address, or leave engine.address "
-                                "empty for a private local Ray")
-        if not _reachable(recorded):
-            raise ResourceError(f"engine.address=auto: {path} names {recorded}, but no Ray head answers there (a "
-                                "`ray start` that ended without `ray stop` left it); start the head again, delete "
-                                "that file, or leave engine.address empty for a private local Ray")
-        _check_head(recorded, hint)
-        # What Ray does for "auto" (and only then): token auth on when a token exists and the mode is unset.
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        address = recorded  # given as is: Ray's "auto" might pick another GCS from the process list
-    else:
-        _check_head(address, hint)
-    try:
-        ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        raise ResourceError(f"cannot join the Ray cluster at {address} ({_first_line(exc)}); {hint}") from None
-    return True
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def capacity() -> Capacity:
@@ -617,4 +431,5 @@ class RayEngine:
         self.actors, self.aggregator = [], None
         if getattr(self, "owns_ray", False):
             ray.shutdown()
+            release()  # the thread that started it, if it started early
             self.owns_ray = False

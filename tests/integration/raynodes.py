@@ -33,7 +33,7 @@ def start_session_ray() -> None:
     """The test session's Ray: always a new one of its own (never a cluster found through RAY_ADDRESS, a
     live `ray start` or a stale address file of a dead one), on loopback, that nothing else can join.
     Logical GPUs let the scheduler pack fractional-GPU actors on a CPU-only machine."""
-    from fmlray.engine.ray_engine import start_private_ray
+    from fmlray.engine.connect import start_private_ray
     start_private_ray(num_cpus=2, num_gpus=2)
 
 

@@ -201,3 +201,32 @@ def test_a_private_run_listens_on_loopback_only_and_nothing_else_can_join_it(tmp
     assert auto.returncode == 2 and "no `ray start` cluster on this machine" in auto.stderr
     assert join.returncode != 0 and "Authentication token is missing or incorrect" in join.stderr
     assert run.returncode == 130 and "Token authentication is enabled" not in err, err[-3000:]
+
+
+def test_a_run_that_fails_while_its_ray_starts_early_leaves_no_ray_behind(tmp_path):
+    # The private Ray starts in a thread while the data loads; a data error must still end in one line,
+    # exit 2, and with that Ray shut down (no process of it left, whatever moment the error came).
+    tmpdir = ray_tmpdir()
+    try:
+        proc = fmlray("run", "--set", f"run.output_dir={tmp_path}", "--set", "clients.num_clients=150",
+                      "--set", "data.partition=iid", "--set", "data.min_samples=2", env=env_with(tmpdir))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith("fmlray: error: client") and proc.stderr.count("\n") == 1
+        assert list(tmp_path.iterdir()) == []
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(tmpdir in a for a in p.info["cmdline"] or [])]
+        assert left == [], f"processes of the run's Ray left: {left}"
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_an_early_start_is_the_ray_connect_hands_over(tmp_path):
+    code = ("import ray\nfrom fmlray.engine import connect as c\nc.start_early('')\nassert c.connect('') is True\n"
+            "assert ray.is_initialized() and c.connect('') is False\nc.abandon_early()\nassert ray.is_initialized()\n"
+            "ray.shutdown()\nprint('ok')")
+    tmpdir = ray_tmpdir()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=env_with(tmpdir), cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from fmlray.engine.ray_engine import _host_port, _serves_ray, _timeout, connect
+from fmlray.engine.connect import _host_port, _serves_ray, _timeout, connect
 from fmlray.errors import ResourceError
 
 

@@ -1,0 +1,270 @@
+"""Joining a Ray cluster, or starting a private local Ray for one run, with one-line errors.
+
+Kept apart from the engine (which imports torch) so that a run can start its private Ray in a thread
+while the driver imports torch and loads the data (`start_early`): on two cores, ~1 s of start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+
+import ray
+
+from fmlray.errors import ResourceError
+
+
+def _timeout(name: str, default: float) -> float:
+    """A deadline in seconds from the environment (read when used, so a test can shorten it)."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        raise ResourceError(f"{name}={os.environ[name]!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ResourceError(f"{name} must be > 0 seconds, got {value:g}")
+    return value
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """("host", port) of a plain "host:port" address; None for "auto", "ray://..." and forms Ray judges."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _reachable(address: str) -> bool:
+    """A quick TCP check of a "host:port" address, so a wrong one fails now instead of after minutes."""
+    where = _host_port(address)
+    if where is None:
+        return True
+    try:
+        socket.create_connection(where, timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _serves_ray(address: str, timeout: float) -> bool:
+    """Whether `address` answers a gRPC health check with SERVING within `timeout` seconds. Ray's GCS
+    does (without a token); an HTTP server or anything else that merely accepts TCP does not, where
+    `ray.init` would retry for minutes printing C++ warnings."""
+    import grpc
+    with grpc.insecure_channel(address) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        try:  # wait_for_ready: a head that is still starting gets the whole deadline
+            reply = check(b"", timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError:
+            return False
+    return reply == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+def _check_head(address: str, hint: str) -> None:
+    """Fail in one line, within FMLRAY_CONNECT_TIMEOUT_S, unless a Ray head answers at "host:port"."""
+    if not _reachable(address):
+        raise ResourceError(f"no Ray cluster answers at {address}; {hint}")
+    if _host_port(address) is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # "ray://..." or a TLS cluster: Ray itself judges those
+    timeout = _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30)
+    if not _serves_ray(address, timeout):
+        raise ResourceError(f"{address} accepts connections but is not a Ray cluster (no Ray GCS answered within "
+                            f"{timeout:g}s; FMLRAY_CONNECT_TIMEOUT_S sets this deadline); {hint}")
+
+
+def _ray_start_address() -> tuple[str, str | None]:
+    """Ray's address file (`ray_current_cluster`, which `ray start` writes in Ray's temp folder) and
+    the address in it, or None when there is none."""
+    from ray._common.utils import get_ray_address_file
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            return path, f.read().strip() or None
+    except FileNotFoundError:
+        return path, None
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, with None, remove) environment variables inside the block; restore them after."""
+    def put(items):
+        for k, v in items:
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    old = [(k, os.environ.get(k)) for k in values]
+    put(values.items())
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def _reread_auth() -> None:
+    """Make this process read RAY_AUTH_MODE / RAY_AUTH_TOKEN again: Ray caches both at first use (and
+    a private Ray of an earlier run in this process left its own there). Ray does the same when it
+    turns token auth on for a new local cluster."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def start_private_ray(**resources) -> None:
+    """Start a new single-node Ray for this process alone (`resources`: ray.init's num_cpus, num_gpus).
+
+    - A new instance whatever the machine holds (address="local"): never a cluster that a `ray start`
+      left running, nor a stale address file of one that is gone.
+    - Loopback only: every server (GCS, raylet, object manager, agents, workers) listens on
+      127.0.0.1. Ray does this where it expects no cluster (macOS, Windows); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+      asks for it here, read by the processes Ray starts, and the patched constant by this one.
+    - A token of its own: nothing else can join it, not even `ray.init(address="auto")`, which finds
+      any Ray's GCS on the machine from the process list. Setting the mode explicitly also keeps Ray
+      from warning that it turned token authentication on.
+    """
+    from ray._private import ray_constants
+    with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)):
+        loopback, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            _reread_auth()
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     logging_level=logging.WARNING, **resources)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = loopback
+    # The processes started keep the token in their environment, and this one in Ray's cache.
+
+
+@contextlib.contextmanager
+def _keep_sigterm():
+    """`ray.init` would put in a SIGTERM handler of its own (`sys.exit(15)`: no message, no cleanup of the run,
+    and lost outright where it lands in a finaliser). Ray is kept from installing it, so the handler in force
+    (the CLI's: one line, exit 130, see fmlray.signals) hears a SIGTERM that comes while Ray starts."""
+    from ray._private import utils
+    install, utils.set_sigterm_handler = utils.set_sigterm_handler, lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = install
+
+
+def connect(address: str) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a private local Ray; True when this call connected
+    (or the early start it waits for did).
+
+    "auto" means the cluster a `ray start` on this machine recorded in Ray's address file, and only
+    that one (Ray's own "auto" would also join any Ray it finds in the process list, e.g. another
+    fmlray run's private one)."""
+    if _early:
+        return _join_early()
+    if ray.is_initialized():
+        return False
+    with _keep_sigterm():
+        return _connect(address)
+
+
+# The private Ray a run began starting before it needed it: {"ready": Event, "box": {"owned" | "error": ...}}.
+_early: dict = {}
+_parked: list[threading.Event] = []  # releases the threads that started a Ray, once it is shut down
+
+
+class _NotMainThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # Ray's note that a thread sets no SIGTERM handler
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+def start_early(address: str) -> None:
+    """Begin starting the private Ray in a thread, where the run would start one (no address, no RAY_ADDRESS,
+    none up): it comes up while the driver imports torch and loads the data, and `connect` waits for it.
+    Ray installs no signal handler from a thread, so the CLI's SIGTERM handler stays in force meanwhile.
+
+    The thread stays (parked) until `release` after Ray is shut down: Ray ties the processes it starts to
+    the life of the *thread* that started them (Linux's parent-death signal), so they would die with it."""
+    if _early or address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    box: dict = {}
+    ready, park = threading.Event(), threading.Event()
+
+    def up() -> None:
+        quiet = _NotMainThread()
+        logging.getLogger("ray._private.worker").addFilter(quiet)
+        try:
+            box["owned"] = _connect("")
+        except BaseException as exc:  # handed to the main thread by `connect`
+            box["error"] = exc
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+            ready.set()
+        park.wait()
+
+    _parked.append(park)
+    threading.Thread(target=up, name="fmlray-ray-start", daemon=True).start()
+    _early.update(ready=ready, box=box)
+
+
+def _join_early() -> bool:
+    ready, box = _early.pop("ready"), _early.pop("box")
+    ready.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["owned"]
+
+
+def release() -> None:
+    """Ray is shut down: let the threads that started one end."""
+    while _parked:
+        _parked.pop().set()
+
+
+def abandon_early() -> None:
+    """A run that fails before its engine starts: wait for an early start and shut that Ray down."""
+    if _early:
+        try:
+            owned = _join_early()
+        except BaseException:
+            owned = True  # half started: shut down what there is
+        if owned and ray.is_initialized():
+            ray.shutdown()
+    if not ray.is_initialized():
+        release()
+
+
+def _connect(address: str) -> bool:
+    _reread_auth()
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    hint = "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray"
+    if not address:
+        try:
+            start_private_ray()
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            raise ResourceError(f"cannot start a local Ray ({_first_line(exc)})") from None
+        return True
+    if address == "auto":
+        path, recorded = _ray_start_address()
+        if recorded is None:
+            raise ResourceError(f"engine.address=auto: no `ray start` cluster on this machine (no {path}); start "
+                                "one with `ray start --head`, give a cluster's address, or leave engine.address "
+                                "empty for a private local Ray")
+        if not _reachable(recorded):
+            raise ResourceError(f"engine.address=auto: {path} names {recorded}, but no Ray head answers there (a "
+                                "`ray start` that ended without `ray stop` left it); start the head again, delete "
+                                "that file, or leave engine.address empty for a private local Ray")
+        _check_head(recorded, hint)
+        # What Ray does for "auto" (and only then): token auth on when a token exists and the mode is unset.
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        address = recorded  # given as is: Ray's "auto" might pick another GCS from the process list
+    else:
+        _check_head(address, hint)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        raise ResourceError(f"cannot join the Ray cluster at {address} ({_first_line(exc)}); {hint}") from None
+    return True
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
