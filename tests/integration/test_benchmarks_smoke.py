@@ -101,3 +101,18 @@ def test_a_record_keeps_the_columns_of_every_row(tmp_path):
                            {"cpu": "test"})
     assert pq.read_table(tmp_path / "r.parquet").to_pylist() == [{"way": "floor", "s": 1.0, "actors": None},
                                                                  {"way": "ray", "s": 2.0, "actors": 2}]
+
+
+def test_a_failed_memory_run_is_recorded_not_fatal(monkeypatch):
+    from types import SimpleNamespace
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import overhead
+
+    def fail(way, rounds=3):
+        raise SystemExit(f"the memory run of {way.name} failed: ['GCS gone']")
+
+    monkeypatch.setattr(overhead, "isolated_memory", fail)
+    way = SimpleNamespace(kind="ray", name="ray-2/fedavg", actors=2)
+    alone = overhead.memory_rows([("cpu", [way])], log=lambda m: None)
+    assert alone == [{"phase": "cpu", "way": "ray-2/fedavg", "failed": "the memory run of ray-2/fedavg failed: ['GCS gone']"}]
+    assert all("alone" not in c["check"] for c in overhead.targets("digits", [], alone))
