@@ -14,10 +14,9 @@ import signal
 import sys
 import threading
 from dataclasses import replace
-
-from fmlray import signals
 from pathlib import Path
 
+from fmlray import signals
 from fmlray.errors import FmlrayError
 from fmlray.progress import Console
 

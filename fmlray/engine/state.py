@@ -184,8 +184,6 @@ class Workspace:
             self.load(None, seeds, cid, scalars)  # draws the initial models into the row's views
             for s in lay.opt_slots:
                 lay.view(row, s).zero_()
-            for s in lay.scalar_slots:
-                lay.view(row, s).copy_(self.scalars[s.name.removeprefix("scalar/")].detach())
         for p in lay.parts:
             self.opts[p.name].state.clear()
         for s in lay.opt_slots:
