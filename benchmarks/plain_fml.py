@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
 
     from fmlray.algorithms.fml import mutual_losses
     from fmlray.config import load_config

@@ -208,7 +208,7 @@ def startup_probe(args, ray_up_s: float) -> dict:
     """Cold start-up of the issue's overhead-bound workload (digits, 20 clients, one actor per core)."""
     cores = os.cpu_count() or 1
     cfg = load_config(None, ["data.dataset='digits'", "clients.num_clients=20", "training.epochs=1",
-                             f"clients.groups=[{{name='all', share=1.0, local_model='mlp', num_cpus=1.0}}]",
+                             "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1.0}]",
                              f"engine.num_actors={cores}", f"run.seed={args.seed}"])
     prepared = prepare(cfg)
     engine, times = start_engine(cfg, prepared)

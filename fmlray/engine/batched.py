@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -335,7 +334,7 @@ class Batcher:
 
     def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
         """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
-        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        host, algo = self.host, self.host.algo
         key = host._archs(clients[0])
         ws, plan = host._workspace(key), self._plan(key, glob, rnd)
         steps = [self._order(c, rnd) for c in clients]
@@ -417,7 +416,7 @@ class Batcher:
     def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[list[Tensor]],
                rnd: int, anchor: list[Tensor] | None) -> dict:
         """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
-        host, algo, t = self.host, self.host.algo, self.host.cfg.training
+        host, t = self.host, self.host.cfg.training
         dev, k_all, names = host.device, len(steps), host.algo.trains
         x_all, y_all = host.train_rows.source()
         sizes = [[len(b) for b in s] for s in steps]
