@@ -101,6 +101,14 @@ class Algorithm:
             raise ValueError(f"{self.name}: only a model of arch 'global' can start as the round-0 global model")
 
     @property
+    def stateless(self) -> bool:
+        """Whether a client keeps nothing between rounds: it trains one model, receives all of it from the
+        server with a fresh optimiser, and keeps no scalars (FedAvg, FedProx). Then no row of it is left on
+        any host, and any host may train it (see RayEngine's dealing of each round's clients)."""
+        return (not self.scalars and len(self.models) == 1 and self.models[0].name == self.shares
+                and self.shared_keys is all_keys)
+
+    @property
     def trains(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)
 

@@ -33,7 +33,7 @@ class Aggregator:
 
     def aggregate(self, server: Server, previous: State, *partials: PartialSum | None) -> State:
         started = time.perf_counter()
-        total = aggregate.combine(p for p in partials if p is not None)  # in actor = client-id order
+        total = aggregate.combine(p for p in partials if p is not None)  # by each call's first client id
         new = server.next_global(previous, total)
         self.seconds.append(time.perf_counter() - started)
         return new

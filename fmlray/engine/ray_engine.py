@@ -29,8 +29,8 @@ from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
 from fmlray.engine.connect import connect, release
 from fmlray.engine.host import ClientHost, evaluate_global
-from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, match_bundles, plan_actors,
-                                     plan_store)
+from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
+                                     plan_actors, plan_store)
 from fmlray.engine.state import RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
 
@@ -76,14 +76,15 @@ class ClientActor:
     private state in a store on its node."""
 
     def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, spec: ActorSpec, index: int,
-                 store: str, run_token: str, board=None):
+                 store: str, run_token: str, board=None, hosted: list[int] | None = None):
         import torch
         self.index, self.board = index, board  # board: the aggregator, which counts clients done
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.num_gpus = spec.num_gpus
         self.device = pick_device(spec.num_gpus)
         self.folder, self.scratch = state_folder(cfg.engine.state_dir, run_token, f"actor-{index}")
-        self.args = (cfg, dataset, partition, list(spec.client_ids), store)
+        # the clients it may be asked to train: its own, or (stateless clients, dealt anew each round) its group's
+        self.args = (cfg, dataset, partition, list(spec.client_ids if hosted is None else hosted), store)
         self.host = None
 
     def ready(self) -> dict:
@@ -184,12 +185,16 @@ class RayEngine:
 
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
         self.cfg, self.dataset = cfg, dataset
-        self.server = build_algorithm(cfg.algorithm, cfg.run.rounds).server  # plain numbers: the aggregator's half
+        algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+        self.server = algo.server  # plain numbers: the aggregator's half
+        # Clients that keep nothing between rounds are dealt to their group's actors anew each round, so a
+        # sampled fraction of them is balanced too; the others stay with the actor whose store holds their rows.
+        self.stateless = algo.stateless
         began = time.perf_counter()
         self.owns_ray = connect(cfg.engine.address)
         # where start-up went, said once in the run's "ready" line
         self.startup = {"Ray up" if self.owns_ray else "Ray joined": time.perf_counter() - began}
-        cost = [len(rows) for rows in partition.train]
+        self.cost = cost = [len(rows) for rows in partition.train]
         group = ray.util.get_current_placement_group()
         driver_node = ray.get_runtime_context().get_node_id()
         alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
@@ -221,10 +226,14 @@ class RayEngine:
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)
         token = uuid.uuid4().hex[:8]
+        names = [g.name for g in cfg.clients.groups]
+        self.group_of = {cid: names[g] for cid, g in enumerate(cfg.clients.group_of_clients())}
+        members = {s.group: sorted(c for c, g in self.group_of.items() if g == s.group) for s in self.specs}
         self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=beside).remote()  # first: actors tick it
         self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy=place,
                                          name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token,
-                                                           self.aggregator)
+                                                           self.aggregator,
+                                                           members[s.group] if self.stateless else None)
                        for i, (s, place) in enumerate(zip(self.specs, places))]
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
@@ -262,12 +271,17 @@ class RayEngine:
         def final(actor, ids) -> bool:
             return global_state is not None and len(ids) == len(client_ids) and actor in self.beside_driver
 
+        finals: dict[int, bool] = {}  # by a call's first client: whether it was asked for the new global state
+
+        def call(a, ids):
+            finals[ids[0]] = final(a, ids)
+            return a.train.options(num_returns=2).remote(rnd, ids, g_ref, finals[ids[0]], tag if progress else None)
+
         tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
-        done, failures = self._dispatch(client_ids, lambda a, ids: a.train.options(num_returns=2).remote(
-            rnd, ids, g_ref, final(a, ids), tag if progress else None), progress=progress, tag=tag)
-        partials = [refs[0] for _, refs, _ in done]  # in client-id order; they go to the aggregator unread
-        # one call done means it held every client, on the actor that owns them now (after any recovery)
-        if len(done) == 1 and final(self.actors[self.owner[client_ids[0]]], client_ids):
+        done, failures = self._dispatch(client_ids, call, progress=progress, tag=tag,
+                                        plan=self._deal(client_ids) if self.stateless else None)
+        partials = [refs[0] for _, refs, _ in done]  # by first client id; they go to the aggregator unread
+        if len(done) == 1 and finals[done[0][0]]:
             new_ref = partials[0]  # already the new global state
         elif global_state is not None:
             new_ref = self.aggregator.aggregate.remote(self.server, g_ref, *partials)
@@ -334,15 +348,34 @@ class RayEngine:
         out, self.failures = self.failures, []
         return out
 
+    def _deal(self, client_ids: list[int]) -> dict[int, list[int]]:
+        """Stateless clients of a round dealt to the live actors of their group, largest first (see `deal`):
+        no actor idles while another still has a block of big clients. A function of the round's clients
+        and the live actors only, so the sums, and the result, are the same run after run."""
+        out: dict[int, list[int]] = {}
+        by_group: dict[str, list[int]] = {}
+        for cid in client_ids:
+            by_group.setdefault(self.group_of[cid], []).append(cid)
+        for group, ids in by_group.items():
+            actors = [i for i, s in enumerate(self.specs) if s.group == group and i not in self.lost]
+            if not actors:  # the group's actors are all lost: its clients are with the survivors that adopted them
+                for i, moved in self._by_owner(ids).items():
+                    out.setdefault(i, []).extend(moved)
+                continue
+            for i, part in zip(actors, deal(ids, min(len(actors), len(ids)), self.cost)):
+                out.setdefault(i, []).extend(part)
+        return {i: sorted(ids) for i, ids in out.items()}
+
     def _dispatch(self, client_ids: list[int], call, meanwhile=None, progress=None,
-                  tag: str = "") -> tuple[list, list[dict]]:
-        """`call(actor, its client ids)` on every actor owning some of `client_ids`; when an actor is
-        lost, its clients move to the survivors and the call is made again for them there.
+                  tag: str = "", plan: dict[int, list[int]] | None = None) -> tuple[list, list[dict]]:
+        """`call(actor, its client ids)` on every actor owning some of `client_ids` (or as `plan` says:
+        actor → client ids); when an actor is lost, its clients move to the survivors and the call is
+        made again for them there.
         `meanwhile()`, if given, runs in the driver once the first calls are submitted; `progress(done)`
         hears about once a second how many clients are done (the calls named `tag` count them).
         Returns [(first client id, refs, value of the last ref)] in client-id order, and the failures."""
         done, failures, finished = [], [], 0
-        todo = self._by_owner(client_ids)
+        todo = self._by_owner(client_ids) if plan is None else plan
         while todo:
             calls = [(i, ids, call(self.actors[i], ids)) for i, ids in sorted(todo.items())]
             todo = {}

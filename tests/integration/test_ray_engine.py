@@ -120,6 +120,46 @@ def test_heterogeneous_groups_and_partial_participation_match_serial(ray_session
     assert_same(serial, result)
 
 
+def test_stateless_clients_are_dealt_anew_each_round_and_match_serial(ray_session):
+    # FedAvg keeps nothing on a client: each round's sampled clients are dealt to the actors, largest first,
+    # wherever their home is; the sums still give the serial engine's models, and the same ones run after run
+    overrides = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5",
+                 "data.max_train_samples=600", ONE_GROUP, "algorithm.name=fedavg"]
+    dealt = []
+
+    class Watched(RayEngine):
+        def _deal(self, client_ids):
+            plan = super()._deal(client_ids)
+            dealt.append((sorted(client_ids), plan))
+            return plan
+
+    serial = simulate_with(SerialEngine(), overrides)[0]
+    ray_overrides = [*overrides, "engine.kind=ray", "engine.num_actors=2"]
+    result, engine = simulate_with(Watched(), ray_overrides)
+    assert engine.stateless and len(dealt) == 3
+    for ids, plan in dealt:
+        assert sorted(plan) == [0, 1] and sorted(c for p in plan.values() for c in p) == ids
+        loads = [sum(engine.cost[c] for c in p) for p in plan.values()]
+        assert max(loads) - min(loads) <= max(engine.cost[c] for c in ids)  # largest first: within one client
+    assert any(engine.owner[c] != i for _, plan in dealt for i, p in plan.items() for c in p)  # away from home
+    assert_same(serial, result)
+    again = simulate_with(RayEngine(), ray_overrides)[0]
+    for k in result.global_state:
+        np.testing.assert_array_equal(result.global_state[k], again.global_state[k], err_msg=k)
+
+
+def test_clients_with_private_state_stay_with_their_actor(ray_session):
+    overrides = ["run.rounds=2", "training.epochs=1", "clients.num_clients=6", "clients.fraction=0.5",
+                 "data.max_train_samples=400", ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"]
+
+    class Undealt(RayEngine):
+        def _deal(self, client_ids):
+            raise AssertionError("FML's clients keep their local models on their actor: they are never dealt")
+
+    engine = simulate_with(Undealt(), overrides)[1]
+    assert not engine.stateless
+
+
 def test_many_clients_are_multiplexed_on_few_actors(ray_session):
     overrides = ["data.dataset=synthetic", "data.partition=natural", "clients.num_clients=200", "run.rounds=2",
                  "training.epochs=1", "training.batch_size=64", "clients.fraction=1.0",
@@ -233,6 +273,21 @@ def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session,
     assert engine.lost == {0} and set(engine.owner.values()) == {1}
     assert_same(serial_one_group, Result(
         [r for r in result.rows if r["split"] != "recovered"], result.global_state))
+
+
+def test_an_actor_lost_mid_round_with_dealt_stateless_clients_loses_nothing(ray_session):
+    # FedAvg's clients are dealt anew each round: the clients the lost actor was dealt are trained again by the
+    # survivor, and the models are the serial engine's
+    overrides = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "data.max_train_samples=600",
+                 ONE_GROUP, "algorithm.name=fedavg"]
+    serial = simulate_with(SerialEngine(), overrides)[0]
+    result, engine = simulate_with(KillsAnActorMidRound(), [*overrides, "engine.kind=ray", "engine.num_actors=2"])
+    recovered = [r for r in result.rows if r["split"] == "recovered"]
+    assert {r["round"] for r in recovered} == {2} and "actor 0 lost" in recovered[0]["note"]
+    for rnd in (1, 2, 3):
+        assert {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"} == set(range(8))
+    assert engine.lost == {0} and engine._deal(list(range(8))) == {1: list(range(8))}
+    assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
 
 
 def test_sigterm_checkpoints_shuts_ray_down_and_resume_matches(tmp_path, capsys):

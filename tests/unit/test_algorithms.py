@@ -158,3 +158,14 @@ def test_train_metrics_report_each_trained_model():
     out = run(fml.make(alpha=0.5, beta=0.5), {"local": linear(1), "meme": linear(2)}, x, y)
     assert set(out) == {"local_loss", "local_accuracy", "meme_loss", "meme_accuracy"}
     assert 0 <= out["local_accuracy"] <= 1 and out["meme_loss"] > 0
+
+
+@pytest.mark.parametrize("name, stateless", [
+    ("fedavg", True), ("fedprox", True), ("fml", False), ("local", False), ("ditto", False), ("fedper", False),
+    ("fedrep", False), ("fedbn", False), ("lgfedavg", False), ("apfl", False), ("dml", False)])
+def test_only_algorithms_whose_clients_keep_nothing_are_stateless(name, stateless):
+    # a stateless algorithm's clients may be trained by any actor, dealt anew each round (RayEngine._deal)
+    from fmlray.algorithms import build_algorithm
+    from fmlray.config import load_config
+    cfg = load_config(None, [f"algorithm.name={name}"])
+    assert build_algorithm(cfg.algorithm, cfg.run.rounds).stateless is stateless
