@@ -312,6 +312,33 @@ class ClientHost:
         """How many clients have a row (have trained) on this host."""
         return sum(len(s) for s in self.stores.values())
 
+    def give(self, client_ids: list[int]) -> dict[int, np.ndarray]:
+        """Hand these clients' private state to another host (`take`): their rows, copied, by client (one
+        without a row has none), dropped here. The clients stay registered: they may come back."""
+        self._forget_workspaces()  # no workspace may think it still holds one of them
+        out = {}
+        for cid in sorted(client_ids):
+            store = self.stores.get(self._archs(self.clients[cid]))
+            if store is not None and cid in store:
+                out[cid] = np.array(store.get(cid))
+                store.done(cid)
+                store.drop(cid)
+            self.dirty.discard(cid)
+        return out
+
+    def take(self, client_ids: list[int], rows: dict[int, np.ndarray]) -> None:
+        """Host these clients from now on, with the rows another host gave (`give`); each is written into
+        the next checkpoint from here."""
+        self._forget_workspaces()
+        self.add_clients([c for c in client_ids if c not in self.clients])
+        for cid in sorted(rows):
+            key = self._archs(self.clients[cid])
+            self._workspace(key)
+            store = self.stores[key]
+            store.put(cid)[:] = rows[cid]
+            store.done(cid)
+            self.dirty.add(cid)
+
     def write_checkpoint(self, folder: Path, tag: str) -> list[dict]:
         """Write the rows changed since the last checkpoint, one `.npy` per architecture, into `folder`
         (under a temporary name, then renamed); return their manifest entries."""

@@ -139,6 +139,15 @@ class ClientActor:
         """Take over clients of a lost actor, with their rows of the last checkpoint."""
         self.host.add_clients(client_ids, None if folder is None else Path(folder), refs)
 
+    def give(self, client_ids: list[int]) -> dict:
+        """These clients' rows, handed to another actor (see `ClientHost.give`)."""
+        return self.host.give(client_ids)
+
+    def take(self, client_ids: list[int], *given: dict) -> None:
+        """Host these clients from now on, with the rows other actors gave."""
+        wanted = set(client_ids)
+        self.host.take(client_ids, {cid: row for rows in given for cid, row in rows.items() if cid in wanted})
+
     def stored(self) -> int:
         return self.host.stored()
 
@@ -278,8 +287,10 @@ class RayEngine:
             return a.train.options(num_returns=2).remote(rnd, ids, g_ref, finals[ids[0]], tag if progress else None)
 
         tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
+        moved = [] if self.stateless else self._migrate(self._rebalance(client_ids))
         done, failures = self._dispatch(client_ids, call, progress=progress, tag=tag,
                                         plan=self._deal(client_ids) if self.stateless else None)
+        failures = moved + failures
         partials = [refs[0] for _, refs, _ in done]  # by first client id; they go to the aggregator unread
         if len(done) == 1 and finals[done[0][0]]:
             new_ref = partials[0]  # already the new global state
@@ -366,6 +377,80 @@ class RayEngine:
                 out.setdefault(i, []).extend(part)
         return {i: sorted(ids) for i, ids in out.items()}
 
+    def _rebalance(self, client_ids: list[int]) -> dict[int, list[int]]:
+        """Where a round's clients with private state train: with their actor, except that while moving one
+        of the busiest actor's clients to the idlest of its group makes the busier of the two less busy, the
+        one that evens them out most moves (with its row, see `_migrate`). With every client sampled the
+        dealt plan is already even and nothing moves; with a fraction, only what evens the round out does.
+        A function of the round's clients and where clients are, so the sums are the same run after run."""
+        out = self._by_owner(client_ids)
+        groups: dict[str, list[int]] = {}
+        for i, spec in enumerate(self.specs):
+            if i not in self.lost:
+                groups.setdefault(spec.group, []).append(i)
+        for actors in groups.values():
+            load = {i: sum(self.cost[c] for c in out.get(i, [])) for i in actors}
+            for _ in range(len(client_ids)):
+                busy = max(actors, key=lambda i: (load[i], -i))
+                idle = min(actors, key=lambda i: (load[i], i))
+                gap = load[busy] - load[idle]
+                fits = [c for c in out.get(busy, []) if 0 < self.cost[c] < gap]
+                if not fits:
+                    break
+                c = min(fits, key=lambda c: (abs(gap - 2 * self.cost[c]), c))
+                out[busy].remove(c)
+                out.setdefault(idle, []).append(c)
+                load[busy] -= self.cost[c]
+                load[idle] += self.cost[c]
+        return {i: sorted(ids) for i, ids in out.items() if ids}
+
+    def _migrate(self, plan: dict[int, list[int]]) -> list[dict]:
+        """Move the clients `plan` puts on another actor than theirs there, rows and all, through the object
+        store; returns the failures (an actor lost on the way: its clients recovered as in `_dispatch`)."""
+        moves = {cid: (self.owner[cid], dst) for dst, ids in plan.items() for cid in ids if self.owner[cid] != dst}
+        if not moves:
+            return []
+        failures = []
+        given = {}
+        for src in sorted({s for s, _ in moves.values()}):
+            ids = sorted(c for c, (s, _) in moves.items() if s == src)
+            given[src] = (ids, self.actors[src].give.remote(ids))
+        for src, (ids, ref) in list(given.items()):
+            if (lost := self._settled(ref)[1]) is not None:  # its clients stay with it, and are recovered with it
+                failures.append({"clients": sorted(c for c, a in self.owner.items() if a == src),
+                                 "note": self._recover(src, lost)})
+                del given[src]
+        takes = {}
+        for src, (ids, ref) in given.items():
+            for cid in ids:
+                self.owner[cid] = moves[cid][1]  # from here on, losing the taker recovers them from the checkpoint
+        for dst in sorted({d for c, (s, d) in moves.items() if s in given}):
+            ids = sorted(c for c, (s, d) in moves.items() if d == dst and s in given)
+            sources = sorted({moves[c][0] for c in ids})
+            takes[dst] = self.actors[dst].take.remote(ids, *[given[s][1] for s in sources])
+        for dst, ref in takes.items():
+            if (lost := self._settled(ref)[1]) is not None:
+                failures.append({"clients": sorted(c for c, a in self.owner.items() if a == dst),
+                                 "note": self._recover(dst, lost)})
+        return failures
+
+    @staticmethod
+    def _settled(ref) -> tuple[object, Exception | None]:
+        """`ref`'s value, or (None, the error) if its actor was lost. An error of the call itself is raised:
+        an input's (FmlrayError) as one line, Ray's memory monitor's as the out-of-memory advice."""
+        try:
+            return ray.get(ref), None
+        except ray.exceptions.RayTaskError as exc:  # first: it can wrap an ActorDiedError of
+            if isinstance(exc.cause, FmlrayError):  # an input, which is not this actor's death
+                raise type(exc.cause)(str(exc.cause)) from None  # one line, no remote traceback
+            raise
+        except ray.exceptions.OutOfMemoryError:
+            raise ResourceError(_OUT_OF_MEMORY) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            if "low on memory" in str(exc):  # Ray's memory monitor killed it: a survivor would be next
+                raise ResourceError(_OUT_OF_MEMORY) from None
+            return None, exc
+
     def _dispatch(self, client_ids: list[int], call, meanwhile=None, progress=None,
                   tag: str = "", plan: dict[int, list[int]] | None = None) -> tuple[list, list[dict]]:
         """`call(actor, its client ids)` on every actor owning some of `client_ids` (or as `plan` says:
@@ -385,18 +470,9 @@ class RayEngine:
             if progress is not None:
                 self._watch(calls, tag, progress, finished)
             for i, ids, refs in calls:
-                try:
-                    value = ray.get(_last(refs))
-                except ray.exceptions.RayTaskError as exc:  # first: it can wrap an ActorDiedError of
-                    if isinstance(exc.cause, FmlrayError):  # an input, which is not this actor's death
-                        raise type(exc.cause)(str(exc.cause)) from None  # one line, no remote traceback
-                    raise
-                except ray.exceptions.OutOfMemoryError:
-                    raise ResourceError(_OUT_OF_MEMORY) from None
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    if "low on memory" in str(exc):  # Ray's memory monitor killed it: a survivor would be next
-                        raise ResourceError(_OUT_OF_MEMORY) from None
-                    failures.append({"clients": ids, "note": self._recover(i, exc)})
+                value, lost = self._settled(_last(refs))
+                if lost is not None:
+                    failures.append({"clients": ids, "note": self._recover(i, lost)})
                     for j, moved in self._by_owner(ids).items():
                         todo.setdefault(j, []).extend(moved)
                     continue

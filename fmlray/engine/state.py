@@ -318,6 +318,10 @@ class MemoryStore:
     def prefetch(self, cid: int) -> None:
         """`cid`'s row is likely the next one `get` is asked for (nothing to do in RAM)."""
 
+    def drop(self, cid: int) -> None:
+        """Forget `cid`'s row (its client moved to another host)."""
+        self.rows.pop(cid, None)
+
     def close(self) -> None:
         self.rows.clear()
 
@@ -343,6 +347,7 @@ class DiskStore:
         self.stride = layout.padded
         self.path = Path(folder) / f"{layout.name}.rows"
         self.slot: dict[int, int] = {}
+        self._spare: list[int] = []  # slots of rows dropped (clients moved away), reused first
         self._bufs = [mmap.mmap(-1, self.stride) for _ in range(3)]  # page-aligned, as direct I/O needs
         self._rows = [np.frombuffer(b, np.uint8)[:layout.nbytes] for b in self._bufs]
         self._held: int | None = None  # the buffer handed out by `get` or `put`, until `done`
@@ -442,7 +447,8 @@ class DiskStore:
     def put(self, cid: int, buffer: int | None = None) -> np.ndarray:
         if self._ahead is not None and self._ahead[1] == cid:
             self._take_ahead(None)  # about to be overwritten: a later `get` must read the new row
-        self.slot.setdefault(cid, len(self.slot))
+        if cid not in self.slot:
+            self.slot[cid] = self._spare.pop() if self._spare else len(self.slot)
         self._writing = cid
         self._held = self._free() if buffer is None else buffer
         return self._rows[self._held]
@@ -454,6 +460,15 @@ class DiskStore:
         self._writing = None
         self._settle()
         self._flight = (b, cid, self._io.submit(_pwrite, self._fd, self._bufs[b], self.slot[cid] * self.stride))
+
+    def drop(self, cid: int) -> None:
+        """Forget `cid`'s row (its client moved to another host); its slot is reused."""
+        if self._ahead is not None and self._ahead[1] == cid:
+            self._take_ahead(None)
+        if self._flight is not None and self._flight[1] == cid:
+            self._settle()  # the slot must not be written after it is given to another row
+        if (slot := self.slot.pop(cid, None)) is not None:
+            self._spare.append(slot)
 
     def close(self) -> None:
         try:

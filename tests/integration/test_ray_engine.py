@@ -290,6 +290,43 @@ def test_an_actor_lost_mid_round_with_dealt_stateless_clients_loses_nothing(ray_
     assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
 
 
+class WatchesMoves(KillsAnActorMidRound):
+    """Records every round's migrations (and, with `at` set, kills actor 0 in that round)."""
+
+    at = None
+
+    def _migrate(self, plan):
+        self.moves = getattr(self, "moves", [])
+        self.moves.append({c: (self.owner[c], a) for a, ids in plan.items() for c in ids if self.owner[c] != a})
+        return super()._migrate(plan)
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_clients_with_private_state_move_to_even_a_sampled_round_out(ray_session, tmp_path, kill):
+    # FML, half the clients a round: the busier actor's clients move, local models and all, to the idler one
+    # while that evens the round out; the models are the serial engine's, and an actor lost in a round after
+    # clients moved loses nothing either (its clients restart from the last checkpoint, as always)
+    from fmlray import checkpoint
+    overrides = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5",
+                 "data.max_train_samples=600", ONE_GROUP]
+    serial = simulate_with(SerialEngine(), overrides)[0]
+    cfg = load_config(None, [*overrides, "engine.kind=ray", "engine.num_actors=2"])
+    prepared = prepare(cfg)
+    engine = WatchesMoves()
+    engine.at = 3 if kill else None
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
+    finally:
+        engine.close()
+    moved = {c for m in engine.moves for c in m}
+    assert len(engine.moves) == 3 and moved  # something moved, and to where it was sent
+    assert all(engine.owner[c] == engine.moves[-1][c][1] for c in engine.moves[-1]) or kill
+    recovered = [r for r in result.rows if r["split"] == "recovered"]
+    assert bool(recovered) == kill and engine.lost == ({0} if kill else set())
+    assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
+
+
 def test_sigterm_checkpoints_shuts_ray_down_and_resume_matches(tmp_path, capsys):
     import signal
     import subprocess

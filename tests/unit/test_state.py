@@ -246,6 +246,56 @@ def test_a_client_that_fails_in_a_lent_buffer_keeps_its_row_as_it_was(monkeypatc
     host.close()
 
 
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_client_handed_to_another_host_goes_on_as_if_it_never_moved(tmp_path, store):
+    # the Ray engine moves a client with private state to a less busy actor (RayEngine._migrate): its row goes
+    # with it, and it trains and evaluates exactly as it would have where it was; moved back, the old host's
+    # workspace (which held it before) is not trusted
+    cfg = load_config(None, ["clients.num_clients=4", "training.epochs=1"])
+    prepared = prepare(cfg)
+
+    def host(ids, name):
+        return ClientHost(cfg, prepared.dataset, prepared.partition, ids, store=store,
+                          state_dir=tmp_path / name if store == "disk" else None)
+
+    one, a, b = host([0, 1, 2, 3], "one"), host([0, 1], "a"), host([2, 3], "b")
+    g = initial_global_state(cfg, prepared.dataset)
+    one.train(1, [0, 1, 2, 3], g)
+    a.train(1, [0, 1], g)
+    b.train(1, [2, 3], g)
+    b.take([1], a.give([1]))
+    assert a.stored() == 1 and b.stored() == 3 and 1 in b.dirty and 1 not in a.dirty
+    one.train(2, [0, 1, 2, 3], g)
+    a.train(2, [0], g)
+    b.train(2, [1, 2, 3], g)
+    a.take([1], b.give([1]))  # back where it trained in round 1
+    scores = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]  # noqa: E731
+    assert scores(a.evaluate(g, [0, 1]) + b.evaluate(g, [2, 3])) == scores(one.evaluate(g))
+    a.take([3], b.give([3]))
+    a.train(3, [1, 3], g)
+    one.train(3, [1, 3], g)
+    assert scores(a.evaluate(g, [1, 3])) == scores(one.evaluate(g, [1, 3]))
+    for h in (one, a, b):
+        h.close()
+
+
+def test_a_disk_store_reuses_the_slot_of_a_row_that_moved_away(tmp_path):
+    layout = trained_workspace("mlp", "sgd").layout
+    store = DiskStore(layout, tmp_path)
+    for cid in (5, 6, 7):
+        store.put(cid)[:] = cid
+        store.done(cid)
+    store.drop(6)
+    assert 6 not in store and len(store) == 2
+    store.put(9)[:] = 9
+    store.done(9)
+    assert store.slot[9] == 1 and store.path.stat().st_size == 3 * layout.padded  # the file did not grow
+    for cid in (5, 7, 9):
+        assert (store.get(cid) == cid).all()
+        store.done(cid)
+    store.close()
+
+
 def test_only_clients_that_trained_have_a_row_and_the_scratch_folder_goes():
     cfg = load_config(None, ["engine.kind=serial", "clients.fraction=0.25", "training.epochs=1",
                              "engine.state_store=disk"])
