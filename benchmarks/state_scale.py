@@ -141,7 +141,7 @@ def one(clients: int, rounds: int, per_round: int, ckpt: bool, prepared_by_n: di
             try:
                 started = time.perf_counter()
                 resume = checkpoint.load(run_dir, cfg)
-                engine.restore(resume.folder, resume.refs())
+                engine.restore(resume.folder, resume.refs(), resume.placement)
                 resume_s = time.perf_counter() - started
             finally:
                 engine.close()
@@ -220,7 +220,7 @@ def resume_check(clients: int, rounds: int, per_round: int, prepared_by_n: dict)
                     engine.start(cfg, prepared.dataset, prepared.partition)
                     try:
                         resume = checkpoint.load(run_dir, cfg)
-                        engine.restore(resume.folder, resume.refs())
+                        engine.restore(resume.folder, resume.refs(), resume.placement)
                         _, state = run_rounds(cfg, prepared, engine, half + 1, rounds, resume.global_state,
                                               checkpoint.Writer(run_dir, cfg, resume), sampler, [])
                         state = engine.fetch(state)

@@ -72,6 +72,7 @@ class Resume:
     global_state: State | None
     shards: list[dict]  # the manifest's row files
     folder: Path
+    placement: dict | None = None  # where the engine had each client (see Engine.placement)
 
     def refs(self) -> dict[int, RowRef]:
         return latest_rows(self.shards)
@@ -109,7 +110,7 @@ class Writer:
                     os.fsync(f.fileno())
                 os.replace(tmp, self.folder / glob)
             manifest = {"version": VERSION, "round": rnd, "global": glob if global_state is not None else None,
-                        "config": self.config, "shards": shards}
+                        "config": self.config, "shards": shards, "placement": engine.placement()}
             tmp = self.folder / f".{MANIFEST}.tmp"
             with open(tmp, "w") as f:
                 json.dump(manifest, f)
@@ -179,4 +180,5 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
         f = folder / s["file"]
         if not f.is_file():
             raise FmlrayError(f"checkpoint file {f} is missing; the checkpoint cannot be resumed")
-    return Resume(rnd, glob, shards, folder)
+    placement = manifest.get("placement")  # absent before placements were kept; only ever a hint (see restore)
+    return Resume(rnd, glob, shards, folder, placement if isinstance(placement, dict) else None)

@@ -86,7 +86,7 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
         state, first = resume.global_state, resume.round + 1
-        engine.restore(resume.folder, resume.refs())
+        engine.restore(resume.folder, resume.refs(), resume.placement)
     rounds, every = cfg.run.rounds, cfg.run.checkpoint_every
     for rnd in range(first, rounds + 1):
         started = time.perf_counter()

@@ -52,8 +52,13 @@ class Engine(Protocol):
         """Each host writes the rows of private state changed since the last checkpoint into `folder`;
         returns their manifest entries (and remembers them, to restore lost actors' clients from)."""
 
-    def restore(self, folder: Path, refs: dict[int, RowRef]) -> None:
-        """Load each client's row named in `refs` from the checkpoint `folder` (when resuming a run)."""
+    def restore(self, folder: Path, refs: dict[int, RowRef], placement: dict | None = None) -> None:
+        """Load each client's row named in `refs` from the checkpoint `folder` (when resuming a run), with the
+        clients where `placement` (what `placement()` said at that checkpoint) had them, if it still fits."""
+
+    def placement(self) -> dict | None:
+        """Where each client is (JSON), kept in checkpoints: hosts' partial sums group clients by where they
+        are, so a resumed run that puts them back sums exactly as the uninterrupted one (None: one host)."""
 
     def checkpoint_moved(self, folder: Path) -> None:
         """The last checkpoint's folder was renamed to `folder` (a new run moved into place)."""

@@ -35,6 +35,10 @@ from fmlray.engine.state import RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
 
 READY_TIMEOUT_S = float(os.environ.get("FMLRAY_READY_TIMEOUT_S", "180"))
+# A client with private state moves to another actor only if it trains at least this many rows a round:
+# its row crosses memory ~5 times on the way (read, copy, pickle, unpickle, write), ~50 rows' worth of
+# training for an MLP, fewer for a CNN, so moving a smaller client would cost more than it evens out.
+MOVE_MIN_ROWS = 64
 
 
 def pick_device(num_gpus: float) -> str:
@@ -346,10 +350,32 @@ class RayEngine:
         self.refs.update(latest_rows(shards))
         return shards
 
-    def restore(self, folder: Path, refs: dict[int, RowRef]) -> None:
+    def placement(self) -> dict:
+        return {"actors": len(self.actors), "owner": [self.owner[c] for c in sorted(self.owner)]}
+
+    def restore(self, folder: Path, refs: dict[int, RowRef], placement: dict | None = None) -> None:
         self.folder, self.refs, self.saved_round = Path(folder), dict(refs), "the resumed checkpoint"
+        self._place(placement)
         self._dispatch(sorted(self.owner), lambda a, ids: a.restore.remote(
             str(folder), {c: refs[c] for c in ids if c in refs}))
+
+    def _place(self, placement: dict | None) -> None:
+        """Put the clients back where a checkpoint's `placement` had them (moved to even sampled rounds out),
+        so the resumed run sums as the uninterrupted one did; not if the actors are others now (engine.*
+        may change on resume, or an actor had been lost) or a client would leave its group."""
+        owner = placement.get("owner") if placement else None
+        if (not isinstance(owner, list) or placement.get("actors") != len(self.actors) or self.lost
+                or len(owner) != len(self.owner) or not all(isinstance(a, int) and 0 <= a < len(self.specs)
+                                                            and self.specs[a].group == self.group_of[c]
+                                                            for c, a in zip(sorted(self.owner), owner))):
+            return
+        moves: dict[int, list[int]] = {}
+        for cid, a in zip(sorted(self.owner), owner):
+            if self.owner[cid] != a:
+                moves.setdefault(a, []).append(cid)
+        ray.get([self.actors[a].take.remote(ids) for a, ids in moves.items()])  # no rows yet: restored next
+        for a, ids in moves.items():
+            self.owner.update(dict.fromkeys(ids, a))
 
     def checkpoint_moved(self, folder: Path) -> None:
         """A lost actor's clients are restored from here from now on."""
@@ -380,10 +406,12 @@ class RayEngine:
     def _rebalance(self, client_ids: list[int]) -> dict[int, list[int]]:
         """Where a round's clients with private state train: with their actor, except that while moving one
         of the busiest actor's clients to the idlest of its group makes the busier of the two less busy, the
-        one that evens them out most moves (with its row, see `_migrate`). With every client sampled the
-        dealt plan is already even and nothing moves; with a fraction, only what evens the round out does.
-        A function of the round's clients and where clients are, so the sums are the same run after run."""
+        one that evens them out most moves (with its row, see `_migrate`; none of under MOVE_MIN_ROWS rows).
+        With every client sampled the dealt plan is already even and nothing moves; with a fraction, only
+        what evens the round out does. A function of the round's clients and where clients are, not of
+        timings, so the sums are the same run after run."""
         out = self._by_owner(client_ids)
+        epochs = self.cfg.training.epochs
         groups: dict[str, list[int]] = {}
         for i, spec in enumerate(self.specs):
             if i not in self.lost:
@@ -394,7 +422,8 @@ class RayEngine:
                 busy = max(actors, key=lambda i: (load[i], -i))
                 idle = min(actors, key=lambda i: (load[i], i))
                 gap = load[busy] - load[idle]
-                fits = [c for c in out.get(busy, []) if 0 < self.cost[c] < gap]
+                fits = [c for c in out.get(busy, [])
+                        if self.cost[c] < gap and self.cost[c] * epochs >= MOVE_MIN_ROWS]
                 if not fits:
                     break
                 c = min(fits, key=lambda c: (abs(gap - 2 * self.cost[c]), c))

@@ -51,8 +51,11 @@ class SerialEngine:
     def checkpoint(self, rnd: int, folder: Path) -> list[dict]:
         return self.host.write_checkpoint(folder, f"rows-r{rnd:06d}-serial")
 
-    def restore(self, folder: Path, refs: dict) -> None:
+    def restore(self, folder: Path, refs: dict, placement: dict | None = None) -> None:
         self.host.restore_rows(folder, refs)
+
+    def placement(self) -> None:
+        return None  # one host holds every client
 
     def checkpoint_moved(self, folder: Path) -> None:
         pass  # nothing here remembers where the checkpoint is

@@ -116,3 +116,11 @@ def test_a_failed_memory_run_is_recorded_not_fatal(monkeypatch):
     alone = overhead.memory_rows([("cpu", [way])], log=lambda m: None)
     assert alone == [{"phase": "cpu", "way": "ray-2/fedavg", "failed": "the memory run of ray-2/fedavg failed: ['GCS gone']"}]
     assert all("alone" not in c["check"] for c in overhead.targets("digits", [], alone))
+
+
+def test_contention_smoke_writes_each_clients_update_alone_and_beside_another_actor(tmp_path):
+    run_script("contention.py", tmp_path)
+    rows = pq.read_table(only(tmp_path, "contention-fmnist-fedavg-smoke-*.parquet")).to_pylist()
+    assert [r["client"] for r in rows] == list(range(20)) and {r["actor"] for r in rows} == {0, 1}
+    assert no_nan([r["ratio"] for r in rows]) and all(r["alone_s"] > 0 and r["beside_s"] > 0 for r in rows)
+    assert "beside ÷ alone" in only(tmp_path, "contention-fmnist-fedavg-smoke-*.md").read_text()

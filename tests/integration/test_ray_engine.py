@@ -327,6 +327,36 @@ def test_clients_with_private_state_move_to_even_a_sampled_round_out(ray_session
     assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
 
 
+def test_a_resumed_run_puts_moved_clients_back_and_sums_exactly_as_the_uninterrupted_one(ray_session, tmp_path):
+    # where a client trains groups it into an actor's partial sum: the checkpoint keeps the placement, so
+    # the resumed run moves clients back and gives the uninterrupted run's models bit for bit
+    from fmlray import checkpoint
+    base = ["training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5", "data.max_train_samples=600",
+            ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"]
+
+    def go(rounds, folder, resume=None):
+        cfg = load_config(None, [*base, f"run.rounds={rounds}"])
+        prepared = prepare(cfg)
+        engine = WatchesMoves()
+        engine.start(cfg, prepared.dataset, prepared.partition)
+        try:
+            simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume,
+                     save=checkpoint.Writer(folder, cfg, resume))
+        finally:
+            engine.close()
+        return engine
+
+    whole = go(4, tmp_path / "whole")
+    go(2, tmp_path / "split")
+    resume = checkpoint.load(tmp_path / "split")
+    assert resume.placement["actors"] == 2 and len(resume.placement["owner"]) == 8
+    split = go(4, tmp_path / "split", resume)
+    assert whole.moves[2:] == split.moves and any(whole.moves[:2])  # the same moves after the resume
+    a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
+    for k in a.global_state:
+        np.testing.assert_array_equal(a.global_state[k], b.global_state[k], err_msg=k)
+
+
 def test_sigterm_checkpoints_shuts_ray_down_and_resume_matches(tmp_path, capsys):
     import signal
     import subprocess
