@@ -143,9 +143,11 @@ class ClientActor:
         """Take over clients of a lost actor, with their rows of the last checkpoint."""
         self.host.add_clients(client_ids, None if folder is None else Path(folder), refs)
 
-    def give(self, client_ids: list[int]) -> dict:
-        """These clients' rows, handed to another actor (see `ClientHost.give`)."""
-        return self.host.give(client_ids)
+    def give(self, client_ids: list[int]) -> tuple[dict, int]:
+        """These clients' rows, handed to another actor (see `ClientHost.give`), and how many there are: the
+        driver waits for that small second return alone, so the rows go from actor to actor, never via it."""
+        rows = self.host.give(client_ids)
+        return rows, len(rows)
 
     def take(self, client_ids: list[int], *given: dict) -> None:
         """Host these clients from now on, with the rows other actors gave."""
@@ -443,14 +445,14 @@ class RayEngine:
         given = {}
         for src in sorted({s for s, _ in moves.values()}):
             ids = sorted(c for c, (s, _) in moves.items() if s == src)
-            given[src] = (ids, self.actors[src].give.remote(ids))
-        for src, (ids, ref) in list(given.items()):
-            if (lost := self._settled(ref)[1]) is not None:  # its clients stay with it, and are recovered with it
+            given[src] = (ids, *self.actors[src].give.options(num_returns=2).remote(ids))
+        for src, (ids, _, count) in list(given.items()):
+            if (lost := self._settled(count)[1]) is not None:  # its clients stay with it, and are recovered with it
                 failures.append({"clients": sorted(c for c, a in self.owner.items() if a == src),
                                  "note": self._recover(src, lost)})
                 del given[src]
         takes = {}
-        for src, (ids, ref) in given.items():
+        for src, (ids, _, _) in given.items():
             for cid in ids:
                 self.owner[cid] = moves[cid][1]  # from here on, losing the taker recovers them from the checkpoint
         for dst in sorted({d for c, (s, d) in moves.items() if s in given}):

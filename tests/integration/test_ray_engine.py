@@ -327,6 +327,44 @@ def test_clients_with_private_state_move_to_even_a_sampled_round_out(ray_session
     assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
 
 
+class KillsOnTheWay(WatchesMoves):
+    """Kills the first actor that gives clients away ("giver") or takes them ("taker") in a round with moves."""
+
+    role = "giver"
+
+    def _migrate(self, plan):
+        moves = [(self.owner[c], a) for a, ids in plan.items() for c in ids if self.owner[c] != a]
+        if moves and not self.lost:
+            self.victim = min(src if self.role == "giver" else dst for src, dst in moves)
+            ray_kill(self.actors[self.victim])
+        return super()._migrate(plan)
+
+
+@pytest.mark.parametrize("role", ["giver", "taker"])
+def test_an_actor_lost_while_clients_move_loses_nothing(ray_session, tmp_path, role):
+    # a giver lost before it gave: its clients (those it was giving too) restart from the last checkpoint on
+    # the survivor; a taker lost: the rows it was taking left the giver, and restart from the checkpoint too
+    from fmlray import checkpoint
+    overrides = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5",
+                 "data.max_train_samples=600", ONE_GROUP]
+    serial = simulate_with(SerialEngine(), overrides)[0]
+    cfg = load_config(None, [*overrides, "engine.kind=ray", "engine.num_actors=2"])
+    prepared = prepare(cfg)
+    engine = KillsOnTheWay()
+    engine.role = role
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
+    finally:
+        engine.close()
+    recovered = [r for r in result.rows if r["split"] == "recovered"]
+    assert recovered and f"actor {engine.victim} lost" in recovered[0]["note"] and engine.lost == {engine.victim}
+    for rnd in (1, 2, 3):
+        sampled = {r["client"] for r in serial.rows if r["round"] == rnd and r["split"] == "train"}
+        assert {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"} == sampled
+    assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
+
+
 def test_a_resumed_run_puts_moved_clients_back_and_sums_exactly_as_the_uninterrupted_one(ray_session, tmp_path):
     # where a client trains groups it into an actor's partial sum: the checkpoint keeps the placement, so
     # the resumed run moves clients back and gives the uninterrupted run's models bit for bit
