@@ -6,6 +6,12 @@ which goes from the object store straight into the aggregator (the driver only h
 traffic per round is O(actors). When one actor beside the driver holds every sampled client, it
 averages them itself and the aggregator is skipped. The new global state stays in the object
 store as the next round's broadcast. The dataset is put once; actors index it zero-copy.
+
+Clients are dealt to a group's actors largest first, so each holds about the same training rows. Each
+round the sampled ones are evened out again: stateless clients (FedAvg's) are dealt anew, and a client
+with private state moves, row and all, to a less busy actor while that evens the round out (`_deal`,
+`_rebalance`, `_migrate`). Both plans follow from the round's clients and where clients are, never from
+timings, and checkpoints keep where clients are: results are the same run after run and after a resume.
 """
 
 from __future__ import annotations
