@@ -52,7 +52,9 @@ def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
         aggregator = ray.util.state.list_actors(filters=[("class_name", "=", "Aggregator")])
         np.savez(out, **result.global_state)
         with open(out + ".json", "w") as f:
+            home = {c: i for i, spec in enumerate(engine.specs) for c in spec.client_ids}
             json.dump({"nodes": nodes, "actor_nodes": [i["node"] for i in engine.infos], "rows": result.rows,
+                       "moved": sorted(c for c, a in engine.owner.items() if a != home[c]),
                        "driver_node": driver_node, "aggregator_nodes": [a.node_id for a in aggregator]}, f)
     finally:
         ray.shutdown()
