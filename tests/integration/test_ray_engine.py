@@ -290,6 +290,22 @@ def test_an_actor_lost_mid_round_with_dealt_stateless_clients_loses_nothing(ray_
     assert_same(serial, Result([r for r in result.rows if r["split"] != "recovered"], result.global_state))
 
 
+SAMPLED = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5",
+           "data.max_train_samples=600", ONE_GROUP]  # FML, half the clients a round: clients move
+
+
+def sampled_on_two_actors(engine, tmp_path):
+    """SAMPLED on `engine` (2 actors), checkpointing every round into `tmp_path`."""
+    from fmlray import checkpoint
+    cfg = load_config(None, [*SAMPLED, "engine.kind=ray", "engine.num_actors=2"])
+    prepared = prepare(cfg)
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        return simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
+    finally:
+        engine.close()
+
+
 class WatchesMoves(KillsAnActorMidRound):
     """Records every round's migrations (and, with `at` set, kills actor 0 in that round)."""
 
@@ -306,19 +322,10 @@ def test_clients_with_private_state_move_to_even_a_sampled_round_out(ray_session
     # FML, half the clients a round: the busier actor's clients move, local models and all, to the idler one
     # while that evens the round out; the models are the serial engine's, and an actor lost in a round after
     # clients moved loses nothing either (its clients restart from the last checkpoint, as always)
-    from fmlray import checkpoint
-    overrides = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5",
-                 "data.max_train_samples=600", ONE_GROUP]
-    serial = simulate_with(SerialEngine(), overrides)[0]
-    cfg = load_config(None, [*overrides, "engine.kind=ray", "engine.num_actors=2"])
-    prepared = prepare(cfg)
+    serial = simulate_with(SerialEngine(), SAMPLED)[0]
     engine = WatchesMoves()
     engine.at = 3 if kill else None
-    engine.start(cfg, prepared.dataset, prepared.partition)
-    try:
-        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
-    finally:
-        engine.close()
+    result = sampled_on_two_actors(engine, tmp_path)
     moved = {c for m in engine.moves for c in m}
     assert len(engine.moves) == 3 and moved  # something moved, and to where it was sent
     assert all(engine.owner[c] == engine.moves[-1][c][1] for c in engine.moves[-1]) or kill
@@ -344,19 +351,10 @@ class KillsOnTheWay(WatchesMoves):
 def test_an_actor_lost_while_clients_move_loses_nothing(ray_session, tmp_path, role):
     # a giver lost before it gave: its clients (those it was giving too) restart from the last checkpoint on
     # the survivor; a taker lost: the rows it was taking left the giver, and restart from the checkpoint too
-    from fmlray import checkpoint
-    overrides = ["run.rounds=3", "training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5",
-                 "data.max_train_samples=600", ONE_GROUP]
-    serial = simulate_with(SerialEngine(), overrides)[0]
-    cfg = load_config(None, [*overrides, "engine.kind=ray", "engine.num_actors=2"])
-    prepared = prepare(cfg)
+    serial = simulate_with(SerialEngine(), SAMPLED)[0]
     engine = KillsOnTheWay()
     engine.role = role
-    engine.start(cfg, prepared.dataset, prepared.partition)
-    try:
-        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
-    finally:
-        engine.close()
+    result = sampled_on_two_actors(engine, tmp_path)
     recovered = [r for r in result.rows if r["split"] == "recovered"]
     assert recovered and f"actor {engine.victim} lost" in recovered[0]["note"] and engine.lost == {engine.victim}
     for rnd in (1, 2, 3):
@@ -369,8 +367,7 @@ def test_a_resumed_run_puts_moved_clients_back_and_sums_exactly_as_the_uninterru
     # where a client trains groups it into an actor's partial sum: the checkpoint keeps the placement, so
     # the resumed run moves clients back and gives the uninterrupted run's models bit for bit
     from fmlray import checkpoint
-    base = ["training.epochs=1", "clients.num_clients=8", "clients.fraction=0.5", "data.max_train_samples=600",
-            ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"]
+    base = [*SAMPLED, "engine.kind=ray", "engine.num_actors=2"]  # its run.rounds overridden below
 
     def go(rounds, folder, resume=None):
         cfg = load_config(None, [*base, f"run.rounds={rounds}"])
