@@ -249,12 +249,15 @@ class RayEngine:
         token = uuid.uuid4().hex[:8]
         names = [g.name for g in cfg.clients.groups]
         self.group_of = {cid: names[g] for cid, g in enumerate(cfg.clients.group_of_clients())}
-        members = {s.group: sorted(c for c, g in self.group_of.items() if g == s.group) for s in self.specs}
+        members: dict[str, list[int]] = {}  # by group, the clients each of its actors hosts when dealt anew
+        if self.stateless:
+            for cid, g in self.group_of.items():  # in id order
+                members.setdefault(g, []).append(cid)
         self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=beside).remote()  # first: actors tick it
         self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy=place,
                                          name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token,
                                                            self.aggregator,
-                                                           members[s.group] if self.stateless else None)
+                                                           members.get(s.group))
                        for i, (s, place) in enumerate(zip(self.specs, places))]
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
@@ -401,8 +404,9 @@ class RayEngine:
         by_group: dict[str, list[int]] = {}
         for cid in client_ids:
             by_group.setdefault(self.group_of[cid], []).append(cid)
+        live = self._live_groups()
         for group, ids in by_group.items():
-            actors = [i for i, s in enumerate(self.specs) if s.group == group and i not in self.lost]
+            actors = live.get(group)
             if not actors:  # the group's actors are all lost: its clients are with the survivors that adopted them
                 for i, moved in self._by_owner(ids).items():
                     out.setdefault(i, []).extend(moved)
@@ -410,6 +414,14 @@ class RayEngine:
             for i, part in zip(actors, deal(ids, min(len(actors), len(ids)), self.cost)):
                 out.setdefault(i, []).extend(part)
         return {i: sorted(ids) for i, ids in out.items()}
+
+    def _live_groups(self) -> dict[str, list[int]]:
+        """Each group's live actors."""
+        out: dict[str, list[int]] = {}
+        for i, spec in enumerate(self.specs):
+            if i not in self.lost:
+                out.setdefault(spec.group, []).append(i)
+        return out
 
     def _rebalance(self, client_ids: list[int]) -> dict[int, list[int]]:
         """Where a round's clients with private state train: with their actor, except that while moving one
@@ -420,11 +432,7 @@ class RayEngine:
         timings, so the sums are the same run after run."""
         out = self._by_owner(client_ids)
         epochs = self.cfg.training.epochs
-        groups: dict[str, list[int]] = {}
-        for i, spec in enumerate(self.specs):
-            if i not in self.lost:
-                groups.setdefault(spec.group, []).append(i)
-        for actors in groups.values():
+        for actors in self._live_groups().values():
             load = {i: sum(self.cost[c] for c in out.get(i, [])) for i in actors}
             for _ in range(len(client_ids)):
                 busy = max(actors, key=lambda i: (load[i], -i))
@@ -454,8 +462,7 @@ class RayEngine:
             given[src] = (ids, *self.actors[src].give.options(num_returns=2).remote(ids))
         for src, (ids, _, count) in list(given.items()):
             if (lost := self._settled(count)[1]) is not None:  # its clients stay with it, and are recovered with it
-                failures.append({"clients": sorted(c for c, a in self.owner.items() if a == src),
-                                 "note": self._recover(src, lost)})
+                failures.append(self._lose(src, lost))
                 del given[src]
         takes = {}
         for src, (ids, _, _) in given.items():
@@ -467,9 +474,13 @@ class RayEngine:
             takes[dst] = self.actors[dst].take.remote(ids, *[given[s][1] for s in sources])
         for dst, ref in takes.items():
             if (lost := self._settled(ref)[1]) is not None:
-                failures.append({"clients": sorted(c for c, a in self.owner.items() if a == dst),
-                                 "note": self._recover(dst, lost)})
+                failures.append(self._lose(dst, lost))
         return failures
+
+    def _lose(self, actor: int, exc: Exception) -> dict:
+        """The failure entry of an actor lost between calls: every client it held, recovered elsewhere."""
+        clients = sorted(c for c, a in self.owner.items() if a == actor)
+        return {"clients": clients, "note": self._recover(actor, exc)}
 
     @staticmethod
     def _settled(ref) -> tuple[object, Exception | None]:

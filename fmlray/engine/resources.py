@@ -7,6 +7,7 @@ group that cannot fit even one actor is an error naming what to lower — never 
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -37,17 +38,18 @@ def _fits(n: float, per: float) -> int:
 def deal(ids, parts: int, cost=None) -> list[tuple[int, ...]]:
     """Clients `ids` split among `parts` actors, each non-empty, each's ids sorted. With `cost[cid]` (e.g.
     training rows): largest first, each to the actor with the least cost so far (LPT; ties to the one with
-    fewer clients, then the first), so no actor holds the round up by much more than its smallest client.
+    fewer clients, then the first), so the actors' costs differ by at most one client's.
     Without: contiguous blocks of equal counts. Deterministic: a function of its arguments only."""
     ids = sorted(ids)
     if cost is None:
         n = len(ids)
         return [tuple(ids[(n * i) // parts:(n * (i + 1)) // parts]) for i in range(parts)]
-    load, out = [0.0] * parts, [[] for _ in range(parts)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    least = [(0.0, 0, j) for j in range(parts)]  # (cost so far, clients, actor): a heap, least first
     for cid in sorted(ids, key=lambda c: (-float(cost[c]), c)):
-        j = min(range(parts), key=lambda j: (load[j], len(out[j]), j))
-        load[j] += float(cost[cid])
+        load, count, j = heapq.heappop(least)
         out[j].append(cid)
+        heapq.heappush(least, (load + float(cost[cid]), count + 1, j))
     return [tuple(sorted(o)) for o in out]
 
 
