@@ -398,6 +398,36 @@ def memory_probe(fraction: float) -> dict:
         ray.kill(actor)
 
 
+def sync_probe() -> dict:
+    """How often a host's training makes the CPU wait for the GPU: CUDA's sync debug mode warns at every
+    synchronising call; per client (reading back its row, its finiteness) is expected, per step is not, so
+    the count must not grow with the epochs. In the driver process, on cuda:0, both training paths."""
+    import warnings
+    from fmlray.engine.host import ClientHost
+    out = {}
+    for batching in ("sequential", "vmap"):
+        for epochs in (1, 3):
+            cfg = load_config(None, ["data.dataset='digits'", "clients.num_clients=6", "clients.fraction=1.0",
+                                     "algorithm.name='fml'", "model.meme='mlp'", f"training.epochs={epochs}",
+                                     "clients.groups=[{name='g', share=1.0, local_model='mlp'}]",
+                                     f"training.batching='{batching}'", "training.batch_size=16"])
+            prepared = prepare(cfg)
+            host = ClientHost(cfg, prepared.dataset, prepared.partition, list(range(6)), device="cuda")
+            glob = initial_global_state(cfg, prepared.dataset)
+            host.train(1, list(range(6)), glob)  # warm-up: workspaces, rows on the device
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    host.train(2, list(range(6)), glob)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            out[f"{batching}/epochs={epochs}"] = sum("synchroniz" in str(w.message) for w in caught)
+            host.close()
+    return out
+
+
 def run_check(args) -> int:
     import ray
     if args.precision == "fp32":  # before Ray starts: every worker inherits it
@@ -438,6 +468,15 @@ def run_check(args) -> int:
                     checks.expect("actors' convolutions run at cuDNN's default precision (reported)", True,
                                   f"conv rel. error vs float64 {p['conv_rel_error']:.3g}")
             checks.guard("memory cap probe (0.25 GPU)", probe)
+        if dry or args.precision != "fp32":
+            checks.skip("training waits for the GPU per client, not per step", "dry run" if dry else "fp32 pass only")
+        else:
+            def syncs():
+                counts = report["sync_probe"] = sync_probe()
+                checks.expect("training waits for the GPU per client, not per step",
+                              all(counts[f"{b}/epochs=1"] == counts[f"{b}/epochs=3"] for b in ("sequential", "vmap")),
+                              f"synchronising calls in one round of 6 clients (1 vs 3 epochs): {counts}")
+            checks.guard("training waits for the GPU per client, not per step", syncs)
 
         runs = ((("quarter", QUARTER), ("whole", WHOLE), ("batched", BATCHED)) if args.precision == "fp32"
                 else (("quarter", QUARTER),))

@@ -142,9 +142,12 @@ def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_deca
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Shuffled index batches; a last batch of one joins the one before (BatchNorm needs two)."""
+def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device | None = None) -> Iterator[Tensor]:
+    """Shuffled index batches (on `device`: the permutation crosses to it once, not once a batch); a last
+    batch of one joins the one before (BatchNorm needs two)."""
     order = torch.randperm(n, generator=generator)
+    if device is not None:
+        order = order.to(device)
     starts = list(range(0, n, batch_size))
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
@@ -178,29 +181,26 @@ def train_client(
     names, scalars = algo.trains, scalars or {}
     for name in names:
         models[name].train()
-    loss_sum = dict.fromkeys(names, 0.0)
-    correct = dict.fromkeys(names, 0)
-    seen = 0
+    # Each step's losses and hits stay on the device and are read once at the end: reading them step by step
+    # (or indexing a GPU tensor with CPU indices) would make the host wait for the GPU at every step. So a
+    # non-finite loss is found after the last step, not at it; the client is left out all the same.
+    step_losses, step_hits, sizes = [], [], []
     for epoch in range(epochs):
         frozen = _frozen_params(algo, models, epoch, epochs)
-        for idx in batches(len(y), batch_size, generator):
+        for idx in batches(len(y), batch_size, generator, x.device):
             xb, yb = x[idx], y[idx]
             with autocast():
                 logits = algo.logits(models, scalars, xb, names, task)
                 losses = algo.loss(logits, yb, rnd)
                 for name, penalty in algo.penalties.items():
                     losses[name] = losses[name] + penalty(models[name], anchor)
-            total = sum(losses.values())
-            if not math.isfinite(total.item()):
-                bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                raise TrainingError(f"loss is not finite ({bad}); lower training.lr or check the data")
             for name in names:
                 optimizers[name].zero_grad(set_to_none=True)
             for s in scalars.values():
                 s.grad = None
             # Peers are detached inside the losses, so one backward of the sum gives each model
             # exactly the gradient of its own loss, at the cost of a single backward pass.
-            total.backward()
+            sum(losses.values()).backward()
             for p in frozen:
                 p.grad = None  # an optimiser skips a parameter without a gradient: no step, no decay
             for name in names:
@@ -208,14 +208,23 @@ def train_client(
             if algo.scalar_step is not None:
                 with torch.no_grad():
                     algo.scalar_step(scalars)
-            for name in names:
-                loss_sum[name] += losses[name].item() * len(yb)
-                correct[name] += int((logits[name].argmax(1) == yb).sum())
-            seen += len(yb)
+            with torch.no_grad():
+                step_losses.append(torch.stack([losses[name].float() for name in names]))
+                step_hits.append(torch.stack([(logits[name].argmax(1) == yb).sum() for name in names]))
+            sizes.append(len(yb))
+    loss_sum = dict.fromkeys(names, 0.0)
+    for n, values in zip(sizes, torch.stack(step_losses).tolist()):
+        if not math.isfinite(sum(values)):
+            bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))
+            raise TrainingError(f"loss is not finite ({bad}); lower training.lr or check the data")
+        for name, v in zip(names, values):
+            loss_sum[name] += v * n
+    correct = torch.stack(step_hits).sum(0).tolist()
+    seen = sum(sizes)
     out = {}
-    for name in names:
+    for name, c in zip(names, correct):
         out[f"{name}_loss"] = loss_sum[name] / seen
-        out[f"{name}_accuracy"] = correct[name] / seen
+        out[f"{name}_accuracy"] = c / seen
     return out
 
 
@@ -235,10 +244,10 @@ def evaluate(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, batch_size
     """(mean cross-entropy, accuracy) of `model` (a module, or a function of a batch) on (x, y)."""
     if isinstance(model, nn.Module):
         model.eval()
-    loss, correct = 0.0, 0
+    losses, hits = [], []  # read once at the end (see train_client)
     for start in range(0, len(y), batch_size):
         logits = model(x[start:start + batch_size])
         yb = y[start:start + batch_size]
-        loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return loss / len(y), correct / len(y)
+        losses.append(nn.functional.cross_entropy(logits, yb, reduction="sum").float())
+        hits.append((logits.argmax(1) == yb).sum())
+    return sum(torch.stack(losses).tolist()) / len(y), int(torch.stack(hits).sum()) / len(y)

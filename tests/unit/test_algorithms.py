@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fmlray.algorithms import fedavg, fedprox, fml, local
-from fmlray.algorithms.base import batches, make_optimizer, train_client
+from fmlray.algorithms.base import batches, evaluate, make_optimizer, train_client
 from fmlray.errors import TrainingError
 
 
@@ -144,6 +144,36 @@ def test_nan_loss_is_a_training_error():
     with pytest.raises(TrainingError, match="not finite"):
         train_client(fedavg.make(), {"meme": m}, {"meme": sgd(m)}, x, y, epochs=1, batch_size=len(y),
                      generator=torch.Generator().manual_seed(0))
+
+
+def test_a_loss_gone_non_finite_mid_training_names_the_first_bad_steps_losses():
+    # a row of inf reaches the loss only in the batch that holds it; training goes on to the end (the
+    # client is left out all the same) and the error gives the losses of the first step that went bad
+    x, y = toy_data(n=12)
+    x[5] = float("inf")
+    m = linear()
+    with pytest.raises(TrainingError, match=r"loss is not finite \(meme=nan\)"):
+        train_client(fedavg.make(), {"meme": m}, {"meme": sgd(m, lr=0.1)}, x, y, epochs=2, batch_size=4,
+                     generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("n", [16, 160])
+def test_training_reads_from_the_device_a_fixed_number_of_times_whatever_the_steps(monkeypatch, n):
+    # each read of a tensor's value makes the host wait for a GPU: train_client reads losses and hits once at
+    # the end, not once a step (the old loop read 3 values a step: 120 reads for n=160 here)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name: reads.append(_name) or _real(t, *a))
+    x, y = toy_data(n=n)
+    models = {"local": linear(1), "meme": linear(2)}
+    out = run(fml.make(alpha=0.5, beta=0.5), models, x, y)
+    assert sorted(reads) == ["tolist", "tolist"], reads
+    assert 0 <= out["local_accuracy"] <= 1
+    reads.clear()
+    loss, accuracy = evaluate(models["meme"], x, y, batch_size=4)
+    assert sorted(reads) == ["__int__", "tolist"], reads
+    assert loss > 0 and 0 <= accuracy <= 1
 
 
 def test_batches_cover_every_row_once_and_never_leave_a_single_row():
