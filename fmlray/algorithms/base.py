@@ -142,18 +142,25 @@ def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_deca
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of an epoch's batches of `n` rows: `batch_size` each, the rest last; a last batch of one
+    joins the one before (BatchNorm needs two)."""
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device | None = None) -> Iterator[Tensor]:
-    """Shuffled index batches (on `device`: the permutation crosses to it once, not once a batch); a last
-    batch of one joins the one before (BatchNorm needs two)."""
+    """Shuffled index batches of `batch_sizes(n, batch_size)` (on `device`: the permutation crosses to it
+    once, not once a batch)."""
     order = torch.randperm(n, generator=generator)
     if device is not None:
         order = order.to(device)
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    for i, start in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else n
-        yield order[start:end]
+    start = 0
+    for size in batch_sizes(n, batch_size):
+        yield order[start:start + size]
+        start += size
 
 
 def train_client(

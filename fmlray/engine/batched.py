@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fmlray.algorithms.base import Algorithm, batches
+from fmlray.algorithms.base import Algorithm, batch_sizes
 from fmlray.engine.device import autocast
 from fmlray.engine.state import _copy
 from fmlray.seeding import BATCH_ORDER, derive_seed
@@ -323,14 +324,15 @@ class Batcher:
 
         return vmap(client, in_dims=(0, 0, 0, None if uniform else 0))
 
-    def _order(self, c: Client, rnd: int) -> list[Tensor]:
-        """The client's batches this round, as indices into its host's training rows: the same draws, from the
-        same seed, as the sequential loop's."""
+    def _order(self, c: Client, rnd: int) -> tuple[np.ndarray, list[int]]:
+        """The client's rows this round in the order its batches take them (as indices into its host's training
+        rows), and its batches' sizes: the same draws, from the same seed, as the sequential loop's."""
         host, t = self.host, self.host.cfg.training
         gen = torch.Generator().manual_seed(derive_seed(host.cfg.run.seed, BATCH_ORDER, rnd, c.cid))
-        index = host.train_rows.index(c.cid)
+        index = host.train_rows.index(c.cid).numpy()
         n = len(c.train_rows)
-        return [index[idx] for _ in range(t.epochs) for idx in batches(n, t.batch_size, gen)]
+        taken = [index[torch.randperm(n, generator=gen).numpy()] for _ in range(t.epochs)]  # as `batches` draws
+        return np.concatenate(taken), batch_sizes(n, t.batch_size) * t.epochs
 
     def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
         """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
@@ -338,17 +340,17 @@ class Batcher:
         key = host._archs(clients[0])
         ws, plan = host._workspace(key), self._plan(key, glob, rnd)
         steps = [self._order(c, rnd) for c in clients]
-        rank = sorted(range(len(clients)), key=lambda k: -len(steps[k]))  # longest first: the active are a prefix
+        rank = sorted(range(len(clients)), key=lambda k: -len(steps[k][1]))  # longest first: the active are a prefix
         ranked = [clients[k] for k in rank]
         params, moms = self._load(key, ranked, ws, plan, glob)
         stats = self._steps(plan, params, moms, [steps[k] for k in rank], rnd,
                             None if glob is None else glob.anchor)
         bad = self._store(key, ranked, ws, plan, params, moms, stats)
-        total = sum(len(s) for s in steps)
+        total = sum(len(s) for _, s in steps)
         finite = params.finite(plan.from_global) if glob is not None else None
         out: list[Outcome | None] = [None] * len(clients)
         for i, k in enumerate(rank):
-            share = len(steps[k]) / total
+            share = len(steps[k][1]) / total
             if bad[i] is not None:
                 out[k] = Outcome(None, None, bad[i], share)
                 continue
@@ -413,27 +415,29 @@ class Batcher:
         host.init_seconds += drawn
         return params, moms
 
-    def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[list[Tensor]],
+    def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[tuple[np.ndarray, list[int]]],
                rnd: int, anchor: list[Tensor] | None) -> dict:
         """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
         host, t = self.host, self.host.cfg.training
         dev, k_all, names = host.device, len(steps), host.algo.trains
         x_all, y_all = host.train_rows.source()
-        sizes = [[len(b) for b in s] for s in steps]
-        table = torch.zeros((len(steps[0]), k_all, max(max(s) for s in sizes)), dtype=torch.long)
-        count = torch.zeros((len(steps[0]), k_all))
-        for i, s in enumerate(steps):
-            count[:len(s), i] = torch.tensor(sizes[i], dtype=torch.float32)
-            for j, b in enumerate(s):
-                table[j, i, :len(b)] = b
-        table, count = table.to(x_all.device), count.to(dev)
+        sizes = [s for _, s in steps]
+        table = np.zeros((len(sizes[0]), k_all, max(max(s) for s in sizes)), dtype=np.int64)
+        count = np.zeros((len(sizes[0]), k_all), dtype=np.float32)
+        for i, (rows, s) in enumerate(steps):
+            count[:len(s), i] = s
+            start = 0
+            for j, size in enumerate(s):
+                table[j, i, :size] = rows[start:start + size]
+                start += size
+        table, count = torch.from_numpy(table).to(x_all.device), torch.from_numpy(count).to(dev)
         loss_sum = torch.zeros((len(names), k_all), dtype=torch.float64, device=dev)
         correct = torch.zeros((len(names), k_all), dtype=torch.long, device=dev)
         bad = torch.zeros(k_all, dtype=torch.bool, device=dev)
         bad_losses = torch.zeros((len(names), k_all), device=dev)
         step = {u: self._client_fn(plan, rnd, anchor, u) for u in (True, False)}
         mixed = autocast(dev, t.precision)
-        for j in range(len(steps[0])):
+        for j in range(len(sizes[0])):
             k = sum(1 for s in sizes if len(s) > j)  # the clients still training: a prefix
             width = max(s[j] for s in sizes[:k])
             uniform = all(s[j] == width for s in sizes[:k])
