@@ -72,6 +72,14 @@ class Outcome(NamedTuple):
     checked: bool = False  # whether `sent` was already found finite
 
 
+class Summed(NamedTuple):
+    """A batched unit's clients' shared tensors, summed with their weights."""
+
+    tensors: list[Tensor]  # in the received state's key order
+    weight: float
+    count: int
+
+
 NOT_FINITE = "the shared model {!r}'s parameters are not finite (or beyond ~1e19)"
 
 
@@ -334,8 +342,9 @@ class Batcher:
         taken = [index[torch.randperm(n, generator=gen).numpy()] for _ in range(t.epochs)]  # as `batches` draws
         return np.concatenate(taken), batch_sizes(n, t.batch_size) * t.epochs
 
-    def train(self, clients: list[Client], rnd: int, glob: Received | None) -> list[Outcome]:
-        """Train `clients` (one workspace's, in id order) for round `rnd` together; their outcomes in that order."""
+    def train(self, clients: list[Client], rnd: int, glob: Received | None) -> tuple[list[Outcome], Summed | None]:
+        """Train `clients` (one workspace's, in id order) for round `rnd` together: their outcomes in that order
+        (no `sent`: the shared tensors of those kept come summed, weighted by the server's weights)."""
         host, algo = self.host, self.host.algo
         key = host._archs(clients[0])
         ws, plan = host._workspace(key), self._plan(key, glob, rnd)
@@ -349,6 +358,7 @@ class Batcher:
         total = sum(len(s) for _, s in steps)
         finite = params.finite(plan.from_global) if glob is not None else None
         out: list[Outcome | None] = [None] * len(clients)
+        kept = []  # positions in the stack of the clients whose shared tensors are summed
         for i, k in enumerate(rank):
             share = len(steps[k][1]) / total
             if bad[i] is not None:
@@ -364,8 +374,23 @@ class Batcher:
             elif not finite[i]:
                 out[k] = Outcome(None, None, NOT_FINITE.format(algo.shares), share, True)
             else:
-                out[k] = Outcome(metrics, [params.client(j, i) for j in plan.from_global], None, share, True)
-        return out
+                out[k] = Outcome(metrics, None, None, share, True)
+                kept.append(i)
+        return out, (self._sum(plan, params, [ranked[i] for i in kept], kept) if kept else None)
+
+    def _sum(self, plan: _Plan, params: _Stack, clients: list[Client], at: list[int]) -> Summed:
+        """Σ weightᵢ · shared tensorsᵢ of the clients at positions `at` of the stack: one matrix-vector product per
+        tensor instead of an add per client and tensor (summed in float32, then added to the host's float64 sum:
+        within float rounding of adding client by client)."""
+        dev = self.host.device
+        weights = [float(self.host.algo.server.weight(len(c.train_rows))) for c in clients]
+        w = torch.tensor(weights, dtype=torch.float32, device=dev)
+        index = _index(at, dev)
+        tensors = []
+        for j in plan.from_global:
+            stored = params.store[j][index]
+            tensors.append((w @ stored.reshape(len(at), -1)).view(stored.shape[1:]).permute(params.back[j]))
+        return Summed(tensors, sum(weights), len(at))
 
     def _load(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, glob: Received | None):
         """The clients' parameters and momentum, stacked in `ranked` order: private ones from their rows (or

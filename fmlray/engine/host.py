@@ -445,10 +445,11 @@ class ClientHost:
         for cids, batched in units:
             clients = [self.clients[cid] for cid in cids]
             started, self.state_seconds, self.init_seconds = time.perf_counter(), 0.0, 0.0
+            summed = None
             if batched:
                 self._release_all()  # the batched path reads and writes rows through the store itself
                 with _stage(clients[0], rnd, f"batched training of clients {cids[0]}..{cids[-1]}"):
-                    outcomes = self.batcher.train(clients, rnd, glob)
+                    outcomes, summed = self.batcher.train(clients, rnd, glob)
             else:
                 outcomes = [self._attempt(clients[0], rnd, glob)]
             seconds = time.perf_counter() - started
@@ -468,6 +469,10 @@ class ClientHost:
                 results.append({"client": c.cid, "samples": len(c.train_rows), "seconds": seconds * share,
                                 "state_seconds": self.state_seconds * share,
                                 "init_seconds": self.init_seconds * share, **metrics})
+            if summed is not None:  # a batched unit's kept clients, summed (in id order with the rest: units are runs)
+                if total is None:
+                    total = _Sum(dict(zip(glob.keys, summed.tensors)))
+                total.add(summed.tensors, summed.weight, summed.count)
             if tick is not None:
                 tick(len(results))
         return (None if total is None else total.partial()), results
@@ -554,15 +559,17 @@ class _Sum:
                      for t, f in zip(like.values(), self.is_float)]
         self.weight, self.count = 0.0, 0
 
-    def add(self, tensors, weight: float) -> None:
+    def add(self, tensors, weight: float, count: int | None = None) -> None:
+        """One client's tensors, of weight `weight`; or (`count` given) `count` clients' tensors already weighted
+        and summed, of weight `weight` together."""
         tensors = list(tensors)
         floats = [(s, t) for s, t, f in zip(self.sums, tensors, self.is_float) if f]
-        torch._foreach_add_([s for s, _ in floats], [t for _, t in floats], alpha=float(weight))
+        torch._foreach_add_([s for s, _ in floats], [t for _, t in floats], alpha=1.0 if count else float(weight))
         for s, t, f in zip(self.sums, tensors, self.is_float):
             if not f:
                 torch.maximum(s, t, out=s)
         self.weight += float(weight)
-        self.count += 1
+        self.count += count or 1
 
     def partial(self) -> PartialSum:
         return PartialSum({k: s.cpu().numpy() for k, s in zip(self.keys, self.sums)}, self.weight, self.count)
