@@ -456,10 +456,10 @@ class Batcher:
                 table[j, i, :size] = rows[start:start + size]
                 start += size
         table, count = torch.from_numpy(table).to(x_all.device), torch.from_numpy(count).to(dev)
-        loss_sum = torch.zeros((len(names), k_all), dtype=torch.float64, device=dev)
-        correct = torch.zeros((len(names), k_all), dtype=torch.long, device=dev)
-        bad = torch.zeros(k_all, dtype=torch.bool, device=dev)
-        bad_losses = torch.zeros((len(names), k_all), device=dev)
+        # every step's losses and hits, kept on the device and summed after the last step (one copy a step each,
+        # not a dozen small ops: on a GPU each is a kernel launch); clients that have finished keep zeros
+        losses_at = torch.zeros((len(sizes[0]), len(names), k_all), device=dev)
+        hits_at = torch.zeros((len(sizes[0]), len(names), k_all), dtype=torch.long, device=dev)
         step = {u: self._client_fn(plan, rnd, anchor, u) for u in (True, False)}
         mixed = autocast(dev, t.precision)
         for j in range(len(sizes[0])):
@@ -479,14 +479,17 @@ class Batcher:
             with torch.no_grad():
                 sgd(views, list(grads), None if moms is None else [m[:k] for m in moms.store], t.lr, t.momentum,
                     t.weight_decay)
-                losses = losses.detach().float().T  # (model, client)
-                fresh = ~torch.isfinite(losses.sum(0)) & ~bad[:k]
-                bad_losses[:, :k] = torch.where(fresh, losses, bad_losses[:, :k])
-                bad[:k] |= fresh
-                loss_sum[:, :k] += losses * n
-                correct[:, :k] += hits.T
+                losses_at[j, :, :k] = losses.detach().T  # (model, client)
+                hits_at[j, :, :k] = hits.T
+        with torch.no_grad():
+            loss_sum = (losses_at.double() * count.double()[:, None]).sum(0)  # as the loop sums loss x batch size
+            went_bad = ~torch.isfinite(losses_at.sum(1))  # (step, client)
+            first = went_bad.int().argmax(0)  # each client's first step with a non-finite loss (0 if none)
+            bad_losses = losses_at[first, :, torch.arange(k_all, device=dev)]  # (client, model)
+            correct = hits_at.sum(0)
         return {"loss": dict(zip(names, loss_sum.tolist())), "correct": dict(zip(names, correct.tolist())),
-                "seen": [float(sum(s)) for s in sizes], "bad": bad.tolist(), "bad_losses": bad_losses.T.tolist()}
+                "seen": [float(sum(s)) for s in sizes], "bad": went_bad.any(0).tolist(),
+                "bad_losses": bad_losses.tolist()}
 
     def _store(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, params, moms,
                stats) -> list[str | None]:

@@ -172,11 +172,13 @@ def test_a_resumed_batched_run_equals_the_uninterrupted_one_and_the_sequential_o
         np.testing.assert_allclose(whole.global_state[k], seq.global_state[k], rtol=0, atol=5e-6)
 
 
-def test_a_client_whose_loss_goes_non_finite_is_left_out_with_the_sequential_message():
+@pytest.mark.parametrize("broken", ["every row", "one row"])
+def test_a_client_whose_loss_goes_non_finite_is_left_out_with_the_sequential_message(broken):
     cfg = load_config(None, [*SMALL, MLP, "clients.num_clients=4", "clients.fraction=1.0", "algorithm.name=fml"])
     prepared = prepare(cfg)
     x = prepared.dataset.x_train.copy()
-    x[prepared.partition.train[2]] = np.inf  # client 2's data is broken
+    rows = prepared.partition.train[2]
+    x[rows if broken == "every row" else rows[len(rows) // 2]] = np.inf  # client 2's data is broken (from a step on)
     ds = dataclasses.replace(prepared.dataset, x_train=x)
     out = {}
     for b in ("sequential", "vmap"):
