@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(dataset, clients, fraction, args.rounds)
         prepared = prepare(cfg)
         sizes = [len(r) for r in prepared.partition.train]
-        for turn in range(2):
+        for turn in range(1 if args.smoke else 2):  # the smoke run checks the script, not a drift-fair figure
             for moving in (True, False):
                 r = run(cfg, prepared, args.rounds, setting if moving else NEVER)
                 rows.append({"dataset": dataset, "clients": clients, "fraction": fraction, "turn": turn,
