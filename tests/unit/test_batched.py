@@ -133,7 +133,7 @@ def test_a_loss_that_is_not_a_batch_mean_is_found_out():
     assert not loss_is_sample_mean(summed, 10)
 
 
-def test_auto_batches_linear_models_on_the_cpu_and_not_large_convolutions():
+def test_auto_batches_linear_models_on_the_cpu_and_not_large_convolutions_and_every_model_on_a_gpu():
     cpu = torch.device("cpu")
     mlp, cnn5 = build_model("mlp", (1, 28, 28), 10), build_model("cnn5", (1, 28, 28), 10)
     assert auto_batches([mlp, mlp], (1, 28, 28), cpu, 20)
@@ -141,6 +141,9 @@ def test_auto_batches_linear_models_on_the_cpu_and_not_large_convolutions():
     assert not auto_batches([cnn5, mlp], (1, 28, 28), cpu, 20)
     assert auto_batches([build_model("lenet5", (1, 8, 8), 10)], (1, 8, 8), cpu, 20)  # digits' 8x8 images
     assert not auto_batches([mlp], (1, 28, 28), torch.device("meta"), 20)  # unmeasured devices stay sequential
+    gpu = torch.device("cuda")  # measured on an H100: batching wins there for convolutions too
+    assert auto_batches([cnn5, mlp], (1, 28, 28), gpu, 20)
+    assert not auto_batches([cnn5], (1, 28, 28), gpu, batched.AUTO_MIN_CLIENTS - 1)
     cfg = load_config(None, [*SMALL, "clients.num_clients=20", "clients.fraction=1.0"])  # mlp + lenet5 groups
     prepared = prepare(cfg)
     host = ClientHost(cfg, prepared.dataset, prepared.partition, list(range(20)))
