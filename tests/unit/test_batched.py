@@ -41,7 +41,7 @@ def run(overrides, batching):
 
 def assert_close(a, b, atol=2e-6):
     """Same global model, same private rows (as float32 where they hold floats), same metrics rows."""
-    (ra, rows_a, host), (rb, rows_b, _) = a, b
+    (ra, rows_a, _), (rb, rows_b, _) = a, b
     assert (ra.global_state is None) == (rb.global_state is None)
     for k in ra.global_state or {}:
         np.testing.assert_allclose(ra.global_state[k], rb.global_state[k], rtol=0, atol=atol, err_msg=k)

@@ -1,10 +1,8 @@
 """Checkpoints and resume, signals, and bad client updates (serial engine; Ray in integration/)."""
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
