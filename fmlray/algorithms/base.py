@@ -155,8 +155,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.d
     """Shuffled index batches of `batch_sizes(n, batch_size)` (on `device`: the permutation crosses to it
     once, not once a batch)."""
     order = torch.randperm(n, generator=generator)
-    if device is not None:
-        order = order.to(device)
+    if device is not None:  # non_blocking: a blocking copy to a GPU would make the host wait for it, once an epoch
+        order = order.to(device, non_blocking=True)
     start = 0
     for size in batch_sizes(n, batch_size):
         yield order[start:start + size]
