@@ -136,6 +136,14 @@ def test_moves_smoke_times_rounds_with_clients_moving_and_not(tmp_path):
     assert "on ÷ off" in only(tmp_path, "moves-fml-smoke-*.md").read_text()
 
 
+def test_gpu_check_refuses_smoke_size_on_a_real_gpu_run_with_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "check", "--smoke"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--smoke is the CI size of --cpu-dry-run; a real GPU check runs at full size")
+
+
 def test_gpu_check_dry_run_passes_its_checks_and_writes_its_records(tmp_path):
     # issue 14: gpu_check.sh's CPU dry run at CI's size (logical GPU, CUDA-only checks skipped); on a GPU
     # machine the same script runs at full size
