@@ -34,7 +34,10 @@ def start_session_ray() -> None:
     live `ray start` or a stale address file of a dead one), on loopback, that nothing else can join.
     Logical GPUs let the scheduler pack fractional-GPU actors on a CPU-only machine."""
     from fmlray.engine.connect import start_private_ray
-    start_private_ray(num_cpus=2, num_gpus=2)
+    # log_to_driver=False: the workers' stderr (e.g. a Tune trial worker that Ray's SIGTERM ends inside a
+    # weakref callback, "Exception ignored ... SystemExit: 1") must not land in whichever test's captured
+    # stderr is open at the time; tests that assert one-line errors read it
+    start_private_ray(num_cpus=2, num_gpus=2, log_to_driver=False)
 
 
 class PrivateHead:
