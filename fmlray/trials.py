@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmlray import signals
 from fmlray.config import Config
 from fmlray.errors import FmlrayError
 
@@ -70,6 +71,7 @@ class Control:
     """A Ray actor (no CPU) the trials ask, once a round, whether the sweep is stopping."""
 
     def __init__(self):
+        signals.redeliver_lost_sigterm()
         self.stopping = False
 
     def stop(self) -> None:
@@ -118,6 +120,7 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
     from fmlray import checkpoint
     from fmlray.simulation import RunInterrupted, run_experiment
 
+    signals.redeliver_lost_sigterm()  # Tune's trial worker: ended by SIGTERM when the search no longer needs it
     node = ray.get_runtime_context().get_node_id()
     asked = lambda: ray.get(control.asked.remote())  # noqa: E731
     if asked():

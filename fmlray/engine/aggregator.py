@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from fmlray import aggregate
+from fmlray import aggregate, signals
 from fmlray.aggregate import PartialSum, Server, State
 
 
@@ -19,6 +19,7 @@ class Aggregator:
     idle, so it also keeps the count of clients done in the current call (progress)."""
 
     def __init__(self) -> None:
+        signals.redeliver_lost_sigterm()
         self.seconds: list[float] = []
         self.tag, self.done = "", {}
 

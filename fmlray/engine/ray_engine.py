@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from fmlray import signals
 from fmlray.aggregate import State
 from fmlray.algorithms import build_algorithm
 from fmlray.config import Config
@@ -88,6 +89,7 @@ class ClientActor:
     def __init__(self, cfg: Config, dataset: Dataset, partition: Partition, spec: ActorSpec, index: int,
                  store: str, run_token: str, board=None, hosted: list[int] | None = None):
         import torch
+        signals.redeliver_lost_sigterm()
         self.index, self.board = index, board  # board: the aggregator, which counts clients done
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.num_gpus = spec.num_gpus

@@ -1,5 +1,7 @@
 """The Ray engine against the serial reference, on a real local Ray: parity, placement, scale, resources."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,43 @@ def test_the_aggregator_process_never_imports_torch(ray_session):
         assert not _has_torch(engine.aggregator)
     finally:
         engine.close()
+
+
+def test_an_actor_whose_sigterm_lands_in_a_callback_still_ends(ray_session):
+    # seen at the end of parallel sweeps: "Exception ignored in ... SystemExit: 1", and the worker went on
+    from fmlray.engine.aggregator import Aggregator
+
+    def _sigterm_inside_a_weakref_callback(actor_self) -> str:  # local: Ray pickles it by value
+        """Run in an actor: drop an object whose finaliser receives a SIGTERM (it sleeps, so Ray's handler
+        raises its SystemExit inside the finaliser, where Python can only print it)."""
+        import os
+        import signal
+        import time
+        import weakref
+
+        class Held:
+            pass
+
+        held = Held()
+        weakref.finalize(held, lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(0.5))
+        del held
+        return "outlived its SIGTERM"
+
+    class Bare:  # a Ray actor without fmlray's hook: the premise
+        pass
+
+    alive = lambda actor_self: "alive"  # noqa: E731
+    bare = ray_session.remote(num_cpus=0)(Bare).remote()
+    ray_session.get(bare.__ray_call__.remote(_sigterm_inside_a_weakref_callback))
+    time.sleep(1)
+    assert ray_session.get(bare.__ray_call__.remote(alive)) == "alive"
+    ray_session.kill(bare)
+    # fmlray's actor: the SIGTERM is sent again once the callback is over, and ends the actor as Ray meant
+    aggregator = ray_session.remote(num_cpus=0)(Aggregator).remote()
+    with pytest.raises(ray_session.exceptions.RayActorError, match="receives a SIGTERM"):
+        ray_session.get(aggregator.__ray_call__.remote(_sigterm_inside_a_weakref_callback), timeout=60)
+        time.sleep(1)
+        ray_session.get(aggregator.__ray_call__.remote(alive), timeout=60)
 
 
 @pytest.mark.parametrize(("actors", "fraction", "beside_driver", "aggregations"),
