@@ -8,6 +8,10 @@ Ray's workers lose a SIGTERM the same way; `redeliver_lost_sigterm` sends it aga
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
 import threading
 
 
@@ -34,6 +38,39 @@ def reset() -> None:
     _seen.clear()
 
 
+def sigint_ignored() -> bool:
+    """Whether this process was started with SIGINT ignored, as a shell starts a script's background jobs
+    (so that Ctrl-C ends the script, not them). fmlray keeps it ignored, as Python and the shell tools do."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@contextlib.contextmanager
+def shielded():
+    """Shut-down work that a signal must not cut in half (the engine's close, `ray.shutdown`): cut, it
+    left Ray's agents running and the interpreter's own `ray.shutdown` at exit interrupted in turn. A
+    SIGINT or SIGTERM inside is announced and the work finishes (the run is ending anyway); a second
+    SIGINT abandons it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+
+    def note(signum, frame) -> None:
+        if came and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        came.append(signum)
+        print(f"{signal.Signals(signum).name}: shutting down first (Ctrl-C again to abandon that)", file=sys.stderr,
+              flush=True)
+
+    sigs = [signal.SIGTERM] + ([] if sigint_ignored() else [signal.SIGINT])
+    previous = {sig: signal.signal(sig, note) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 _redelivering = False
 
 
@@ -50,10 +87,6 @@ def redeliver_lost_sigterm() -> None:
     if _redelivering:
         return
     _redelivering = True
-    import os
-    import signal
-    import sys
-
     lost = threading.Event()
 
     def again() -> None:

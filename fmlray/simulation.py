@@ -283,9 +283,10 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
                      record=records.append, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:
-        engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
-        if early:
-            abandon_early()  # an engine that failed before it took the early Ray up
+        with signals.shielded():
+            engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
+            if early:
+                abandon_early()  # an engine that failed before it took the early Ray up
     summary = records.merge(final=True)
     rundir.finish(folder.path, summary, title(cfg))
     into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
@@ -298,14 +299,14 @@ def _task_text(task) -> str:
 
 class StopOnSignal:
     """SIGINT / SIGTERM ask the run to stop after the current round (and checkpoint); a second
-    SIGINT aborts at once."""
+    SIGINT aborts at once. A SIGINT the process was started ignoring stays ignored (`signals.sigint_ignored`)."""
 
     def __init__(self, echo: Callable[[str], None]):
         self.echo, self.requested, self.previous = echo, False, {}
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in [signal.SIGTERM] + ([] if signals.sigint_ignored() else [signal.SIGINT]):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 

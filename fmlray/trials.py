@@ -369,4 +369,5 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
                         order={run.name: i for i, run in enumerate(sweep.runs, 1)})[1]
     finally:
         if started:
-            ray.shutdown()
+            with signals.shielded():
+                ray.shutdown()

@@ -207,7 +207,9 @@ def test_one_bad_client_is_left_out_and_the_run_goes_on(tmp_path, monkeypatch, c
 def test_sigint_stops_after_the_round_with_a_checkpoint_and_resume_finishes(tmp_path):
     cmd = [sys.executable, "-m", "fmlray", "run", "--set", "engine.kind=serial", "--set", "run.rounds=30",
            "--set", f"run.output_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default, whatever this process inherited (a run started with SIGINT ignored keeps ignoring it)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("round"):
             proc.send_signal(signal.SIGINT)

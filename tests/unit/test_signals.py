@@ -1,5 +1,6 @@
 """`signals.redeliver_lost_sigterm`, in a child Python that mimics a Ray worker's SIGTERM handler."""
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -57,3 +58,71 @@ def test_other_callback_errors_still_reach_the_previous_hook():
     out = child("hooked", "error", "sigterm")
     assert "ValueError: an unrelated callback error" in out.stderr and out.returncode == 1
     assert "SystemExit" not in out.stderr
+
+
+SHIELD = textwrap.dedent("""
+    import os, signal, sys, time
+    from fmlray import signals
+
+    with signals.shielded():
+        for _ in range(int(sys.argv[1])):
+            os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+            time.sleep(0.2)
+        print("finished", flush=True)
+    print("after", flush=True)
+""")
+
+
+def test_a_signal_during_shut_down_is_announced_and_the_shut_down_finishes():
+    for sig in ("SIGINT", "SIGTERM"):
+        out = subprocess.run([sys.executable, "-c", SHIELD, "1", sig], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout == "finished\nafter\n", out.stderr
+        assert out.stderr == f"{sig}: shutting down first (Ctrl-C again to abandon that)\n"
+
+
+def test_a_second_sigint_abandons_the_shut_down():
+    out = subprocess.run([sys.executable, "-c", SHIELD, "2", "SIGINT"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "finished" not in out.stdout and "KeyboardInterrupt" in out.stderr
+
+
+# a run whose engine receives SIGINT while it closes (after its last round): the close finishes, the run's
+# outputs are written, exit 0; before, the KeyboardInterrupt cut the close (and Ray's shut-down) in half
+CLOSING = textwrap.dedent("""
+    import os, signal, sys, time
+    from fmlray.cli import main
+    from fmlray.engine.serial import SerialEngine
+
+    real = SerialEngine.close
+
+    def close(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        real(self)
+        print("closed", flush=True)
+
+    SerialEngine.close = close
+    sys.exit(main(["run", "--set", "engine.kind=serial", "--set", "run.rounds=1", "--set",
+                   "run.output_dir=" + sys.argv[1]]))
+""")
+
+
+def test_a_sigint_while_the_engine_closes_lets_the_run_finish_its_outputs(tmp_path):
+    out = subprocess.run([sys.executable, "-c", CLOSING, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "closed" in out.stdout and "SIGINT: shutting down first" in out.stderr
+    assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    # as a shell starts a script's background job: Ctrl-C ends the script, not the run (SIGTERM still stops it)
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "run", "--set", "engine.kind=serial", "--set",
+                             "run.rounds=3", "--set", f"run.output_dir={tmp_path}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+    for line in proc.stdout:
+        if line.startswith("round"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopping" not in out and (tmp_path / "digits-fml" / "metrics.parquet").is_file()
