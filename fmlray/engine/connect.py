@@ -240,6 +240,11 @@ def _connect(address: str) -> bool:
             start_private_ray()
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise ResourceError(f"cannot start a local Ray ({_first_line(exc)})") from None
+        except OSError as exc:  # e.g. TMPDIR a file, or so deep that Ray's socket paths pass 107 bytes
+            from ray._common.utils import get_default_ray_temp_dir
+            raise ResourceError(f"cannot start a local Ray in its temp folder {get_default_ray_temp_dir()} "
+                                f"({_first_line(exc)}); set TMPDIR (or RAY_TMPDIR) to a short, writable folder "
+                                "such as /tmp") from None
         return True
     if address == "auto":
         path, recorded = _ray_start_address()

@@ -80,3 +80,24 @@ def test_ray_address_auto_in_the_environment_means_the_same(ray_tmpdir, monkeypa
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     with pytest.raises(ResourceError, match="no `ray start` cluster on this machine"):
         connect("")
+
+
+@pytest.mark.parametrize("where", ["a file", "too deep"])
+def test_a_temp_folder_ray_cannot_use_is_one_line_and_leaves_no_run(tmp_path, where):
+    import os
+    import subprocess
+    import sys
+    if where == "a file":
+        tmp = tmp_path / "afile"
+        tmp.write_text("x")
+    else:  # Ray's socket paths under it would pass the 107 bytes an AF_UNIX path may have
+        tmp = tmp_path / ("d" * 100)
+        tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-m", "fmlray", "run", "--set", "run.rounds=1", "--set",
+                          f"run.output_dir={tmp_path / 'runs'}"], env={**env, "TMPDIR": str(tmp)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("fmlray: error: cannot start a local Ray in its temp folder") and \
+        "set TMPDIR" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert not (tmp_path / "runs" / "digits-fml").exists()
