@@ -21,6 +21,7 @@ Tune scheduler reading a named figure of each round; prints the best configs and
     key = "algorithm.fml.alpha"
     uniform = [0.1, 0.9]       # or loguniform = [lo, hi], randint = [lo, hi] (both ends included),
                                # choice = [...], grid = [...] (every value, `samples` draws each)
+                               # not run.name, run.output_dir, run.rounds or run.eval_every
 
 Outputs, in <output_dir>/<name>/: one run folder per trial (trial-00000, ...: metrics, checkpoint),
 trials.parquet (every trial's values and last figures), best-1.toml ... (full configs for
@@ -40,12 +41,20 @@ import tomli_w
 
 from fmlray.config import Config, folder_name, load_config, load_toml, to_dict
 from fmlray.errors import ConfigError, FmlrayError
-from fmlray.sweep import parallel_value
+from fmlray.sweep import overlap, override_keys, parallel_value
 
 RECORD = Path(".tune/search.json")  # in the search's folder: its fingerprint and parallel, for --resume
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 KEYS = {"name", "base", "output_dir", "set", "metric", "mode", "samples", "search", "scheduler", "grace_rounds",
         "reduction_factor", "parallel", "top", "seed"}
+# Keys the search sets for every trial, after tune.set (one there would be ignored): why, and what instead.
+PER_TRIAL = {"run.name": "the search names each trial's run trial-NNNNN; name the search with tune.name",
+             "run.output_dir": "trials write into tune.output_dir/tune.name; set tune.output_dir"}
+# ... and keys no [[param]] may search: the scheduler counts rounds up to one run.rounds (and a trial is
+# "complete" at it), and reads the metric every round.
+UNSEARCHABLE = {**PER_TRIAL, "run.rounds": "every trial runs the same run.rounds (the scheduler's time axis); "
+                                           "set it in tune.set",
+                "run.eval_every": "the scheduler reads the metric every round; run.eval_every stays 1"}
 
 
 @dataclass(frozen=True)
@@ -180,9 +189,14 @@ def plan_search(path: str | Path) -> Search:
     if not isinstance(params, list) or not params:
         raise ConfigError(f"{where}: a tune file needs at least one [[param]] table (a key and its range)")
     params = tuple(_param(p, i, where) for i, p in enumerate(params))
-    keys = [p.key for p in params]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"{where}: a key is searched twice ({keys}); give each key one [[param]]")
+    override_keys(common, f"{where}: tune.set", PER_TRIAL)
+    for i, p in enumerate(params):  # each searched key takes effect, and its column tells the truth
+        taken = next((k for k in UNSEARCHABLE if overlap(p.key.strip(), k)), None)
+        if taken is not None:
+            raise ConfigError(f"{where}: param {p.key}: {taken} cannot be searched: {UNSEARCHABLE[taken]}")
+        twice = next((q.key for q in params[:i] if overlap(p.key.strip(), q.key.strip())), None)
+        if twice is not None:  # the same key, or one inside the other (training, training.lr)
+            raise ConfigError(f"{where}: a key is searched twice ({twice}, {p.key}); give each key one [[param]]")
     search = Search(Path(output_dir) / name, name, base, tuple(common), params, metric, mode, samples, scheduler,
                     grace, factor, parallel, top, seed, rounds=0)
     ends = [{p.key: p.values[0] for p in params}, {p.key: p.values[-1] for p in params}]
@@ -193,6 +207,14 @@ def plan_search(path: str | Path) -> Search:
         except ConfigError as exc:
             raise ConfigError(f"{where}: with {', '.join(f'{k}={literal(v)}' for k, v in values.items())}: "
                               f"{exc}") from None
+    for p in params:
+        if p.kind == "grid":  # a value listed twice would run the same trials twice, under two rows
+            configs = [json.dumps(to_dict(search.config({p.key: v})), sort_keys=True) for v in p.values]
+            same = next(((a, b) for j, b in enumerate(p.values) for i, a in enumerate(p.values[:j])
+                         if configs[i] == configs[j]), None)
+            if same is not None:
+                raise ConfigError(f"{where}: param {p.key}: grid values {literal(same[0])} and {literal(same[1])} "
+                                  "give the same config; list each value once")
     if cfg.run.eval_every != 1:
         raise ConfigError(f"{where}: the scheduler reads {metric} every round; set run.eval_every = 1")
     if grace > cfg.run.rounds and scheduler == "asha":
@@ -244,7 +266,9 @@ def resume_point(search: Search, where: str) -> tuple[Path, int | str]:
                           + ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
                           + "); --resume continues the same search: undo the change, or give the new search "
                           "another tune.name")
-    tune_dir = search.folder / ".tune"
+    # Tune reads a path without a scheme as a URI (a relative one fails), and started the search with an
+    # absolute storage path (trials.tune_run): resolve here, not in search.folder, which the fingerprint holds
+    tune_dir = search.folder.resolve() / ".tune"
     runs = sorted(d for d in tune_dir.iterdir() if d.is_dir() and tune.Tuner.can_restore(d))
     if not runs:
         raise FmlrayError(f"{tune_dir} holds no Ray Tune state to resume (the search stopped before its first "

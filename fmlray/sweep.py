@@ -1,5 +1,8 @@
 """`fmlray sweep FILE`: a grid of runs (axes × seeds) from one TOML file, into one folder and one
-combined Parquet table. Re-running a sweep skips finished runs and resumes interrupted ones.
+combined Parquet table. Re-running a sweep skips finished runs and resumes interrupted ones; a finished run
+whose config the file no longer asks for is refused, never counted as done. Every override must take effect:
+none of the keys the sweep sets itself (run.name, run.output_dir, run.seed), no key set by two axes or twice
+in one place, and no two values of an axis that give one config.
 
     [sweep]
     name = "digits-heterogeneity"
@@ -18,6 +21,7 @@ combined Parquet table. Re-running a sweep skips finished runs and resumes inter
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fmlray.config import Config, folder_name, load_config, load_toml
+from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
 
@@ -36,6 +40,11 @@ RESERVED = ("run", "seed", *SCHEMA.names)  # columns of the combined table
 
 
 EXECUTORS = ("loop", "tune")
+# Keys the sweep sets for every run, after the file's overrides (one in the file would be ignored): why,
+# and what to write instead.
+PER_RUN = {"run.name": "the sweep names each run from its labels and seed; name the sweep with sweep.name",
+           "run.output_dir": "the sweep writes its runs into sweep.output_dir/sweep.name; set sweep.output_dir",
+           "run.seed": "the sweep runs each config once per seed; list the seeds in sweep.seeds"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,49 @@ def _axes(spec: dict, path: Path) -> list[tuple[str, list[tuple[str, list[str]]]
     return out
 
 
+def override_keys(overrides: list[str], where: str, fixed: dict[str, str] = PER_RUN) -> list[str]:
+    """The dotted key each "section.key=value" sets. One that sets a key of `fixed` (key -> why, and what
+    to write instead) or a key set before it is a one-line ConfigError naming `where`: it would be ignored."""
+    keys: list[str] = []
+    for text in overrides:
+        try:
+            key = ".".join(parse_override(text)[0])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        taken = next((k for k in fixed if overlap(key, k)), None)
+        if taken is not None:
+            raise ConfigError(f"{where}: {text!r} sets {taken}, which would be ignored: {fixed[taken]}")
+        twice = next((k for k in keys if overlap(key, k)), None)
+        if twice is not None:
+            what = f"sets {key} twice (the earlier value would be ignored)" if twice == key else \
+                f"sets {twice} and then {key}, which overrides it"
+            raise ConfigError(f"{where}: {what}; keep one")
+        keys.append(key)
+    return keys
+
+
+def overlap(a: str, b: str) -> bool:
+    """Two dotted keys name the same value, or one holds the other (run and run.seed)."""
+    a_parts, b_parts = a.split("."), b.split(".")
+    n = min(len(a_parts), len(b_parts))
+    return a_parts[:n] == b_parts[:n]
+
+
+def _check_keys(common: list[str], axes: list, path: Path) -> None:
+    """Every override takes effect and every label tells the truth: no key the sweep sets itself, none
+    set twice in one place, none set by two axes (a run would carry a label the config does not have)."""
+    override_keys(common, f"{path}: sweep.set")
+    owner: dict[str, str] = {}  # a key an axis sets -> that axis
+    for name, variants in axes:
+        keys = {k for label, sets in variants for k in override_keys(sets, f"{path}: axis {name}, value {label!r}")}
+        for key in sorted(keys):
+            other = next((a for k, a in owner.items() if a != name and overlap(key, k)), None)
+            if other is not None:
+                raise ConfigError(f"{path}: axes {other} and {name} both set {key}; a run would get only one "
+                                  f"value but both labels: put the values of {key} in one axis")
+        owner.update((k, name) for k in keys)
+
+
 def parallel_value(value, where: str) -> int | str:
     """`parallel` as given: a number of trials at once (>= 1) or "auto"."""
     if value == "auto" or (type(value) is int and 1 <= value <= 10_000):
@@ -147,8 +199,10 @@ def plan_sweep(path: str | Path) -> Sweep:
     if not _strings(common):
         raise ConfigError(f"{path}: sweep.set must be a list of \"section.key=value\" strings, got {common!r}")
     axes = _axes(spec, path)
+    _check_keys(common, axes, path)
     folder = Path(_text(s, "output_dir", path, "runs/sweeps")) / s["name"]
     runs = []
+    seen: dict[str, Run] = {}  # each config (less its name) -> the run that has it
     for combo in itertools.product(*[variants for _, variants in axes]):
         for seed in seeds:
             labels = {name: label for (name, _), (label, _) in zip(axes, combo)}
@@ -163,8 +217,22 @@ def plan_sweep(path: str | Path) -> Sweep:
                 cfg = load_config(base, overrides)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: run {name}: {exc}") from None
-            runs.append(Run(name, {**labels, "seed": str(seed)}, cfg))
+            run = Run(name, {**labels, "seed": str(seed)}, cfg)
+            same = seen.setdefault(_identity(cfg), run)
+            if same is not run:
+                axis = next(a for a in labels if labels[a] != same.labels[a])
+                raise ConfigError(f"{path}: axis {axis}: values {same.labels[axis]!r} and {labels[axis]!r} give the "
+                                  f"same config (runs {same.name} and {name} would be one run twice); drop one "
+                                  "or make them differ")
+            runs.append(run)
     return Sweep(folder, runs, executor, parallel)
+
+
+def _identity(cfg: Config) -> str:
+    """What a run trains, as text: its config without its name."""
+    d = to_dict(cfg)
+    d["run"].pop("name")
+    return json.dumps(d, sort_keys=True)
 
 
 def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, sequential: bool = False) -> Path:
@@ -181,6 +249,11 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
         if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
             raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
                               "move it away, or set the sweep's output_dir to another folder")
+        diff = _finished_otherwise(run_dir, run.cfg)
+        if diff:
+            raise FmlrayError(f"run {run.name} finished in {run_dir} with another config than {path} now asks for "
+                              f"(differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); restore those "
+                              "settings, or give the sweep another name or output_dir for the new grid")
     if parallel is not None or (sweep.executor == "tune" and not sequential):
         from fmlray.trials import run_trials
         run_trials(sweep, sweep.parallel if parallel is None else parallel, echo)
@@ -194,6 +267,27 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
         echo(f"[{i}/{len(runs)}] {run.name}" + (" (resuming)" if resume else ""))
         run_experiment(run.cfg, echo=echo, resume_dir=resume)
     return combine(folder, runs)
+
+
+# A finished run is "done" only if its config is the one asked for, up to where and on what it ran, and with
+# the rounds and evaluations that made its metrics. A grown run.rounds is refused, not extended: FML's alpha/beta
+# schedule reads run.rounds, so an extended run would not be the run the sweep starts anew (simplest correct).
+RESULT_KEYS = ("rounds", "eval_every", "eval_clients")  # beyond checkpoint.fixed_config
+
+
+def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
+    """The keys in which the finished run in `run_dir` (if any) differs from `cfg`."""
+    from fmlray.checkpoint import _differences, fixed_config
+
+    saved = run_dir / "config.toml"
+    if not (run_dir / "metrics.parquet").is_file() or not saved.is_file():
+        return []
+    try:
+        old = load_config(saved)  # as `fmlray run --resume` reads it: keys added since take their defaults
+    except ConfigError as exc:
+        raise FmlrayError(f"{saved} cannot be read by this fmlray ({exc}); move {run_dir} away") from None
+    diff = _differences(fixed_config(old), fixed_config(cfg))
+    return diff + [f"run.{k}" for k in RESULT_KEYS if getattr(old.run, k) != getattr(cfg.run, k)]
 
 
 def combine(folder: Path, runs: list[Run]) -> Path:

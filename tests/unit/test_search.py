@@ -1,5 +1,7 @@
 """`fmlray tune` files: what a search reads, and one clear line for each mistake, before Ray starts."""
 
+from pathlib import Path
+
 import pytest
 
 from fmlray.errors import ConfigError, FmlrayError
@@ -48,6 +50,23 @@ def test_a_tune_file_is_read_with_its_defaults(tmp_path):
     (("run.rounds=4", "run.eval_every=2"), "set run.eval_every = 1"),
     (("samples = 5", "grace_rounds = 9"), "tune.grace_rounds = 9 is more than run.rounds = 4"),
     (("samples = 5", "parallel = 0"), "tune.parallel must be a number of trials at once"),
+    # keys whose values would be ignored, or mislabel the trials
+    (('"algorithm.fml.alpha"\nuniform = [0.1, 0.9]', '"run.name"\nchoice = ["a", "b"]'),
+     "param run.name: run.name cannot be searched: the search names each trial's run trial-NNNNN"),
+    (('"algorithm.fml.alpha"\nuniform = [0.1, 0.9]', '"run.output_dir"\nchoice = ["a", "b"]'),
+     "param run.output_dir: run.output_dir cannot be searched: trials write into tune.output_dir/tune.name"),
+    (('"algorithm.fml.alpha"\nuniform = [0.1, 0.9]', '"run.rounds"\nrandint = [2, 4]'),
+     "param run.rounds: run.rounds cannot be searched: every trial runs the same run.rounds"),
+    (('"algorithm.fml.alpha"\nuniform = [0.1, 0.9]', '"run.eval_every"\nchoice = [2, 1]'),
+     "run.eval_every cannot be searched"),
+    (('run.rounds=4"', 'run.rounds=4", "run.name=mine"'),
+     "tune.set: 'run.name=mine' sets run.name, which would be ignored: the search names each trial's run"),
+    (('run.rounds=4"', 'run.rounds=4", "run.rounds=5"'), "tune.set: sets run.rounds twice"),
+    (('"training.optimizer"', '"algorithm.fml"'), "a key is searched twice (algorithm.fml.alpha, algorithm.fml)"),
+    (('grid = ["sgd", "adam"]', 'grid = ["sgd", "adam", "sgd"]'),
+     'param training.optimizer: grid values "sgd" and "sgd" give the same config; list each value once'),
+    (('"training.optimizer"\ngrid = ["sgd", "adam"]', '"training.lr"\ngrid = [0.01, 0.010]'),
+     "param training.lr: grid values 0.01 and 0.01 give the same config"),
 ])
 def test_bad_tune_files_name_the_problem(tmp_path, change, fragment):
     path = tmp_path / "t.toml"
@@ -114,3 +133,24 @@ def test_resume_keeps_the_parallel_the_search_started_with(tmp_path):
     (search.folder / ".tune" / "20250101-000000" / "tuner.pkl").write_bytes(b"")
     with pytest.raises(FmlrayError, match=r"--resume keeps the parallel the search started with \(2\)"):
         run_search(path, parallel=3, resume=True)
+
+
+def test_a_search_may_draw_the_seed(tmp_path):
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs").replace('"training.optimizer"', '"run.seed"').replace(
+        '["sgd", "adam"]', "[1, 2]"))
+    assert s.config({"algorithm.fml.alpha": 0.5, "run.seed": 2}).run.seed == 2
+
+
+def test_a_search_in_a_relative_folder_resumes_from_tunes_absolute_path(tmp_path, monkeypatch):
+    # Prepare: output_dir relative to where fmlray tune runs (as in experiments/tune-digits.toml)
+    monkeypatch.chdir(tmp_path)
+    search = plan(tmp_path, GOOD.format(out="runs"))
+    _write_record(search, 2)
+    (search.folder / ".tune" / "20250101-000000").mkdir()
+    (search.folder / ".tune" / "20250101-000000" / "tuner.pkl").write_bytes(b"")
+    # Execute
+    point = resume_point(search, "t.toml")
+    # Assert: Tune gets an absolute path (a relative one is an invalid URI to it); the recorded search, and
+    # so the fingerprint an older search was started with, keeps the folder as written
+    assert point == (tmp_path.resolve() / "runs" / "s" / ".tune" / "20250101-000000", 2)
+    assert fingerprint(search)["run.output_dir"] == "runs/s" and search.folder == Path("runs/s")

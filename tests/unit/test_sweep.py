@@ -93,8 +93,30 @@ def test_bad_parallel_options_are_one_line_and_exit_2(tmp_path, capsys, argv, fr
     ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['training.epochs=2', 'run.rounds=2']\n", "get the label '2'"),
     ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=[{label='x y', set=[]}, {label='x_y', set=[]}]\n",
      "get the label 'x_y'"),
-    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=[{label='p-q', set=[]}, {label='p', set=[]}]\n"
-     "[[axis]]\nname='b'\nvalues=[{label='r', set=[]}, {label='q-r', set=[]}]\n", "would both be named 'p-q-r-s0'"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=[{label='p-q', set=['training.lr=0.1']}, {label='p', set=[]}]\n"
+     "[[axis]]\nname='b'\nvalues=[{label='r', set=[]}, {label='q-r', set=['training.epochs=2']}]\n",
+     "would both be named 'p-q-r-s0'"),
+    # overrides that would be ignored, leaving a label that lies
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['training.lr=0.01', 'training.lr=0.05']\n"
+     "[[axis]]\nname='b'\nvalues=['training.lr=0.2']\n", "axes a and b both set training.lr; a run would get only one"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['training.lr=0.01']\n"
+     "[[axis]]\nname='b'\nvalues=[{label='t', set=['training={lr=0.2}']}]\n", "axes a and b both set training"),
+    ("[sweep]\nname='x'\nseeds=[0, 1]\n[[axis]]\nname='a'\nvalues=['run.seed=5']\n",
+     "axis a, value '5': 'run.seed=5' sets run.seed, which would be ignored: the sweep runs each config once per "
+     "seed; list the seeds in sweep.seeds"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['run.name=mine']\n", "'run.name=mine' sets run.name, which "
+     "would be ignored: the sweep names each run from its labels and seed; name the sweep with sweep.name"),
+    ("[sweep]\nname='x'\nset=['run.output_dir=elsewhere']\n", "sweep.set: 'run.output_dir=elsewhere' sets "
+     "run.output_dir, which would be ignored: the sweep writes its runs into sweep.output_dir/sweep.name"),
+    ("[sweep]\nname='x'\nset=['run.rounds=1', 'run.rounds=3']\n", "sweep.set: sets run.rounds twice"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=[{label='l', set=['training.lr=0.1', 'training={lr=0.2}']}]\n",
+     "axis a, value 'l': sets training.lr and then training, which overrides it"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['lr']\n", "axis a, value 'lr': --set 'lr' must look like"),
+    # two values, one config
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['training.lr=0.01', 'training.lr=0.010']\n",
+     "axis a: values '0.01' and '0.010' give the same config (runs 0.01-s0 and 0.010-s0 would be one run twice)"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['run.rounds=2']\n[[axis]]\nname='b'\n"
+     "values=[{label='default', set=[]}, 'training.epochs=5']\n", "axis b: values 'default' and '5' give the same"),
 ])
 def test_bad_sweep_files_name_the_problem(tmp_path, text, fragment):
     spec = tmp_path / "s.toml"
@@ -117,3 +139,28 @@ def test_a_folder_in_the_way_of_a_sweep_run_is_refused_before_anything_runs(tmp_
     assert "--overwrite" not in err and len(err.strip().splitlines()) == 1  # sweep has no --overwrite
     assert sorted(p.name for p in folder.iterdir()) == [runs[5].name]  # nothing ran
     assert (theirs / "notes.txt").read_text() == "mine"
+
+
+def test_a_finished_run_of_another_config_is_refused_not_reported_done(tmp_path, capsys):
+    # Prepare: a one-run sweep, finished
+    spec = tmp_path / "s.toml"
+    text = SPEC.format(out=tmp_path / "runs").replace("seeds = [0, 1]", "seeds = [0]").replace(
+        '"algorithm.name=fml", "algorithm.name=fedavg"', '"algorithm.name=fedavg"').replace(
+        '"data.partition=iid", ', "")
+    spec.write_text(text)
+    folder, (run,) = plan(spec)
+    assert main(["sweep", str(spec)]) == 0
+    saved = (folder / run.name / "config.toml").read_text()
+    capsys.readouterr()
+    # Execute / Assert: where and how it ran may change; what it ran, and for how long, may not
+    spec.write_text(text.replace('"run.rounds=1"', '"run.rounds=1", "run.checkpoint_every=0"'))
+    assert main(["sweep", str(spec)]) == 0 and "[1/1] fedavg-dir0.5-s0: done" in capsys.readouterr().out
+    for change, keys in [('"run.rounds=3"', "run.rounds"), ('"run.rounds=1", "training.lr=0.2", "run.eval_every=2"',
+                                                             "training.lr, run.eval_every")]:
+        spec.write_text(text.replace('"run.rounds=1"', change))
+        assert main(["sweep", str(spec)]) == 2
+        captured = capsys.readouterr()
+        assert f"run {run.name} finished in {folder / run.name} with another config than {spec} now asks for " \
+            f"(differs in {keys}); restore those settings, or give the sweep another name or output_dir" in captured.err
+        assert len(captured.err.strip().splitlines()) == 1 and ": done" not in captured.out
+        assert (folder / run.name / "config.toml").read_text() == saved
