@@ -39,6 +39,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fmlray import signals
 from fmlray.config import Config, folder_name, load_config, load_toml, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.sweep import overlap, override_keys, parallel_value
@@ -328,7 +329,8 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
         grid, results = tune_run([], parallel, search.folder / ".tune", echo, search=search, restore=restore)
     finally:
         if started:
-            ray.shutdown()
+            with signals.shielded():
+                ray.shutdown()
     rows = ranked(search, grid)
     write_outputs(search, rows)
     return search.folder, rows
