@@ -180,7 +180,9 @@ class ClientHost:
         if store == "disk":
             try:  # here, not at the first store: an unusable folder is an error at start
                 self.state_dir.mkdir(parents=True, exist_ok=True)
-                (self.state_dir / ".writable").touch()
+                probe = self.state_dir / ".writable"
+                probe.touch()
+                probe.unlink()  # a user's state_dir keeps the rows, not the probe
             except OSError as exc:
                 raise ResourceError(f"cannot write client state under {self.state_dir} ({exc.strerror}); "
                                     "set engine.state_dir to a writable node-local folder") from None

@@ -315,6 +315,7 @@ def test_only_clients_that_trained_have_a_row_and_the_scratch_folder_goes():
 def test_a_user_state_dir_is_kept(tmp_path):
     run(["engine.state_store=disk", f"engine.state_dir={str(tmp_path)!r}", "run.rounds=1"])
     assert [p.name.startswith("fmlray-") for p in tmp_path.iterdir()] == [True]
+    assert not list(tmp_path.rglob(".writable"))  # the rows stay there, not fmlray's probe of the folder
 
 
 def test_evaluating_an_untrained_client_equals_its_initial_model():
