@@ -132,8 +132,11 @@ def cmd_compare(args) -> int:
     names = list(ALGORITHMS) if args.algorithms.strip() == "all" else \
         [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
-    if not names or unknown:
-        raise ConfigError(f"--algorithms: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")
+    if not names:
+        raise ConfigError(f"--algorithms {args.algorithms!r} names no algorithm; give at least one, e.g. "
+                          "--algorithms fml,fedavg (or all)")
+    if unknown:
+        raise ConfigError(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"--algorithms names one twice ({args.algorithms}); their runs would share a folder")
     cfg = _load(args)
@@ -175,7 +178,8 @@ def _shared_ray(cfg):
         yield
     finally:
         if started:
-            ray.shutdown()
+            with signals.shielded():
+                ray.shutdown()
 
 
 def cmd_sweep(args) -> int:
@@ -251,11 +255,14 @@ def cmd_partition(args) -> int:
         if save.is_dir() or not save.parent.is_dir():
             what = "is a folder" if save.is_dir() else f"is in a folder that does not exist ({save.parent})"
             raise FmlrayError(f"--save {save} {what}; give a file path in an existing folder, e.g. partition.csv")
+        if os.path.lexists(save):  # before the data is loaded; checked again, atomically, by write_new
+            raise FmlrayError(_exists(save))
     import io
 
     import pyarrow.csv
 
     from fmlray.data import format_partition, partition_counts
+    from fmlray.rundir import write_new
     from fmlray.simulation import prepare
 
     prepared = prepare(cfg)
@@ -264,14 +271,19 @@ def cmd_partition(args) -> int:
     if save is not None:
         buf = io.BytesIO()
         pyarrow.csv.write_csv(table, buf)
-        tmp = save.with_name(f".{save.name}.tmp")
         try:
-            tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, save)
+            write_new(save, buf.getvalue())
+        except FileExistsError:  # made since the check above
+            raise FmlrayError(_exists(save)) from None
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise FmlrayError(f"--save {save}: cannot write it ({exc.strerror}); choose a writable path") from None
+        print(f"wrote {save}")
     return 0
+
+
+def _exists(save: Path) -> str:
+    kind = "a symlink" if save.is_symlink() else "a file" if save.is_file() else "a special file"
+    return f"--save {save} already exists ({kind}); fmlray never replaces it: give a new path or delete the old one"
 
 
 def cmd_config(args) -> int:

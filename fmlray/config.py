@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -488,10 +489,14 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in hints:
             raise ConfigError(f"unknown key '{path}'; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field without a default, e.g. a group's name
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # a required key (no default), e.g. a group's name: named as the config names it
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{', '.join(where + m for m in missing)} {'are' if len(missing) > 1 else 'is'} required "
+                          f"(no default); add {' and '.join(f'{m} = ...' for m in missing)} to "
+                          f"{f'the {prefix} table' if prefix else 'the config'}")
+    return cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -513,6 +518,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:  # tomllib parses nesting recursively: some hundred levels exhaust Python's stack
+        raise ConfigError(f"--set {key.strip()}=...: the value nests lists or tables {_TOO_DEEP}") from None
     return key.strip().split("."), value
 
 
@@ -533,17 +540,29 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any, full: str) -> None
             node = node[part]
 
 
+_TOO_DEEP = "hundreds of levels deep; no fmlray setting nests more than a few (see fmlray/presets/)"
+MAX_TOML_BYTES = 16 * 2**20  # a config, sweep or tune file is a few kB; more is a wrong file (or /dev/zero)
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file (config, sweep or tune) as a dict; any path but a folder is read, so /dev/stdin and a
+    shell's <(...) work too. Every failure is one ConfigError line."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() or not os.path.exists(path):
         what = "is a folder" if path.is_dir() else "does not exist"
         raise ConfigError(f"config file {path} {what}; give a TOML file (see fmlray/presets/)")
     try:
-        return tomllib.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOML_BYTES + 1)
+        _check(len(data) <= MAX_TOML_BYTES, f"config file {path} is larger than {MAX_TOML_BYTES >> 20} MiB; "
+               "give a TOML config file (see fmlray/presets/)")
+        return tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text file") from None
+    except RecursionError:  # see parse_override
+        raise ConfigError(f"config file {path} nests arrays or tables {_TOO_DEEP}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 

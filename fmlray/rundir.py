@@ -29,13 +29,14 @@ import tomli_w
 
 from fmlray import metrics
 from fmlray.config import Config, to_dict
-from fmlray.errors import FmlrayError
+from fmlray.errors import ConfigError, FmlrayError
 
 # Written first into every folder fmlray makes: a folder without it is the user's, and never deleted.
 MARKER = ".fmlray-run"
 CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS = (
     "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "partition.npz", "accuracy.png",
     "metrics")
+CHECKPOINT_MANIFEST = Path("checkpoint") / "manifest.json"  # fmlray.checkpoint's FOLDER / MANIFEST (it imports us)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -43,6 +44,35 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all, and only where nothing is (FileExistsError otherwise: a user's file,
+    a link, a device stay as they are): a temporary file of a fresh name, then hard-linked to `path`, which,
+    unlike a rename, never replaces. Where the file system has no hard links, `path` is created exclusively."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    f = open(tmp, "xb")  # only a name this call made is deleted below
+    try:
+        with f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):  # not "no hard links here" (FAT)
+                raise
+            _create(path, data)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create(path: Path, data: bytes) -> None:
+    f = open(path, "xb")
+    try:
+        with f:
+            f.write(data)
+    except OSError:
+        path.unlink(missing_ok=True)  # ours, half-written
+        raise
 
 
 class RunFolder:
@@ -71,7 +101,12 @@ class RunFolder:
             self._lock = _take_lock(self.lock_file)
         except OSError as exc:
             self._remove_made_dirs()
-            raise FmlrayError(f"cannot write into {self.parent} ({exc.strerror}); nothing was changed there; "
+            if os.path.isdir(self.lock_file):
+                raise FmlrayError(f"{self.lock_file} is a folder, where fmlray keeps the lock file of run.name "
+                                  f"{self.final.name!r} (a plain file; fmlray never makes a folder there); move it "
+                                  "away, or choose another run.name") from None
+            why = _not_a_folder(self.parent)
+            raise FmlrayError(f"cannot write into {self.parent} ({why or exc.strerror}); nothing was changed there; "
                               "set run.output_dir to a writable folder") from None
         if self._lock is None:
             self._remove_made_dirs()
@@ -85,6 +120,7 @@ class RunFolder:
                                   "move it away yourself") from None
             if not self.resume:
                 check_new(self.final, self.overwrite)
+                self._check_leftovers()
         except BaseException:
             self._release()
             raise
@@ -161,6 +197,19 @@ class RunFolder:
         if _ours(self.temp) or (self.temp.is_dir() and not any(self.temp.iterdir())):
             shutil.rmtree(self.temp)
 
+    def _check_leftovers(self) -> None:
+        """Refuse, before any data is loaded, a hidden name the new run needs that something else holds.
+        We hold the lock, which a run keeps from start to end, so no live run uses these names: what is
+        left is a killed run's leftover that `_recover` could not prove fmlray's (no marker), kept in case
+        it is someone's."""
+        for path in (self.temp, *([self.aside] if os.path.lexists(self.final) else [])):
+            if os.path.lexists(path):
+                kind = "a symlink" if path.is_symlink() else "a folder without fmlray's marker" if path.is_dir() \
+                    else "a file"
+                raise FmlrayError(f"{path} ({kind}) is in the way of the new run's hidden folder; no fmlray run holds "
+                                  f"{self.lock_file.name} now, so it is a leftover of an interrupted run (or not "
+                                  "fmlray's at all): delete it or move it away, then run again")
+
     def _release(self) -> None:
         if self._lock is not None:
             self.lock_file.unlink(missing_ok=True)  # while still held: see _take_lock
@@ -186,6 +235,23 @@ def _missing(folder: Path) -> list[Path]:
     return out
 
 
+def _not_a_folder(path: Path) -> str | None:
+    """Why `path` cannot be a folder to write in, when it or a folder above it is a symlink loop, a broken
+    link or a file (None: something else, e.g. permissions)."""
+    there = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if there is None or os.path.isdir(there):
+        return None
+    try:
+        os.stat(there)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{there} is a symlink loop: following its links never ends"
+        if exc.errno == errno.ENOENT and os.path.islink(there):
+            return f"{there} is a symlink to {os.readlink(there)}, which does not exist"
+        return None
+    return f"{there} is a file, not a folder"
+
+
 def check_new(folder: Path, overwrite: bool) -> None:
     """Refuse, with one line, to start a new run into an existing `folder`, unless `overwrite` and
     fmlray made it."""
@@ -194,6 +260,13 @@ def check_new(folder: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FmlrayError(f"{folder} already exists; choose another run.name (--set run.name=NEW) "
                           "or add --overwrite to replace it")
+    if folder.is_symlink():  # _ours: deleting follows no link, so a link is never replaced
+        raise FmlrayError(f"{folder} is a symlink (to {os.readlink(folder)}); fmlray never replaces a symlink, even "
+                          "with --overwrite (it does not follow links when deleting, for safety); remove the link "
+                          "yourself or choose another run.name")
+    if not folder.is_dir():
+        raise FmlrayError(f"{folder} is a file, not a run folder, so it is never deleted, even with --overwrite; "
+                          "move it away yourself or choose another run.name")
     if not _ours(folder):
         raise FmlrayError(f"{folder} was not made by fmlray (it has no {MARKER} file), so it is never deleted, "
                           "even with --overwrite; move it away yourself or choose another run.name")
@@ -260,6 +333,15 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise FmlrayError(f"{run_dir} is not an fmlray run folder (no {CONFIG}); give a folder under runs/")
+    saved, asked = load_config(run_dir / CONFIG), load_config(run_dir / CONFIG, overrides)
+    here = {"name": run_dir.name, "output_dir": str(run_dir.parent)}
+    moved = [k for k, v in here.items() if getattr(asked.run, k) != getattr(saved.run, k)
+             and Path(getattr(asked.run, k)) != Path(v)]
+    if moved:  # the folder given is where the run goes on: another name or place would be silently dropped
+        keys = " and ".join(f"run.{k}" for k in moved)
+        raise ConfigError(f"--resume continues {run_dir} in place; drop --set {keys} "
+                          "(on resume only run.rounds, run.eval_every, run.eval_clients, run.checkpoint_every and "
+                          "engine.* may change; to go on elsewhere, copy the folder and resume the copy)")
     place = [f"run.output_dir={str(run_dir.parent)!r}", f"run.name={run_dir.name!r}"]
     return load_config(run_dir / CONFIG, [*overrides, *place])
 
@@ -272,12 +354,14 @@ class Records:
 
     def __init__(self, run_dir: Path, upto: int = 0):
         self.run_dir, self.parts = Path(run_dir), Path(run_dir) / PARTS
+        check_history(self.run_dir, upto)
         self.parts.mkdir(exist_ok=True)
         merged = self.run_dir / METRICS
-        if upto and merged.is_file() and not any(self.parts.iterdir()):
-            # a finished (or stopped) run extended: its rounds go back into parts, one file per round
+        have = {_part_round(p) for p in self.parts.iterdir()}
+        if upto and merged.is_file() and not have >= set(range(1, upto + 1)):
+            # a finished run extended (or a split cut short): its rounds go back into parts, one file per round
             for rnd, table in _rounds(merged):
-                if rnd <= upto:
+                if rnd <= upto and rnd not in have:
                     self._write(rnd, table)
         for part in self.parts.iterdir():
             if not _part_round(part) or _part_round(part) > upto:
@@ -312,6 +396,32 @@ class Records:
         return summary
 
 
+def missing_rounds(run_dir: Path, upto: int) -> list[int]:
+    """The rounds 1..`upto` whose metric rows are neither in metrics/ nor in metrics.parquet (every round
+    has rows: at least its own summary row)."""
+    parts, merged = Path(run_dir) / PARTS, Path(run_dir) / METRICS
+    have = {_part_round(p) for p in parts.iterdir()} if parts.is_dir() else set()
+    if not have >= set(range(1, upto + 1)) and merged.is_file():
+        try:
+            have |= set(pq.read_table(merged, columns=["round"]).column("round").to_pylist())
+        except (pa.ArrowException, OSError, KeyError):
+            pass  # unreadable: its rounds are missing
+    return sorted(set(range(1, upto + 1)) - have)
+
+
+def check_history(run_dir: Path, upto: int) -> None:
+    """Refuse to resume after round `upto` a run whose earlier metric rows are gone: the resumed run's
+    metrics.parquet would silently lack them, and no checkpoint holds metrics to rebuild them from."""
+    missing = missing_rounds(run_dir, upto)
+    if missing:
+        which = f"{missing[0]}-{missing[-1]}" if missing == list(range(missing[0], missing[-1] + 1)) and \
+            len(missing) > 1 else ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise FmlrayError(f"{run_dir} lacks the metric rows of round(s) {which} ({METRICS} or {PARTS}/ was deleted "
+                          f"or damaged), and its checkpoint holds no metrics to rebuild them from; a resumed run "
+                          f"would silently lose them: put {METRICS} back, or start the run again under another "
+                          "run.name")
+
+
 def _part_round(path: Path) -> int:
     name = path.name
     if name.startswith("round-") and name.endswith(".parquet") and name[6:-8].isdigit():
@@ -344,6 +454,13 @@ def read_run(path: str | Path) -> tuple[pa.Table, str]:
     """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)
     if not (path / METRICS).is_file():
+        if (path / CHECKPOINT_MANIFEST).is_file() and (path / PARTS).is_dir():
+            raise FmlrayError(f"{path} is an unfinished fmlray run (it has a checkpoint but no {METRICS} yet): it is "
+                              f"still running or was stopped; `fmlray run --resume {path}` continues a stopped one, "
+                              "and report works once it ends")
+        if (path / CHECKPOINT_MANIFEST).is_file():
+            raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no {PARTS}/); "
+                              f"put {METRICS} back, or run the experiment again")
         raise FmlrayError(f"{path} is not a finished fmlray run (no {METRICS}); give a folder under runs/")
     try:
         table = pq.read_table(path / METRICS)

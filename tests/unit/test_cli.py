@@ -59,7 +59,8 @@ def test_run_writes_every_output_and_report_reprints_it(tmp_path, capsys):
 def test_partition_prints_and_saves_the_table(tmp_path, capsys):
     assert main(["partition", "--save", str(tmp_path / "p.csv")]) == 0
     out = capsys.readouterr().out
-    assert "class_0" in out and len(out.splitlines()) >= 21
+    assert "class_0" in out and len(out.splitlines()) >= 21 and out.endswith(f"\nwrote {tmp_path / 'p.csv'}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]  # no temporary left
     assert (tmp_path / "p.csv").read_text().count("\n") == 21
 
 
@@ -165,6 +166,9 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     (["compare", "--set", "run.name=" + "n" * 195], "runs <run.name>-<algorithm>: run.name is 202 bytes long"),
     (["partition", "--set", r'run.name="\u0000"'], "holds a control character"),
     (["run", "--config", "/tmp"], "config file /tmp is a folder"),
+    (["compare", "--algorithms", ""], "--algorithms '' names no algorithm; give at least one, e.g. --algorithms fml,"),
+    (["compare", "--algorithms", " , "], "names no algorithm"),
+    (["config", "--set", "run.name=" + "[" * 3000 + "]" * 3000], "the value nests lists or tables hundreds of levels"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
     out = tmp_path / "runs"
@@ -310,3 +314,41 @@ def test_a_sigterm_whose_raise_python_dropped_still_stops_the_start_up(tmp_path,
     assert "terminated (SIGTERM) outside a round" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert main(["partition"]) == 0  # the mark is this command's only
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "dangling symlink", "fifo"])
+def test_partition_save_never_replaces_what_is_there(tmp_path, capsys, monkeypatch, kind):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my notes")
+    target = tmp_path / "p.csv"
+    {"file": lambda: target.write_text("mine"), "symlink": lambda: target.symlink_to(notes),
+     "dangling symlink": lambda: target.symlink_to(tmp_path / "nowhere"), "fifo": lambda: os.mkfifo(target)}[kind]()
+    before = {p.name: (p.is_symlink(), os.lstat(p).st_ino) for p in tmp_path.iterdir()}
+    monkeypatch.setattr(fmlray.data, "load_dataset", lambda *a, **k: pytest.fail("data was loaded"))
+    fail(capsys, ["partition", "--save", str(target)], f"--save {target} already exists")
+    assert {p.name: (p.is_symlink(), os.lstat(p).st_ino) for p in tmp_path.iterdir()} == before
+    assert notes.read_text() == "my notes" and (kind != "file" or target.read_text() == "mine")
+
+
+def test_partition_save_made_meanwhile_is_kept(tmp_path, capsys, monkeypatch):
+    """The path appears while the data loads: the write is refused then too, atomically."""
+    target = tmp_path / "p.csv"
+    real = fmlray.data.load_dataset
+
+    def load_and_race(*args, **kwargs):
+        target.write_text("theirs")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fmlray.data, "load_dataset", load_and_race)
+    fail(capsys, ["partition", "--save", str(target)], "already exists (a file); fmlray never replaces it")
+    assert target.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_report_on_an_unfinished_run_says_how_to_continue_it(tmp_path, capsys):
+    run = tmp_path / "r"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "manifest.json").write_text("{}")
+    (run / "metrics").mkdir()
+    fail(capsys, ["report", str(run)], f"{run} is an unfinished fmlray run (it has a checkpoint but no metrics.parquet "
+         f"yet): it is still running or was stopped; `fmlray run --resume {run}` continues")
+    (run / "metrics").rmdir()  # a finished run's metrics.parquet deleted: resuming cannot bring it back
+    fail(capsys, ["report", str(run)], "whose metric rows are gone (no metrics.parquet and no metrics/)")

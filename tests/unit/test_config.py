@@ -113,7 +113,7 @@ def test_groups_need_exactly_one_of_count_or_share():
         ClientsConfig(num_clients=20, groups=(GroupConfig(name="a", count=30),))
     with pytest.raises(ConfigError, match="names must be unique"):
         ClientsConfig(groups=(GroupConfig(name="a", share=1), GroupConfig(name="a", share=1)))
-    with pytest.raises(ConfigError, match="group needs a name|missing 1 required"):
+    with pytest.raises(ConfigError, match=r"clients.groups\[0\].name is required"):
         load_config(None, ["clients.groups=[{local_model='mlp', share=1.0}]"])
 
 
@@ -196,3 +196,41 @@ def test_readme_config_block_shows_every_key_and_the_defaults(tmp_path):
     listed = {re.sub(r"\.\d+\.", ".<i>.", key) for key, *_ in keys(Config())}
     assert sorted(listed - documented) == []
     assert "| file" in next(line for line in block.splitlines() if line.startswith("partition ="))
+
+
+def test_a_missing_required_key_is_named_in_config_terms(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[[clients.groups]]\nshare = 1.0\n"))
+    assert str(info.value) == "clients.groups[0].name is required (no default); add name = ... to the " \
+        "clients.groups[0] table"
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Two:  # any section: every key without a default is named, none from Python's TypeError
+        a: int
+        b: int
+        c: int = 0
+    with pytest.raises(ConfigError, match=r"^x\.a, x\.b are required \(no default\); add a = \.\.\. and b = \.\.\. "
+                                          r"to the x table$"):
+        config.from_dict(Two, {"c": 1}, "x")
+
+
+@pytest.mark.parametrize("text", ["a = " + "[" * 5000 + "]" * 5000, "a = " + "{b = " * 3000 + "1" + "}" * 3000])
+def test_deeply_nested_toml_is_one_config_error(tmp_path, text):
+    with pytest.raises(ConfigError, match="nests arrays or tables hundreds of levels deep"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"^--set run.name=\.\.\.: the value nests lists or tables hundreds"):
+        load_config(None, ["run.name=" + text[4:]])
+
+
+def test_any_existing_path_but_a_folder_is_read_as_the_config(tmp_path):
+    import os
+    import threading
+    assert load_config("/dev/null") == Config()
+    fifo = tmp_path / "fifo"  # what a shell's <(printf ...) hands over
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("[run]\nrounds = 3\n"))
+    writer.start()
+    assert load_config(fifo).run.rounds == 3
+    writer.join()
+    with pytest.raises(ConfigError, match="config file /dev/zero is larger than 16 MiB"):
+        load_config("/dev/zero")

@@ -229,3 +229,33 @@ def test_sigint_stops_after_the_round_with_a_checkpoint_and_resume_finishes(tmp_
     assert done.returncode == 0, done.stderr
     rounds = {r["round"] for r in pq.read_table(tmp_path / "digits-fml" / "metrics.parquet").to_pylist()}
     assert rounds == set(range(1, stopped + 2))
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_without_the_earlier_rounds_metrics_is_refused_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2"]) == 0
+    run_dir = tmp_path / "digits-fml"
+    (run_dir / "metrics.parquet").unlink()
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    monkeypatch.setattr(fmlray.data, "load_dataset", lambda *a, **k: pytest.fail("data was loaded"))
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{run_dir} lacks the metric rows of round(s) 1-2" in err, err
+    assert "put metrics.parquet back" in err
+    assert snapshot(run_dir) == before
+
+
+def test_an_extension_cut_short_while_splitting_the_metrics_takes_the_rest_from_metrics_parquet(tmp_path):
+    from fmlray.rundir import Records
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=3"]) == 0
+    run_dir = tmp_path / "digits-fml"
+    whole = pq.read_table(run_dir / "metrics.parquet")
+    Records(run_dir, upto=3)  # splits metrics.parquet into metrics/round-*.parquet
+    (run_dir / "metrics" / "round-000003.parquet").unlink()  # as if killed before the last part was written
+    (run_dir / "metrics" / "round-000002.parquet").unlink()
+    Records(run_dir, upto=3).merge(final=True)
+    assert repr(pq.read_table(run_dir / "metrics.parquet").to_pylist()) == repr(whole.to_pylist())  # nan == nan

@@ -252,3 +252,59 @@ def test_a_swap_cut_short_puts_the_old_run_back(tmp_path):
         with RunFolder(out, "a"):
             pass
     assert (out / "a" / "config.toml").read_text() == "old" and hidden(out) == []
+
+
+@pytest.mark.parametrize("leftover", ["file", "folder"])
+def test_a_leftover_hidden_new_run_is_named_before_loading_data(tmp_path, capsys, no_data, leftover):
+    out = tmp_path / "runs"
+    out.mkdir()
+    stale = out / ".a.new"
+    if leftover == "file":
+        stale.write_text("?")
+    else:  # no marker: not provably fmlray's, so never deleted
+        stale.mkdir()
+        (stale / "x").write_text("?")
+    kind = "a file" if leftover == "file" else "a folder without fmlray's marker"
+    one_line(capsys, run(out, "a"), f"{stale} ({kind}) is in the way", "no fmlray run holds .a.lock now",
+             "leftover of an interrupted run", "delete it or move it away")
+    assert hidden(out) == [".a.new"] and not (out / "a").exists()
+
+
+def test_a_folder_where_the_lock_file_goes_is_named(tmp_path, capsys, no_data):
+    out = tmp_path / "runs"
+    (out / ".a.lock").mkdir(parents=True)
+    one_line(capsys, run(out, "a"), f"{out / '.a.lock'} is a folder, where fmlray keeps the lock file",
+             "move it away, or choose another run.name")
+    assert hidden(out) == [".a.lock"]
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_symlink_loop_as_output_dir_is_named(tmp_path, capsys, no_data, below):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    one_line(capsys, run(tmp_path / "loop1" / below, "a"), f"({tmp_path / 'loop1'} is a symlink loop",
+             "set run.output_dir")
+
+
+def test_a_symlinked_run_folder_is_never_replaced_and_says_so(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    (out / "b").symlink_to(out / "a")
+    before = snapshot(out / "a")
+    capsys.readouterr()
+    one_line(capsys, run(out, "b", "--overwrite"), f"{out / 'b'} is a symlink (to {out / 'a'}); fmlray never "
+             "replaces a symlink, even with --overwrite")
+    assert (out / "b").is_symlink() and snapshot(out / "a") == before and hidden(out) == []
+
+
+@pytest.mark.parametrize("key", ["run.name=other", "run.output_dir=elsewhere"])
+def test_resume_refuses_another_name_or_place(tmp_path, capsys, key):
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    before = snapshot(out / "a")
+    capsys.readouterr()
+    one_line(capsys, main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2", "--set", key]),
+             f"--resume continues {out / 'a'} in place; drop --set {key.split('=')[0]}")
+    assert snapshot(out / "a") == before and sorted(p.name for p in out.iterdir()) == ["a"]
+    # naming the folder it resumes is no change
+    assert main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2", "--set", "run.name=a"]) == 0
