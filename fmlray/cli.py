@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help=f"replace {what} if it exists (only a folder fmlray made, and only once the new run "
+                   help=f"replace {what} if already there (only a folder fmlray made, and only once the new run "
                    "has its first checkpoint; without this flag an existing folder is refused)")
 
 
