@@ -249,6 +249,11 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
         if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
             raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
                               "move it away, or set the sweep's output_dir to another folder")
+        if checkpoint.exists(run_dir) and not (run_dir / "metrics.parquet").is_file():
+            try:  # a stopped run resumes only with its own config: found now, not after the runs before it
+                checkpoint.load(run_dir, run.cfg)
+            except FmlrayError as exc:
+                raise FmlrayError(f"run {run.name}: {exc}") from None
         diff = _finished_otherwise(run_dir, run.cfg)
         if diff:
             raise FmlrayError(f"run {run.name} finished in {run_dir} with another config than {path} now asks for "

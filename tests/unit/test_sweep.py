@@ -164,3 +164,22 @@ def test_a_finished_run_of_another_config_is_refused_not_reported_done(tmp_path,
             f"(differs in {keys}); restore those settings, or give the sweep another name or output_dir" in captured.err
         assert len(captured.err.strip().splitlines()) == 1 and ": done" not in captured.out
         assert (folder / run.name / "config.toml").read_text() == saved
+
+
+def test_a_stopped_run_of_another_config_is_refused_before_any_run_starts(tmp_path, capsys):
+    from fmlray.simulation import RunInterrupted, run_experiment
+    # Prepare: the sweep's last run stopped after its first round, with a checkpoint
+    spec = tmp_path / "s.toml"
+    text = SPEC.format(out=tmp_path / "runs").replace('"run.rounds=1"', '"run.rounds=2"')
+    spec.write_text(text)
+    folder, runs = plan(spec)
+    with pytest.raises(RunInterrupted):
+        run_experiment(runs[-1].cfg, echo=lambda line: None, stop=lambda: True)
+    # Execute: the file changes what every run trains
+    spec.write_text(text.replace('"training.epochs=1"', '"training.epochs=1", "training.lr=0.2"'))
+    assert main(["sweep", str(spec)]) == 2
+    # Assert: one line naming the stopped run, and no run started before it
+    err = capsys.readouterr().err
+    assert err.startswith(f"fmlray: error: run {runs[-1].name}: the checkpoint in {folder / runs[-1].name} belongs "
+                          "to another config (differs in training.lr)") and len(err.strip().splitlines()) == 1
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == [runs[-1].name]
