@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         rows += measure(case, rounds, args.warmup, args.seed, log=lambda m: print(m, flush=True))
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows, cases)
-    stem = benchlib.result_stem("batched", "clients", "smoke" if args.smoke else "")
+    stem = benchlib.result_stem("batched", "clients", "smoke" if args.smoke else "", args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     report = "\n".join([

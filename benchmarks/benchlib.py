@@ -86,10 +86,16 @@ def comma_list(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def result_stem(script: str, workload: str, variant: str) -> str:
-    """'<script>-<workload>[-<variant>]-<N>cpu-<date>', the name every output of a run shares."""
+def result_stem(script: str, workload: str, variant: str, out: Path) -> str:
+    """'<script>-<workload>[-<variant>]-<N>cpu-<date>', the name every output of a run shares; '-2', '-3', ...
+    after it when `out` holds a record of that name already (a second run that day never replaces the first)."""
     tag = f"-{variant}" if variant else ""
-    return f"{script}-{workload}{tag}-{os.cpu_count()}cpu-{datetime.date.today().isoformat()}"
+    stem = f"{script}-{workload}{tag}-{os.cpu_count()}cpu-{datetime.date.today().isoformat()}"
+    taken = lambda name: any(Path(out).glob(f"{name}.*")) or any(Path(out).glob(f"{name}-*"))  # noqa: E731
+    n = 1
+    while taken(stem if n == 1 else f"{stem}-{n}"):
+        n += 1
+    return stem if n == 1 else f"{stem}-{n}"
 
 
 def write_parquet(rows: list[dict], path: Path, meta: dict) -> None:

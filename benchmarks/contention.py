@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         s["ratio"] = s["beside_s"] / s["alone_s"]
     ratios = [r["ratio"] for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = benchlib.result_stem("contention", f"fmnist-{args.algorithm}", "smoke" if args.smoke else "")
+    stem = benchlib.result_stem("contention", f"fmnist-{args.algorithm}", "smoke" if args.smoke else "", args.out)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     total = sum(r["beside_s"] for r in rows) / sum(r["alone_s"] for r in rows)
     report = [

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ray_engine.MOVE_MIN_ROWS = setting
     meta["load_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = benchlib.result_stem("moves", "fml", "smoke" if args.smoke else "")
+    stem = benchlib.result_stem("moves", "fml", "smoke" if args.smoke else "", args.out)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     summary = []
     for dataset, clients, fraction in args.points:

@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows, [(phase, w.name) for phase, ways in phases for w in ways])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = benchlib.result_stem("overhead", args.workload, "" if args.variant == "full" else args.variant)
+    stem = benchlib.result_stem("overhead", args.workload, "" if args.variant == "full" else args.variant, args.out)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta | {"memory_peak_bytes": memory, "alone": alone})
     report = markdown(w, args, meta, summary, memory, alone, configs)
     (args.out / f"{stem}.md").write_text(report)

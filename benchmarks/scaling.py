@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     variant = "" if args.variant == "full" else args.variant
-    stem = args.out / benchlib.result_stem("scaling", "-".join(args.datasets), variant)
+    stem = args.out / benchlib.result_stem("scaling", "-".join(args.datasets), variant, args.out)
     benchlib.write_parquet(rows, stem.with_suffix(".parquet"), meta)
     benchlib.write_parquet(startup, stem.with_name(stem.name + "-startup.parquet"), meta)
     plots = plot(summary, stem)

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     against = versus(args.against, args.rounds, args.per_round) if args.against else None
     meta["load_after"] = os.getloadavg()
     variant = "quick" if args.quick else "-".join(map(str, args.clients)) + "-clients"
-    stem = benchlib.result_stem("state-scale", "fmnist", variant)
+    stem = benchlib.result_stem("state-scale", "fmnist", variant, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     lines = [f"# State scale: FML on Fashion-MNIST, cnn5 locals, ~{args.per_round} clients a round",

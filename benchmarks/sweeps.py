@@ -95,7 +95,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     meta["load_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = benchlib.result_stem("sweeps", "experiment1-digits", f"r{args.rounds}-e{args.epochs}-s{args.seeds}")
+    stem = benchlib.result_stem("sweeps", "experiment1-digits", f"r{args.rounds}-e{args.epochs}-s{args.seeds}", args.out)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     table = benchlib.markdown_table(rows, [
         ("workload", "workload", ""), ("runs", "runs", ""), ("loop_s", "loop (s)", ".1f"),

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     mem = [] if args.no_memory else memory(args.rounds, log)
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows)
-    stem = benchlib.result_stem("wholerun", "digits", "" if args.variant == "full" else args.variant)
+    stem = benchlib.result_stem("wholerun", "digits", "" if args.variant == "full" else args.variant, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows + mem for k in r))  # Arrow takes the first row's keys only
     benchlib.write_parquet([{k: r.get(k) for k in columns} for r in rows + mem], args.out / f"{stem}.parquet",

@@ -105,6 +105,19 @@ def test_a_record_keeps_the_columns_of_every_row(tmp_path):
                                                                  {"way": "ray", "s": 2.0, "actors": 2}]
 
 
+def test_a_second_record_of_a_day_never_replaces_the_first(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import benchlib
+    first = benchlib.result_stem("overhead", "digits", "quick", tmp_path)
+    assert first.startswith("overhead-digits-quick-") and first.endswith("cpu-" + __import__("datetime").date.today()
+                                                                         .isoformat())
+    (tmp_path / f"{first}-startup.parquet").write_text("")  # any output of that run takes the name
+    assert benchlib.result_stem("overhead", "digits", "quick", tmp_path) == f"{first}-2"
+    (tmp_path / f"{first}-2.md").write_text("")
+    assert benchlib.result_stem("overhead", "digits", "quick", tmp_path) == f"{first}-3"
+    assert benchlib.result_stem("overhead", "digits", "", tmp_path) == first.replace("-quick", "")
+
+
 def test_a_failed_memory_run_is_recorded_not_fatal(monkeypatch):
     from types import SimpleNamespace
     sys.path.insert(0, str(REPO / "benchmarks"))
