@@ -544,27 +544,28 @@ _TOO_DEEP = "hundreds of levels deep; no fmlray setting nests more than a few (s
 MAX_TOML_BYTES = 16 * 2**20  # a config, sweep or tune file is a few kB; more is a wrong file (or /dev/zero)
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
     """A TOML file (config, sweep or tune) as a dict; any path but a folder is read, so /dev/stdin and a
-    shell's <(...) work too. Every failure is one ConfigError line."""
+    shell's <(...) work too. Every failure is one ConfigError line naming the file as `kind`."""
     path = Path(path)
+    see = "fmlray/presets/" if kind == "config file" else "experiments/"
     if path.is_dir() or not os.path.exists(path):
         what = "is a folder" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config file {path} {what}; give a TOML file (see fmlray/presets/)")
+        raise ConfigError(f"{kind} {path} {what}; give a TOML file (see {see})")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_TOML_BYTES + 1)
-        _check(len(data) <= MAX_TOML_BYTES, f"config file {path} is larger than {MAX_TOML_BYTES >> 20} MiB; "
-               "give a TOML config file (see fmlray/presets/)")
+        _check(len(data) <= MAX_TOML_BYTES, f"{kind} {path} is larger than {MAX_TOML_BYTES >> 20} MiB; "
+               f"give a TOML {kind} (see {see})")
         return tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{kind} {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not a text file") from None
+        raise ConfigError(f"{kind} {path} is not a text file") from None
     except RecursionError:  # see parse_override
-        raise ConfigError(f"config file {path} nests arrays or tables {_TOO_DEEP}") from None
+        raise ConfigError(f"{kind} {path} nests arrays or tables {_TOO_DEEP}") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{kind} {path} cannot be read: {exc.strerror}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -160,7 +160,7 @@ def plan_search(path: str | Path) -> Search:
     from fmlray.trials import METRICS
 
     path = Path(path)
-    spec = load_toml(path)
+    spec = load_toml(path, "tune file")
     if set(spec) - {"tune", "param"} or not isinstance(spec.get("tune"), dict):
         raise ConfigError(f"{path}: a tune file has a [tune] table and [[param]] tables (found {sorted(spec)})")
     s, where = spec["tune"], str(path)

@@ -173,7 +173,7 @@ def plan(path: str | Path) -> tuple[Path, list[Run]]:
 def plan_sweep(path: str | Path) -> Sweep:
     """`plan`, with how the sweep file asks to execute it."""
     path = Path(path)
-    spec = load_toml(path)
+    spec = load_toml(path, "sweep file")
     unknown = set(spec) - {"sweep", "axis"}
     if unknown or not isinstance(spec.get("sweep"), dict):
         raise ConfigError(f"{path}: a sweep file has a [sweep] table and [[axis]] tables (found {sorted(spec)})")

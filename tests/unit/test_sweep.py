@@ -183,3 +183,13 @@ def test_a_stopped_run_of_another_config_is_refused_before_any_run_starts(tmp_pa
     assert err.startswith(f"fmlray: error: run {runs[-1].name}: the checkpoint in {folder / runs[-1].name} belongs "
                           "to another config (differs in training.lr)") and len(err.strip().splitlines()) == 1
     assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == [runs[-1].name]
+
+
+def test_a_sweep_or_tune_file_that_is_not_there_or_not_toml_is_named_as_such(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = [")
+    for command, kind in (("sweep", "sweep file"), ("tune", "tune file")):
+        for path, what in ((tmp_path / "nope.toml", "does not exist; give a TOML file (see experiments/)"),
+                           (bad, "is not valid TOML")):
+            assert main([command, str(path)]) == 2
+            assert capsys.readouterr().err.startswith(f"fmlray: error: {kind} {path} {what}")
