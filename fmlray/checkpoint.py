@@ -27,7 +27,7 @@ from fmlray.aggregate import State
 from fmlray.config import Config, to_dict
 from fmlray.engine.state import RowRef, latest_rows
 from fmlray.errors import FmlrayError, ResourceError
-from fmlray.rundir import check_history, fsync_dir
+from fmlray.rundir import fsync_dir
 
 FOLDER = "checkpoint"
 MANIFEST = "manifest.json"
@@ -142,9 +142,9 @@ def exists(run_dir: Path) -> bool:
 
 
 def load(run_dir: Path, cfg: Config | None = None) -> Resume:
-    """The last complete checkpoint of `run_dir`, checked against `cfg` (given when resuming: then the
-    metric rows of its rounds must be there too); any damage or mismatch is a one-line FmlrayError, never
-    an unpickled object."""
+    """The last complete checkpoint of `run_dir`, checked against `cfg`; any damage or mismatch is a
+    one-line FmlrayError, never an unpickled object. (A run folder's metric rows are `rundir.check_history`'s:
+    a checkpoint is also written by callers of `simulate` that keep no metrics, e.g. benchmarks.)"""
     folder = Path(run_dir) / FOLDER
     path = folder / MANIFEST
     if not path.is_file():
@@ -181,7 +181,5 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
         f = folder / s["file"]
         if not f.is_file():
             raise FmlrayError(f"checkpoint file {f} is missing; the checkpoint cannot be resumed")
-    if cfg is not None:  # resuming: the metric rows of the rounds the checkpoint holds must be there too
-        check_history(Path(run_dir), rnd)
     placement = manifest.get("placement")  # absent before placements were kept; only ever a hint (see restore)
     return Resume(rnd, glob, shards, folder, placement if isinstance(placement, dict) else None)

@@ -223,6 +223,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
     if resuming:
         from fmlray import checkpoint
         resume = checkpoint.load(folder.path, cfg)
+        rundir.check_history(folder.path, resume.round)  # the earlier rounds' metric rows are there too
     if resume is not None and resume.round >= cfg.run.rounds:
         raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")

@@ -240,6 +240,7 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
     One run after another, or, with `parallel` (or executor = "tune" in the file, unless `sequential`),
     as Ray Tune trials."""
     from fmlray import checkpoint
+    from fmlray.rundir import check_history
     from fmlray.simulation import run_experiment
 
     sweep = plan_sweep(path)
@@ -251,7 +252,7 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
                               "move it away, or set the sweep's output_dir to another folder")
         if checkpoint.exists(run_dir) and not (run_dir / "metrics.parquet").is_file():
             try:  # a stopped run resumes only with its own config: found now, not after the runs before it
-                checkpoint.load(run_dir, run.cfg)
+                check_history(run_dir, checkpoint.load(run_dir, run.cfg).round)
             except FmlrayError as exc:
                 raise FmlrayError(f"run {run.name}: {exc}") from None
         diff = _finished_otherwise(run_dir, run.cfg)
