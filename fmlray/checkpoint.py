@@ -58,11 +58,12 @@ def _with_defaults(saved, defaults):
     return saved
 
 
-def _differences(a, b, prefix="") -> list[str]:
+def differences(a, b, prefix="") -> list[str]:
+    """The dotted keys in which two config trees differ (also the sweep's check of its finished runs)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}{i}.")]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{prefix}{i}.")]
     return [] if a == b else [prefix.rstrip(".")]
 
 
@@ -164,7 +165,7 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
     if not ok:
         raise FmlrayError(f"{path} is damaged or not a checkpoint this fmlray can read; start the run again")
     if cfg is not None:
-        diff = _differences(_with_defaults(manifest.get("config"), fixed_config(Config())), fixed_config(cfg))
+        diff = differences(_with_defaults(manifest.get("config"), fixed_config(Config())), fixed_config(cfg))
         if diff:
             raise FmlrayError(f"the checkpoint in {run_dir} belongs to another config (differs in "
                               f"{', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); on resume only "

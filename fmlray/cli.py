@@ -170,16 +170,13 @@ def _shared_ray(cfg):
     if cfg.engine.kind != "ray":
         yield
         return
-    import ray
-
-    from fmlray.engine.connect import connect
+    from fmlray.engine.connect import connect, shut_down
     started = connect(cfg.engine.address)
     try:
         yield
     finally:
         if started:
-            with signals.shielded():
-                ray.shutdown()
+            shut_down()
 
 
 def cmd_sweep(args) -> int:

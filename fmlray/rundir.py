@@ -354,7 +354,6 @@ class Records:
 
     def __init__(self, run_dir: Path, upto: int = 0):
         self.run_dir, self.parts = Path(run_dir), Path(run_dir) / PARTS
-        check_history(self.run_dir, upto)
         self.parts.mkdir(exist_ok=True)
         merged = self.run_dir / METRICS
         have = {_part_round(p) for p in self.parts.iterdir()}

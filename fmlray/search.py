@@ -39,7 +39,6 @@ from pathlib import Path
 
 import tomli_w
 
-from fmlray import signals
 from fmlray.config import Config, folder_name, load_config, load_toml, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.sweep import overlap, override_keys, parallel_value
@@ -290,7 +289,7 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
     configs as presets; return (folder, ranked rows)."""
     import ray
 
-    from fmlray.engine.connect import connect
+    from fmlray.engine.connect import connect, shut_down
     from fmlray.engine.ray_engine import capacity
     from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
     from fmlray.trials import tune_run
@@ -329,8 +328,7 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
         grid, results = tune_run([], parallel, search.folder / ".tune", echo, search=search, restore=restore)
     finally:
         if started:
-            with signals.shielded():
-                ray.shutdown()
+            shut_down()
     rows = ranked(search, grid)
     write_outputs(search, rows)
     return search.folder, rows

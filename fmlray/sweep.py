@@ -283,7 +283,7 @@ RESULT_KEYS = ("rounds", "eval_every", "eval_clients")  # beyond checkpoint.fixe
 
 def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
     """The keys in which the finished run in `run_dir` (if any) differs from `cfg`."""
-    from fmlray.checkpoint import _differences, fixed_config
+    from fmlray.checkpoint import differences, fixed_config
 
     saved = run_dir / "config.toml"
     if not (run_dir / "metrics.parquet").is_file() or not saved.is_file():
@@ -292,7 +292,7 @@ def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
         old = load_config(saved)  # as `fmlray run --resume` reads it: keys added since take their defaults
     except ConfigError as exc:
         raise FmlrayError(f"{saved} cannot be read by this fmlray ({exc}); move {run_dir} away") from None
-    diff = _differences(fixed_config(old), fixed_config(cfg))
+    diff = differences(fixed_config(old), fixed_config(cfg))
     return diff + [f"run.{k}" for k in RESULT_KEYS if getattr(old.run, k) != getattr(cfg.run, k)]
 
 

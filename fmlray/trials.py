@@ -346,7 +346,7 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
     """Run the sweep's unfinished runs as Tune trials, `parallel` at once ("auto": as many as fit);
     return each run's last result (its status, node, start and end times)."""
     from fmlray import checkpoint
-    from fmlray.engine.connect import connect
+    from fmlray.engine.connect import connect, shut_down
 
     todo = {}
     for i, run in enumerate(sweep.runs, 1):
@@ -356,8 +356,6 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
             todo[run.name] = run.cfg
     if not todo:
         return {}
-    import ray
-
     started = connect(sweep.runs[0].cfg.engine.address)
     try:
         trials = plan_trials(todo, parallel)
@@ -369,5 +367,4 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
                         order={run.name: i for i, run in enumerate(sweep.runs, 1)})[1]
     finally:
         if started:
-            with signals.shielded():
-                ray.shutdown()
+            shut_down()

@@ -15,6 +15,7 @@ import threading
 
 import ray
 
+from fmlray import signals
 from fmlray.errors import ResourceError
 
 
@@ -218,6 +219,14 @@ def release() -> None:
         _parked.pop().set()
 
 
+def shut_down() -> None:
+    """`ray.shutdown()` of a Ray this process started or joined, shielded from a signal that would cut it in
+    half (`signals.shielded`), then `release`."""
+    with signals.shielded():
+        ray.shutdown()
+    release()
+
+
 def abandon_early() -> None:
     """A run that fails before its engine starts: wait for an early start and shut that Ray down."""
     if _early:
@@ -226,7 +235,7 @@ def abandon_early() -> None:
         except BaseException:
             owned = True  # half started: shut down what there is
         if owned and ray.is_initialized():
-            ray.shutdown()
+            shut_down()
     if not ray.is_initialized():
         release()
 

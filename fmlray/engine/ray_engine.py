@@ -34,7 +34,7 @@ from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
-from fmlray.engine.connect import connect, release
+from fmlray.engine.connect import connect, shut_down
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
                                      plan_actors, plan_store)
@@ -589,6 +589,5 @@ class RayEngine:
                     pass
         self.actors, self.aggregator = [], None
         if getattr(self, "owns_ray", False):
-            ray.shutdown()
-            release()  # the thread that started it, if it started early
+            shut_down()  # and releases the thread that started it, if it started early
             self.owns_ray = False
