@@ -204,18 +204,24 @@ def test_one_bad_client_is_left_out_and_the_run_goes_on(tmp_path, monkeypatch, c
     assert glob[-1] > 0.6  # the others' memes were averaged as usual (0.73 with client 3 healthy)
 
 
-def test_sigint_stops_after_the_round_with_a_checkpoint_and_resume_finishes(tmp_path):
-    cmd = [sys.executable, "-m", "fmlray", "run", "--set", "engine.kind=serial", "--set", "run.rounds=30",
+def sigint_at_round_one(tmp_path, rounds: int, disposition) -> tuple[int, str, str]:
+    """`fmlray run` (serial) started with SIGINT's `disposition`, sent SIGINT at its first round line: its
+    exit code, stdout and stderr. (The disposition is set, not inherited from whatever started the tests.)"""
+    cmd = [sys.executable, "-m", "fmlray", "run", "--set", "engine.kind=serial", "--set", f"run.rounds={rounds}",
            "--set", f"run.output_dir={tmp_path}"]
-    # SIGINT's default, whatever this process inherited (a run started with SIGINT ignored keeps ignoring it)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     for line in proc.stdout:
         if line.startswith("round"):
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    return proc.returncode, out, err
+
+
+def test_sigint_stops_after_the_round_with_a_checkpoint_and_resume_finishes(tmp_path):
+    code, out, err = sigint_at_round_one(tmp_path, 30, signal.SIG_DFL)
+    assert code == 130, err
     assert "stopping after this round" in out
     assert f"continue with: fmlray run --resume {tmp_path / 'digits-fml'}" in err and "Traceback" not in err
     stopped = checkpoint.load(tmp_path / "digits-fml").round
@@ -229,6 +235,13 @@ def test_sigint_stops_after_the_round_with_a_checkpoint_and_resume_finishes(tmp_
     assert done.returncode == 0, done.stderr
     rounds = {r["round"] for r in pq.read_table(tmp_path / "digits-fml" / "metrics.parquet").to_pylist()}
     assert rounds == set(range(1, stopped + 2))
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    # as a shell starts a script's background job: Ctrl-C ends the script, not the run (SIGTERM still stops it)
+    code, out, err = sigint_at_round_one(tmp_path, 3, signal.SIG_IGN)
+    assert code == 0, err
+    assert "stopping" not in out and (tmp_path / "digits-fml" / "metrics.parquet").is_file()
 
 
 def snapshot(folder):

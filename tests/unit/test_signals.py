@@ -1,6 +1,5 @@
 """`signals.redeliver_lost_sigterm`, in a child Python that mimics a Ray worker's SIGTERM handler."""
 
-import signal
 import subprocess
 import sys
 import textwrap
@@ -111,18 +110,3 @@ def test_a_sigint_while_the_engine_closes_lets_the_run_finish_its_outputs(tmp_pa
     assert out.returncode == 0, out.stderr
     assert "closed" in out.stdout and "SIGINT: shutting down first" in out.stderr
     assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()
-
-
-def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
-    # as a shell starts a script's background job: Ctrl-C ends the script, not the run (SIGTERM still stops it)
-    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
-    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "run", "--set", "engine.kind=serial", "--set",
-                             "run.rounds=3", "--set", f"run.output_dir={tmp_path}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
-    for line in proc.stdout:
-        if line.startswith("round"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "stopping" not in out and (tmp_path / "digits-fml" / "metrics.parquet").is_file()
