@@ -53,6 +53,11 @@ class PrivateHead:
         self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
         self.num_cpus = num_cpus
 
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of every process that talks to this head: HOME is the head's folder, so the
+        token `ray get-auth-token --generate` writes (~/.ray/auth_token) is this head's alone."""
+        return env(HOME=self.tmpdir, **extra)
+
     @property
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
@@ -65,13 +70,16 @@ class PrivateHead:
         """`ray start --head --block` in the background, as the README shows: the head lives as long as
         that process, and ends (all of it, nothing else) when it gets SIGTERM."""
         os.makedirs(self.temp_dir)
+        # the README's first step: a head in token mode refuses to start without a token (a fresh machine has none)
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env(), check=True,
+                       capture_output=True, timeout=120)
         self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
              f"--dashboard-agent-listen-port={self.agent_port}", f"--temp-dir={self.temp_dir}",
              "--include-dashboard=true", "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env(RAY_AUTH_MODE="token"))
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env(RAY_AUTH_MODE="token"))
         # `ray start` writes the address file into its temp dir once the head is up, then blocks
         address_file = Path(self.temp_dir) / "ray_current_cluster"
         deadline = time.monotonic() + 120

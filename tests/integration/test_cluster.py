@@ -17,7 +17,6 @@ import pytest
 from fmlray.config import load_config
 from fmlray.engine.serial import SerialEngine
 from fmlray.simulation import prepare, simulate
-import raynodes
 from raynodes import BIN, PrivateHead
 
 pytestmark = pytest.mark.integration
@@ -105,7 +104,7 @@ def ray_job(head: PrivateHead, command: str, *args: str) -> tuple[subprocess.Com
     cmd = [str(BIN / "ray"), "job", command, "--address", head.dashboard, *args]
     deadline = time.monotonic() + 600  # a fresh head's job agent may take a while to come up on a busy machine
     while True:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=raynodes.env(RAY_AUTH_MODE="token"),
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=head.env(RAY_AUTH_MODE="token"),
                               cwd=REPO)
         logs = proc.stdout + proc.stderr
         if "No available agent to submit job" not in logs or time.monotonic() > deadline:
@@ -116,7 +115,7 @@ def ray_job(head: PrivateHead, command: str, *args: str) -> tuple[subprocess.Com
 def test_auto_joins_the_cluster_a_ray_start_recorded(private_head, tmp_path):
     # RAY_TMPDIR: Ray's folder is the head's, as /tmp/ray is for a plain `ray start`; RAY_AUTH_MODE
     # unset: joining turns token auth on because a token exists, as Ray's own "auto" does
-    env = {k: v for k, v in raynodes.env(PYTHONPATH=str(REPO), RAY_TMPDIR=private_head.tmpdir).items()
+    env = {k: v for k, v in private_head.env(PYTHONPATH=str(REPO), RAY_TMPDIR=private_head.tmpdir).items()
            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     proc = subprocess.run([sys.executable, "-m", "fmlray", "run", "--address", "auto", "--set", "run.rounds=1",
                            "--set", "training.epochs=1", "--set", f"run.output_dir={tmp_path}"],
