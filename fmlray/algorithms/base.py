@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fmlray.aggregate import Server
 from fmlray.errors import TrainingError
+from fmlray.optim import Optimizer
 
 # logits of each trained model, labels, round (1-based) -> one loss per trained model
 LossFn = Callable[[dict[str, Tensor], Tensor, int], dict[str, Tensor]]
@@ -135,13 +136,6 @@ def task_logits(z: Tensor, members: Tensor) -> Tensor:
     return torch.log_softmax(torch.logsumexp(grouped, dim=2), dim=1)
 
 
-def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (the authors' choice) or Adam."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 def batch_sizes(n: int, batch_size: int) -> list[int]:
     """The sizes of an epoch's batches of `n` rows: `batch_size` each, the rest last; a last batch of one
     joins the one before (BatchNorm needs two)."""
@@ -166,7 +160,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.d
 def train_client(
     algo: Algorithm,
     models: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
+    optimizers: dict[str, Optimizer],
     x: Tensor,
     y: Tensor,
     *,
@@ -202,7 +196,7 @@ def train_client(
                 for name, penalty in algo.penalties.items():
                     losses[name] = losses[name] + penalty(models[name], anchor)
             for name in names:
-                optimizers[name].zero_grad(set_to_none=True)
+                optimizers[name].zero_grad()
             for s in scalars.values():
                 s.grad = None
             # Peers are detached inside the losses, so one backward of the sum gives each model

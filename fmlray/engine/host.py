@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fmlray.aggregate import PartialSum, State
-from fmlray.algorithms import Algorithm, build_algorithm, evaluate, make_optimizer, train_client
+from fmlray.algorithms import Algorithm, build_algorithm, evaluate, train_client
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.batched import NOT_FINITE, Batcher, Outcome
@@ -27,6 +27,7 @@ from fmlray.engine.state import (STORES, DiskStore, Layout, MemoryStore, Part, R
 from fmlray.engine.tasks import ClientTask, arch_name, build_arch
 from fmlray.errors import FmlrayError, ResourceError, TrainingError
 from fmlray.models import build_model
+from fmlray.optim import Optimizer, make_optimizer
 from fmlray.seeding import BATCH_ORDER, GLOBAL_INIT, LOCAL_INIT, derive_seed
 from fmlray.tasks import of_group
 
@@ -428,7 +429,7 @@ class ClientHost:
         """Put the global state into the shared model of `c`'s workspace (one fused copy, not load_state_dict)."""
         torch._foreach_copy_(self._sent[self._archs(c)], glob.tensors)
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def _optimizer(self, model: nn.Module) -> Optimizer:
         t = self.cfg.training
         return make_optimizer(model.parameters(), name=t.optimizer, lr=t.lr, momentum=t.momentum,
                               weight_decay=t.weight_decay)
@@ -501,7 +502,7 @@ class ClientHost:
                                scalars=ws.scalars, task=c.task and c.task.members,
                                autocast=lambda: autocast(self.device, t.precision))
         for part in ws.layout.parts:
-            ws.opts[part.name].zero_grad(set_to_none=True)  # the next client's first step drops them anyway
+            ws.opts[part.name].zero_grad()  # the next client's first step drops them anyway
         self._keep(c)
         return metrics, (None if glob is None else self._sent[self._archs(c)])
 

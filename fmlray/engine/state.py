@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fmlray.errors import ResourceError
+from fmlray.optim import Optimizer
 
 ALIGN = 64  # every tensor starts on a 64-byte boundary of its row (any dtype may be viewed there)
 PAGE = mmap.PAGESIZE
@@ -123,7 +124,7 @@ class Workspace:
     held here too but never touched by a row."""
 
     def __init__(self, layout: Layout, models: nn.Module | dict[str, nn.Module],
-                 opts: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None, device: torch.device):
+                 opts: Optimizer | dict[str, Optimizer] | None, device: torch.device):
         if isinstance(models, nn.Module):
             models, opts = {"local": models}, {"local": opts}
         self.layout, self.models, self.opts, self.device = layout, models, opts, device
@@ -201,7 +202,7 @@ class Workspace:
         return self.models[self.layout.parts[0].name]
 
     @property
-    def opt(self) -> torch.optim.Optimizer:
+    def opt(self) -> Optimizer:
         return self.opts[self.layout.parts[0].name]
 
     def load(self, row: np.ndarray | None, seeds: int | dict[str, int] | None, cid: int,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from fmlray.algorithms import fedavg, fedprox, fml, local
-from fmlray.algorithms.base import batches, evaluate, make_optimizer, train_client
+from fmlray.algorithms.base import batches, evaluate, train_client
+from fmlray.optim import make_optimizer
 from fmlray.errors import TrainingError
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from fmlray.aggregate import Server, weighted
 from fmlray.algorithms import apfl, ditto, dml, fedavg, fedbn, fedper, fedprox, fedrep, fml, lgfedavg, local
-from fmlray.algorithms.base import all_keys, layers, make_optimizer, train_client
+from fmlray.algorithms.base import all_keys, layers, train_client
+from fmlray.optim import make_optimizer
 from fmlray.config import load_config
 from fmlray.engine.serial import SerialEngine
 from fmlray.models import build_model

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from fmlray.algorithms import fedavg, fml, local
-from fmlray.algorithms.base import make_optimizer, task_logits, train_client
+from fmlray.algorithms.base import task_logits, train_client
+from fmlray.optim import make_optimizer
 from fmlray.cli import main
 from fmlray.config import load_config
 from fmlray.engine.tasks import task_members
