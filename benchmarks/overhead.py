@@ -277,12 +277,13 @@ def isolated_memory(way: "EngineWay", rounds: int = 3) -> dict:
         return sampler.peak()
 
 
-def memory_rows(phases: list, log=print) -> list[dict]:
-    """Whole-tree peak PSS of each algorithm's Ray way with the most actors, run alone after the timing."""
+def memory_rows(phases: list, log=print, runs: int | None = None) -> list[dict]:
+    """Whole-tree peak PSS of each algorithm's Ray way with the most actors, run alone after the timing
+    (the first `runs` of them per phase, if given: --smoke makes one, each is a whole `fmlray run`)."""
     rows = []
     for phase, ways in phases:
         ray_ways = [w for w in ways if w.kind == "ray"]
-        for algo in dict.fromkeys(w.name.rsplit("/", 1)[1] for w in ray_ways):
+        for algo in list(dict.fromkeys(w.name.rsplit("/", 1)[1] for w in ray_ways))[:runs]:
             way = max((w for w in ray_ways if w.name.endswith(f"/{algo}")), key=lambda w: w.actors)
             try:
                 peak = isolated_memory(way)
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                                   log=lambda m: print(m, flush=True))
             rows += [r | {"workload": args.workload} for r in got]
             memory = {k: max(v, memory.get(k, 0)) for k, v in peak.items()}
-    alone = memory_rows(phases, log=lambda m: print(m, flush=True))
+    alone = memory_rows(phases, log=lambda m: print(m, flush=True), runs=1 if args.smoke else None)
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows, [(phase, w.name) for phase, ways in phases for w in ways])
     args.out.mkdir(parents=True, exist_ok=True)
