@@ -9,7 +9,7 @@ the timing, in one more run of each alone, sampled every 0.1 s (sampling slows w
 
     python benchmarks/wholerun.py               # 3 repetitions each + the memory runs, ~4 min on 2 cores
     python benchmarks/wholerun.py --tag before  # names the outputs wholerun-digits-before-...
-    python benchmarks/wholerun.py --smoke       # 1 round, 1 repetition: checks the script runs
+    python benchmarks/wholerun.py --smoke       # 1 round, 1 run of each, timed and sampled at once: checks the script runs
 """
 
 from __future__ import annotations
@@ -124,28 +124,31 @@ def plain_phases(lines: list[tuple[float, str]], wall: float) -> dict:
             "exit_s": wall - rounds[-1], "rounds": len(rounds)}
 
 
-def timing(reps: int, rounds: int, log=print) -> list[dict]:
-    """`reps` runs of each way, taking turns with the order rotating; one row per run."""
-    rows = []
+def timing(reps: int, rounds: int, log=print, sample: bool = False) -> tuple[list[dict], list[dict]]:
+    """`reps` runs of each way, taking turns with the order rotating; one row per run. With `sample`
+    (--smoke: the numbers mean nothing there) the same runs are sampled for memory too, one row each."""
+    rows, mem = [], []
     for rep in range(reps):
         order = WAYS[rep % 2:] + WAYS[:rep % 2]
         for pos, way in enumerate(order):
-            got = spawn(way, rounds, f"wholerun-{rep}")
+            got = spawn(way, rounds, f"wholerun-{rep}", sample)
             phases = (fmlray_phases if way == "fmlray" else plain_phases)(got["lines"], got["wall_s"])
             rows.append({"kind": "timing", "way": way, "rep": rep, "position": pos, "wall_s": got["wall_s"], **phases})
             log(f"rep {rep + 1}/{reps} {way}: {got['wall_s']:.1f}s wall, start-up {phases['startup_s']:.1f}s")
-    return rows
+            if sample:
+                mem.append(memory_row(way, got, log))
+    return rows, mem
 
 
 def memory(rounds: int, log=print) -> list[dict]:
     """One more run of each way alone, its process tree's PSS sampled every 0.1 s; one row per way."""
-    rows = []
-    for way in WAYS:
-        got = spawn(way, rounds, "wholerun-memory", sample=True)
-        peak = {f"pss_{k}_mib": v / benchlib.MIB for k, v in got["peak"].items()}
-        rows.append({"kind": "memory", "way": way, "wall_s": got["wall_s"], **peak})
-        log(f"memory {way}: {peak['pss_total_mib'] / 1024:.2f} GiB peak PSS")
-    return rows
+    return [memory_row(way, spawn(way, rounds, "wholerun-memory", sample=True), log) for way in WAYS]
+
+
+def memory_row(way: str, got: dict, log=print) -> dict:
+    peak = {f"pss_{k}_mib": v / benchlib.MIB for k, v in got["peak"].items()}
+    log(f"memory {way}: {peak['pss_total_mib'] / 1024:.2f} GiB peak PSS")
+    return {"kind": "memory", "way": way, "wall_s": got["wall_s"], **peak}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -214,7 +217,8 @@ def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict])
                                             ("later_round_mean_s", "later round s", ".2f"),
                                             ("end_s", "end s", ".2f"), ("exit_s", "exit s", ".2f")]), ""]
     if mem:
-        parts += ["## Memory (peak PSS, MiB; one run of each alone, sampled every 0.1 s)", "",
+        how = "sampled in the timed run (--smoke)" if args.smoke else "one run of each alone"
+        parts += [f"## Memory (peak PSS, MiB; {how}, sampled every 0.1 s)", "",
                   "driver = the spawned process; actors = client actors and the aggregator; ray_system = the rest "
                   "of its tree (gcs_server, raylet, dashboard and runtime-env agents, API server, monitors, idle "
                   "workers). PSS splits shared pages among the processes mapping them, so the total counts them "
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10, help="rounds of each run (default 10, the default's)")
     p.add_argument("--no-memory", action="store_true", help="skip the two memory runs")
     p.add_argument("--tag", default="", help="a word in the output names, e.g. before")
-    p.add_argument("--smoke", action="store_true", help="1 round, 1 run of each: checks the script runs")
+    p.add_argument("--smoke", action="store_true", help="1 round, 1 run of each (its memory sampled in that run): "
+                   "checks the script runs")
     p.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.smoke:
@@ -245,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = benchlib.run_meta(args) | {"load_before": os.getloadavg(),
                                       "config": to_dict(load_config(None, [f"run.rounds={args.rounds}"]))}
     log = lambda m: print(m, flush=True)  # noqa: E731
-    rows = timing(args.reps, args.rounds, log)
-    mem = [] if args.no_memory else memory(args.rounds, log)
+    rows, mem = timing(args.reps, args.rounds, log, sample=args.smoke and not args.no_memory)
+    if not (args.smoke or args.no_memory):
+        mem = memory(args.rounds, log)
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows)
     stem = benchlib.result_stem("wholerun", "digits", "" if args.variant == "full" else args.variant, args.out)
