@@ -186,11 +186,12 @@ def test_a_private_run_listens_on_loopback_only_and_nothing_else_can_join_it(tmp
         auto = fmlray("run", "--address", "auto", *QUICK, "--set", f"run.output_dir={tmp_path / 'auto'}",
                       env=env_with(tmpdir))
         # Ray itself, even given the address, with a token that is not the run's (as ~/.ray/auth_token would
-        # be); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from swapping 127.0.0.1 for the host's outward IP
+        # be); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from swapping 127.0.0.1 for the host's outward IP;
+        # RAY_gcs_server_port_wait_time_s: Ray retries a refused token once a second for 20 s, 3 tries show it
         join = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs!r})"], capture_output=True,
                               text=True, timeout=180,
                               env=env_with(tmpdir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-                                           RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"))
+                                           RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_gcs_server_port_wait_time_s="3"))
     finally:
         run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=180)
