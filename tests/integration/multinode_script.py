@@ -1,7 +1,10 @@
-"""Run a short simulation on a three-node `ray.cluster_utils.Cluster` (three raylets on this
-machine) and save where the actors ran and what came out; optionally remove a worker node
-(its raylet and the actor on it) right after the checkpoint of a given round. Run as a script, in its own process:
-one process can hold one Ray connection, and the test session already has its own."""
+"""Run short simulations, one after another, on one three-node `ray.cluster_utils.Cluster` (three raylets on
+this machine) and save where the actors ran and what came out; a run may remove a worker node (its raylet and
+the actor on it) right after the checkpoint of a given round (the last run, then: the node stays gone). Run as
+a script, in its own process: one process can hold one Ray connection, and the test session already has its own.
+
+    multinode_script.py '[{"overrides": [...], "out": "/path/a.npz", "remove_after": 0}, ...]'
+"""
 
 import json
 import sys
@@ -18,7 +21,7 @@ from fmlray.engine.ray_engine import RayEngine
 from fmlray.simulation import prepare, simulate
 
 
-def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
+def main(runs: list[dict]) -> None:
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args=node)
     workers = [cluster.add_node(**node) for _ in range(2)]
@@ -28,38 +31,43 @@ def main(overrides: list[str], out: str, remove_after: int = 0) -> None:
     ray._private.services.resolve_ip_for_localhost = lambda host: host
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
     try:
-        cfg = load_config(None, overrides)
-        prepared = prepare(cfg)
-        engine = RayEngine()
-        engine.start(cfg, prepared.dataset, prepared.partition)
-        try:
-            # a worker node that is not the driver's (the driver's node holds the aggregator)
-            driver_node = ray.get_runtime_context().get_node_id()
-            victim = next(w for w in workers if w.node_id != driver_node)
-
-            writer = checkpoint.Writer(Path(out).parent / "run", cfg)
-
-            def save(rnd, engine, state):  # the actors write their rows; a node dies right after
-                info = writer(rnd, engine, state)
-                if rnd == remove_after:
-                    cluster.remove_node(victim)
-                return info
-
-            result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=save)
-        finally:
-            engine.close()
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        aggregator = ray.util.state.list_actors(filters=[("class_name", "=", "Aggregator")])
-        np.savez(out, **result.global_state)
-        with open(out + ".json", "w") as f:
-            home = {c: i for i, spec in enumerate(engine.specs) for c in spec.client_ids}
-            json.dump({"nodes": nodes, "actor_nodes": [i["node"] for i in engine.infos], "rows": result.rows,
-                       "moved": sorted(c for c, a in engine.owner.items() if a != home[c]),
-                       "driver_node": driver_node, "aggregator_nodes": [a.node_id for a in aggregator]}, f)
+        for run in runs:
+            simulate_once(cluster, workers, run["overrides"], run["out"], run.get("remove_after", 0))
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
+def simulate_once(cluster: Cluster, workers: list, overrides: list[str], out: str, remove_after: int) -> None:
+    cfg = load_config(None, overrides)
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        # a worker node that is not the driver's (the driver's node holds the aggregator)
+        driver_node = ray.get_runtime_context().get_node_id()
+        victim = next(w for w in workers if w.node_id != driver_node)
+
+        writer = checkpoint.Writer(Path(out).parent / "run", cfg)
+
+        def save(rnd, engine, state):  # the actors write their rows; a node dies right after
+            info = writer(rnd, engine, state)
+            if rnd == remove_after:
+                cluster.remove_node(victim)
+            return info
+
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=save)
+        aggregators = ray.util.state.list_actors(filters=[("class_name", "=", "Aggregator"), ("state", "=", "ALIVE")])
+    finally:
+        engine.close()
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    np.savez(out, **result.global_state)
+    with open(out + ".json", "w") as f:
+        home = {c: i for i, spec in enumerate(engine.specs) for c in spec.client_ids}
+        json.dump({"nodes": nodes, "actor_nodes": [i["node"] for i in engine.infos], "rows": result.rows,
+                   "moved": sorted(c for c, a in engine.owner.items() if a != home[c]),
+                   "driver_node": driver_node, "aggregator_nodes": [a.node_id for a in aggregators]}, f)
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    main(json.loads(sys.argv[1]))

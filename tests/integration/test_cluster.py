@@ -28,19 +28,29 @@ OVERRIDES = ["run.rounds=3", "training.epochs=1", "engine.kind=ray",
              "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1}]"]
 
 
-def run_on_three_nodes(tmp_path, remove_after=0, extra=()):
-    out = str(tmp_path / "multinode.npz")
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    """Two runs on one three-raylet cluster (its start is most of a run's time): half the clients a round
+    (FML's clients move between the nodes' actors to even the rounds out), then with the disk store and a
+    worker node removed after round 1's checkpoint. {name: (global state, what the script saw)}."""
+    folder = tmp_path_factory.mktemp("three-nodes")
+    runs = {"moving": {"overrides": [*OVERRIDES, "clients.fraction=0.5"], "out": str(folder / "moving" / "out.npz")},
+            "losing": {"overrides": [*OVERRIDES, "engine.state_store='disk'"], "out": str(folder / "losing" / "out.npz"),
+                       "remove_after": 1}}  # last: the node stays gone
+    for run in runs.values():
+        Path(run["out"]).parent.mkdir()
     # Ray's Cluster writes its address file in Ray's temp folder, where any `ray.init()` on the machine
     # would find it (and find it stale if this test is killed): give it a private one (short: socket paths)
     ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     try:
-        proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps([*OVERRIDES, *extra]), out,
-                               str(remove_after)], capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(list(runs.values()))],
+                              capture_output=True, text=True, timeout=400, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(out), json.loads(Path(out + ".json").read_text())
+    return {name: (np.load(run["out"]), json.loads(Path(run["out"] + ".json").read_text()))
+            for name, run in runs.items()}
 
 
 def serial_run(*extra):
@@ -66,10 +76,10 @@ def assert_matches(serial, state, rows):
     assert max(abs(a[k] - b[k]) for k in a if not np.isnan(a[k])) < 1e-6
 
 
-def test_three_nodes_each_host_an_actor_and_match_the_serial_run(tmp_path):
+def test_three_nodes_each_host_an_actor_and_match_the_serial_run(three_nodes):
     # half the clients a round: FML's clients move between the nodes' actors, local models and all, to even
     # the rounds out (RayEngine._rebalance), and the models are still the serial run's
-    state, info = run_on_three_nodes(tmp_path, extra=["clients.fraction=0.5"])
+    state, info = three_nodes["moving"]
     assert len(info["nodes"]) == 3 and len(info["actor_nodes"]) == 3
     assert sorted(info["actor_nodes"]) == info["nodes"], "SPREAD should put one actor on every node"
     assert info["aggregator_nodes"] == [info["driver_node"]], "the aggregator belongs beside the driver"
@@ -77,9 +87,9 @@ def test_three_nodes_each_host_an_actor_and_match_the_serial_run(tmp_path):
     assert_matches(serial_run("clients.fraction=0.5"), state, info["rows"])
 
 
-def test_losing_a_node_mid_run_loses_nothing(tmp_path, serial_reference):
+def test_losing_a_node_mid_run_loses_nothing(three_nodes, serial_reference):
     # with the disk store: the survivors adopt the lost node's clients from the rows its actor checkpointed
-    state, info = run_on_three_nodes(tmp_path, remove_after=1, extra=["engine.state_store='disk'"])
+    state, info = three_nodes["losing"]
     assert len(info["nodes"]) == 2  # one raylet gone for good
     recovered = [r for r in info["rows"] if r["split"] == "recovered"]
     assert recovered and {r["round"] for r in recovered} == {2}

@@ -212,14 +212,29 @@ def test_many_clients_are_multiplexed_on_few_actors(ray_session):
     assert sum(1 for r in result.rows if r["split"] == "test" and r["round"] == 2 and r["model"] == "local") == 200
 
 
-def test_fractional_gpus_are_packed_four_per_gpu(ray_session):
+def test_fractional_gpu_actors_are_packed_four_per_gpu_and_say_where_their_clients_trained(ray_session):
+    import ray
     overrides = ["clients.num_clients=8", "run.rounds=1", "training.epochs=1", "engine.kind=ray",
                  "clients.groups=[{name='gpu', share=1.0, local_model='mlp', num_cpus=0.25, num_gpus=0.25}]"]
-    result, engine = simulate_with(RayEngine(), overrides)
-    gpus = [tuple(i["gpu_ids"]) for i in engine.infos]
+    cfg = load_config(None, overrides)
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        before = engine.infos
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine)
+        after = ray.get([a.info.remote() for a in engine.actors])
+    finally:
+        engine.close()
+    gpus = [tuple(i["gpu_ids"]) for i in after]
     assert len(gpus) == 8 and all(len(g) == 1 for g in gpus)
-    assert sorted(gpus.count(g) for g in set(gpus)) == [4, 4]
-    assert {i["device"] for i in engine.infos} == {"cpu"}  # no CUDA here: the actors fell back to the CPU
+    assert sorted(gpus.count(g) for g in set(gpus)) == [4, 4]  # the session's two logical GPUs, four on each
+    assert all(i["num_gpus"] == 0.25 for i in after)
+    assert all(i["cuda_visible_devices"] == ",".join(i["gpu_ids"]) for i in after)  # what torch numbers from 0
+    assert all(i["tensor_devices"] == [] for i in before)  # no model built before the first round
+    # no CUDA here, so every actor fell back to the CPU, and its models say so
+    assert all(i["device"] == "cpu" and i["tensor_devices"] == ["cpu"] for i in after)
+    assert not any("memory_fraction" in i for i in after)  # CUDA facts only where CUDA is used
     assert {r["client"] for r in result.rows if r["split"] == "train"} == set(range(8))
 
 
@@ -510,30 +525,6 @@ def test_pick_device_caps_a_fractional_gpu_and_not_a_whole_one(monkeypatch):
     assert pick_device(0.25) == "cuda:0" and capped == [(0.25, 0)]
     assert pick_device(1.0) == "cuda:0" and capped == [(0.25, 0)]  # a whole GPU is not capped
     assert pick_device(0.0) == "cpu"
-
-
-def test_actor_info_reports_where_its_clients_trained(ray_session):
-    import ray
-    overrides = ["clients.num_clients=8", "run.rounds=1", "training.epochs=1", "engine.kind=ray",
-                 "clients.groups=[{name='gpu', count=4, local_model='mlp', num_cpus=0.25, num_gpus=0.25}, "
-                 "{name='cpu', count=4, local_model='mlp', num_cpus=0.25, num_gpus=0.0}]"]
-    cfg = load_config(None, overrides)
-    prepared = prepare(cfg)
-    engine = RayEngine()
-    engine.start(cfg, prepared.dataset, prepared.partition)
-    try:
-        before = engine.infos
-        simulate(cfg, prepared.dataset, prepared.partition, engine)
-        after = ray.get([a.info.remote() for a in engine.actors])
-    finally:
-        engine.close()
-    assert all(i["tensor_devices"] == [] for i in before)  # no model built before the first round
-    gpu = [i for s, i in zip(engine.specs, after) if s.num_gpus > 0]
-    assert len(gpu) == 4 and all(i["num_gpus"] == 0.25 for i in gpu)
-    assert all(i["cuda_visible_devices"] == ",".join(i["gpu_ids"]) for i in gpu)  # what torch numbers from 0
-    # no CUDA here, so every actor fell back to the CPU, and its models say so
-    assert all(i["device"] == "cpu" and i["tensor_devices"] == ["cpu"] for i in after)
-    assert not any("memory_fraction" in i for i in after)  # CUDA facts only where CUDA is used
 
 
 def test_held_modules_are_the_hosts_workspaces():

@@ -29,7 +29,7 @@ GRID = """
 [sweep]
 name = "grid"
 output_dir = "{out}"
-seeds = [0]
+seeds = [0, 1]
 set = ["engine.kind=ray", "run.rounds=2", "training.epochs=1", "clients.num_clients=8",
        "clients.groups=[{{name='all', share=1.0, local_model='mlp', num_cpus=1}}]"{extra}]
 
@@ -74,7 +74,7 @@ def tune_records(folder: Path) -> list[dict]:
 def test_parallel_sweep_matches_the_sequential_one_two_single_actor_trials_at_once(ray_session, tmp_path, capsys):
     import ray
 
-    # Prepare: the same grid of 2 runs, into two folders
+    # Prepare: the same grid of 4 runs, into two folders
     seq_dir, par_dir = tmp_path / "seq", tmp_path / "par"
     seq_dir.mkdir(), par_dir.mkdir()
     seq, par = spec(seq_dir), spec(par_dir)
@@ -84,7 +84,7 @@ def test_parallel_sweep_matches_the_sequential_one_two_single_actor_trials_at_on
     assert main(["sweep", str(par), "--parallel", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     # Assert: one line per run (and a header and the last line), not Tune's tables
-    assert len(out) == 4 and sum(": done in" in line for line in out) == 2, out
+    assert len(out) == 6 and sum(": done in" in line for line in out) == 4, out
     a, b = rows(seq_dir / "runs/grid/results.parquet"), rows(par_dir / "runs/grid/results.parquet")
     assert a.keys() == b.keys() and len(a) > 100
     for k in a:
@@ -94,7 +94,7 @@ def test_parallel_sweep_matches_the_sequential_one_two_single_actor_trials_at_on
         assert a[k]["samples"] == b[k]["samples"] and a[k]["seed"] == b[k]["seed"]
     # each trial ran its engine in its own placement group: a memory-only driver bundle and one 1-CPU actor
     records = tune_records(par_dir / "runs/grid")
-    assert len(records) == 2 and all(r["status"] == "done" for r in records)
+    assert len(records) == 4 and all(r["status"] == "done" for r in records)
     assert all("1 client actors on 1 node(s) in the trial's placement group" in r["log"] for r in records)
     shapes = [sorted((i, dict(b)) for i, b in pg["bundles"].items())
               for pg in ray.util.placement_group_table().values()]
@@ -168,7 +168,7 @@ def test_trials_spread_over_the_nodes_of_a_three_raylet_cluster(tmp_path):
     # Assert: every run finished, and the trials ran on more than one node
     assert proc.returncode == 0, proc.stderr[-3000:]
     placed = json.loads(out.read_text())
-    assert sorted(placed["runs"]) == ["fedavg-s0", "fml-s0"]
+    assert sorted(placed["runs"]) == ["fedavg-s0", "fedavg-s1", "fml-s0", "fml-s1"]
     assert len(placed["nodes"]) == 3
     assert len(set(placed["runs"].values())) >= 2, placed
     assert (tmp_path / "runs/grid/results.parquet").is_file()
