@@ -8,8 +8,10 @@ BIN := $(VENV)/bin
 run: $(VENV)/.installed  ## run the embedded default (digits, 20 clients, FML)
 	$(BIN)/fmlray run
 
+# Two pytest workers: 13-30 % of a worker's time is waiting (Ray and its agents starting, polls), which the
+# other worker fills. Each worker has its own Ray; tests sharing a module fixture (a Ray head, a cluster) stay together.
 test: $(VENV)/.installed  ## the whole test suite (unit + Ray integration)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

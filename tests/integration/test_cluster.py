@@ -19,7 +19,7 @@ from fmlray.engine.serial import SerialEngine
 from fmlray.simulation import prepare, simulate
 from raynodes import BIN, PrivateHead
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]  # one head, one cluster
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
