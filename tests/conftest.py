@@ -1,0 +1,13 @@
+"""Checks on the test session itself."""
+
+import pytest
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """`make test` runs two pytest-xdist workers with `--dist loadgroup`: the cluster tests (xdist_group
+    "cluster") must run on one worker, or each worker starts its own Ray head and three-raylet cluster.
+    pytest-xdist 3.8 groups by renaming node ids, which pytest 9.2 ignores; say so instead of running slow."""
+    grouped = [i for i in ids if "test_cluster.py::" in i]
+    if node.config.getvalue("dist") == "loadgroup" and grouped and not any("@cluster" in i for i in grouped):
+        pytest.exit(f"pytest-xdist did not group the cluster tests (pytest {pytest.__version__}): install the "
+                    "pytest version pyproject.toml asks for", returncode=4)
