@@ -163,14 +163,15 @@ def test_gpu_check_dry_run_passes_its_checks_and_writes_its_records(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run", "--smoke",
                            "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=3 * SMOKE_TIMEOUT_S)  # three steps, each in its own Ray (~2 min on 2 cores)
+                          timeout=3 * SMOKE_TIMEOUT_S)  # two steps, each in its own Ray (~70 s on 2 cores)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     checks = report["checks"]
-    assert not [c for c in checks if c["ok"] is False] and sum(1 for c in checks if c["ok"]) >= 25, checks
+    assert not [c for c in checks if c["ok"] is False] and sum(1 for c in checks if c["ok"]) >= 20, checks
     skipped = {c["check"] for c in checks if c["ok"] is None}
     assert "training waits for the GPU per client, not per step" in skipped  # CUDA-only, said so
-    assert set(report["runs"]) == {"quarter", "whole", "batched"}
+    assert set(report["runs"]) == {"quarter", "batched"}  # and "whole" at full size
+    assert any(c["check"] == "batched: resumed after round 1 on fresh actors = uninterrupted" and c["ok"] for c in checks)
     rows = pq.read_table(tmp_path / "gpu-bench.parquet").to_pylist()
     assert {r["gpu_fraction"] for r in rows} >= {1.0, 0.25} and all(r["seconds"] > 0 for r in rows)
     assert (tmp_path / "env.txt").exists() and "step 3 (TF32 report) left out" in (tmp_path / "run.log").read_text()
