@@ -8,10 +8,11 @@ BIN := $(VENV)/bin
 run: $(VENV)/.installed  ## run the embedded default (digits, 20 clients, FML)
 	$(BIN)/fmlray run
 
-# Two pytest workers: 13-30 % of a worker's time is waiting (Ray and its agents starting, polls), which the
-# other worker fills. Each worker has its own Ray; tests sharing a module fixture (a Ray head, a cluster) stay together.
+# Three pytest workers on two cores: a worker alone waits 13-30 % of its time (Ray and its agents starting,
+# polls), which the others fill (2 workers: 882 s, 3: 811 s, on one 2-core machine); the slowest modules go
+# first (tests/conftest.py). Each worker has its own Ray; tests sharing a Ray head or cluster stay together.
 test: $(VENV)/.installed  ## the whole test suite (unit + Ray integration)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -11,3 +11,13 @@ def pytest_xdist_node_collection_finished(node, ids):
     if node.config.getvalue("dist") == "loadgroup" and grouped and not any("@cluster" in i for i in grouped):
         pytest.exit(f"pytest-xdist did not group the cluster tests (pytest {pytest.__version__}): install the "
                     "pytest version pyproject.toml asks for", returncode=4)
+
+
+# The modules whose tests take a minute or more each (processes of their own, private Rays, Tune), in this
+# order before all others: under pytest-xdist the last tests to start decide when the session ends, and
+# a sweep stopped by SIGTERM that starts last kept one worker busy 90 s after the others had finished.
+FIRST = ("test_trials.py", "test_benchmarks_smoke.py", "test_cluster.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
