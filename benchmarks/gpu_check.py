@@ -482,10 +482,12 @@ def run_check(args) -> int:
                               f"synchronising calls in one round of 6 clients (1 vs 3 epochs): {counts}")
             checks.guard("training waits for the GPU per client, not per step", syncs)
 
-        runs = ((("quarter", QUARTER), ("whole", WHOLE), ("batched", BATCHED)) if args.precision == "fp32"
-                else (("quarter", QUARTER),))
-        if args.smoke:  # CI's dry run: "whole" is "batched" without vmap, and "quarter" runs the sequential path
-            runs = tuple(r for r in runs if r[0] != "whole")
+        if args.precision != "fp32":
+            runs = (("quarter", QUARTER),)
+        elif args.smoke:  # CI's dry run: "whole" is "batched" without vmap, and "quarter" runs the sequential path
+            runs = (("quarter", QUARTER), ("batched", BATCHED))
+        else:
+            runs = (("quarter", QUARTER), ("whole", WHOLE), ("batched", BATCHED))
         for label, groups in runs:
             def one(label=label, groups=groups):
                 cfg = check_config(label, groups, EXTRA.get(label, ()), args.smoke)

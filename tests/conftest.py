@@ -4,7 +4,7 @@ import pytest
 
 
 def pytest_xdist_node_collection_finished(node, ids):
-    """`make test` runs two pytest-xdist workers with `--dist loadgroup`: the cluster tests (xdist_group
+    """`make test` runs pytest-xdist workers with `--dist loadgroup`: the cluster tests (xdist_group
     "cluster") must run on one worker, or each worker starts its own Ray head and three-raylet cluster.
     pytest-xdist 3.8 groups by renaming node ids, which pytest 9.2 ignores; say so instead of running slow."""
     grouped = [i for i in ids if "test_cluster.py::" in i]
@@ -15,7 +15,7 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 # The modules whose tests take a minute or more each (processes of their own, private Rays, Tune), in this
 # order before all others: under pytest-xdist the last tests to start decide when the session ends, and
-# a sweep stopped by SIGTERM that starts last kept one worker busy 90 s after the others had finished.
+# a sweep stopped by SIGTERM that starts last kept one worker busy 86 s after the others had finished.
 FIRST = ("test_trials.py", "test_benchmarks_smoke.py", "test_cluster.py")
 
 
