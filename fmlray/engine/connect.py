@@ -125,9 +125,11 @@ def start_private_ray(**resources) -> None:
     - A token of its own: nothing else can join it, not even `ray.init(address="auto")`, which finds
       any Ray's GCS on the machine from the process list. Setting the mode explicitly also keeps Ray
       from warning that it turned token authentication on.
+    - Without the head's autoscaler monitor and dashboard API server (`_lean_head`).
     """
     from ray._private import ray_constants
-    with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)):
+    with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+                  RAY_AUTH_TOKEN=secrets.token_hex(32)), _lean_head():
         loopback, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
             _reread_auth()
@@ -136,6 +138,26 @@ def start_private_ray(**resources) -> None:
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = loopback
     # The processes started keep the token in their environment, and this one in Ray's cache.
+
+
+@contextlib.contextmanager
+def _lean_head():
+    """Keep `ray.init` from starting two head processes that a private one-node Ray has no use for: the
+    autoscaler monitor (nothing to scale) and the dashboard API server (job submission, state API; nobody can
+    reach this Ray anyway). Each is a Python process importing much of Ray: on two cores they took 2.5 s of
+    CPU and ~2.3 s of `ray.init`'s 6.4 s (benchmarks/README.md). `ray.init` has no switch for them (with
+    include_dashboard=False it still starts the API server), so Ray's node is kept from calling them; a Ray
+    without these methods starts them as usual. The trade-off: the dashboard agent, which the raylet still
+    starts, logs once a second into Ray's session folder that it finds no dashboard (~1 MB an hour)."""
+    from ray._private.node import Node
+    saved = {name: Node.__dict__[name] for name in ("start_monitor", "start_api_server") if name in Node.__dict__}
+    for name in saved:
+        setattr(Node, name, lambda self, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 @contextlib.contextmanager

@@ -181,6 +181,7 @@ def test_a_private_run_listens_on_loopback_only_and_nothing_else_can_join_it(tmp
                 break
         root = psutil.Process(run.pid)
         sockets = listening(root)
+        scripts = {Path(a).name for p in root.children(recursive=True) for a in p.cmdline()[:3] if a.endswith(".py")}
         gcs = gcs_address_of(root)
         # fmlray's `auto` looks for a `ray start` cluster only, not for any Ray it can find
         auto = fmlray("run", "--address", "auto", *QUICK, "--set", f"run.output_dir={tmp_path / 'auto'}",
@@ -199,6 +200,8 @@ def test_a_private_run_listens_on_loopback_only_and_nothing_else_can_join_it(tmp
     names = {name for name, _ in sockets}
     assert {"gcs_server", "raylet"} <= names, f"the run's Ray was not found: {sockets}"
     assert [(name, ip) for name, ip in sockets if not is_loopback(ip)] == []
+    # a private Ray's head runs no autoscaler monitor and no dashboard API server (connect._lean_head)
+    assert "log_monitor.py" in scripts and not {"monitor.py", "dashboard.py"} & scripts, scripts
     assert auto.returncode == 2 and "no `ray start` cluster on this machine" in auto.stderr
     assert join.returncode != 0 and "Authentication token is missing or incorrect" in join.stderr
     assert run.returncode == 130 and "Token authentication is enabled" not in err, err[-3000:]
