@@ -40,10 +40,17 @@ CHECKPOINT_MANIFEST = Path("checkpoint") / "manifest.json"  # fmlray.checkpoint'
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all (a temporary name, then renamed over it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write `path` whole or not at all: a temporary file of a fresh name, created exclusively (so never through
+    a link someone left there, nor shared with another writer), then renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    f = open(tmp, "xb")  # only a name this call made is deleted below
+    try:
+        with f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_new(path: Path, data: bytes) -> None:

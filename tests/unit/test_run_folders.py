@@ -308,3 +308,17 @@ def test_resume_refuses_another_name_or_place(tmp_path, capsys, key):
     assert snapshot(out / "a") == before and sorted(p.name for p in out.iterdir()) == ["a"]
     # naming the folder it resumes is no change
     assert main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2", "--set", "run.name=a"]) == 0
+
+
+def test_an_atomic_write_goes_through_no_link_and_leaves_no_temporary_file(tmp_path):
+    from fmlray.rundir import write_atomic
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("the user's\n")
+    (tmp_path / ".summary.txt.tmp").symlink_to(victim)  # where the temporary file used to be written, always
+    write_atomic(tmp_path / "summary.txt", b"new\n")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):  # the rename fails: nothing of the write may stay behind
+        write_atomic(tmp_path / "folder", b"x")
+    assert victim.read_text() == "the user's\n" and (tmp_path / "summary.txt").read_bytes() == b"new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".summary.txt.tmp", "elsewhere.txt", "folder",
+                                                          "summary.txt"]
