@@ -148,7 +148,7 @@ def _lean_head():
     CPU and ~2.3 s of `ray.init`'s 6.4 s (benchmarks/README.md). `ray.init` has no switch for them (with
     include_dashboard=False it still starts the API server), so Ray's node is kept from calling them; a Ray
     without these methods starts them as usual. The trade-off: the dashboard agent, which the raylet still
-    starts, logs once a second into Ray's session folder that it finds no dashboard (~1 MB an hour)."""
+    starts, logs once a second into Ray's session folder that it finds no dashboard (~2 MB an hour)."""
     from ray._private.node import Node
     saved = {name: Node.__dict__[name] for name in ("start_monitor", "start_api_server") if name in Node.__dict__}
     for name in saved:
