@@ -13,6 +13,7 @@ place only once it holds a checkpoint, so a run that dies early leaves the old o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -39,37 +40,37 @@ CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS =
 CHECKPOINT_MANIFEST = Path("checkpoint") / "manifest.json"  # fmlray.checkpoint's FOLDER / MANIFEST (it imports us)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a temporary file of a fresh name, created exclusively (so never through
-    a link someone left there, nor shared with another writer), then renamed over `path`."""
+@contextlib.contextmanager
+def _temporary(path: Path, data: bytes):
+    """`data` in a temporary file beside `path`, of a fresh name and created exclusively (so never through a link
+    someone left there, nor shared with another writer); deleted when the block ends, unless renamed away."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     f = open(tmp, "xb")  # only a name this call made is deleted below
     try:
         with f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file (`_temporary`), then renamed over `path`."""
+    with _temporary(path, data) as tmp:
+        os.replace(tmp, path)
 
 
 def write_new(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all, and only where nothing is (FileExistsError otherwise: a user's file,
-    a link, a device stay as they are): a temporary file of a fresh name, then hard-linked to `path`, which,
+    a link, a device stay as they are): a temporary file (`_temporary`), then hard-linked to `path`, which,
     unlike a rename, never replaces. Where the file system has no hard links, `path` is created exclusively."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    f = open(tmp, "xb")  # only a name this call made is deleted below
-    try:
-        with f:
-            f.write(data)
+    with _temporary(path, data) as tmp:
         try:
             os.link(tmp, path)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):  # not "no hard links here" (FAT)
                 raise
             _create(path, data)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _create(path: Path, data: bytes) -> None:
