@@ -161,6 +161,17 @@ def listening(root: psutil.Process) -> list[tuple[str, str]]:
     return found
 
 
+def python_scripts(root: psutil.Process) -> set[str]:
+    """The file names of the Python scripts `root`'s descendants run (e.g. Ray's log_monitor.py)."""
+    found = set()
+    for p in root.children(recursive=True):
+        try:
+            found |= {Path(a).name for a in p.cmdline()[:3] if a.endswith(".py")}
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def gcs_address_of(root: psutil.Process) -> str:
     for p in root.children(recursive=True):
         for arg in p.cmdline():
@@ -181,7 +192,7 @@ def test_a_private_run_listens_on_loopback_only_and_nothing_else_can_join_it(tmp
                 break
         root = psutil.Process(run.pid)
         sockets = listening(root)
-        scripts = {Path(a).name for p in root.children(recursive=True) for a in p.cmdline()[:3] if a.endswith(".py")}
+        scripts = python_scripts(root)
         gcs = gcs_address_of(root)
         # fmlray's `auto` looks for a `ray start` cluster only, not for any Ray it can find
         auto = fmlray("run", "--address", "auto", *QUICK, "--set", f"run.output_dir={tmp_path / 'auto'}",
