@@ -19,7 +19,9 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 import pyarrow as pa
@@ -288,13 +290,20 @@ def _take_lock(path: Path) -> int | None:
     """An exclusive flock on `path` (the kernel drops it when the process dies, so a crash leaves no
     stale lock), or None when another process holds it; its folder is made if missing. The file is
     unlinked before it is released; a taker that locked a file unlinked meanwhile tries again, so two
-    never both hold the name."""
+    never both hold the name. What is at `path` and is not a lock file of fmlray's (a link, a user's file)
+    is refused, never followed, emptied or deleted (`_not_a_lock`)."""
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # a writer that failed removed the folder it had made: make it again
-            continue
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except FileNotFoundError:
+            if os.path.isdir(path.parent):  # e.g. /proc: no new files there, however often it is asked
+                raise
+            continue  # a writer that failed removed the folder it had made: make it again
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and os.path.islink(path):
+                raise FmlrayError(_not_a_lock(path, f"a symlink (to {os.readlink(path)})")) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -303,14 +312,26 @@ def _take_lock(path: Path) -> int | None:
                 return None
             raise
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        os.close(fd)
+        if not same:
+            os.close(fd)
+            continue
+        info = os.fstat(fd)
+        what = ("a special file" if not stat.S_ISREG(info.st_mode) else
+                None if info.st_size <= 24 and re.fullmatch(rb"\d*\n?", os.pread(fd, 24, 0)) else "a file")
+        if what is not None:  # someone else's: left whole, and the name refused
+            os.close(fd)
+            raise FmlrayError(_not_a_lock(path, what))
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+
+def _not_a_lock(path: Path, what: str) -> str:
+    return (f"{path} is {what}, not a lock file of fmlray's (an empty file or a process id), where fmlray locks "
+            f"run.name {path.name[1:-len('.lock')]!r}; it was left as it is: move it away, or choose another run.name")
 
 
 def _holder(path: Path) -> str:

@@ -278,6 +278,36 @@ def test_a_folder_where_the_lock_file_goes_is_named(tmp_path, capsys, no_data):
     assert hidden(out) == [".a.lock"]
 
 
+@pytest.mark.parametrize("kind", ["file", "link", "fifo"])
+def test_what_is_at_the_lock_files_name_and_is_not_fmlrays_is_refused_and_left_whole(tmp_path, capsys, no_data, kind):
+    # a user's file, or a link to one, where the lock goes: never followed, emptied or deleted
+    out = tmp_path / "runs"
+    out.mkdir()
+    target, lock = tmp_path / "target.txt", out / ".a.lock"
+    target.write_text("a user's data")
+    {"file": lambda: lock.write_text("my notes\n"), "link": lambda: lock.symlink_to(target),
+     "fifo": lambda: os.mkfifo(lock)}[kind]()
+    what = {"file": "a file", "link": f"a symlink (to {target})", "fifo": "a special file"}[kind]
+    one_line(capsys, run(out, "a"), f"{lock} is {what}, not a lock file of fmlray's", "left as it is",
+             "choose another run.name")
+    assert os.path.lexists(lock) and target.read_text() == "a user's data"
+    assert kind != "file" or lock.read_text() == "my notes\n"
+    assert hidden(out) == [".a.lock"] and not (out / "a").exists()
+
+
+def test_a_lock_file_a_killed_run_left_is_taken_and_removed(tmp_path):
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / ".a.lock").write_text("4242\n")  # what a run killed with SIGKILL leaves: its pid
+    with RunFolder(out, "a"):
+        assert (out / ".a.lock").read_text() == f"{os.getpid()}\n"
+    assert hidden(out) == []
+
+
+def test_an_output_dir_where_no_file_can_be_made_is_one_line_not_a_hang(capsys, no_data):
+    one_line(capsys, run("/proc", "a"), "cannot write into /proc", "set run.output_dir to a writable folder")
+
+
 @pytest.mark.parametrize("below", ["", "sub"])
 def test_a_symlink_loop_as_output_dir_is_named(tmp_path, capsys, no_data, below):
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
