@@ -29,6 +29,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _path(text: str) -> str:
+    """A path argument: an empty one would silently mean "none given" (e.g. `--resume ''` a new run)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return text
+
+
 def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help=f"replace {what} if already there (only a folder fmlray made, and only once the new run "
@@ -36,7 +43,7 @@ def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: the embedded digits default)")
+    p.add_argument("--config", "-c", metavar="FILE", type=_path, help="TOML config (default: the embedded digits default)")
     p.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting, e.g. --set training.lr=0.05 (repeatable)")
     p.add_argument("--address", metavar="ADDR",
@@ -48,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one experiment and write runs/<name>/")
     _config_args(run)
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<name> from its last checkpoint "
+    run.add_argument("--resume", metavar="RUN_DIR", type=_path, help="continue runs/<name> from its last checkpoint "
                      "(its own config; --set may extend run.rounds)")
     _overwrite_arg(run, "runs/<name>/")
     compare = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
@@ -58,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fedper, fedrep, fedbn, apfl, lgfedavg, dml)")
     _overwrite_arg(compare, "the runs/<name>-<algorithm>/ folders")
     sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
-    sweep.add_argument("sweep_file", help="a TOML sweep file, e.g. experiments/digits.toml")
+    sweep.add_argument("sweep_file", type=_path, help="a TOML sweep file, e.g. experiments/digits.toml")
     sweep.add_argument("--parallel", metavar="N|auto",
                        help="run the grid as Ray Tune trials, N at once (auto: as many as the cluster holds), each "
                        "in a placement group sized to its run (same as executor = \"tune\" in [sweep])")
@@ -66,16 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one run after another in this process, whatever the sweep file's executor says")
     tune = sub.add_parser("tune", help="search ranges of config keys with Ray Tune (a scheduler such as ASHA); "
                           "print the best configs and write them as presets")
-    tune.add_argument("tune_file", help="a TOML tune file, e.g. experiments/tune-digits.toml")
+    tune.add_argument("tune_file", type=_path, help="a TOML tune file, e.g. experiments/tune-digits.toml")
     tune.add_argument("--parallel", metavar="N|auto", help="trials at once (default: the file's tune.parallel)")
     tune.add_argument("--resume", action="store_true",
                       help="continue a stopped or crashed search in its folder: finished trials are kept, the "
                       "others go on from their checkpoints (the tune file must plan the same search)")
     report = sub.add_parser("report", help="reprint a finished run's summary")
-    report.add_argument("run_dir", help="a folder written by fmlray run, e.g. runs/digits-fml")
+    report.add_argument("run_dir", type=_path, help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
     _config_args(part)
-    part.add_argument("--save", metavar="FILE.csv", help="also write the table as CSV")
+    part.add_argument("--save", metavar="FILE.csv", type=_path, help="also write the table as CSV")
     config = sub.add_parser("config", help="list every config key with its value, default and meaning")
     _config_args(config)
     return parser
@@ -94,7 +101,7 @@ def cmd_run(args) -> int:
     from fmlray.config import ConfigError
     from fmlray.jobs import check_path
 
-    if args.resume:
+    if args.resume is not None:
         from fmlray.rundir import resumable_config
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
@@ -110,7 +117,7 @@ def cmd_run(args) -> int:
 
     try:
         path, summary = run_experiment(cfg, echo=Console(),
-                                       resume_dir=Path(args.resume) if args.resume else None,
+                                       resume_dir=None if args.resume is None else Path(args.resume),
                                        overwrite=args.overwrite)
     except RunInterrupted as stop:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -147,18 +154,29 @@ def cmd_compare(args) -> int:
             runs[name] = replace(cfg, algorithm=replace(cfg.algorithm, name=name),
                                  run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
         except ConfigError as exc:
-            raise ConfigError(f"compare names its runs <run.name>-<algorithm>: {exc}") from None
+            raise ConfigError(f"compare's {name} run ({cfg.run.name}-{name}): {exc}") from None
     for one in runs.values():  # every folder checked before the data is loaded (each run locks its own)
         check_new(Path(one.run.output_dir) / one.run.name, args.overwrite)
     from fmlray.metrics import format_comparison
-    from fmlray.simulation import prepare, run_experiment
+    from fmlray.simulation import RunInterrupted, check_shares, prepare, run_experiment
 
-    prepared = prepare(cfg)  # one dataset and partition for every algorithm
+    prepared = prepare(next(iter(runs.values())))  # one dataset and partition for every algorithm
+    for name, one in runs.items():  # each algorithm's own settings, before any run is written
+        try:
+            check_shares(one, prepared.dataset)
+        except ConfigError as exc:
+            raise ConfigError(f"compare's {name} run: {exc}") from None
     finals = {}
     with _shared_ray(cfg):
         for name, one in runs.items():
-            path, finals[name] = run_experiment(one, prepared, echo=Console(),
-                                                overwrite=args.overwrite)
+            try:
+                path, finals[name] = run_experiment(one, prepared, echo=Console(), overwrite=args.overwrite)
+            except RunInterrupted as stop:
+                left = [n for n in runs if n != name and n not in finals]
+                print(f"fmlray: stopped the {name} run after round {stop.round}; continue it with: fmlray run "
+                      f"--resume {Path(one.run.output_dir) / one.run.name}"
+                      + (f" (not started: {', '.join(left)})" if left else ""), file=sys.stderr)
+                return 130
             print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
     return 0
@@ -246,7 +264,7 @@ def cmd_partition(args) -> int:
     from fmlray.jobs import check_path
 
     cfg = _load(args)
-    save = Path(args.save) if args.save else None
+    save = None if args.save is None else Path(args.save)
     if save is not None:
         check_path(save, "--save")
         if save.is_dir() or not save.parent.is_dir():

@@ -132,8 +132,6 @@ class Prepared:
 def prepare(cfg: Config) -> Prepared:
     """Load the data, partition it, and check every model fits it, and that the algorithm shares something of
     the global model if it shares at all — before anything is written."""
-    from fmlray.algorithms import build_algorithm
-    from fmlray.algorithms.base import layers
     from fmlray.data import load_dataset, partition_dataset
     from fmlray.models import build_model
 
@@ -142,6 +140,17 @@ def prepare(cfg: Config) -> Prepared:
     partition = keep_task_classes(cfg, dataset, partition)
     for name in {cfg.model.meme, *(g.local_model for g in cfg.clients.groups)}:
         build_model(name, dataset.input_shape, dataset.num_classes)  # raises a ConfigError on a misfit
+    check_shares(cfg, dataset)
+    return Prepared(dataset, partition)
+
+
+def check_shares(cfg: Config, dataset: Dataset) -> None:
+    """The algorithm shares something of the global model if it shares at all (e.g. FedPer's head is not
+    the whole model): else a ConfigError."""
+    from fmlray.algorithms import build_algorithm
+    from fmlray.algorithms.base import layers
+    from fmlray.models import build_model
+
     algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
     if algo.shares is not None:
         meme = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
@@ -149,7 +158,6 @@ def prepare(cfg: Config) -> Prepared:
             raise ConfigError(f"algorithm {cfg.algorithm.name!r} shares no part of model.meme {cfg.model.meme!r} "
                               f"({len(layers(meme))} layers) with these settings; lower the layers it keeps "
                               f"(algorithm.{cfg.algorithm.name}.*) or use algorithm.name = \"local\"")
-    return Prepared(dataset, partition)
 
 
 def keep_task_classes(cfg: Config, dataset: Dataset, partition: Partition) -> Partition:

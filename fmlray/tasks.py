@@ -105,9 +105,9 @@ def _checked(of_class: tuple[int, ...], num_classes: int, key: str) -> tuple[int
     used = sorted({label for label in of_class if label >= 0})
     if not used:
         raise ConfigError(f"{key} drops every class (all -1); {what}")
-    missing = sorted(set(range(used[-1] + 1)) - set(used))
-    if missing:
-        raise ConfigError(f"{key}: task label {missing[0]} has no class (labels used: {', '.join(map(str, used))}); "
+    if used[-1] != len(used) - 1:  # a gap; found among the first len(used) labels, however big the last one is
+        gap = next(i for i in range(len(used)) if used[i] != i)
+        raise ConfigError(f"{key}: task label {gap} has no class (labels used: {', '.join(map(str, used))}); "
                           "number the task's labels 0..k-1 without gaps")
     if len(used) < 2:
         raise ConfigError(f"{key} has a single label (every kept class maps to {used[0]}); a task needs at least 2")

@@ -81,6 +81,40 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
         assert (tmp_path / f"digits-fml-{name}" / "metrics.parquet").is_file()
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--algorithms", "fml,fedper", "--set", "algorithm.fedper.head_layers=50"],
+     "compare's fedper run: algorithm 'fedper' shares no part of model.meme"),
+    (["--algorithms", "lgfedavg", "--set", "algorithm.lgfedavg.global_layers=0"], "algorithm 'lgfedavg' shares no part"),
+    (["--algorithms", "fml,fedrep", "--set", "algorithm.fedrep.body_epochs=6"],
+     "compare's fedrep run (digits-fml-fedrep): algorithm.fedrep.body_epochs = 6 is more than training.epochs"),
+])
+def test_compare_checks_every_algorithms_settings_before_any_run_is_written(tmp_path, capsys, extra, fragment):
+    fail(capsys, ["compare", *QUICK, "--set", f"run.output_dir={tmp_path / 'out'}", *extra], fragment,
+         out_dir=tmp_path / "out")
+
+
+def test_compare_settings_of_an_algorithm_it_does_not_run_are_not_its_business(tmp_path, capsys):
+    assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}", "--set", "clients.num_clients=4",
+                 "--set", "algorithm.name=fedper", "--set", "algorithm.fedper.head_layers=50",
+                 "--algorithms", "fedavg"]) == 0
+
+
+def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_start(tmp_path, capsys, monkeypatch):
+    import fmlray.simulation as simulation
+    ran = []
+
+    def run_experiment(cfg, *args, **kwargs):  # the second algorithm's run is stopped, as SIGINT stops it
+        ran.append(cfg.algorithm.name)
+        if len(ran) == 2:
+            raise simulation.RunInterrupted(3)
+        return tmp_path / cfg.run.name, {}
+    monkeypatch.setattr(simulation, "run_experiment", run_experiment)
+    assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}", "--algorithms", "fml,fedavg,local"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fmlray: stopped the fedavg run after round 3; continue it with: fmlray run --resume "
+                   f"{tmp_path / 'digits-fml-fedavg'} (not started: local)") and ran == ["fml", "fedavg"]
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["run", "--set", "training.lr=abc"], "training.lr must be a number"),
     (["run", "--set", "training.lrr=0.1"], "unknown key 'training.lrr'"),
@@ -120,6 +154,10 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     (["run", "--resume", "/tmp", "--config", "x.toml"], "drop --config"),
     (["launch"], "invalid choice"),
     (["run", "--bogus"], "unrecognized arguments"),
+    (["run", "--resume", "", "--overwrite"], "argument --resume: is empty; give a path"),  # not a new run
+    (["partition", "--save", " "], "argument --save: is empty"),
+    (["run", "--config", ""], "argument --config/-c: is empty"),
+    (["report", ""], "argument run_dir: is empty"),
     # values that once passed validation and failed later (after loading data or starting Ray)
     (["run", "--set", r'run.name="a\u0000b"'], "run.name = 'a\\x00b' holds a control character"),
     (["run", "--set", r'run.name="a\nb"'], "holds a control character"),

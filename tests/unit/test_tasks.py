@@ -121,6 +121,7 @@ TEN = "clients.groups=[{name='a', share=1.0, task=%s}]"
     ([TEN % "[0, 1, 0]"], "has 3 entries but the dataset has 10 classes; classes 3..9 are unmapped"),
     ([TEN % "[0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]"], "has 11 entries but the dataset has 10 classes; give one"),
     ([TEN % "[0, 2, 0, 2, 0, 2, 0, 2, 0, 2]"], "task label 1 has no class (labels used: 0, 2)"),
+    ([TEN % "[0, 1, 2, 3, 4, 5, 6, 7, 8, 99999999999]"], "task label 9 has no class"),  # no range(10**11)
     ([TEN % "[0, 0, 0, 0, 0, -1, -1, -1, -1, -1]"], "has a single label"),
     ([TEN % "[-1, -1, -1, -1, -1, -1, -1, -1, -1, -1]"], "drops every class"),
     ([TEN % "[0, 1, -2, 0, 1, 0, 1, 0, 1, 0]"], "class 2 has label -2"),
