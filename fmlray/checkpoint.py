@@ -15,7 +15,6 @@ the RNG state. The metric rows are not here either: they stream to `metrics/` ro
 from __future__ import annotations
 
 import json
-import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from fmlray.aggregate import State
 from fmlray.config import Config, to_dict
 from fmlray.engine.state import RowRef, latest_rows
 from fmlray.errors import FmlrayError, ResourceError
-from fmlray.rundir import fsync_dir
+from fmlray.rundir import fsync_dir, write_atomic
 
 FOLDER = "checkpoint"
 MANIFEST = "manifest.json"
@@ -104,20 +103,10 @@ class Writer:
         glob = f"global-r{rnd:06d}.npz"
         try:
             if global_state is not None:
-                tmp = self.folder / f".{glob}.tmp"
-                with open(tmp, "wb") as f:
-                    np.savez(f, **global_state)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.folder / glob)
+                write_atomic(self.folder / glob, lambda f: np.savez(f, **global_state), durable=True)
             manifest = {"version": VERSION, "round": rnd, "global": glob if global_state is not None else None,
                         "config": self.config, "shards": shards, "placement": engine.placement()}
-            tmp = self.folder / f".{MANIFEST}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(manifest, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / MANIFEST)
+            write_atomic(self.folder / MANIFEST, json.dumps(manifest).encode(), durable=True)
             fsync_dir(self.folder)
         except OSError as exc:
             raise ResourceError(f"cannot write the checkpoint in {self.folder} ({exc.strerror}); free space there "

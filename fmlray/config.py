@@ -87,8 +87,13 @@ def folder_name(key: str, value: str) -> None:
     _check(size <= MAX_NAME_BYTES, f"{key} is {size} bytes long; folder names hold at most {MAX_NAME_BYTES} here")
 
 
-def _path(key: str, value: str) -> None:
-    """ConfigError unless every folder name in path `value` fits a file system's 255 bytes."""
+def _path(config: Any, key: str) -> None:
+    """Path `key` of `config` with a leading `~` (or `~user`) expanded, as a shell would (else every writer would
+    make a folder named "~" here, and pyarrow alone would read it as home); a ConfigError unless every folder
+    name in it fits a file system's 255 bytes."""
+    attr = key.rsplit(".", 1)[1]
+    value = os.path.expanduser(getattr(config, attr))
+    object.__setattr__(config, attr, value)
     longest = max((len(part.encode()) for part in Path(value).parts), default=0)
     _check(longest <= 255, f"{key} holds a name of {longest} bytes; file systems allow 255")
 
@@ -140,7 +145,7 @@ class RunConfig:
 
     def __post_init__(self):
         folder_name("run.name", self.name)
-        _path("run.output_dir", self.output_dir)
+        _path(self, "run.output_dir")
         _between("run.seed", self.seed, 0, 2**63 - 1)
         _between("run.rounds", self.rounds, 1, INT32_MAX)
         _between("run.eval_every", self.eval_every, 1, INT32_MAX)
@@ -173,8 +178,8 @@ class DataConfig:
     def __post_init__(self):
         _one_of("data.dataset", self.dataset, DATASETS)
         _one_of("data.partition", self.partition, PARTITIONS)
-        _path("data.root", self.root)
-        _path("data.partition_file", self.partition_file)
+        _path(self, "data.root")
+        _path(self, "data.partition_file")
         _check(self.partition != "natural" or self.dataset == "synthetic",
                "data.partition = 'natural' needs data.dataset = 'synthetic' (only it has natural clients)")
         _check((self.partition == "file") == bool(self.partition_file),
@@ -409,7 +414,7 @@ class EngineConfig:
         _one_of("engine.kind", self.kind, ENGINES)
         _one_of("engine.state_store", self.state_store, ("auto", "memory", "disk"))
         _between("engine.num_actors", self.num_actors, 0, MAX_CLIENTS)
-        _path("engine.state_dir", self.state_dir)
+        _path(self, "engine.state_dir")
 
 
 @dataclass(frozen=True, kw_only=True)

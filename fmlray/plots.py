@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -12,7 +13,7 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def accuracy_plot(summary: list[dict], title: str, path: Path) -> None:
+def accuracy_plot(summary: list[dict], title: str, path: Path | BinaryIO) -> None:
     """Mean accuracy across clients with its p10 as a dashed line, and the global test accuracy."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     rounds = [s["round"] for s in summary]
@@ -31,5 +32,5 @@ def accuracy_plot(summary: list[dict], title: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -22,7 +22,9 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute
@@ -42,31 +44,49 @@ CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS =
 CHECKPOINT_MANIFEST = Path("checkpoint") / "manifest.json"  # fmlray.checkpoint's FOLDER / MANIFEST (it imports us)
 
 
+Writer = Callable[[BinaryIO], object]
+
+
 @contextlib.contextmanager
-def _temporary(path: Path, data: bytes):
-    """`data` in a temporary file beside `path`, of a fresh name and created exclusively (so never through a link
-    someone left there, nor shared with another writer); deleted when the block ends, unless renamed away."""
+def _temporary(path: Path, write: Writer, durable: bool = False):
+    """A temporary file beside `path`, filled by `write(file)`, of a fresh name and created exclusively (so never
+    through a link someone left there, nor shared with another writer); `durable`: on disk before it is renamed.
+    Deleted when the block ends, unless renamed away."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     f = open(tmp, "xb")  # only a name this call made is deleted below
     try:
         with f:
-            f.write(data)
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a temporary file (`_temporary`), then renamed over `path`."""
-    with _temporary(path, data) as tmp:
+def _writer(data: bytes | Writer) -> Writer:
+    return data if callable(data) else lambda f: f.write(data)
+
+
+def write_atomic(path: Path, data: bytes | Writer, *, durable: bool = False) -> None:
+    """Write `path` whole or not at all: a temporary file (`_temporary`) of `data`, or filled by `data(file)`,
+    then renamed over `path`. Every file fmlray writes into a run, a sweep or a search folder goes this way."""
+    with _temporary(path, _writer(data), durable) as tmp:
         os.replace(tmp, path)
+
+
+def read_parquet(path: Path, **kwargs) -> pa.Table:
+    """`path` read as the local file it names (pyarrow, given a string, would take `file:x` for a URI)."""
+    with pa.OSFile(str(path)) as f:
+        return pq.read_table(f, **kwargs)
 
 
 def write_new(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all, and only where nothing is (FileExistsError otherwise: a user's file,
     a link, a device stay as they are): a temporary file (`_temporary`), then hard-linked to `path`, which,
     unlike a rename, never replaces. Where the file system has no hard links, `path` is created exclusively."""
-    with _temporary(path, data) as tmp:
+    with _temporary(path, _writer(data)) as tmp:
         try:
             os.link(tmp, path)
         except OSError as exc:
@@ -155,9 +175,7 @@ class RunFolder:
             buf = io.BytesIO()
             pa.csv.write_csv(partition_table, buf)
             write_atomic(self.temp / PARTITION, buf.getvalue())
-            tmp = self.temp / f".{PARTITION_FILE}.tmp.npz"
-            save_partition(tmp, partition)
-            os.replace(tmp, self.temp / PARTITION_FILE)
+            write_atomic(self.temp / PARTITION_FILE, lambda f: save_partition(f, partition))
         except OSError as exc:
             raise FmlrayError(f"cannot write {exc.filename or self.temp} ({exc.strerror}); nothing of an earlier run "
                               "was changed; set run.output_dir to a writable folder") from None
@@ -400,9 +418,7 @@ class Records:
         self.run_dir, self.parts = Path(run_dir), Path(run_dir) / PARTS
 
     def _write(self, rnd: int, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        write_atomic(self.parts / f"round-{rnd:06d}.parquet", buf.getvalue())
+        write_atomic(self.parts / f"round-{rnd:06d}.parquet", lambda f: pq.write_table(table, f))
 
     def append(self, rnd: int, rows: list[dict]) -> None:
         self._write(rnd, metrics.to_table(rows))
@@ -410,15 +426,15 @@ class Records:
     def merge(self, final: bool = False) -> list[dict]:
         """Write metrics.parquet from the parts (streamed, a round at a time); return the round summaries.
         `final`: the run is complete, its parts go (an extension splits metrics.parquet again)."""
-        tmp = self.run_dir / f".{METRICS}.tmp"
         summary = []
-        with pq.ParquetWriter(tmp, metrics.SCHEMA) as writer:
-            for part in sorted(self.parts.iterdir()):
-                table = pq.read_table(part, schema=metrics.SCHEMA)
-                writer.write_table(table)
-                s = metrics.summaries(table)
-                summary += s
-        os.replace(tmp, self.run_dir / METRICS)
+
+        def write(f):
+            with pq.ParquetWriter(f, metrics.SCHEMA) as writer:
+                for part in sorted(self.parts.iterdir()):
+                    table = read_parquet(part, schema=metrics.SCHEMA)
+                    writer.write_table(table)
+                    summary.extend(metrics.summaries(table))
+        write_atomic(self.run_dir / METRICS, write)
         if final:
             shutil.rmtree(self.parts, ignore_errors=True)
         return summary
@@ -431,7 +447,7 @@ def missing_rounds(run_dir: Path, upto: int) -> list[int]:
     have = {_part_round(p) for p in parts.iterdir()} if parts.is_dir() else set()
     if not have >= set(range(1, upto + 1)) and merged.is_file():
         try:
-            have |= set(pq.read_table(merged, columns=["round"]).column("round").to_pylist())
+            have |= set(read_parquet(merged, columns=["round"]).column("round").to_pylist())
         except (pa.ArrowException, OSError, KeyError):
             pass  # unreadable: its rounds are missing
     return sorted(set(range(1, upto + 1)) - have)
@@ -459,11 +475,12 @@ def _part_round(path: Path) -> int:
 
 def _rounds(path: Path):
     """(round, its rows) of a metrics file, a row group at a time."""
-    f = pq.ParquetFile(path)
-    for i in range(f.num_row_groups):
-        table = f.read_row_group(i)
-        for rnd in sorted(set(table.column("round").to_pylist())):
-            yield rnd, table.filter(pa.compute.equal(table.column("round"), rnd))
+    with pa.OSFile(str(path)) as source:
+        f = pq.ParquetFile(source)
+        for i in range(f.num_row_groups):
+            table = f.read_row_group(i)
+            for rnd in sorted(set(table.column("round").to_pylist())):
+                yield rnd, table.filter(pa.compute.equal(table.column("round"), rnd))
 
 
 def finish(run_dir: Path, summary: list[dict], title: str) -> None:
@@ -472,10 +489,8 @@ def finish(run_dir: Path, summary: list[dict], title: str) -> None:
         return
     write_atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
     write_atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
-    tmp = run_dir / f".{PLOT}.tmp.png"
     from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
-    plots.accuracy_plot(summary, title, tmp)
-    os.replace(tmp, run_dir / PLOT)
+    write_atomic(run_dir / PLOT, lambda f: plots.accuracy_plot(summary, title, f))
 
 
 def read_run(path: str | Path) -> tuple[pa.Table, str]:
@@ -491,7 +506,7 @@ def read_run(path: str | Path) -> tuple[pa.Table, str]:
                               f"put {METRICS} back, or run the experiment again")
         raise FmlrayError(f"{path} is not a finished fmlray run (no {METRICS}); give a folder under runs/")
     try:
-        table = pq.read_table(path / METRICS)
+        table = read_parquet(path / METRICS)
     except (pa.ArrowException, OSError) as exc:
         raise FmlrayError(f"{path / METRICS} cannot be read ({str(exc).splitlines()[0]}); rerun the experiment") from None
     have = dict(zip(table.column_names, table.schema.types))

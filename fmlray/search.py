@@ -197,7 +197,7 @@ def plan_search(path: str | Path) -> Search:
         twice = next((q.key for q in params[:i] if overlap(p.key.strip(), q.key.strip())), None)
         if twice is not None:  # the same key, or one inside the other (training, training.lr)
             raise ConfigError(f"{where}: a key is searched twice ({twice}, {p.key}); give each key one [[param]]")
-    search = Search(Path(output_dir) / name, name, base, tuple(common), params, metric, mode, samples, scheduler,
+    search = Search(Path(output_dir).expanduser() / name, name, base, tuple(common), params, metric, mode, samples, scheduler,
                     grace, factor, parallel, top, seed, rounds=0)
     ends = [{p.key: p.values[0] for p in params}, {p.key: p.values[-1] for p in params}]
     ends += [{p.key: v} for p in params if p.kind in ("choice", "grid") for v in p.values]
@@ -365,9 +365,7 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
     if not rows:
         return
     table = pa.Table.from_pylist(rows)
-    tmp = search.folder / ".trials.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(search.folder / "trials.parquet")
+    write_atomic(search.folder / "trials.parquet", lambda f: pq.write_table(table, f))
     for rank, row in enumerate(rows[: search.top], 1):
         values = {p.key: row[p.key] for p in search.params}
         cfg = search.config(values, f"{search.name}-best-{rank}")

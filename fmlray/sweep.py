@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
+from fmlray.rundir import read_parquet, write_atomic
 
 RESULTS = "results.parquet"
 RESERVED = ("run", "seed", *SCHEMA.names)  # columns of the combined table
@@ -200,7 +201,7 @@ def plan_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: sweep.set must be a list of \"section.key=value\" strings, got {common!r}")
     axes = _axes(spec, path)
     _check_keys(common, axes, path)
-    folder = Path(_text(s, "output_dir", path, "runs/sweeps")) / s["name"]
+    folder = Path(_text(s, "output_dir", path, "runs/sweeps")).expanduser() / s["name"]  # as run.output_dir
     runs = []
     seen: dict[str, Run] = {}  # each config (less its name) -> the run that has it
     for combo in itertools.product(*[variants for _, variants in axes]):
@@ -300,14 +301,12 @@ def combine(folder: Path, runs: list[Run]) -> Path:
     """One table: every run's metrics rows plus its run name, seed and axis labels."""
     tables = []
     for run in runs:
-        t = pq.read_table(folder / run.name / "metrics.parquet")
+        t = read_parquet(folder / run.name / "metrics.parquet")
         for key, value in {"run": run.name, **run.labels}.items():
             t = t.append_column(key, pa.array([value] * len(t), pa.string()))
         tables.append(t)
     table = pa.concat_tables(tables)
     table = table.set_column(table.schema.get_field_index("seed"), "seed", pc.cast(table["seed"], pa.int32()))
     out = folder / RESULTS
-    tmp = folder / f".{RESULTS}.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    write_atomic(out, lambda f: pq.write_table(table, f))
     return out

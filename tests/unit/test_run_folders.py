@@ -352,3 +352,16 @@ def test_an_atomic_write_goes_through_no_link_and_leaves_no_temporary_file(tmp_p
     assert victim.read_text() == "the user's\n" and (tmp_path / "summary.txt").read_bytes() == b"new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".summary.txt.tmp", "elsewhere.txt", "folder",
                                                           "summary.txt"]
+
+
+def test_output_dirs_are_local_paths_a_tilde_is_home_and_file_colon_a_folder(tmp_path, capsys, monkeypatch):
+    # pyarrow, given a string, would take "file:..." for a URI and "~" for home while fmlray's other writes
+    # did not: the run trained and then failed at its end, half written
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert run("~/runs", "a") == 0 and run("file:out", "b") == 0
+    for folder in (tmp_path / "home" / "runs" / "a", tmp_path / "file:out" / "b"):
+        assert (folder / "metrics.parquet").is_file() and (folder / "summary.txt").is_file()
+        assert main(["report", str(folder)]) == 0
+    assert not (tmp_path / "~").exists()
+    assert sorted(p.name for p in (tmp_path / "home" / "runs" / "a").rglob(".*")) == [MARKER]  # no temporary left
