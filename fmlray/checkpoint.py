@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class Resume:
     shards: list[dict]  # the manifest's row files
     folder: Path
     placement: dict | None = None  # where the engine had each client (see Engine.placement)
+    data: str | None = None  # the dataset's fingerprint (Dataset.fingerprint); absent in older checkpoints
 
     def refs(self) -> dict[int, RowRef]:
         return latest_rows(self.shards)
@@ -82,9 +84,11 @@ class Writer:
     """Writes a run's checkpoints: hosts write their rows, then the driver the global model and the
     manifest. Called as `writer(rnd, engine, global_state)`; returns what it wrote."""
 
-    def __init__(self, run_dir: Path, cfg: Config, resume: Resume | None = None):
+    def __init__(self, run_dir: Path, cfg: Config, resume: Resume | None = None, data: Callable[[], str] | None = None):
         self.folder = Path(run_dir) / FOLDER
         self.config = fixed_config(cfg)
+        # the dataset's fingerprint, recorded with every checkpoint (computed at the first: not in start-up)
+        self.data, self._fingerprint = (resume.data if resume else None), data
         self.shards: list[dict] = list(resume.shards) if resume else []
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -104,8 +108,10 @@ class Writer:
         try:
             if global_state is not None:
                 write_atomic(self.folder / glob, lambda f: np.savez(f, **global_state), durable=True)
+            if self.data is None and self._fingerprint is not None:
+                self.data = self._fingerprint()
             manifest = {"version": VERSION, "round": rnd, "global": glob if global_state is not None else None,
-                        "config": self.config, "shards": shards, "placement": engine.placement()}
+                        "config": self.config, "shards": shards, "placement": engine.placement(), "data": self.data}
             write_atomic(self.folder / MANIFEST, json.dumps(manifest).encode(), durable=True)
             fsync_dir(self.folder)
         except OSError as exc:
@@ -172,4 +178,31 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
         if not f.is_file():
             raise FmlrayError(f"checkpoint file {f} is missing; the checkpoint cannot be resumed")
     placement = manifest.get("placement")  # absent before placements were kept; only ever a hint (see restore)
-    return Resume(rnd, glob, shards, folder, placement if isinstance(placement, dict) else None)
+    data = manifest.get("data")
+    return Resume(rnd, glob, shards, folder, placement if isinstance(placement, dict) else None,
+                  data if isinstance(data, str) else None)
+
+
+def check_same_data(run_dir: Path, resume: Resume, dataset, partition) -> None:
+    """Refuse to resume on other data than the run started with: the dataset's files changed (its fingerprint),
+    or the partition the config gives now (data.partition_file replaced, or a relative one read from another
+    folder) is not the run's partition.npz."""
+    from fmlray.data import load_partition
+    from fmlray.rundir import PARTITION_FILE
+
+    how = "put the run's data back as it was, or start a new run (another run.name) on the new data"
+    if resume.data is not None and dataset.fingerprint() != resume.data:
+        raise FmlrayError(f"{run_dir} was checkpointed on other {dataset.name} data than data.root holds now (its "
+                          f"files changed since: fingerprint {dataset.fingerprint()}, was {resume.data}); {how}")
+    saved = Path(run_dir) / PARTITION_FILE
+    if not saved.is_file():
+        return  # a run of an older fmlray, or its file deleted: nothing to compare with
+    try:
+        was = load_partition(saved, dataset, len(partition.train))
+    except FmlrayError:
+        was = None
+    if was is None or not all(np.array_equal(a, b) for old, new in ((was.train, partition.train),
+                                                                     (was.test, partition.test))
+                              for a, b in zip(old, new, strict=True)):
+        raise FmlrayError(f"the config's partition differs from the one {run_dir} started with ({saved}): "
+                          f"data.partition_file or the dataset changed since; {how}")

@@ -453,6 +453,19 @@ def missing_rounds(run_dir: Path, upto: int) -> list[int]:
     return sorted(set(range(1, upto + 1)) - have)
 
 
+def check_entries(run_dir: Path) -> None:
+    """Refuse, before a resumed run changes anything, one of the run's own names holding what fmlray would not
+    write there (a folder where a file goes, a link: the stale-part clean-up of metrics/ would follow it)."""
+    for name, folder in ((CONFIG, False), (METRICS, False), (SUMMARY, False), (SUMMARY_JSON, False), (PLOT, False),
+                         (PARTITION, False), (PARTITION_FILE, False), (PARTS, True)):
+        path = Path(run_dir) / name
+        if os.path.lexists(path) and (path.is_symlink() or (path.is_dir() != folder) or not (path.is_dir() or path.is_file())):
+            kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "a file" if path.is_file() \
+                else "a special file"
+            raise FmlrayError(f"{path} is {kind}, where the run keeps its {'folder' if folder else 'file'} {name}; "
+                              "move it away (fmlray does not replace it), then resume again")
+
+
 def check_history(run_dir: Path, upto: int) -> None:
     """Refuse to resume after round `upto` a run whose earlier metric rows are gone: the resumed run's
     metrics.parquet would silently lack them, and no checkpoint holds metrics to rebuild them from."""

@@ -72,11 +72,11 @@ class RunInterrupted(Exception):
 def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine,
              on_round: Callable[[dict], None] | None = None, *, resume: Resume | None = None,
              save: Callable | None = None, record: Callable[[int, list[dict]], None] | None = None,
-             stop: Callable[[], bool] = lambda: False, console: Console | None = None) -> Result:
+             stop: Callable[[], bool] = lambda: False, console: Console | None = None, restored: bool = False) -> Result:
     """Run rounds on a started engine (from `resume` on, if given); call `on_round(summary)` after each,
     `record(round, rows)` with each round's rows (else they are kept in the result), and
     `save(round, engine, global_state)` every run.checkpoint_every rounds and when `stop()` turns true.
-    A `console` shows the progress of long rounds."""
+    A `console` shows the progress of long rounds. `restored`: the engine already holds `resume`'s rows."""
     from fmlray.engine.host import initial_global_state
     from fmlray.tasks import of_group
 
@@ -86,7 +86,8 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
     state, kept, first = initial_global_state(cfg, dataset), [], 1
     if resume is not None:
         state, first = resume.global_state, resume.round + 1
-        engine.restore(resume.folder, resume.refs(), resume.placement)
+        if not restored:
+            engine.restore(resume.folder, resume.refs(), resume.placement)
     rounds, every = cfg.run.rounds, cfg.run.checkpoint_every
     for rnd in range(first, rounds + 1):
         started = time.perf_counter()
@@ -231,6 +232,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
     if resuming:
         from fmlray import checkpoint
         resume = checkpoint.load(folder.path, cfg)
+        rundir.check_entries(folder.path)
         rundir.check_history(folder.path, resume.round)  # the earlier rounds' metric rows are there too
     if resume is not None and resume.round >= cfg.run.rounds:
         raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
@@ -248,6 +250,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             d = prepared.dataset
             console(f"data: {len(d.y_train)} training and {len(d.y_test)} test rows of {cfg.data.dataset} over "
                     f"{cfg.clients.num_clients} clients ({time.perf_counter() - loading:.1f}s)")
+        if resume is not None:
+            checkpoint.check_same_data(folder.path, resume, prepared.dataset, prepared.partition)
         engine = make_engine(cfg)
     except BaseException:
         if early:
@@ -262,11 +266,12 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         split = "".join(f"; {what} {s:.1f}s" for what, s in getattr(engine, "startup", {}).items())
         console(f"ready in {time.perf_counter() - began:.1f}s "
                 f"({time.time() - psutil.Process().create_time():.1f}s since the process started{split})")
-        if resume is not None:
+        if resume is not None:  # its rows first: a damaged checkpoint is refused before the folder changes
+            engine.restore(resume.folder, resume.refs(), resume.placement)
             rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
         else:
             folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition)
-        writer = checkpoint.Writer(folder.path, cfg, resume)
+        writer = checkpoint.Writer(folder.path, cfg, resume, data=prepared.dataset.fingerprint)
         engine.check_writable(writer.folder)
         records = rundir.Records(folder.path, upto=resume.round if resume else 0)
 
@@ -289,7 +294,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 report(summary)
 
         with StopOnSignal(console) as signalled:
-            simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save,
+            simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save, restored=True,
                      record=records.append, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:
         with signals.shielded():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,15 @@ class Dataset:
         for owner, y in ((self.train_owner, self.y_train), (self.test_owner, self.y_test)):
             if owner is not None and len(owner) != len(y):
                 raise ValueError(f"{self.name}: owners and labels differ in length")
+
+    def fingerprint(self) -> str:
+        """A CRC-32 of every array, with the row counts: what a checkpoint records so that a resumed run refuses
+        other data (a dataset file replaced in data.root meanwhile). ~1 GB/s: ~0.2 s for Fashion-MNIST."""
+        crc = 0
+        for a in (self.x_train, self.y_train, self.x_test, self.y_test, self.train_owner, self.test_owner):
+            if a is not None:
+                crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), zlib.crc32(str(a.dtype).encode(), crc))
+        return f"{crc:08x}-{len(self.y_train)}-{len(self.y_test)}"
 
     @property
     def nbytes(self) -> int:

@@ -109,10 +109,74 @@ def _damage_row(run_dir, how):
 def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, damage, message):
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1"]) == 0
     damage(tmp_path / "digits-fml")
+    before = snapshot(tmp_path / "digits-fml")
     capsys.readouterr()
     assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert snapshot(tmp_path / "digits-fml") == before  # refused before its config or metrics changed
+
+
+def _other_partition_file(run_dir, tmp_path):
+    """A run on data.partition_file whose file is then replaced by another partition of the same data."""
+    import shutil
+    shutil.copy(tmp_path / "other" / "partition.npz", tmp_path / "part.npz")
+
+
+@pytest.mark.parametrize("setup, change, fragment", [
+    ([], lambda run_dir, tmp_path: (run_dir / "partition.npz").write_bytes(
+        (tmp_path / "other" / "partition.npz").read_bytes()), "the config's partition differs from the one"),
+    (["--set", "data.partition=file"], _other_partition_file, "the config's partition differs from the one"),
+    ([], "pixels", "was checkpointed on other digits data than data.root holds now"),
+])
+def test_resuming_on_other_data_is_refused_and_changes_nothing(tmp_path, capsys, monkeypatch, setup, change, fragment):
+    quick = [*SERIAL, "--set", "run.rounds=1", "--set", "clients.num_clients=4"]
+    assert main(["run", *quick, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=other",
+                 "--set", "run.seed=1"]) == 0
+    if setup:  # the run reads its partition from a file, a copy of the seed-0 partition
+        assert main(["run", *quick, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=seed0"]) == 0
+        (tmp_path / "part.npz").write_bytes((tmp_path / "seed0" / "partition.npz").read_bytes())
+        setup = [*setup, "--set", f"data.partition_file='{tmp_path / 'part.npz'}'"]
+    assert main(["run", *quick, *setup, "--set", f"run.output_dir={tmp_path}"]) == 0
+    run_dir = tmp_path / "digits-fml"
+    if change == "pixels":  # a dataset file replaced in data.root: the same rows and labels, one pixel off
+        load = fmlray.data.load_dataset
+
+        def changed(*args, **kwargs):
+            d = load(*args, **kwargs)
+            d.x_train[0, 0] += 1.0
+            return d
+        monkeypatch.setattr(fmlray.data, "load_dataset", changed)
+    else:
+        change(run_dir, tmp_path)
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and "start a new run" in err, err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("entry", ["metrics-file", "summary-folder", "metrics-link"])
+def test_an_entry_in_the_way_of_a_resumed_run_is_refused_before_anything_changes(tmp_path, capsys, entry):
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1",
+                 "--set", "clients.num_clients=4"]) == 0
+    run_dir, mine = tmp_path / "digits-fml", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's notes")
+    if entry == "metrics-file":
+        (run_dir / "metrics").write_text("x")
+    elif entry == "summary-folder":
+        (run_dir / "summary.txt").unlink()
+        (run_dir / "summary.txt").mkdir()
+    else:  # the clean-up of stale metric parts would have deleted the user's files through it
+        (run_dir / "metrics").symlink_to(mine)
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "where the run keeps its" in err and "move it away" in err, err
+    assert snapshot(run_dir) == before and (mine / "notes.txt").read_text() == "a user's notes"
 
 
 @pytest.mark.parametrize("change, fragment", [
