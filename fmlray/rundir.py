@@ -509,11 +509,12 @@ def finish(run_dir: Path, summary: list[dict], title: str) -> None:
 def read_run(path: str | Path) -> tuple[pa.Table, str]:
     """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)
+    if (path / CHECKPOINT_MANIFEST).is_file() and (path / PARTS).is_dir():  # a finished run has merged its parts
+        what = "an earlier end's" if (path / METRICS).is_file() else "no"
+        raise FmlrayError(f"{path} is an unfinished fmlray run (it has a checkpoint, and {what} {METRICS}): it is "
+                          f"still running or was stopped; `fmlray run --resume {path}` continues a stopped one, "
+                          "and report works once it ends")
     if not (path / METRICS).is_file():
-        if (path / CHECKPOINT_MANIFEST).is_file() and (path / PARTS).is_dir():
-            raise FmlrayError(f"{path} is an unfinished fmlray run (it has a checkpoint but no {METRICS} yet): it is "
-                              f"still running or was stopped; `fmlray run --resume {path}` continues a stopped one, "
-                              "and report works once it ends")
         if (path / CHECKPOINT_MANIFEST).is_file():
             raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no {PARTS}/); "
                               f"put {METRICS} back, or run the experiment again")
