@@ -3,6 +3,7 @@ the Ray engine is checked against."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -25,12 +26,16 @@ class SerialEngine:
         self.cfg, self.dataset = cfg, dataset
         # The threads an actor of the groups would use (1 by default), not torch's default of every core:
         # the reference computes as the actors do, and two threads on a busy 2-core machine ran 12x slower.
+        # Capped at the cores this process may use: more threads than cores only fight (num_cpus = 1000 made a
+        # round 500x slower); the Ray engine refuses such a group instead, as no actor could be placed.
         self.threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(max(g.num_cpus for g in cfg.clients.groups))))
+        asked, cores = max(1, int(max(g.num_cpus for g in cfg.clients.groups))), len(os.sched_getaffinity(0))
+        torch.set_num_threads(min(asked, cores))
         memory = psutil.virtual_memory().total
         self.plan = plan_store(cfg, dataset, memory)
         check_memory(cfg, self.plan, dataset.nbytes, 0, memory)
-        self.notes = [self.plan.line]
+        self.notes = [self.plan.line] + ([f"{cores} torch thread(s): the groups' num_cpus ({asked}) capped at the "
+                                          f"{cores} core(s) this process may use"] if asked > cores else [])
         folder, self.scratch = state_folder(cfg.engine.state_dir, uuid.uuid4().hex[:8], "serial")
         self.host = ClientHost(cfg, dataset, partition, list(range(partition.num_clients)), store=self.plan.kind,
                                state_dir=folder if self.plan.kind == "disk" else None)

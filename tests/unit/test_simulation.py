@@ -1,5 +1,7 @@
 """The round loop on the serial engine: hand-checkable rounds, sampling, determinism, learning."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,16 @@ def test_batchnorm_meme_survives_aggregation_rounds():
     assert result.global_state["0.1.num_batches_tracked"].dtype == np.int64
     assert result.global_state["0.1.num_batches_tracked"].shape == ()
     assert int(result.global_state["0.1.num_batches_tracked"]) > 0
+
+
+def test_the_serial_engine_uses_no_more_threads_than_cores_and_says_so():
+    cfg = load_config(None, ["clients.num_clients=4", "clients.groups.0.num_cpus=1000", "engine.kind=serial"])
+    prepared, engine, before = prepare(cfg), SerialEngine(), torch.get_num_threads()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == cores
+        assert f"the groups' num_cpus (1000) capped at the {cores} core(s)" in " ".join(engine.notes)
+    finally:
+        engine.close()
+    assert torch.get_num_threads() == before
