@@ -199,14 +199,17 @@ def plan_search(path: str | Path) -> Search:
             raise ConfigError(f"{where}: a key is searched twice ({twice}, {p.key}); give each key one [[param]]")
     search = Search(Path(output_dir).expanduser() / name, name, base, tuple(common), params, metric, mode, samples, scheduler,
                     grace, factor, parallel, top, seed, rounds=0)
-    ends = [{p.key: p.values[0] for p in params}, {p.key: p.values[-1] for p in params}]
+    real = {p.key for p in params if p.kind in ("uniform", "loguniform")}  # they draw floats, whatever the ends
+    ends = [{p.key: float(p.values[i]) if p.key in real else p.values[i] for p in params} for i in (0, -1)]
     ends += [{p.key: v} for p in params if p.kind in ("choice", "grid") for v in p.values]
     for values in ends:  # every end of every range must make a valid config
         try:
             cfg = search.config(values)
         except ConfigError as exc:
+            hint = "; uniform and loguniform draw real numbers: give an integer key randint = [low, high]" \
+                if "must be an integer" in str(exc) and real & set(values) else ""
             raise ConfigError(f"{where}: with {', '.join(f'{k}={literal(v)}' for k, v in values.items())}: "
-                              f"{exc}") from None
+                              f"{exc}{hint}") from None
     for p in params:
         if p.kind == "grid":  # a value listed twice would run the same trials twice, under two rows
             configs = [json.dumps(to_dict(search.config({p.key: v})), sort_keys=True) for v in p.values]

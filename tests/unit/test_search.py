@@ -50,6 +50,11 @@ def test_a_tune_file_is_read_with_its_defaults(tmp_path):
     (("run.rounds=4", "run.eval_every=2"), "set run.eval_every = 1"),
     (("samples = 5", "grace_rounds = 9"), "tune.grace_rounds = 9 is more than run.rounds = 4"),
     (("samples = 5", "parallel = 0"), "tune.parallel must be a number of trials at once"),
+    (('"training.optimizer"\ngrid = ["sgd", "adam"]', '"training.epochs"\nuniform = [1, 3]'),
+     "training.epochs must be an integer, got 1.0; uniform and loguniform draw real numbers: give an integer key "
+     "randint = [low, high]"),  # the ends as written are integers; the draws are not
+    (('"training.optimizer"\ngrid = ["sgd", "adam"]', '"training.batch_size"\nloguniform = [16, 64]'),
+     "training.batch_size must be an integer, got 16.0; uniform and loguniform draw real numbers"),
     # keys whose values would be ignored, or mislabel the trials
     (('"algorithm.fml.alpha"\nuniform = [0.1, 0.9]', '"run.name"\nchoice = ["a", "b"]'),
      "param run.name: run.name cannot be searched: the search names each trial's run trial-NNNNN"),
