@@ -152,13 +152,18 @@ def check_shares(cfg: Config, dataset: Dataset) -> None:
     from fmlray.algorithms.base import layers
     from fmlray.models import build_model
 
-    algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+    algo, name = build_algorithm(cfg.algorithm, cfg.run.rounds), cfg.algorithm.name
     if algo.shares is not None:
         meme = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
-        if not algo.shared_keys(meme):
-            raise ConfigError(f"algorithm {cfg.algorithm.name!r} shares no part of model.meme {cfg.model.meme!r} "
-                              f"({len(layers(meme))} layers) with these settings; lower the layers it keeps "
-                              f"(algorithm.{cfg.algorithm.name}.*) or use algorithm.name = \"local\"")
+        try:
+            shared = algo.shared_keys(meme)
+        except ConfigError as exc:
+            raise ConfigError(f"algorithm {name!r} {exc} (model.meme {cfg.model.meme!r}); give at most "
+                              f"{len(layers(meme))} in algorithm.{name}.*") from None
+        if not shared:
+            raise ConfigError(f"algorithm {name!r} shares no part of model.meme {cfg.model.meme!r} "
+                              f"({len(layers(meme))} layers) with these settings; change the layers it keeps or "
+                              f"shares (algorithm.{name}.*) or use algorithm.name = \"local\"")
 
 
 def keep_task_classes(cfg: Config, dataset: Dataset, partition: Partition) -> Partition:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fmlray.aggregate import Server
-from fmlray.errors import TrainingError
+from fmlray.errors import ConfigError, TrainingError
 from fmlray.optim import Optimizer
 
 # logits of each trained model, labels, round (1-based) -> one loss per trained model
@@ -58,9 +58,13 @@ def layers(module: nn.Module) -> list[list[str]]:
 
 
 def last_layers(k: int) -> KeysFn:
-    """The keys of the module's last `k` layers (0: none)."""
+    """The keys of the module's last `k` layers (0: none); more layers than the module has is a ConfigError
+    (for LG-FedAvg it silently meant all of them: FedAvg)."""
     def keys(module: nn.Module) -> list[str]:
-        return [key for group in (layers(module)[-k:] if k else []) for key in group]
+        groups = layers(module)
+        if k > len(groups):
+            raise ConfigError(f"asks for the last {k} layers of a model that has {len(groups)}")
+        return [key for group in (groups[-k:] if k else []) for key in group]
     return keys
 
 

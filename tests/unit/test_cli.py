@@ -82,7 +82,7 @@ def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--algorithms", "fml,fedper", "--set", "algorithm.fedper.head_layers=50"],
+    (["--algorithms", "fml,fedper", "--set", "algorithm.fedper.head_layers=3"],
      "compare's fedper run: algorithm 'fedper' shares no part of model.meme"),
     (["--algorithms", "lgfedavg", "--set", "algorithm.lgfedavg.global_layers=0"], "algorithm 'lgfedavg' shares no part"),
     (["--algorithms", "fml,fedrep", "--set", "algorithm.fedrep.body_epochs=6"],
@@ -129,6 +129,10 @@ def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_st
     (["run", "--set", "algorithm.name=fedper", "--set", "algorithm.fedper.head_layers=3"],
      "algorithm 'fedper' shares no part of model.meme 'mlp' (3 layers)"),
     (["run", "--set", "algorithm.name=lgfedavg", "--set", "algorithm.lgfedavg.global_layers=0"], "shares no part"),
+    (["run", "--set", "algorithm.name=lgfedavg", "--set", "algorithm.lgfedavg.global_layers=50"],  # was FedAvg, silently
+     "algorithm 'lgfedavg' asks for the last 50 layers of a model that has 3 (model.meme 'mlp'); give at most 3 in "
+     "algorithm.lgfedavg.*"),
+    (["run", "--set", "algorithm.name=fedper", "--set", "algorithm.fedper.head_layers=4"], "asks for the last 4 layers"),
     (["run", "--set", "algorithm.name=fedrep", "--set", "algorithm.fedrep.body_epochs=6"],
      "algorithm.fedrep.body_epochs = 6 is more than training.epochs = 5"),
     (["run", "--set", "algorithm.ditto.lam=-1"], "algorithm.ditto.lam must be in [0, 100]"),
