@@ -51,6 +51,12 @@ def _indices(a: np.ndarray, n: int, key: str, path: Path) -> np.ndarray:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz; DataError for a missing file, another format, or a member that is no array."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if not head.startswith((b"PK", b"\x93NUMPY")):  # else numpy's answer is about pickles, which are refused anyway
+            raise DataError(f"data.partition_file {path} is not an .npz (a zip of .npy arrays; this one starts with "
+                            f"{head!r}: a CSV or text file?); save one with numpy.savez, or give the partition.npz a run "
+                            "wrote (fmlray partition --save writes a CSV table, for reading)")
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array
             raise ValueError("a single .npy array")

@@ -57,7 +57,7 @@ def test_a_file_that_does_not_fit_is_one_line_and_exit_2(tmp_path, capsys, chang
 
 def test_missing_or_unreadable_file(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"nope")
-    for path, fragment in ((tmp_path / "none.npz", "does not exist"), (tmp_path / "bad.npz", "not a readable .npz")):
+    for path, fragment in ((tmp_path / "none.npz", "does not exist"), (tmp_path / "bad.npz", "is not an .npz (a zip of .npy arrays; this one starts with b'nope'")):
         assert main(["run", *SERIAL, "--set", "data.partition=file", "--set", f"data.partition_file={str(path)!r}"]) == 2
         assert fragment in capsys.readouterr().err
     assert main(["run", *SERIAL, "--set", "data.partition=file"]) == 2
@@ -84,6 +84,8 @@ def zip_of(path, members):
     (lambda p: np.savez(p, **{**good(), "train_1": np.array(5)}) or p, "train_1 must be a non-empty 1-D integer"),
     (lambda p: np.savez(p, **{**good(), "extra": np.arange(2)}) or p, "unexpected ['extra']"),
     (lambda p: p.parent, "is not a readable .npz (IsADirectoryError"),
+    (lambda p: (p.write_text("client,class_0\n0,5\n"), p)[1], "is not an .npz (a zip of .npy arrays; this one starts "
+     "with b'client': a CSV or text file?)"),  # numpy's message was about loading pickles unsafely
 ])
 def test_a_file_of_another_format_is_one_line_and_exit_2(tmp_path, capsys, make, fragment):
     path = make(tmp_path / "p.npz")
