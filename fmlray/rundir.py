@@ -163,7 +163,7 @@ class RunFolder:
         finally:
             self._release()
 
-    def create(self, cfg: Config, partition_table: pa.Table, partition) -> Path:
+    def create(self, cfg: Config, partition_table: pa.Table, partition, data: str | None = None) -> Path:
         """The new run's (still hidden) folder: the marker first, then the config and the partition."""
         from fmlray.data import save_partition
 
@@ -175,7 +175,7 @@ class RunFolder:
             buf = io.BytesIO()
             pa.csv.write_csv(partition_table, buf)
             write_atomic(self.temp / PARTITION, buf.getvalue())
-            write_atomic(self.temp / PARTITION_FILE, lambda f: save_partition(f, partition))
+            write_atomic(self.temp / PARTITION_FILE, lambda f: save_partition(f, partition, data))
         except OSError as exc:
             raise FmlrayError(f"cannot write {exc.filename or self.temp} ({exc.strerror}); nothing of an earlier run "
                               "was changed; set run.output_dir to a writable folder") from None

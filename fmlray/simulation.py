@@ -275,7 +275,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             engine.restore(resume.folder, resume.refs(), resume.placement)
             rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
         else:
-            folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition)
+            folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition,
+                          prepared.dataset.fingerprint())
         writer = checkpoint.Writer(folder.path, cfg, resume, data=prepared.dataset.fingerprint)
         engine.check_writable(writer.folder)
         records = rundir.Records(folder.path, upto=resume.round if resume else 0)

@@ -16,16 +16,27 @@ from fmlray.data.partition import Partition
 from fmlray.errors import DataError
 
 
-def save_partition(path: Path, partition: Partition) -> None:
+DATA = "data"  # the fingerprint of the dataset the indices are rows of (Dataset.fingerprint), when known
+
+
+def save_partition(path, partition: Partition, data: str | None = None) -> None:
     arrays = {f"train_{c}": t for c, t in enumerate(partition.train)}
     arrays.update({f"test_{c}": t for c, t in enumerate(partition.test)})
-    np.savez(path, **arrays)
+    np.savez(path, **arrays, **({DATA: np.array(data)} if data else {}))
 
 
 def load_partition(path: str | Path, dataset: Dataset, num_clients: int) -> Partition:
     """Read and check a partition file against the dataset; any misfit is a one-line DataError."""
     path = Path(path)
     arrays = _read_npz(path)
+    made_on = arrays.pop(DATA, None)
+    if made_on is not None and (made_on.ndim or made_on.dtype.kind != "U"):
+        raise DataError(f"data.partition_file {path}: its {DATA!r} member must be a dataset fingerprint (a string)")
+    if made_on is not None and str(made_on) != dataset.fingerprint():
+        raise DataError(f"data.partition_file {path} holds row indices of other {dataset.name} data than this config "
+                        f"loads (made on {made_on}, this is {dataset.fingerprint()}): the rows a seed or "
+                        "data.max_train_samples / max_test_samples / test_fraction select differ; use the settings "
+                        "it was made with, or make a new one")
     expected = {f"{s}_{c}" for s in ("train", "test") for c in range(num_clients)}
     if set(arrays) != expected:
         missing, extra = sorted(expected - set(arrays))[:3], sorted(set(arrays) - expected)[:3]

@@ -12,12 +12,26 @@ SERIAL = ["--set", "engine.kind=serial", "--set", "run.rounds=2", "--set", "trai
 def test_a_saved_partition_reproduces_the_run(tmp_path, capsys):
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=a"]) == 0
     saved = tmp_path / "a" / "partition.npz"
-    with np.load(saved) as z:
-        assert len(z.files) == 40 and z["train_0"].dtype == np.int64
+    with np.load(saved) as z:  # 20 clients' train and test rows, and the data they index
+        assert len(z.files) == 41 and z["train_0"].dtype == np.int64 and z["data"].dtype.kind == "U"
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.name=b",
                  "--set", "data.partition=file", "--set", f"data.partition_file={str(saved)!r}"]) == 0
     acc = lambda d: [r["accuracy"] for r in pq.read_table(tmp_path / d / "metrics.parquet").to_pylist()]  # noqa: E731
     np.testing.assert_array_equal(acc("a"), acc("b"))
+
+
+@pytest.mark.parametrize("other", [["--set", "run.seed=1"],  # digits' train/test split is drawn from the seed
+                                   ["--set", "data.max_train_samples=0"]])
+def test_a_saved_partition_is_refused_on_other_rows_than_it_indexes(tmp_path, capsys, other):
+    quick = [*SERIAL, "--set", "clients.num_clients=4", "--set", f"run.output_dir={tmp_path}"]
+    assert main(["run", *quick, "--set", "run.name=a", "--set", "data.max_train_samples=400"]) == 0
+    saved = tmp_path / "a" / "partition.npz"
+    capsys.readouterr()
+    assert main(["run", *quick, "--set", "run.name=b", "--set", "data.max_train_samples=400", *other,
+                 "--set", "data.partition=file", "--set", f"data.partition_file={str(saved)!r}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"data.partition_file {saved} holds row indices of other digits data than this config loads" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
 def write(tmp_path, **arrays):
