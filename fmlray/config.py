@@ -253,6 +253,12 @@ class ClientsConfig:
         _check(any(g.share > 0 for g in self.groups) or counted == self.num_clients,
                f"clients.groups: counts add up to {counted} but clients.num_clients = {self.num_clients}; "
                "fix the counts or give a group a share")
+        empty = next((g for g, size in zip(self.groups, self.group_sizes()) if size == 0), None)
+        if empty is not None:  # it would be listed, and silently train nobody
+            raise ConfigError(f"clients.groups[{empty.name}] gets no client (share {empty.share:g} of the "
+                              f"{self.num_clients - counted} left by counts, of clients.num_clients = "
+                              f"{self.num_clients}); raise its share or clients.num_clients, give it a count, or "
+                              "remove the group")
 
     def group_sizes(self) -> tuple[int, ...]:
         """Clients per group: counts as given, the rest split by share."""
