@@ -244,7 +244,9 @@ class RayEngine:
         check_memory(cfg, self.plan, dataset.nbytes, -(-len(self.specs) // len(nodes)), node_memory, len(nodes))
         self.notes = [f"{len(self.specs)} client actors on {len(nodes)} node(s)"
                       + (" in the trial's placement group" if group is not None else "") + ": "
-                      + ", ".join(f"{n} × {g}" for g, n in _count(s.group for s in self.specs)), self.plan.line]
+                      + ", ".join(f"{n} × {g}" for g, n in _count(s.group for s in self.specs))
+                      + (f" (engine.num_actors = {cfg.engine.num_actors} raised: each group needs an actor of its own)"
+                         if group is None and 0 < cfg.engine.num_actors < len(self.specs) else ""), self.plan.line]
         began = time.perf_counter()
         data_ref, part_ref = ray.put(dataset), ray.put(partition)  # once; actors read them zero-copy
         actor_cls, agg_cls = ray.remote(ClientActor), ray.remote(Aggregator)

@@ -262,9 +262,12 @@ def test_a_group_too_big_for_the_cluster_fails_at_once(ray_session):
 
 
 def test_fmlray_run_uses_the_ray_engine_by_default(ray_session, tmp_path, capsys):
-    assert main(["run", "--set", "run.rounds=2", "--set", "training.epochs=1", "--set", f"run.output_dir={tmp_path}"]) == 0
+    assert main(["run", "--set", "run.rounds=2", "--set", "training.epochs=1", "--set", f"run.output_dir={tmp_path}",
+                 "--set", "engine.num_actors=1"]) == 0
     out = capsys.readouterr().out
     assert "ray engine" in out and "round 2/2" in out
+    assert "2 client actors on 1 node(s): 1 × mlp, 1 × lenet5 (engine.num_actors = 1 raised: each group needs an " \
+        "actor of its own)" in out  # two groups, each its own architecture
     assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()
 
 
