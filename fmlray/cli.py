@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> list[str]:
-    return [*args.overrides, *([f"engine.address={args.address!r}"] if args.address is not None else [])]
+    from fmlray.config import quoted
+    return [*args.overrides, *([f"engine.address={quoted(args.address)}"] if args.address is not None else [])]
 
 
 def _load(args):

@@ -14,6 +14,8 @@ an upper bound, every number is finite and every text is printable.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import math
 import os
 import tomllib
@@ -453,6 +455,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TOML_KINDS = {bool: "a boolean", int: "an integer", float: "a number", datetime.date: "a date",
+               datetime.datetime: "a date-time", datetime.time: "a time"}
+
+
+def _plain(value: Any) -> str:
+    """A scalar as the user typed it in TOML (a bool lower-case, a date in ISO form)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else str(value)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
     origin = typing.get_origin(tp)
@@ -461,12 +475,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for candidate in inner[:-1]:  # e.g. int | str: the first type the value is
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for candidate in inner:  # e.g. int | str: the first type the value is
+            if candidate is str and not isinstance(value, str):
+                continue  # not quoted: the hint below would be about quoting, this key also takes others
             try:
                 return _coerce(value, candidate, key)
             except ConfigError:
-                pass
-        return _coerce(value, inner[-1], key)
+                if isinstance(value, candidate if candidate is not float else (int, float)) and not isinstance(value, bool):
+                    raise  # the right type, a wrong value (e.g. a control character): that error
+        raise ConfigError(f"{key} must be {' or '.join(_TYPE_WORDS.get(a, _type_name(a)) for a in inner)}, got {value!r}")
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         what = "a list of tables" if dataclasses.is_dataclass(item_tp) else "a list"
@@ -484,6 +503,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
         _check(-2**63 <= value < 2**63, f"{key} = {value} does not fit in 64 bits (TOML's integers)")
         return value
+    if tp is str and isinstance(value, (bool, int, float, datetime.date, datetime.time)):
+        text = _plain(value)  # TOML read a bare word as a number, a boolean or a date
+        raise ConfigError(f"{key} must be a string, got {value!r}: TOML reads {text} as {_TOML_KINDS[type(value)]}; "
+                          f"quote it: {key.rsplit('.', 1)[-1]} = \"{text}\" in a file, --set '{key}=\"{text}\"'")
     _check(isinstance(value, tp), f"{key} must be a {_type_name(tp)}, got {value!r}")
     if tp is str:
         _check(value.isprintable(), f"{key} = {value!r} holds a control character (e.g. a NUL, newline or tab); remove it")
@@ -498,7 +521,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
         if key not in hints:
-            raise ConfigError(f"unknown key '{path}'; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+            exc = ConfigError(f"unknown key '{path}'; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+            exc.key = path
+            raise exc
         kwargs[key] = _coerce(value, hints[key], path)
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.init
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -519,6 +544,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [clean(x) for x in v]
         return v
     return clean(dataclasses.asdict(cfg))
+
+
+def quoted(text: str) -> str:
+    """`text` as a TOML string, for a `section.key=value` override (a Python repr is not one: its 'a\\b' is
+    TOML's literal string of two backslashes)."""
+    return json.dumps(text, ensure_ascii=False)  # TOML's basic strings escape as JSON does
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -568,11 +599,12 @@ def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
             data = f.read(MAX_TOML_BYTES + 1)
         _check(len(data) <= MAX_TOML_BYTES, f"{kind} {path} is larger than {MAX_TOML_BYTES >> 20} MiB; "
                f"give a TOML {kind} (see {see})")
-        return tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8-sig"))  # a byte-order mark (some Windows editors) is no error
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{kind} {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{kind} {path} is not a text file") from None
+        raise ConfigError(f"{kind} {path} is not UTF-8 text (a binary file, or another encoding); save it as UTF-8 "
+                          f"text (see {see})") from None
     except RecursionError:  # see parse_override
         raise ConfigError(f"{kind} {path} nests arrays or tables {_TOO_DEEP}") from None
     except OSError as exc:
@@ -581,17 +613,35 @@ def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the TOML file (its tables replace the defaults key by key), then --set's."""
-    tree = to_dict(Config())
+    tree, given = to_dict(Config()), {}
     if path is not None:
-        for section, table in load_toml(path).items():
+        given = load_toml(path)
+        for section, table in given.items():
             if isinstance(table, dict) and isinstance(tree.get(section), dict):
                 _merge(tree[section], table)
             else:
                 tree[section] = table
+    set_keys = set()
     for text in overrides:
         keys, value = parse_override(text)
         _apply(tree, keys, value, text.partition("=")[0])
-    return from_dict(Config, tree)
+        set_keys.add(".".join(keys))
+    try:
+        return from_dict(Config, tree)
+    except ConfigError as exc:
+        key = getattr(exc, "key", None)  # an unknown key: say where it was written, when it was the file
+        if key is not None and key not in set_keys and _holds(given, key):
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def _holds(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import tomli_w
 
 from fmlray import metrics
-from fmlray.config import Config, to_dict
+from fmlray.config import Config, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 
 # Written first into every folder fmlray makes: a folder without it is the user's, and never deleted.
@@ -389,7 +389,7 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
         raise ConfigError(f"--resume continues {run_dir} in place; drop --set {keys} "
                           "(on resume only run.rounds, run.eval_every, run.eval_clients, run.checkpoint_every and "
                           "engine.* may change; to go on elsewhere, copy the folder and resume the copy)")
-    place = [f"run.output_dir={str(run_dir.parent)!r}", f"run.name={run_dir.name!r}"]
+    place = [f"run.output_dir={quoted(str(run_dir.parent))}", f"run.name={quoted(run_dir.name)}"]
     return load_config(run_dir / CONFIG, [*overrides, *place])
 
 

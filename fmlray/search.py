@@ -39,7 +39,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fmlray.config import Config, folder_name, load_config, load_toml, to_dict
+from fmlray.config import Config, folder_name, load_config, load_toml, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.sweep import overlap, override_keys, parallel_value
 
@@ -91,8 +91,8 @@ class Search:
     def config(self, values: dict, name: str = "trial") -> Config:
         """The base config with the trial's values, writing into the search's folder as run `name`."""
         sets = [f"{k}={literal(v)}" for k, v in values.items()]
-        return load_config(self.base, [*self.common, *sets, f"run.name={name!r}",
-                                       f"run.output_dir={str(self.folder)!r}"])
+        return load_config(self.base, [*self.common, *sets, f"run.name={quoted(name)}",
+                                       f"run.output_dir={quoted(str(self.folder))}"])
 
     def build(self, config: dict, trial_id: str) -> tuple[str, Config]:
         from fmlray.trials import search_run_name

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, to_dict
+from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
 from fmlray.rundir import read_parquet, write_atomic
@@ -212,8 +212,8 @@ def plan_sweep(path: str | Path) -> Sweep:
             if clash is not None:
                 raise ConfigError(f"{path}: runs {clash.labels} and {labels} would both be named {name!r}; "
                                   "give their values distinct labels")
-            overrides = [*common, *(o for _, sets in combo for o in sets), f"run.seed={seed}", f"run.name={name!r}",
-                         f"run.output_dir={str(folder)!r}"]
+            overrides = [*common, *(o for _, sets in combo for o in sets), f"run.seed={seed}", f"run.name={quoted(name)}",
+                         f"run.output_dir={quoted(str(folder))}"]
             try:
                 cfg = load_config(base, overrides)
             except ConfigError as exc:

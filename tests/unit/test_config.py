@@ -80,6 +80,13 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("training.batching=jit", "training.batching = 'jit' is unknown; choose one of auto, sequential, vmap"),
     ("training.max_batched_clients=0", "training.max_batched_clients must be >= 1, got 0"),
     ("training.precision=fp16", "training.precision = 'fp16' is unknown; choose one of fp32, bf16"),
+    # a bare word TOML reads as another type: the fix is quoting, so the message says how
+    ("run.name=2024-01-01", "run.name must be a string, got datetime.date(2024, 1, 1): TOML reads 2024-01-01 as a "
+                            "date; quote it: name = \"2024-01-01\" in a file, --set 'run.name=\"2024-01-01\"'"),
+    ("run.name=123", "TOML reads 123 as an integer; quote it"),
+    ("engine.address=true", "TOML reads true as a boolean; quote it: address = \"true\""),
+    ("run.eval_clients=true", "run.eval_clients must be an integer or a string, got True"),
+    ('run.eval_clients="a\u0000"', "holds a control character"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -93,8 +100,19 @@ def test_bad_toml_file_and_missing_file(tmp_path):
         load_config(write(tmp_path, "[run\nname = 1"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
-    with pytest.raises(ConfigError, match="run.name must be a str"):
+    with pytest.raises(ConfigError, match="run.name must be a string, got 3: TOML reads 3 as an integer"):
         load_config(write(tmp_path, "[run]\nname = 3\n"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text .* save it as UTF-8 text"):
+        (tmp_path / "latin.toml").write_bytes(b'[run]\nname = "caf\xe9"\n')  # Latin-1
+        load_config(tmp_path / "latin.toml")
+
+
+def test_a_byte_order_mark_and_quoted_overrides_are_read_as_meant(tmp_path):
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[run]\nrounds = 2\n")  # some Windows editors save UTF-8 so
+    assert load_config(bom).run.rounds == 2
+    for text in ("a\\b", "it's", 'x"y'):  # what fmlray puts into an override itself (--address, a sweep's folder)
+        assert load_config(None, [f"engine.address={config.quoted(text)}"]).engine.address == text
 
 
 def test_checks_hold_for_configs_built_in_code_too():
@@ -234,3 +252,11 @@ def test_any_existing_path_but_a_folder_is_read_as_the_config(tmp_path):
     writer.join()
     with pytest.raises(ConfigError, match="config file /dev/zero is larger than 16 MiB"):
         load_config("/dev/zero")
+
+
+def test_an_unknown_key_names_the_file_it_was_written_in(tmp_path):
+    path = write(tmp_path, "[training]\nlrr = 0.1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown key 'training.lrr'; valid keys in training")):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^unknown key 'training.lrx'"):  # from --set: no file to name
+        load_config(write(tmp_path, "[training]\nlr = 0.1\n", "ok.toml"), ["training.lrx=1"])
