@@ -354,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`fmlray partition | head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
         return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
+    except OSError as exc:  # what no check above foresaw, e.g. a full disk under stdout (`> /dev/full`)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"fmlray: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)

@@ -73,6 +73,14 @@ def test_a_pipe_closed_early_ends_the_command_quietly():
     assert proc.wait() == 141 and err == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_stdout_is_one_line_not_a_traceback():
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "fmlray", "config"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "fmlray: error: No space left on device\n", proc.stderr
+
+
 def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
     table = capsys.readouterr().out.split("algorithm")[-1]
