@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import threading
+import warnings
 
 import ray
 
@@ -39,8 +40,9 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 
 def _reachable(address: str) -> bool:
-    """A quick TCP check of a "host:port" address, so a wrong one fails now instead of after minutes."""
-    where = _host_port(address)
+    """A quick TCP check of a "host:port" or "ray://host:port" address (the Ray Client server's port), so a wrong
+    one fails now instead of after minutes (Ray's client retried ~35 s, then warned in three lines)."""
+    where = _host_port(address.removeprefix("ray://"))
     if where is None:
         return True
     try:
@@ -295,7 +297,9 @@ def _connect(address: str) -> bool:
     else:
         _check_head(address, hint)
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        with warnings.catch_warnings():  # the client's timeout warning: the one line below says it
+            warnings.filterwarnings("ignore", message="Ray Client connection timed out")
+            ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         raise ResourceError(f"cannot join the Ray cluster at {address} ({_first_line(exc)}); {hint}") from None
     return True

@@ -271,14 +271,15 @@ def test_fmlray_run_uses_the_ray_engine_by_default(ray_session, tmp_path, capsys
     assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()
 
 
-def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("address", ["127.0.0.1:9", "ray://127.0.0.1:9"])
+def test_an_unreachable_address_is_one_line_and_exit_2(tmp_path, address):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "fmlray", "run", "--address", "127.0.0.1:9",
+    proc = subprocess.run([sys.executable, "-m", "fmlray", "run", "--address", address,
                            "--set", f"run.output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [(
-        "fmlray: error: no Ray cluster answers at 127.0.0.1:9; check engine.address / RAY_ADDRESS, "
+        f"fmlray: error: no Ray cluster answers at {address}; check engine.address / RAY_ADDRESS, "
         "or leave both empty for a local Ray")]
     assert list(tmp_path.iterdir()) == []
 
