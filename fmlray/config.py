@@ -189,8 +189,9 @@ class DataConfig:
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _positive("data.quantity_alpha", self.quantity_alpha)
         _one_of("data.emnist_split", self.emnist_split, EMNIST_SPLITS)
-        _between("data.classes_per_client", self.classes_per_client, 1, self.num_classes,
-                 f" (the {self.dataset} classes)")
+        _between("data.synthetic_classes", self.synthetic_classes, 2, MAX_SYNTHETIC_CLASSES)
+        _between("data.classes_per_client", self.classes_per_client, 1,  # read by partition = "shards" only
+                 self.num_classes if self.partition == "shards" else INT32_MAX, f" (the {self.dataset} classes)")
         _check(0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
         _between("data.min_samples", self.min_samples, 1, INT32_MAX)
         _between("data.max_train_samples", self.max_train_samples, 0, INT32_MAX)
@@ -198,7 +199,6 @@ class DataConfig:
         _within("data.synthetic_alpha", self.synthetic_alpha, 0, 100, "the paper uses 0 to 1")
         _within("data.synthetic_beta", self.synthetic_beta, 0, 100, "the paper uses 0 to 1")
         _between("data.synthetic_dim", self.synthetic_dim, 1, MAX_SYNTHETIC_DIM)
-        _between("data.synthetic_classes", self.synthetic_classes, 2, MAX_SYNTHETIC_CLASSES)
 
     @property
     def num_classes(self) -> int:

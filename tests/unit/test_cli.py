@@ -198,7 +198,11 @@ def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_st
     (["run", "--set", "data.max_train_samples=1000000000000000"], "data.max_train_samples must be <= 2,147,483,647"),
     (["run", "--set", "data.max_test_samples=1000000000000000"], "data.max_test_samples must be <= 2,147,483,647"),
     (["run", "--set", "data.min_samples=1000000000000000"], "data.min_samples must be <= 2,147,483,647"),
-    (["run", "--set", "data.classes_per_client=1000000000000000"], "data.classes_per_client must be <= 10 (the digits"),
+    (["run", "--set", "data.partition=shards", "--set", "data.classes_per_client=1000000000000000"],
+     "data.classes_per_client must be <= 10 (the digits"),
+    (["run", "--set", "data.classes_per_client=1000000000000000"], "data.classes_per_client must be <= 2,147,483,647"),
+    (["run", "--set", "data.dataset=synthetic", "--set", "data.synthetic_classes=1"],  # not classes_per_client's fault
+     "data.synthetic_classes must be >= 2, got 1"),
     (["run", "--set", "training.batch_size=1000000000000000"], "training.batch_size must be <= 2,147,483,647"),
     (["run", "--set", "training.epochs=1000000000000000"], "training.epochs must be <= 2,147,483,647"),
     (["run", "--set", "run.rounds=3000000000"], "run.rounds must be <= 2,147,483,647"),
