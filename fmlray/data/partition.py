@@ -44,8 +44,7 @@ def partition_dataset(dataset: Dataset, cfg: DataConfig, *, num_clients: int, se
         raise DataError(f"cannot partition among {num_clients} clients; clients.num_clients must be >= 1")
     if num_clients * cfg.min_samples > n:
         raise DataError(f"cannot give {num_clients} clients data.min_samples = {cfg.min_samples} training "
-                        f"samples each: {dataset.name} has {n} training rows; lower clients.num_clients "
-                        f"or data.min_samples")
+                        f"samples each: {dataset.name} has {n} training rows{_kept(cfg)}; {_fewer(cfg)}")
     if cfg.partition == "natural":
         return _natural(dataset, num_clients, cfg.min_samples)
     if cfg.partition == "file":
@@ -53,7 +52,7 @@ def partition_dataset(dataset: Dataset, cfg: DataConfig, *, num_clients: int, se
         return load_partition(cfg.partition_file, dataset, num_clients)
     train = _SCHEMES[cfg.partition](dataset.y_train, num_clients, cfg, seed)
     _check_sizes(train, cfg)
-    test = split_test(dataset, train, np.random.default_rng((seed, _TAGS["test"])))
+    test = split_test(dataset, train, np.random.default_rng((seed, _TAGS["test"])), cfg)
     return Partition(tuple(train), tuple(test))
 
 
@@ -82,8 +81,7 @@ def _dirichlet(y: np.ndarray, k: int, cfg: DataConfig, seed: int) -> list[np.nda
             return parts
     raise DataError(f"dirichlet partition: after {DIRICHLET_ATTEMPTS} draws some client still gets only "
                     f"{smallest} training samples (< data.min_samples = {cfg.min_samples}); raise "
-                    f"data.dirichlet_alpha (now {cfg.dirichlet_alpha}), lower clients.num_clients, "
-                    f"or lower data.min_samples")
+                    f"data.dirichlet_alpha (now {cfg.dirichlet_alpha}), or {_fewer(cfg)}")
 
 
 def _dirichlet_draw(y: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -132,17 +130,34 @@ _SCHEMES: dict[str, Callable[[np.ndarray, int, DataConfig, int], list[np.ndarray
 }
 
 
+HELD_OUT = ("digits", "synthetic")  # the datasets without an official test split: data.test_fraction holds theirs out
+
+
+def _kept(cfg: DataConfig) -> str:
+    return f" (data.max_train_samples = {cfg.max_train_samples} kept)" if cfg.max_train_samples else ""
+
+
+def _fewer(cfg: DataConfig) -> str:
+    """What gives each client more training rows, of the keys this config can still change."""
+    ways = ["lower clients.num_clients"]
+    if cfg.max_train_samples:
+        ways.append(f"raise data.max_train_samples (now {cfg.max_train_samples}; 0 keeps every row)")
+    if cfg.min_samples > 1:
+        ways.append("lower data.min_samples")
+    return ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
+
+
 def _check_sizes(train: list[np.ndarray], cfg: DataConfig) -> None:
     """DataError if some client has fewer than data.min_samples training rows."""
     sizes = [len(t) for t in train]
     client = int(np.argmin(sizes))
     if sizes[client] < cfg.min_samples:
         raise DataError(f"{cfg.partition} partition gives client {client} only {sizes[client]} training "
-                        f"samples (< data.min_samples = {cfg.min_samples}); lower clients.num_clients "
-                        f"or data.min_samples")
+                        f"samples (< data.min_samples = {cfg.min_samples}); {_fewer(cfg)}")
 
 
-def split_test(dataset: Dataset, train: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+def split_test(dataset: Dataset, train: list[np.ndarray], rng: np.random.Generator,
+               cfg: DataConfig | None = None) -> list[np.ndarray]:
     """Deal each class's test rows to clients in proportion to their train counts of that class."""
     k = len(train)
     counts = np.stack([np.bincount(dataset.y_train[t], minlength=dataset.num_classes) for t in train])
@@ -155,10 +170,12 @@ def split_test(dataset: Dataset, train: list[np.ndarray], rng: np.random.Generat
     test = _groups(owner, k)
     for client, rows in enumerate(test):
         if len(rows) == 0:
+            larger = [*(["data.test_fraction"] if cfg is None or cfg.dataset in HELD_OUT else []),
+                      *(["data.max_test_samples"] if cfg is None or cfg.max_test_samples else [])]
             raise DataError(f"client {client} gets no test samples ({len(train[client])} training samples "
                             f"earn no share of the {len(dataset.y_test)} test rows); use fewer clients "
-                            f"(clients.num_clients), a larger test set (data.test_fraction, "
-                            f"data.max_test_samples), or a larger data.min_samples")
+                            f"(clients.num_clients), " + (f"a larger test set ({', '.join(larger)}), " if larger else "")
+                            + "or a larger data.min_samples")
     return test
 
 

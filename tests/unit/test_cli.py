@@ -129,6 +129,10 @@ def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_st
     (["run", "--set", "algorithm.fml.alpha=2"], "algorithm.fml.alpha must be in [0, 1]"),
     (["run", "--config", "/nonexistent.toml"], "does not exist"),
     (["run", "--set", "clients.num_clients=500"], "clients"),
+    (["run", "--set", "data.max_train_samples=5"], "digits has 5 training rows (data.max_train_samples = 5 kept); "
+     "lower clients.num_clients, raise data.max_train_samples (now 5; 0 keeps every row) or lower data.min_samples"),
+    (["run", "--set", "data.min_samples=1", "--set", "clients.num_clients=2000"],
+     "digits has 1438 training rows; lower clients.num_clients"),  # and nothing about min_samples, already 1
     (["run", "--set", "data.dataset=fmnist", "--set", "data.root=/nonexistent"], "data.root"),
     (["run", "--set", "data.dataset=synthetic", "--set", "model.meme=cnn"], "use 'mlp'"),
     (["run", "--set", "data.partition=shards", "--set", "data.classes_per_client=11"], "classes"),
