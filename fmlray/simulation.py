@@ -139,8 +139,14 @@ def prepare(cfg: Config) -> Prepared:
     dataset = load_dataset(cfg.data, num_clients=cfg.clients.num_clients, seed=cfg.run.seed)
     partition = partition_dataset(dataset, cfg.data, num_clients=cfg.clients.num_clients, seed=cfg.run.seed)
     partition = keep_task_classes(cfg, dataset, partition)
-    for name in {cfg.model.meme, *(g.local_model for g in cfg.clients.groups)}:
-        build_model(name, dataset.input_shape, dataset.num_classes)  # raises a ConfigError on a misfit
+    keys = {cfg.model.meme: ["model.meme"]}
+    for g in cfg.clients.groups:
+        keys.setdefault(g.local_model, []).append(f"clients.groups[{g.name}].local_model")
+    for name, where in keys.items():
+        try:
+            build_model(name, dataset.input_shape, dataset.num_classes)
+        except ConfigError as exc:  # a misfit: said with the keys that chose this model
+            raise ConfigError(f"{' and '.join(where)} = {name!r}: {exc}") from None
     check_shares(cfg, dataset)
     return Prepared(dataset, partition)
 

@@ -134,7 +134,10 @@ def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_st
     (["run", "--set", "data.min_samples=1", "--set", "clients.num_clients=2000"],
      "digits has 1438 training rows; lower clients.num_clients"),  # and nothing about min_samples, already 1
     (["run", "--set", "data.dataset=fmnist", "--set", "data.root=/nonexistent"], "data.root"),
-    (["run", "--set", "data.dataset=synthetic", "--set", "model.meme=cnn"], "use 'mlp'"),
+    (["run", "--set", "data.dataset=synthetic", "--set", "model.meme=cnn"], "model.meme = 'cnn': model 'cnn' needs "
+     "image input (C, H, W) but the dataset gives flat features of shape (60,); use 'mlp'"),
+    (["run", "--set", "data.dataset=synthetic", "--set", "model.meme=lenet5"],
+     "model.meme and clients.groups[lenet5].local_model = 'lenet5': model 'lenet5' needs image input"),
     (["run", "--set", "data.partition=shards", "--set", "data.classes_per_client=11"], "classes"),
     (["run", "--set", "run.rounds=0"], "run.rounds must be >= 1"),
     (["compare", "--algorithms", "fml,fedsgd"], "fedsgd"),
