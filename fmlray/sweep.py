@@ -272,7 +272,11 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
             continue
         resume = run_dir if checkpoint.exists(run_dir) else None
         echo(f"[{i}/{len(runs)}] {run.name}" + (" (resuming)" if resume else ""))
-        run_experiment(run.cfg, echo=echo, resume_dir=resume)
+        try:
+            run_experiment(run.cfg, echo=echo, resume_dir=resume)
+        except FmlrayError as exc:  # which run failed, as a parallel sweep's trials say
+            exc.args = (f"run {run.name}: {exc}",)
+            raise
     return combine(folder, runs)
 
 

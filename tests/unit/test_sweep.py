@@ -193,3 +193,21 @@ def test_a_sweep_or_tune_file_that_is_not_there_or_not_toml_is_named_as_such(tmp
                            (bad, "is not valid TOML")):
             assert main([command, str(path)]) == 2
             assert capsys.readouterr().err.startswith(f"fmlray: error: {kind} {path} {what}")
+
+
+def test_a_run_that_fails_in_a_sequential_sweep_is_named(tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(f"""
+[sweep]
+name = "t"
+output_dir = "{tmp_path / 'runs'}"
+set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "data.min_samples=1"]
+
+[[axis]]
+name = "clients"
+values = [{{ label = "few", set = ["clients.num_clients=4"] }}, {{ label = "many", set = ["clients.num_clients=2000"] }}]
+""")
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fmlray: error: run many-s0: cannot give 2000 clients") and len(err.splitlines()) == 1, err
+    assert (tmp_path / "runs" / "t" / "few-s0" / "metrics.parquet").is_file()
