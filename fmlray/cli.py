@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fmlray import signals
 from fmlray.errors import FmlrayError
-from fmlray.progress import Console
+from fmlray.progress import Console, plain_warnings
 
 EXIT_USAGE = 2
 
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     signals.reset()
     before = signal.signal(signal.SIGTERM, signals.terminate) if main_thread else None
     try:
-        return commands[args.command](args)
+        with plain_warnings():
+            return commands[args.command](args)
     except FmlrayError as exc:
         print(f"fmlray: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,9 +7,31 @@ lasts that long, so short runs print exactly what they always did.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """fmlray's own warnings (e.g. a batching mode that cannot apply) as one line, `fmlray: warning: ...`, not
+    Python's two lines with the source line that raised it; every other warning as Python shows it."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "fmlray" not in Path(filename).parts:
+            return shown(message, category, filename, lineno, file, line)
+        print(f"fmlray: warning: {' '.join(str(message).splitlines())}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = shown
 
 
 class Console:

@@ -40,6 +40,7 @@ from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check
                                      plan_actors, plan_store)
 from fmlray.engine.state import RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
+from fmlray.progress import plain_warnings
 
 READY_TIMEOUT_S = float(os.environ.get("FMLRAY_READY_TIMEOUT_S", "180"))
 # A client with private state moves to another actor only if it trains at least this many rows a round:
@@ -90,6 +91,8 @@ class ClientActor:
                  store: str, run_token: str, board=None, hosted: list[int] | None = None):
         import torch
         signals.redeliver_lost_sigterm()
+        self._plain = plain_warnings()  # fmlray's warnings as one line in the driver's log, for the actor's life
+        self._plain.__enter__()
         self.index, self.board = index, board  # board: the aggregator, which counts clients done
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.num_gpus = spec.num_gpus

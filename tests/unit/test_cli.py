@@ -81,6 +81,17 @@ def test_a_full_disk_under_stdout_is_one_line_not_a_traceback():
     assert proc.returncode == 1 and proc.stderr == "fmlray: error: No space left on device\n", proc.stderr
 
 
+def test_fmlrays_own_warnings_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fmlray", "run", *QUICK, "--set", "run.rounds=1",
+                           "--set", "clients.num_clients=4", "--set", "training.optimizer=adam",
+                           "--set", "training.batching=vmap", "--set", f"run.output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["fmlray: warning: training.batching = 'vmap': clients with models mlp+mlp "
+                                        "train one after another: the batched step is SGD's (training.optimizer = "
+                                        "'adam')"], proc.stderr  # not Python's two lines with the source line
+
+
 def test_compare_prints_all_algorithms_side_by_side(tmp_path, capsys):
     assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
     table = capsys.readouterr().out.split("algorithm")[-1]
