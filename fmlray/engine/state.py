@@ -479,6 +479,11 @@ class DiskStore:
             self._io.shutdown()
             os.close(self._fd)
             self.path.unlink(missing_ok=True)
+            for folder in (self.path.parent, self.path.parent.parent):  # the host's, then the run's (state_folder)
+                try:
+                    folder.rmdir()  # only once empty: another store's file, or another host's folder, keeps it
+                except OSError:
+                    break
 
 
 def _pwrite(fd: int, buf, offset: int) -> None:
@@ -599,7 +604,7 @@ def open_rows(path: Path) -> np.ndarray:
 
 def state_folder(state_dir: str, run_token: str, host: str) -> tuple[Path, Path | None]:
     """The node-local folder a host keeps its disk store in, and the folder to remove at the end (None
-    when the user chose engine.state_dir: then the rows stay)."""
+    when the user chose engine.state_dir: each store removes its file, and the folders it leaves empty)."""
     import tempfile
     if state_dir:
         return Path(state_dir) / f"fmlray-{run_token}" / host, None
