@@ -81,7 +81,10 @@ def missing_error(dataset: str, lay: Layout, roots: tuple[Path, ...]) -> DataErr
 
 
 def download(dataset: str, lay: Layout, root: Path, emnist_split: str) -> None:
-    """Fetch train and test into `root` with torchvision; network failures become a DataError."""
+    """Fetch train and test into `root` with torchvision; network failures become a DataError, and the folders
+    the attempt made (torchvision's <Name>/raw) are removed again while empty."""
+    had = {p for p in root.rglob("*") if p.is_dir()} if root.is_dir() else set()
+    made = [p for p in (root, *root.parents) if not p.exists()]
     try:
         from torchvision import datasets  # slow to import, and only needed here
 
@@ -91,5 +94,11 @@ def download(dataset: str, lay: Layout, root: Path, emnist_split: str) -> None:
             fetch(str(root), train=train, download=True, **extra)
     except Exception as exc:  # URLError, RuntimeError (checksum), OSError...: all mean "not fetched"
         message = " ".join(str(exc).split()) or type(exc).__name__
+        new = [p for p in root.rglob("*") if p.is_dir() and p not in had] if root.is_dir() else []
+        for folder in sorted(new, key=lambda p: len(p.parts), reverse=True) + made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty (a file came): kept
         raise DataError(f"could not download {dataset} into {root.resolve()}: {message}; check the "
                         f"network, or fetch the files yourself and set data.root") from None

@@ -352,14 +352,17 @@ def test_download_passes_the_emnist_split(tmp_path, monkeypatch):
     assert ds.num_classes == 10 and calls[0][3] == {"split": "digits"}
 
 
-def test_download_failure_is_one_line_data_error(tmp_path, monkeypatch):
+def test_download_failure_is_one_line_data_error_and_leaves_no_empty_folders(tmp_path, monkeypatch):
     def fail(root):
+        (root / "cifar-10-batches-py" / "raw").mkdir(parents=True)  # as torchvision makes its folders first
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n<urlopen error>")
 
+    (tmp_path / "mine").mkdir()
     fake_torchvision(monkeypatch, "CIFAR10", fail)
     with pytest.raises(DataError, match="could not download cifar10") as exc:
-        load(dataset="cifar10", download=True, root=str(tmp_path))
+        load(dataset="cifar10", download=True, root=str(tmp_path / "data"))
     assert_one_line(exc)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # data/ and below made by the attempt: gone
 
 
 def test_files_already_present_are_not_downloaded(tmp_path, monkeypatch):
