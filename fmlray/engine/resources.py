@@ -240,7 +240,8 @@ def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> Stor
     where = "in memory" if kind == "memory" else \
         f"on disk, memory-mapped under {cfg.engine.state_dir or 'a scratch folder of each node'}"
     line = (f"private state: up to {size(estimate)} ({per or 'none'}), kept {where}"
-            + (" (engine.state_store = auto)" if cfg.engine.state_store == "auto" else ""))
+            + (" (engine.state_store = auto)" if cfg.engine.state_store == "auto" else "")
+            + (" (engine.state_dir unused: the disk store's)" if kind == "memory" and cfg.engine.state_dir else ""))
     return StorePlan(kind, rows, estimate, line)
 
 

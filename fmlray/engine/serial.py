@@ -36,6 +36,10 @@ class SerialEngine:
         check_memory(cfg, self.plan, dataset.nbytes, 0, memory)
         self.notes = [self.plan.line] + ([f"{cores} torch thread(s): the groups' num_cpus ({asked}) capped at the "
                                           f"{cores} core(s) this process may use"] if asked > cores else [])
+        unused = [*(["engine.address"] if cfg.engine.address else []),  # what only the Ray engine reads
+                  *(f"clients.groups[{g.name}].num_gpus" for g in cfg.clients.groups if g.num_gpus > 0)]
+        if unused:
+            self.notes.append(f"the serial engine trains in this process on the CPU: {', '.join(unused)} unused")
         folder, self.scratch = state_folder(cfg.engine.state_dir, uuid.uuid4().hex[:8], "serial")
         self.host = ClientHost(cfg, dataset, partition, list(range(partition.num_clients)), store=self.plan.kind,
                                state_dir=folder if self.plan.kind == "disk" else None)

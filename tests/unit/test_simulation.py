@@ -94,3 +94,16 @@ def test_the_serial_engine_uses_no_more_threads_than_cores_and_says_so():
     finally:
         engine.close()
     assert torch.get_num_threads() == before
+
+
+def test_the_serial_engine_names_the_settings_it_does_not_read(tmp_path):
+    cfg = load_config(None, ["clients.num_clients=4", "engine.kind=serial", "engine.address='auto'",
+                             "clients.groups.0.num_gpus=1", f"engine.state_dir='{tmp_path}'"])
+    prepared, engine = prepare(cfg), SerialEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        notes = " ".join(engine.notes)
+    finally:
+        engine.close()
+    assert "in this process on the CPU: engine.address, clients.groups[mlp].num_gpus unused" in notes
+    assert "kept in memory (engine.state_store = auto) (engine.state_dir unused: the disk store's)" in notes
