@@ -455,7 +455,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a list"}
+_BASES = {tuple: (list, tuple), float: (int, float)}  # what TOML gives for them
 _TOML_KINDS = {bool: "a boolean", int: "an integer", float: "a number", datetime.date: "a date",
                datetime.datetime: "a date-time", datetime.time: "a time"}
 
@@ -475,17 +476,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key)
+        failed = []
         for candidate in inner:  # e.g. int | str: the first type the value is
-            if candidate is str and not isinstance(value, str):
-                continue  # not quoted: the hint below would be about quoting, this key also takes others
             try:
                 return _coerce(value, candidate, key)
-            except ConfigError:
-                if isinstance(value, candidate if candidate is not float else (int, float)) and not isinstance(value, bool):
-                    raise  # the right type, a wrong value (e.g. a control character): that error
-        raise ConfigError(f"{key} must be {' or '.join(_TYPE_WORDS.get(a, _type_name(a)) for a in inner)}, got {value!r}")
+            except ConfigError as exc:
+                failed.append((candidate, exc))
+        for candidate, exc in failed:  # of a candidate's type, but a wrong value (a control character...): that
+            base = _BASES.get(typing.get_origin(candidate) or candidate, candidate)
+            if isinstance(value, base) and not isinstance(value, bool):
+                raise exc
+        raise ConfigError(f"{key} must be {' or '.join(_TYPE_WORDS.get(typing.get_origin(a) or a, _type_name(a)) for a in inner)}, "
+                          f"got {value!r}")
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         what = "a list of tables" if dataclasses.is_dataclass(item_tp) else "a list"

@@ -126,7 +126,7 @@ TEN = "clients.groups=[{name='a', share=1.0, task=%s}]"
     ([TEN % "[-1, -1, -1, -1, -1, -1, -1, -1, -1, -1]"], "drops every class"),
     ([TEN % "[0, 1, -2, 0, 1, 0, 1, 0, 1, 0]"], "class 2 has label -2"),
     ([TEN % "''"], "task is empty"),
-    ([TEN % "3"], "task must be a list, got 3"),
+    ([TEN % "3"], "task must be a string or a list, got 3"),
     ([TEN % "[0, 1.5]"], "task[1] must be an integer"),
 ])
 def test_bad_tasks_are_one_clear_line(overrides, fragment):
