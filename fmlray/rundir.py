@@ -163,6 +163,16 @@ class RunFolder:
         finally:
             self._release()
 
+    def replacing(self) -> str | None:
+        """What `--overwrite` will replace, said at the start: the earlier run and anything added to it since."""
+        if self.resume or not _ours(self.final):
+            return None
+        own = {MARKER, CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS, "checkpoint"}
+        added = sorted(p.name for p in self.final.iterdir() if p.name not in own)
+        return (f"--overwrite: {self.final} (an earlier run) is replaced once this run has its first checkpoint"
+                + (f", with {len(added)} entr{'y' if len(added) == 1 else 'ies'} added to it since: "
+                   f"{', '.join(added[:3])}{', ...' if len(added) > 3 else ''}" if added else ""))
+
     def create(self, cfg: Config, partition_table: pa.Table, partition, data: str | None = None) -> Path:
         """The new run's (still hidden) folder: the marker first, then the config and the partition."""
         from fmlray.data import save_partition

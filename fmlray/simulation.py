@@ -249,6 +249,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                           f"add --set run.rounds=N (N > {resume.round}) to continue it")
     console(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
+    if folder.replacing():
+        console(folder.replacing())
     early = cfg.engine.kind == "ray"
     if early:  # a private Ray comes up in a thread meanwhile (see fmlray.engine.connect)
         from fmlray.engine.connect import abandon_early, start_early

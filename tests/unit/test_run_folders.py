@@ -72,6 +72,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     from fmlray import checkpoint
     out = tmp_path / "runs"
     assert run(out, "a") == 0
+    (out / "a" / "notes.md").write_text("mine")  # added to the old run: --overwrite takes it too, and says so first
     before = snapshot(out / "a")
     seen = []
     real = checkpoint.Writer.__call__
@@ -81,12 +82,16 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
         return real(self, rnd, engine, state)
 
     monkeypatch.setattr(checkpoint.Writer, "__call__", write)
+    capsys.readouterr()
     assert run(out, "a", "--overwrite", "--set", "run.rounds=2", "--set", "run.checkpoint_every=1") == 0
     assert seen[0] == (True, True, True)  # old run untouched, new one in its hidden sibling, name locked
     assert seen[1][0] is False  # the second checkpoint goes into the renamed folder
     assert checkpoint.load(out / "a").round == 2 and (out / "a" / "metrics.parquet").is_file()
-    assert (out / "a" / MARKER).is_file() and hidden(out) == []
-    assert "wrote " + str(out / "a") in capsys.readouterr().out
+    assert (out / "a" / MARKER).is_file() and hidden(out) == [] and not (out / "a" / "notes.md").exists()
+    printed = capsys.readouterr().out
+    assert "wrote " + str(out / "a") in printed
+    assert (f"--overwrite: {out / 'a'} (an earlier run) is replaced once this run has its first checkpoint, with 1 "
+            "entry added to it since: notes.md") in printed.splitlines()[1]
 
 
 def test_a_run_without_checkpoints_takes_its_place_when_it_ends(tmp_path, capsys):
