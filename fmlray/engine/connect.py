@@ -278,6 +278,11 @@ def _connect(address: str) -> bool:
             raise ResourceError(f"cannot start a local Ray in its temp folder {get_default_ray_temp_dir()} "
                                 f"({_first_line(exc)}); set TMPDIR (or RAY_TMPDIR) to a short, writable folder "
                                 "such as /tmp") from None
+        except Exception as exc:  # Ray's bare Exception when its raylet has not registered within 30 s (a busy machine)
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # what came up of it
+            raise ResourceError(f"cannot start a local Ray ({_first_line(exc)}); the machine may be too busy "
+                                "right now: try again when it is quieter") from None
         return True
     if address == "auto":
         path, recorded = _ray_start_address()

@@ -101,3 +101,20 @@ def test_a_temp_folder_ray_cannot_use_is_one_line_and_leaves_no_run(tmp_path, wh
     assert out.stderr.startswith("fmlray: error: cannot start a local Ray in its temp folder") and \
         "set TMPDIR" in out.stderr and len(out.stderr.splitlines()) == 1
     assert not (tmp_path / "runs" / "digits-fml").exists()
+
+
+def test_a_local_ray_that_times_out_starting_is_one_line(monkeypatch):
+    from fmlray.engine import connect as conn
+    from fmlray.errors import ResourceError
+
+    def slow():  # what Ray raises, a bare Exception, when its raylet has not registered within 30 s
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+    monkeypatch.setattr(conn, "start_private_ray", slow)
+    monkeypatch.setattr(conn.ray, "shutdown", lambda: None)  # not this worker's session Ray, if it has one
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ResourceError) as info:
+        conn._connect("")
+    assert str(info.value) == ("cannot start a local Ray (The current node timed out during startup. This could happen "
+                               "because some of the raylet failed to startup or the GCS has become overloaded.); the "
+                               "machine may be too busy right now: try again when it is quieter")
