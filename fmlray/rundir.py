@@ -433,9 +433,9 @@ class Records:
     def append(self, rnd: int, rows: list[dict]) -> None:
         self._write(rnd, metrics.to_table(rows))
 
-    def merge(self, final: bool = False) -> list[dict]:
+    def merge(self) -> list[dict]:
         """Write metrics.parquet from the parts (streamed, a round at a time); return the round summaries.
-        `final`: the run is complete, its parts go (an extension splits metrics.parquet again)."""
+        The parts stay until `finish` has written the rest: a run is finished only without them (`finished`)."""
         summary = []
 
         def write(f):
@@ -445,8 +445,6 @@ class Records:
                     writer.write_table(table)
                     summary.extend(metrics.summaries(table))
         write_atomic(self.run_dir / METRICS, write)
-        if final:
-            shutil.rmtree(self.parts, ignore_errors=True)
         return summary
 
 
@@ -506,14 +504,23 @@ def _rounds(path: Path):
                 yield rnd, table.filter(pa.compute.equal(table.column("round"), rnd))
 
 
-def finish(run_dir: Path, summary: list[dict], title: str) -> None:
-    """Summaries and the plot of a finished run (its metrics.parquet is written by `Records.merge`)."""
-    if not summary:
-        return
-    write_atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
-    write_atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
-    from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
-    write_atomic(run_dir / PLOT, lambda f: plots.accuracy_plot(summary, title, f))
+def finish(run_dir: Path, records: "Records", title: str) -> list[dict]:
+    """A run's outputs, its round summaries returned: metrics.parquet (`Records.merge`), the summaries and
+    the plot, and only then its metrics/ parts go. A run stopped or killed before that has its checkpoint and
+    its parts, so it is unfinished (`finished`), and `--resume` writes these again."""
+    summary = records.merge()
+    if summary:
+        write_atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
+        write_atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
+        from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
+        write_atomic(run_dir / PLOT, lambda f: plots.accuracy_plot(summary, title, f))
+    shutil.rmtree(records.parts, ignore_errors=True)
+    return summary
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished run: its metrics.parquet, and no metrics/ parts left (see `finish`)."""
+    return (Path(run_dir) / METRICS).is_file() and not os.path.lexists(Path(run_dir) / PARTS)
 
 
 def read_run(path: str | Path) -> tuple[pa.Table, str]:

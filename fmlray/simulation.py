@@ -246,8 +246,15 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         rundir.check_entries(folder.path)
         rundir.check_history(folder.path, resume.round)  # the earlier rounds' metric rows are there too
     if resume is not None and resume.round >= cfg.run.rounds:
-        raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
-                          f"add --set run.rounds=N (N > {resume.round}) to continue it")
+        if rundir.finished(folder.path):
+            raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
+                              f"add --set run.rounds=N (N > {resume.round}) to continue it")
+        # stopped or killed between its last checkpoint and the end of its outputs: they are written now
+        console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
+        summary = rundir.finish(folder.path, rundir.Records(folder.path, upto=resume.round), title(cfg))
+        if report is not None:  # a Tune trial: its last round's figures
+            report(summary[-1])
+        return folder.path, summary[-1]
     console(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
     if folder.replacing():
         console(folder.replacing())
@@ -315,8 +322,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
             if early:
                 abandon_early()  # an engine that failed before it took the early Ray up
-    summary = records.merge(final=True)
-    rundir.finish(folder.path, summary, title(cfg))
+    summary = rundir.finish(folder.path, records, title(cfg))
     into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
     return folder.path, summary[-1]
 

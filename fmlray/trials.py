@@ -32,6 +32,7 @@ from pathlib import Path
 from fmlray import signals
 from fmlray.config import Config
 from fmlray.errors import FmlrayError
+from fmlray.rundir import finished
 
 STATS = ("mean", "std", "min", "p10")
 
@@ -139,7 +140,7 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
     name, cfg = (config["run"], trials[config["run"]].cfg) if build is None else \
         build(config, tune.get_context().get_trial_id())
     run_dir = Path(cfg.run.output_dir) / name
-    if build is not None and (run_dir / "metrics.parquet").is_file():
+    if build is not None and finished(run_dir):
         # finished after the last state Tune wrote before a crash: its figures, not a second run
         from fmlray.metrics import summaries
         from fmlray.rundir import read_run
@@ -350,7 +351,7 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
 
     todo = {}
     for i, run in enumerate(sweep.runs, 1):
-        if (sweep.folder / run.name / "metrics.parquet").is_file():
+        if finished(sweep.folder / run.name):
             echo(f"[{i}/{len(sweep.runs)}] {run.name}: done")
         else:
             todo[run.name] = run.cfg

@@ -335,5 +335,32 @@ def test_an_extension_cut_short_while_splitting_the_metrics_takes_the_rest_from_
     Records(run_dir, upto=3)  # splits metrics.parquet into metrics/round-*.parquet
     (run_dir / "metrics" / "round-000003.parquet").unlink()  # as if killed before the last part was written
     (run_dir / "metrics" / "round-000002.parquet").unlink()
-    Records(run_dir, upto=3).merge(final=True)
+    Records(run_dir, upto=3).merge()
     assert repr(pq.read_table(run_dir / "metrics.parquet").to_pylist()) == repr(whole.to_pylist())  # nan == nan
+
+
+@pytest.mark.parametrize("cut", ["before the outputs", "after metrics.parquet"])
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path, capsys, monkeypatch, cut):
+    # killed between the last round's checkpoint and the end of its outputs: resume writes them (it once
+    # refused, "already ran its 2 rounds", while report sent the user back to --resume)
+    from fmlray import rundir
+    quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
+    assert main(["run", *quick, "--set", "run.name=whole"]) == 0
+    real = rundir.finish
+
+    def killed(run_dir, records, title):
+        if cut == "after metrics.parquet":
+            records.merge()
+        raise KeyboardInterrupt  # as a kill there would
+    monkeypatch.setattr(rundir, "finish", killed)
+    assert main(["run", *quick]) == 130
+    monkeypatch.setattr(rundir, "finish", real)
+    run_dir = tmp_path / "digits-fml"
+    assert not rundir.finished(run_dir) and not (run_dir / "summary.txt").exists()
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 2 and "unfinished" in capsys.readouterr().err
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    assert "ran its 2 rounds; writing its outputs" in capsys.readouterr().out
+    assert rundir.finished(run_dir) and (run_dir / "summary.txt").is_file() and (run_dir / "accuracy.png").is_file()
+    same(accuracies(run_dir), accuracies(tmp_path / "whole"))
+    assert main(["report", str(run_dir)]) == 0

@@ -211,3 +211,28 @@ values = [{{ label = "few", set = ["clients.num_clients=4"] }}, {{ label = "many
     err = capsys.readouterr().err.strip()
     assert err.startswith("fmlray: error: run many-s0: cannot give 2000 clients") and len(err.splitlines()) == 1, err
     assert (tmp_path / "runs" / "t" / "few-s0" / "metrics.parquet").is_file()
+
+
+def test_a_sweep_run_killed_after_its_last_checkpoint_is_finished_by_the_rerun(tmp_path, capsys, monkeypatch):
+    from fmlray import rundir
+    spec = tmp_path / "s.toml"
+    spec.write_text(f"""
+[sweep]
+name = "t"
+output_dir = "{tmp_path / 'runs'}"
+set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "clients.num_clients=4"]
+
+[[axis]]
+name = "algorithm"
+values = ["algorithm.name=fedavg"]
+""")
+    real = rundir.finish
+
+    def killed(*args):
+        raise KeyboardInterrupt  # killed between its checkpoint and its outputs
+    monkeypatch.setattr(rundir, "finish", killed)
+    assert main(["sweep", str(spec)]) == 130
+    monkeypatch.setattr(rundir, "finish", real)
+    assert main(["sweep", str(spec)]) == 0  # it once refused for ever: "already ran its 1 rounds"
+    assert rundir.finished(tmp_path / "runs" / "t" / "fedavg-s0")
+    assert (tmp_path / "runs" / "t" / "results.parquet").is_file()
