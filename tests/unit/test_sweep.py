@@ -195,18 +195,18 @@ def test_a_sweep_or_tune_file_that_is_not_there_or_not_toml_is_named_as_such(tmp
             assert capsys.readouterr().err.startswith(f"fmlray: error: {kind} {path} {what}")
 
 
-def test_a_run_that_fails_in_a_sequential_sweep_is_named(tmp_path, capsys):
+def one_axis(tmp_path, common: str, axis: str, values: str):
+    """A sweep file of one axis, serial one-round runs with `common` settings besides."""
     spec = tmp_path / "s.toml"
-    spec.write_text(f"""
-[sweep]
-name = "t"
-output_dir = "{tmp_path / 'runs'}"
-set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "data.min_samples=1"]
+    spec.write_text(f'[sweep]\nname = "t"\noutput_dir = "{tmp_path / "runs"}"\n'
+                    f'set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", {common}]\n\n'
+                    f'[[axis]]\nname = "{axis}"\nvalues = {values}\n')
+    return spec
 
-[[axis]]
-name = "clients"
-values = [{{ label = "few", set = ["clients.num_clients=4"] }}, {{ label = "many", set = ["clients.num_clients=2000"] }}]
-""")
+
+def test_a_run_that_fails_in_a_sequential_sweep_is_named(tmp_path, capsys):
+    spec = one_axis(tmp_path, '"data.min_samples=1"', "clients", '[{ label = "few", set = ["clients.num_clients=4"] }, '
+                    '{ label = "many", set = ["clients.num_clients=2000"] }]')
     assert main(["sweep", str(spec)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fmlray: error: run many-s0: cannot give 2000 clients") and len(err.splitlines()) == 1, err
@@ -215,17 +215,7 @@ values = [{{ label = "few", set = ["clients.num_clients=4"] }}, {{ label = "many
 
 def test_a_sweep_run_killed_after_its_last_checkpoint_is_finished_by_the_rerun(tmp_path, capsys, monkeypatch):
     from fmlray import rundir
-    spec = tmp_path / "s.toml"
-    spec.write_text(f"""
-[sweep]
-name = "t"
-output_dir = "{tmp_path / 'runs'}"
-set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "clients.num_clients=4"]
-
-[[axis]]
-name = "algorithm"
-values = ["algorithm.name=fedavg"]
-""")
+    spec = one_axis(tmp_path, '"clients.num_clients=4"', "algorithm", '["algorithm.name=fedavg"]')
     real = rundir.finish
 
     def killed(*args):
