@@ -486,8 +486,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             base = _BASES.get(typing.get_origin(candidate) or candidate, candidate)
             if isinstance(value, base) and not isinstance(value, bool):
                 raise exc
-        raise ConfigError(f"{key} must be {' or '.join(_TYPE_WORDS.get(typing.get_origin(a) or a, _type_name(a)) for a in inner)}, "
-                          f"got {value!r}")
+        words = [_TYPE_WORDS.get(typing.get_origin(a) or a, _type_name(a)) for a in inner]
+        raise ConfigError(f"{key} must be {' or '.join(words)}, got {value!r}")
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         what = "a list of tables" if dataclasses.is_dataclass(item_tp) else "a list"

@@ -467,7 +467,8 @@ def check_entries(run_dir: Path) -> None:
     for name, folder in ((CONFIG, False), (METRICS, False), (SUMMARY, False), (SUMMARY_JSON, False), (PLOT, False),
                          (PARTITION, False), (PARTITION_FILE, False), (PARTS, True)):
         path = Path(run_dir) / name
-        if os.path.lexists(path) and (path.is_symlink() or (path.is_dir() != folder) or not (path.is_dir() or path.is_file())):
+        odd = path.is_symlink() or path.is_dir() != folder or not (path.is_dir() or path.is_file())
+        if os.path.lexists(path) and odd:
             kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "a file" if path.is_file() \
                 else "a special file"
             raise FmlrayError(f"{path} is {kind}, where the run keeps its {'folder' if folder else 'file'} {name}; "
@@ -527,10 +528,10 @@ def read_run(path: str | Path) -> tuple[pa.Table, str]:
     """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)
     if (path / CHECKPOINT_MANIFEST).is_file() and (path / PARTS).is_dir():  # a finished run has merged its parts
-        what = "an earlier end's" if (path / METRICS).is_file() else "no"
-        raise FmlrayError(f"{path} is an unfinished fmlray run (it has a checkpoint, and {what} {METRICS}): it is "
-                          f"still running or was stopped; `fmlray run --resume {path}` continues a stopped one, "
-                          "and report works once it ends")
+        what = f"and {METRICS} is not its last" if (path / METRICS).is_file() else f"but no {METRICS}"
+        raise FmlrayError(f"{path} is an unfinished fmlray run (it has a checkpoint and metric rows in {PARTS}/, "
+                          f"{what}): it is still running or was stopped; `fmlray run --resume {path}` continues a "
+                          "stopped one, and report works once it ends")
     if not (path / METRICS).is_file():
         if (path / CHECKPOINT_MANIFEST).is_file():
             raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no {PARTS}/); "

@@ -41,7 +41,8 @@ class Dataset:
         crc = 0
         for a in (self.x_train, self.y_train, self.x_test, self.y_test, self.train_owner, self.test_owner):
             if a is not None:
-                crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), zlib.crc32(str(a.dtype).encode(), crc))
+                crc = zlib.crc32(str(a.dtype).encode(), crc)
+                crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1), crc)
         object.__setattr__(self, "_fingerprint", f"{crc:08x}-{len(self.y_train)}-{len(self.y_test)}")
         return self.__dict__["_fingerprint"]
 
