@@ -1,6 +1,14 @@
 """Checks on the test session itself."""
 
+import signal
+
 import pytest
+
+# A suite started as a background job (`make test &`, nohup) inherits SIGINT ignored, and so would every process
+# a test starts: fmlray keeps an ignored SIGINT ignored (signals.sigint_ignored), so the tests of what Ctrl-C
+# does would see nothing. Handled here, it reaches the test's processes as the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_xdist_node_collection_finished(node, ids):
