@@ -256,8 +256,9 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             report(summary[-1])
         return folder.path, summary[-1]
     console(title(cfg) + (f" (resumed after round {resume.round})" if resume else ""))
-    if folder.replacing():
-        console(folder.replacing())
+    replacing = folder.replacing()
+    if replacing:
+        console(replacing)
     early = cfg.engine.kind == "ray"
     if early:  # a private Ray comes up in a thread meanwhile (see fmlray.engine.connect)
         from fmlray.engine.connect import abandon_early, start_early

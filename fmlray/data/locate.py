@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,7 @@ def download(dataset: str, lay: Layout, root: Path, emnist_split: str) -> None:
         message = " ".join(str(exc).split()) or type(exc).__name__
         new = [p for p in root.rglob("*") if p.is_dir() and p not in had] if root.is_dir() else []
         for folder in sorted(new, key=lambda p: len(p.parts), reverse=True) + made:  # deepest first
-            try:
+            with contextlib.suppress(OSError):  # not empty (a file came): kept
                 folder.rmdir()
-            except OSError:
-                pass  # not empty (a file came): kept
         raise DataError(f"could not download {dataset} into {root.resolve()}: {message}; check the "
                         f"network, or fetch the files yourself and set data.root") from None
