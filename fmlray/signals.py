@@ -38,6 +38,14 @@ def reset() -> None:
     _seen.clear()
 
 
+def raised_by_handler(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or `Terminated` a signal handler raised inside one of Ray's C calls (`ray.wait`,
+    `ray.get` run the handlers while they wait): Ray hands it back as a SystemError ("returned a result with
+    an exception set") caused by it. None for any other exception."""
+    cause = exc.__cause__ if isinstance(exc, SystemError) else None
+    return cause if isinstance(cause, (KeyboardInterrupt, Terminated)) else None
+
+
 def sigint_ignored() -> bool:
     """Whether this process was started with SIGINT ignored, as a shell starts a script's background jobs
     (so that Ctrl-C ends the script, not them). fmlray keeps it ignored, as Python and the shell tools do."""
@@ -45,11 +53,11 @@ def sigint_ignored() -> bool:
 
 
 @contextlib.contextmanager
-def shielded():
-    """Shut-down work that a signal must not cut in half (the engine's close, `ray.shutdown`): cut, it
-    left Ray's agents running and the interpreter's own `ray.shutdown` at exit interrupted in turn. A
-    SIGINT or SIGTERM inside is announced and the work finishes (the run is ending anyway); a second
-    SIGINT abandons it."""
+def shielded(doing: str = "shutting down"):
+    """Work at a run's end that a signal must not cut in half (the engine's close, `ray.shutdown`, the run's
+    outputs): a cut shut-down left Ray's agents running and the interpreter's own `ray.shutdown` at exit
+    interrupted in turn. A SIGINT or SIGTERM inside is announced and the work finishes (the run is ending
+    anyway); a second SIGINT abandons it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -59,7 +67,7 @@ def shielded():
         if came and signum == signal.SIGINT:
             raise KeyboardInterrupt
         came.append(signum)
-        print(f"{signal.Signals(signum).name}: shutting down first (Ctrl-C again to abandon that)", file=sys.stderr,
+        print(f"{signal.Signals(signum).name}: {doing} first (Ctrl-C again to abandon that)", file=sys.stderr,
               flush=True)
 
     sigs = [signal.SIGTERM] + ([] if sigint_ignored() else [signal.SIGINT])

@@ -14,6 +14,7 @@ import socket
 import threading
 import warnings
 
+import psutil
 import ray
 
 from fmlray import signals
@@ -164,15 +165,21 @@ def _lean_head():
 
 @contextlib.contextmanager
 def _keep_sigterm():
-    """`ray.init` would put in a SIGTERM handler of its own (`sys.exit(15)`: no message, no cleanup of the run,
-    and lost outright where it lands in a finaliser). Ray is kept from installing it, so the handler in force
-    (the CLI's: one line, exit 130, see fmlray.signals) hears a SIGTERM that comes while Ray starts."""
-    from ray._private import utils
+    """`ray.init` would put in two SIGTERM handlers of its own, and Ray is kept from both, so the handler in
+    force (the CLI's: one line, exit 130, see fmlray.signals) hears a SIGTERM that comes while Ray starts:
+    - Python's: `sys.exit(15)`, no message, no cleanup of the run, lost outright where it lands in a finaliser;
+    - the core worker's C failure-signal handler: a C stack dump on stderr (sometimes a SIGABRT), and, once
+      `ray.shutdown` uninstalls it, SIGTERM's default action under Python's handler: a SIGTERM while Ray
+      shut down at a run's end killed fmlray at once (exit -15, no line, no outputs). Where the driver
+      crashes in C, Python prints no stack for it; Ray's workers keep their own."""
+    from ray._private import ray_constants, utils
     install, utils.set_sigterm_handler = utils.set_sigterm_handler, lambda handler: None
+    dump, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER, True
     try:
         yield
     finally:
         utils.set_sigterm_handler = install
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = dump
 
 
 def connect(address: str) -> bool:
@@ -216,7 +223,8 @@ def start_early(address: str) -> None:
         quiet = _NotMainThread()
         logging.getLogger("ray._private.worker").addFilter(quiet)
         try:
-            box["owned"] = _connect("")
+            with _keep_sigterm():
+                box["owned"] = _connect("")
         except BaseException as exc:  # handed to the main thread by `connect`
             box["error"] = exc
         finally:
@@ -230,8 +238,10 @@ def start_early(address: str) -> None:
 
 
 def _join_early() -> bool:
-    ready, box = _early.pop("ready"), _early.pop("box")
+    """Wait for the early start; a wait cut by a signal leaves it to `abandon_early`, which waits again."""
+    ready, box = _early["ready"], _early["box"]
     ready.wait()
+    _early.clear()
     if "error" in box:
         raise box["error"]
     return box["owned"]
@@ -247,8 +257,28 @@ def shut_down() -> None:
     """`ray.shutdown()` of a Ray this process started or joined, shielded from a signal that would cut it in
     half (`signals.shielded`), then `release`."""
     with signals.shielded():
+        started = _started_processes()
         ray.shutdown()
+        for proc in started:  # what outlived it (see `_started_processes`)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
     release()
+
+
+def _started_processes() -> list[psutil.Process]:
+    """The processes of the Ray this process started, if it did (its head's daemons, and what the raylet
+    started: agents, workers); none for a Ray it joined. `ray.shutdown` ends them, except where it comes
+    while the raylet is still starting (a signal during start-up): then the raylet dies before its
+    dashboard and runtime-env agents are up, and each waits 60 s for a GCS that is gone to hear that, as
+    orphans holding ~200 MB. psutil's `kill` checks that a pid still names the same process."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    found = []
+    for infos in (node.all_processes.values() if node is not None else []):
+        for info in infos:
+            with contextlib.suppress(psutil.Error):
+                head = psutil.Process(info.process.pid)
+                found += [head] + head.children(recursive=True)
+    return found
 
 
 def abandon_early() -> None:
@@ -279,6 +309,8 @@ def _connect(address: str) -> bool:
                                 f"({_first_line(exc)}); set TMPDIR (or RAY_TMPDIR) to a short, writable folder "
                                 "such as /tmp") from None
         except Exception as exc:  # Ray's bare Exception when its raylet has not registered within 30 s (a busy machine)
+            if signals.raised_by_handler(exc):
+                raise
             with contextlib.suppress(Exception):
                 ray.shutdown()  # what came up of it
             raise ResourceError(f"cannot start a local Ray ({_first_line(exc)}); the machine may be too busy "

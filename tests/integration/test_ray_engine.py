@@ -1,5 +1,7 @@
 """The Ray engine against the serial reference, on a real local Ray: parity, placement, scale, resources."""
 
+import os
+import textwrap
 import time
 
 import numpy as np
@@ -590,22 +592,77 @@ def test_the_drivers_memory_stays_flat_over_a_long_run(ray_session, tmp_path):
     assert rss < 32 * 2**20, f"the driver's resident set grew by {rss / 2**20:.0f} MiB from round 5 to 20"
 
 
-@pytest.mark.parametrize("after", ["data:", "starting the ray engine"])
-def test_sigterm_during_start_up_ends_with_one_line_and_leaves_nothing(tmp_path, after):
-    # before Ray starts, and while it starts (ray.init puts in a handler of its own: sys.exit(15))
+def processes_under(ray_tmpdir: str) -> list:
+    """The live processes with a file open under `ray_tmpdir`: a Ray's daemons, agents and workers write their
+    logs in its session folder there (their environment cannot tell: Ray's process titles overwrite it)."""
+    import psutil
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if any(f.path.startswith(ray_tmpdir + "/") for f in proc.open_files()):
+                found.append(f"{proc.pid} {proc.name()}")
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("after,delay", [("data:", 0.0), ("data:", 0.6), ("starting the ray engine", 0.1),
+                                         ("starting the ray engine", 1.0)])
+def test_sigterm_during_start_up_ends_with_one_line_and_leaves_nothing(tmp_path, after, delay):
+    # Before Ray starts, while it starts in its thread (the driver waits for it), and while the actors start.
+    # Ray's failure-signal handler printed a C stack dump; a raise inside ray.wait came back as a SystemError
+    # traceback; and the early Ray, still starting, was never shut down: its agents stayed 60 s as orphans.
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
+    ray_tmpdir = tempfile.mkdtemp(prefix="fmlray-sig-", dir="/tmp")  # short: Ray's socket paths
     cmd = [sys.executable, "-m", "fmlray", "run", "--set", f"run.output_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith(after):
-            time.sleep(1.0 if after.startswith("starting") else 0.0)
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert err.strip() == "fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped"
-    assert "round 1/" not in out
-    assert list(tmp_path.iterdir()) == []  # no run folder, no hidden sibling, no lock
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "RAY_TMPDIR": ray_tmpdir})
+        for line in proc.stdout:
+            if line.startswith(after):
+                time.sleep(delay)
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-2000:]
+        assert err.strip() == "fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped"
+        assert "round 1/" not in out
+        assert list(tmp_path.iterdir()) == []  # no run folder, no hidden sibling, no lock
+        deadline = time.monotonic() + 5  # what the raylet ends as it goes may take a moment
+        while processes_under(ray_tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_under(ray_tmpdir) == []
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+# After `ray.shutdown`, Ray's driver put SIGTERM back to the default action (its failure-signal handler,
+# uninstalled, restores SIG_DFL under Python's handler): a SIGTERM while Ray shut down at a run's end killed
+# fmlray at once, exit -15, with no line and no outputs. While Ray ran, a SIGTERM printed a C stack dump.
+AFTER_SHUTDOWN = textwrap.dedent("""
+    import os, signal, sys, time
+    from fmlray.engine.connect import connect, shut_down
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("heard", flush=True))
+    connect("")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    shut_down()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("lived", flush=True)
+""")
+
+
+def test_python_keeps_sigterm_while_ray_runs_and_after_it_shuts_down():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == "heard\nheard\nlived\n"
+    assert "SIGTERM received" not in out.stderr
