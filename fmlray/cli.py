@@ -117,9 +117,10 @@ def cmd_run(args) -> int:
     from fmlray.simulation import RunInterrupted, run_experiment, title
 
     try:
-        path, summary = run_experiment(cfg, echo=Console(),
-                                       resume_dir=None if args.resume is None else Path(args.resume),
-                                       overwrite=args.overwrite)
+        with _resume_hint(Path(cfg.run.output_dir) / cfg.run.name):
+            path, summary = run_experiment(cfg, echo=Console(),
+                                           resume_dir=None if args.resume is None else Path(args.resume),
+                                           overwrite=args.overwrite)
     except RunInterrupted as stop:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         print(f"fmlray: stopped after round {stop.round}; continue with: fmlray run --resume {run_dir}",
@@ -171,7 +172,8 @@ def cmd_compare(args) -> int:
     with _shared_ray(cfg):
         for name, one in runs.items():
             try:
-                path, finals[name] = run_experiment(one, prepared, echo=Console(), overwrite=args.overwrite)
+                with _resume_hint(Path(one.run.output_dir) / one.run.name):
+                    path, finals[name] = run_experiment(one, prepared, echo=Console(), overwrite=args.overwrite)
             except RunInterrupted as stop:
                 left = [n for n in runs if n != name and n not in finals]
                 print(f"fmlray: stopped the {name} run after round {stop.round}; continue it with: fmlray run "
@@ -181,6 +183,21 @@ def cmd_compare(args) -> int:
             print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
     return 0
+
+
+@contextlib.contextmanager
+def _resume_hint(run_dir: Path):
+    """A second Ctrl-C, or a SIGTERM outside the rounds, ends the command at once: where `run_dir` is then left
+    resumable (a checkpoint, no outputs yet), `main`'s one line says how to continue."""
+    try:
+        yield
+    except BaseException as exc:
+        raised = signals.raised_by_handler(exc) or exc
+        if isinstance(raised, (KeyboardInterrupt, signals.Terminated)):
+            from fmlray.rundir import resumable
+            if resumable(run_dir):
+                raised.add_note(f"continue with: fmlray run --resume {run_dir}")
+        raise
 
 
 @contextlib.contextmanager
@@ -340,16 +357,22 @@ def main(argv: list[str] | None = None) -> int:
     signals.reset()
     before = signal.signal(signal.SIGTERM, signals.terminate) if main_thread else None
     try:
-        with plain_warnings():
-            return commands[args.command](args)
+        try:
+            with plain_warnings():
+                return commands[args.command](args)
+        except SystemError as exc:
+            raised = signals.raised_by_handler(exc)
+            if raised is None:
+                raise
+            raise raised from None
     except FmlrayError as exc:
         print(f"fmlray: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fmlray: interrupted; what no checkpoint held yet was dropped", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"fmlray: interrupted; what no checkpoint held yet was dropped{_notes(exc)}", file=sys.stderr)
         return 130
-    except signals.Terminated:
-        print("fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped",
+    except signals.Terminated as exc:
+        print(f"fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped{_notes(exc)}",
               file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`fmlray partition | head`): stop quietly, as a shell tool does
@@ -363,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
+
+
+def _notes(exc: BaseException) -> str:
+    return "".join(f"; {note}" for note in getattr(exc, "__notes__", []))
 
 
 if __name__ == "__main__":

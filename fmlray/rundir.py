@@ -524,6 +524,11 @@ def finished(run_dir: Path) -> bool:
     return (Path(run_dir) / METRICS).is_file() and not os.path.lexists(Path(run_dir) / PARTS)
 
 
+def resumable(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that `--resume` continues: a checkpoint, and not `finished`."""
+    return (Path(run_dir) / CHECKPOINT_MANIFEST).is_file() and not finished(run_dir)
+
+
 def read_run(path: str | Path) -> tuple[pa.Table, str]:
     """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)

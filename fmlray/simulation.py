@@ -323,8 +323,9 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
             if early:
                 abandon_early()  # an engine that failed before it took the early Ray up
-    summary = rundir.finish(folder.path, records, title(cfg))
-    into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
+    with signals.shielded("writing the run's outputs"):
+        summary = rundir.finish(folder.path, records, title(cfg))
+        into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
     return folder.path, summary[-1]
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import fmlray.cli
 import fmlray.data
+from fmlray import signals
 from fmlray.cli import main
 
 QUICK = ["--set", "run.rounds=2", "--set", "training.epochs=1", "--set", "engine.kind=serial"]  # Ray: integration/
@@ -431,3 +433,28 @@ def test_report_on_an_unfinished_run_says_how_to_continue_it(tmp_path, capsys):
     (run / "metrics.parquet").unlink()
     (run / "metrics").rmdir()  # a finished run's metrics.parquet deleted: resuming cannot bring it back
     fail(capsys, ["report", str(run)], "whose metric rows are gone (no metrics.parquet and no metrics/)")
+
+
+@pytest.mark.parametrize("raised,line", [
+    (signals.Terminated, "fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped"),
+    (KeyboardInterrupt, "fmlray: interrupted; what no checkpoint held yet was dropped")])
+def test_a_signal_raised_inside_a_ray_call_ends_with_the_signals_line(monkeypatch, capsys, raised, line):
+    # Ray's C calls (ray.wait) run the handlers while they wait, and hand their raise back as a SystemError
+    def report(args):
+        try:
+            raise raised
+        except BaseException as exc:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from exc
+
+    monkeypatch.setattr(fmlray.cli, "cmd_report", report)
+    assert main(["report", "somewhere"]) == 130
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_another_system_error_is_not_taken_for_a_signal(monkeypatch):
+    def report(args):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(fmlray.cli, "cmd_report", report)
+    with pytest.raises(SystemError, match="something else"):
+        main(["report", "somewhere"])

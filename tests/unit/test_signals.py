@@ -110,3 +110,46 @@ def test_a_sigint_while_the_engine_closes_lets_the_run_finish_its_outputs(tmp_pa
     assert out.returncode == 0, out.stderr
     assert "closed" in out.stdout and "SIGINT: shutting down first" in out.stderr
     assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()
+
+
+# signals while a run writes its outputs (after its engine closed): the first is announced and the outputs are
+# written; a second SIGINT abandons them, and the one line says how to finish the run, which is left resumable
+OUTPUTS = textwrap.dedent("""
+    import os, signal, sys, time
+    from fmlray import rundir
+    from fmlray.cli import main
+
+    real = rundir.finish
+
+    def finish(*args):
+        for _ in range(int(sys.argv[2])):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+        return real(*args)
+
+    rundir.finish = finish
+    sys.exit(main(["run", "--set", "engine.kind=serial", "--set", "run.rounds=1", "--set",
+                   "run.output_dir=" + sys.argv[1]]))
+""")
+
+
+def test_a_sigint_while_the_outputs_are_written_lets_them_finish(tmp_path):
+    out = subprocess.run([sys.executable, "-c", OUTPUTS, str(tmp_path), "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "SIGINT: writing the run's outputs first (Ctrl-C again to abandon that)\n"
+    assert (tmp_path / "digits-fml" / "metrics.parquet").is_file()
+
+
+def test_a_second_sigint_abandons_the_outputs_and_says_how_to_finish_the_run(tmp_path):
+    out = subprocess.run([sys.executable, "-c", OUTPUTS, str(tmp_path), "2"], capture_output=True, text=True,
+                         timeout=120)
+    run_dir = tmp_path / "digits-fml"
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.splitlines()[-1] == ("fmlray: interrupted; what no checkpoint held yet was dropped; continue "
+                                           f"with: fmlray run --resume {run_dir}")
+    assert not (run_dir / "metrics.parquet").exists()
+    done = subprocess.run([sys.executable, "-m", "fmlray", "run", "--resume", str(run_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "metrics.parquet").is_file()
