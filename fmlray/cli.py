@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
         cfg = _load(args)
     check_path(cfg.run.output_dir, "run.output_dir")
     from fmlray.metrics import format_summary
-    from fmlray.simulation import RunInterrupted, run_experiment, title
+    from fmlray.simulation import RunDropped, RunInterrupted, run_experiment, title
 
     try:
         with _resume_hint(Path(cfg.run.output_dir) / cfg.run.name):
@@ -125,6 +125,9 @@ def cmd_run(args) -> int:
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         print(f"fmlray: stopped after round {stop.round}; continue with: fmlray run --resume {run_dir}",
               file=sys.stderr)
+        return 130
+    except RunDropped as stop:
+        print(f"fmlray: {_dropped(stop)}", file=sys.stderr)
         return 130
     print(format_summary(summary, title(cfg)))
     print(f"wrote {path}")
@@ -160,7 +163,7 @@ def cmd_compare(args) -> int:
     for one in runs.values():  # every folder checked before the data is loaded (each run locks its own)
         check_new(Path(one.run.output_dir) / one.run.name, args.overwrite)
     from fmlray.metrics import format_comparison
-    from fmlray.simulation import RunInterrupted, check_shares, prepare, run_experiment
+    from fmlray.simulation import RunDropped, RunInterrupted, check_shares, prepare, run_experiment
 
     prepared = prepare(next(iter(runs.values())))  # one dataset and partition for every algorithm
     for name, one in runs.items():  # each algorithm's own settings, before any run is written
@@ -180,9 +183,19 @@ def cmd_compare(args) -> int:
                       f"--resume {Path(one.run.output_dir) / one.run.name}"
                       + (f" (not started: {', '.join(left)})" if left else ""), file=sys.stderr)
                 return 130
+            except RunDropped as stop:
+                left = [n for n in runs if n != name and n not in finals]
+                print(f"fmlray: the {name} run {_dropped(stop)}" + (f" (not started: {', '.join(left)})" if left
+                                                                      else ""), file=sys.stderr)
+                return 130
             print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
     return 0
+
+
+def _dropped(stop) -> str:
+    return (f"stopped in round {stop.round}, before it replaced the earlier run: {stop.kept} is left as it was, "
+            "and nothing of this run was kept (--overwrite replaces it once the new run has its first checkpoint)")
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ algorithm); it only decides who trains when, and writes down what came back.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -67,6 +68,16 @@ class RunInterrupted(Exception):
     def __init__(self, rnd: int):
         super().__init__(f"stopped after round {rnd}")
         self.round = rnd
+
+
+class RunDropped(Exception):
+    """A signal stopped a run meant to replace an earlier one (`--overwrite`) before it had taken the name: the
+    earlier run stays as it was and nothing of this one is kept (a Ctrl-C there is most likely a change of mind,
+    and the earlier run cannot come back once replaced)."""
+
+    def __init__(self, rnd: int, kept: Path):
+        super().__init__(f"stopped in round {rnd}, before replacing {kept}")
+        self.round, self.kept = rnd, kept
 
 
 def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine,
@@ -306,6 +317,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 engine.checkpoint_moved(writer.folder)
 
         def save(rnd: int, engine, state) -> dict:
+            if signalled() and not folder.promoted and os.path.lexists(folder.final):
+                raise RunDropped(rnd, folder.final)
             info = writer(rnd, engine, state)
             into_place()
             return info

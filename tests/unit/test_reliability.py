@@ -313,6 +313,46 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+# a SIGINT in round 1, whose checkpoint would have been the run's first (the handler hears it mid-round)
+SIGINT_IN_ROUND_ONE = """
+import os, signal, sys
+from fmlray.cli import main
+from fmlray.engine.serial import SerialEngine
+
+real = SerialEngine.train_round
+
+def train_round(self, rnd, *args, **kwargs):
+    if rnd == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(self, rnd, *args, **kwargs)
+
+SerialEngine.train_round = train_round
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_before_an_overwriting_run_has_its_first_checkpoint_keeps_the_earlier_run(tmp_path):
+    # before: the stop wrote round 1's checkpoint, and that first checkpoint replaced the earlier run
+    args = ["run", *SERIAL, "--set", "run.rounds=3", "--set", f"run.output_dir={tmp_path}"]
+    assert main(args) == 0
+    run_dir = tmp_path / "digits-fml"
+    before = snapshot(run_dir)
+    out = subprocess.run([sys.executable, "-c", SIGINT_IN_ROUND_ONE, *args, "--overwrite", "--set", "run.seed=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.splitlines()[-1] == (
+        f"fmlray: stopped in round 1, before it replaced the earlier run: {run_dir} is left as it was, and nothing "
+        "of this run was kept (--overwrite replaces it once the new run has its first checkpoint)")
+    assert snapshot(run_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-fml"]  # no hidden new run, no lock
+    # without an earlier run, the same stop keeps round 1's checkpoint, to resume from
+    fresh = tmp_path / "fresh"
+    out = subprocess.run([sys.executable, "-c", SIGINT_IN_ROUND_ONE, *args[:-1], f"run.output_dir={fresh}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130 and "continue with: fmlray run --resume" in out.stderr, out.stderr
+    assert checkpoint.load(fresh / "digits-fml").round == 1
+
+
 def test_resume_without_the_earlier_rounds_metrics_is_refused_and_changes_nothing(tmp_path, capsys, monkeypatch):
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2"]) == 0
     run_dir = tmp_path / "digits-fml"
