@@ -316,8 +316,12 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 records.relocate(folder.path)
                 engine.checkpoint_moved(writer.folder)
 
+        def replaces() -> bool:
+            """Whether this run has yet to replace an earlier one (`--overwrite`): a stop then keeps the earlier."""
+            return not folder.promoted and os.path.lexists(folder.final)
+
         def save(rnd: int, engine, state) -> dict:
-            if signalled() and not folder.promoted and os.path.lexists(folder.final):
+            if signalled() and replaces():
                 raise RunDropped(rnd, folder.final)
             info = writer(rnd, engine, state)
             into_place()
@@ -328,7 +332,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             if report is not None:
                 report(summary)
 
-        with StopOnSignal(console) as signalled:
+        with StopOnSignal(console, lambda: f"keeping the earlier run {folder.final}, without a checkpoint"
+                          if replaces() else "with a checkpoint") as signalled:
             simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save, restored=True,
                      record=records.append, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:
@@ -350,8 +355,8 @@ class StopOnSignal:
     """SIGINT / SIGTERM ask the run to stop after the current round (and checkpoint); a second
     SIGINT aborts at once. A SIGINT the process was started ignoring stays ignored (`signals.sigint_ignored`)."""
 
-    def __init__(self, echo: Callable[[str], None]):
-        self.echo, self.requested, self.previous = echo, False, {}
+    def __init__(self, echo: Callable[[str], None], how: Callable[[], str] = lambda: "with a checkpoint"):
+        self.echo, self.how, self.requested, self.previous = echo, how, False, {}
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -363,7 +368,7 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self.echo(f"{signal.Signals(signum).name}: stopping after this round, with a checkpoint")
+        self.echo(f"{signal.Signals(signum).name}: stopping after this round, {self.how()}")
 
     def __call__(self) -> bool:
         return self.requested

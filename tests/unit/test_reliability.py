@@ -340,6 +340,7 @@ def test_ctrl_c_before_an_overwriting_run_has_its_first_checkpoint_keeps_the_ear
     out = subprocess.run([sys.executable, "-c", SIGINT_IN_ROUND_ONE, *args, "--overwrite", "--set", "run.seed=1"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 130, out.stderr
+    assert f"SIGINT: stopping after this round, keeping the earlier run {run_dir}, without a checkpoint" in out.stdout
     assert out.stderr.splitlines()[-1] == (
         f"fmlray: stopped in round 1, before it replaced the earlier run: {run_dir} is left as it was, and nothing "
         "of this run was kept (--overwrite replaces it once the new run has its first checkpoint)")
