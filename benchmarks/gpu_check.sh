@@ -20,6 +20,7 @@ while [ $# -gt 0 ]; do
         --cpu-dry-run) dry=(--cpu-dry-run); shift ;;
         --smoke) smoke=(--smoke); shift ;;  # with --cpu-dry-run: CI's size (gpu_check.py --help)
         --out) out=$2; shift 2 ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header above, before anything is made
         *) break ;;
     esac
 done

@@ -175,3 +175,11 @@ def test_gpu_check_dry_run_passes_its_checks_and_writes_its_records(tmp_path):
     rows = pq.read_table(tmp_path / "gpu-bench.parquet").to_pylist()
     assert {r["gpu_fraction"] for r in rows} >= {1.0, 0.25} and all(r["seconds"] > 0 for r in rows)
     assert (tmp_path / "env.txt").exists() and "step 3 (TF32 report) left out" in (tmp_path / "run.log").read_text()
+
+
+def test_gpu_check_help_prints_its_usage_and_makes_nothing(tmp_path):
+    # it used to start the check, making its results folder, on --help
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--help"], cwd=REPO,
+                          env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("fmlray on a real CUDA GPU"), proc.stderr
+    assert "--cpu-dry-run" in proc.stdout and not (tmp_path / "out").exists()
