@@ -136,6 +136,20 @@ def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_st
                    f"{tmp_path / 'digits-fml-fedavg'} (not started: local)") and ran == ["fml", "fedavg"]
 
 
+def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_run_stays(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import fmlray.simulation as simulation
+
+    def run_experiment(cfg, *args, **kwargs):  # as a SIGINT in round 1 of an --overwrite run ends it
+        raise simulation.RunDropped(1, tmp_path / cfg.run.name)
+    monkeypatch.setattr(simulation, "run_experiment", run_experiment)
+    assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}", "--algorithms", "fml,fedavg"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"fmlray: the fml run stopped in round 1, before it replaced the earlier run: {tmp_path / 'digits-fml-fml'} "
+        "is left as it was, and nothing of this run was kept (--overwrite replaces it once the new run has its "
+        "first checkpoint) (not started: fedavg)")
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["run", "--set", "training.lr=abc"], "training.lr must be a number"),
     (["run", "--set", "training.lrr=0.1"], "unknown key 'training.lrr'"),
