@@ -129,8 +129,13 @@ def cmd_run(args) -> int:
     except RunDropped as stop:
         print(f"fmlray: {_dropped(stop)}", file=sys.stderr)
         return 130
-    print(format_summary(summary, title(cfg)))
-    print(f"wrote {path}")
+    try:
+        print(format_summary(summary, title(cfg)))
+        print(f"wrote {path}")
+    except (KeyboardInterrupt, signals.Terminated) as exc:  # the run is written: nothing was dropped
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"fmlray: {what} while printing the summary; the run was written to {path}", file=sys.stderr)
+        return 130
     return 0
 
 

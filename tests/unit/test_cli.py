@@ -465,6 +465,23 @@ def test_a_signal_raised_inside_a_ray_call_ends_with_the_signals_line(monkeypatc
     assert capsys.readouterr().err == line + "\n"
 
 
+@pytest.mark.parametrize("raised,what", [(signals.Terminated, "terminated (SIGTERM)"),
+                                         (KeyboardInterrupt, "interrupted")])
+def test_a_signal_while_the_summary_prints_says_the_run_was_written(tmp_path, monkeypatch, capsys, raised, what):
+    # it used to say "what no checkpoint held yet was dropped" of a run that was whole
+    import fmlray.metrics
+    import fmlray.simulation
+
+    def summary(*args):
+        raise raised
+
+    monkeypatch.setattr(fmlray.simulation, "run_experiment", lambda cfg, **kwargs: (tmp_path / "digits-fml", {}))
+    monkeypatch.setattr(fmlray.metrics, "format_summary", summary)
+    assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 130
+    assert capsys.readouterr().err == (f"fmlray: {what} while printing the summary; the run was written to "
+                                       f"{tmp_path / 'digits-fml'}\n")
+
+
 def test_another_system_error_is_not_taken_for_a_signal(monkeypatch):
     def report(args):
         raise SystemError("something else")
