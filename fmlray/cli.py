@@ -116,13 +116,13 @@ def cmd_run(args) -> int:
     from fmlray.metrics import format_summary
     from fmlray.simulation import RunDropped, RunInterrupted, run_experiment, title
 
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:
-        with _resume_hint(Path(cfg.run.output_dir) / cfg.run.name):
+        with _resume_hint(run_dir):
             path, summary = run_experiment(cfg, echo=Console(),
                                            resume_dir=None if args.resume is None else Path(args.resume),
                                            overwrite=args.overwrite)
     except RunInterrupted as stop:
-        run_dir = Path(cfg.run.output_dir) / cfg.run.name
         print(f"fmlray: stopped after round {stop.round}; continue with: fmlray run --resume {run_dir}",
               file=sys.stderr)
         return 130
@@ -179,19 +179,16 @@ def cmd_compare(args) -> int:
     finals = {}
     with _shared_ray(cfg):
         for name, one in runs.items():
+            run_dir = Path(one.run.output_dir) / one.run.name
             try:
-                with _resume_hint(Path(one.run.output_dir) / one.run.name):
+                with _resume_hint(run_dir):
                     path, finals[name] = run_experiment(one, prepared, echo=Console(), overwrite=args.overwrite)
-            except RunInterrupted as stop:
+            except (RunInterrupted, RunDropped) as stop:
                 left = [n for n in runs if n != name and n not in finals]
-                print(f"fmlray: stopped the {name} run after round {stop.round}; continue it with: fmlray run "
-                      f"--resume {Path(one.run.output_dir) / one.run.name}"
-                      + (f" (not started: {', '.join(left)})" if left else ""), file=sys.stderr)
-                return 130
-            except RunDropped as stop:
-                left = [n for n in runs if n != name and n not in finals]
-                print(f"fmlray: the {name} run {_dropped(stop)}" + (f" (not started: {', '.join(left)})" if left
-                                                                      else ""), file=sys.stderr)
+                what = (f"the {name} run {_dropped(stop)}" if isinstance(stop, RunDropped) else
+                        f"stopped the {name} run after round {stop.round}; continue it with: fmlray run --resume "
+                        f"{run_dir}")
+                print(f"fmlray: {what}" + (f" (not started: {', '.join(left)})" if left else ""), file=sys.stderr)
                 return 130
             print(f"wrote {path}", flush=True)
     print(format_comparison(finals))
