@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
-from fmlray.rundir import finished, read_parquet, write_atomic
+from fmlray.rundir import finished, read_parquet, resumable, write_atomic
 
 RESULTS = "results.parquet"
 RESERVED = ("run", "seed", *SCHEMA.names)  # columns of the combined table
@@ -251,7 +251,7 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
         if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
             raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
                               "move it away, or set the sweep's output_dir to another folder")
-        if checkpoint.exists(run_dir) and not finished(run_dir):
+        if resumable(run_dir):
             try:  # a stopped run resumes only with its own config: found now, not after the runs before it
                 check_history(run_dir, checkpoint.load(run_dir, run.cfg).round)
             except FmlrayError as exc:
