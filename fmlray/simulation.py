@@ -262,7 +262,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                               f"add --set run.rounds=N (N > {resume.round}) to continue it")
         # stopped or killed between its last checkpoint and the end of its outputs: they are written now
         console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
-        summary = rundir.finish(folder.path, rundir.Records(folder.path, upto=resume.round), title(cfg))
+        with signals.shielded("writing the run's outputs"):
+            summary = rundir.finish(folder.path, rundir.Records(folder.path, upto=resume.round), title(cfg))
         if report is not None:  # a Tune trial: its last round's figures
             report(summary[-1])
         return folder.path, summary[-1]
