@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -304,10 +305,11 @@ def lockstep(cfg, prepared) -> dict:
     ser.start(cfg, prepared.dataset, prepared.partition)
     gpu.start(cfg, prepared.dataset, prepared.partition)
     out = {"rounds": [], "specs": [dataclasses.asdict(s) for s in gpu.specs]}
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # the rounds' private rows, deleted after
     try:
         g = initial_global_state(cfg, prepared.dataset)
         private = initial_locals(cfg, prepared.dataset)
-        layouts, work = layouts_of(cfg, prepared.dataset), Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        layouts = layouts_of(cfg, prepared.dataset)
         refs = None
         for rnd in range(1, cfg.run.rounds + 1):
             ids = list(range(cfg.clients.num_clients))
@@ -334,6 +336,7 @@ def lockstep(cfg, prepared) -> dict:
         out["infos"] = ray.get([a.info.remote() for a in gpu.actors])
     finally:
         gpu.close()
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -522,12 +525,13 @@ def run_check(args) -> int:
                 if label == ("batched" if args.smoke else "quarter") and args.precision == "fp32":
                     two = cfg.replace(run=dataclasses.replace(cfg.run, rounds=RESUME_AFTER + 1))
                     first = cfg.replace(run=dataclasses.replace(cfg.run, rounds=RESUME_AFTER))
-                    work = Path(tempfile.mkdtemp(prefix="gpu-check-resume-"))
-                    whole = Run(two, prepared, RayEngine(), work / "whole")
-                    Run(first, prepared, RayEngine(), work / "split")
-                    resume = checkpoint.load(work / "split", two)
-                    again = Run(two, prepared, RayEngine(), work / "split", resume=resume)
-                    start = resume.global_state
+                    with tempfile.TemporaryDirectory(prefix="gpu-check-resume-") as tmp:
+                        work = Path(tmp)
+                        whole = Run(two, prepared, RayEngine(), work / "whole")
+                        Run(first, prepared, RayEngine(), work / "split")
+                        resume = checkpoint.load(work / "split", two)
+                        again = Run(two, prepared, RayEngine(), work / "split", resume=resume)
+                        start = resume.global_state
                     r = update_error(whole.result.global_state, again.result.global_state, start,
                                      whole.result.global_state)
                     report["parity"][f"{label}_resumed"] = r

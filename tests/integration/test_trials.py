@@ -1,11 +1,12 @@
 """Sweeps on Ray Tune: the same table as the sequential loop, trials in placement groups sized to their
-runs, two single-actor trials at once on two CPUs, a stopped sweep finished by a rerun, trials spread over
-the nodes of a three-raylet cluster, and the one-line error for a trial that cannot fit. Searches: the
-best configs as presets, and a search stopped by SIGTERM finished by --resume."""
+runs, two single-actor trials at once on two CPUs, a stopped sweep finished by a rerun, a trial larger
+than one node spread over the nodes of a three-raylet cluster, and the one-line error for a trial that
+cannot fit. Searches: the best configs as presets, and a search stopped by SIGTERM finished by --resume."""
 
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -155,9 +156,12 @@ def test_sigterm_mid_sweep_then_a_rerun_finishes_only_the_missing_runs(ray_sessi
     assert sorted({r["round"] for r in table if r["run"] == "long-s0"}) == list(range(1, 13))
 
 
-def test_trials_spread_over_the_nodes_of_a_three_raylet_cluster(tmp_path):
-    # Prepare: three raylets of one CPU each, in a process of its own (one Ray connection per process)
-    path = spec(tmp_path, extra=', "engine.state_store=\'memory\'"')
+def test_a_trial_larger_than_a_node_spans_the_nodes_of_a_three_raylet_cluster(tmp_path):
+    # Prepare: three raylets of one CPU each, in a process of its own (one Ray connection per process); each
+    # trial has two one-CPU actors, so its placement group cannot fit on one node. (Trials of one actor each
+    # were placed wherever Ray liked: once all four on one node, as they may be.)
+    path = spec(tmp_path, text=GRID.replace("seeds = [0, 1]", "seeds = [0]"),
+                extra=', "engine.state_store=\'memory\'", "engine.num_actors=2"')
     out = tmp_path / "placed.json"
     ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Unix socket paths; private: no stale address file
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
@@ -167,12 +171,14 @@ def test_trials_spread_over_the_nodes_of_a_three_raylet_cluster(tmp_path):
                               capture_output=True, text=True, timeout=400, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    # Assert: every run finished, and the trials ran on more than one node
+    # Assert: both runs finished, each with its two actors in a placement group over two or three nodes
     assert proc.returncode == 0, proc.stderr[-3000:]
     placed = json.loads(out.read_text())
-    assert sorted(placed["runs"]) == ["fedavg-s0", "fedavg-s1", "fml-s0", "fml-s1"]
-    assert len(placed["nodes"]) == 3
-    assert len(set(placed["runs"].values())) >= 2, placed
+    assert len(placed["nodes"]) == 3 and sorted(placed["runs"]) == ["fedavg-s0", "fml-s0"]
+    for name, trial in placed["runs"].items():
+        assert trial["node"] in placed["nodes"]
+        spread = re.search(r"2 client actors on (\d) node\(s\) in the trial's placement group", trial["log"])
+        assert spread and int(spread[1]) >= 2, (name, trial["log"])
     assert (tmp_path / "runs/grid/results.parquet").is_file()
 
 

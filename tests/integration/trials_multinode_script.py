@@ -1,6 +1,7 @@
 """Run a sweep's grid as Ray Tune trials on a three-node `ray.cluster_utils.Cluster` (three raylets of
-one CPU each on this machine) and save the node each trial ran on. Run as a script, in its own process:
-one process can hold one Ray connection, and the test session already has its own."""
+one CPU each on this machine) and save, per trial, the node its driver ran on and the engine's notes (which
+say over how many nodes its placement group lay). Run as a script, in its own process: one process can hold
+one Ray connection, and the test session already has its own."""
 
 import json
 import sys
@@ -26,7 +27,8 @@ def main(sweep_file: str, out: str) -> None:
         combine(sweep.folder, sweep.runs)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         with open(out, "w") as f:
-            json.dump({"nodes": nodes, "runs": {name: r["node"] for name, r in results.items()}}, f)
+            json.dump({"nodes": nodes, "runs": {name: {"node": r["node"], "log": r["log"]} for name, r in results.items()}},
+                      f)
     finally:
         ray.shutdown()
         cluster.shutdown()
