@@ -217,14 +217,17 @@ def _resume_hint(run_dir: Path):
 
 @contextlib.contextmanager
 def _shared_ray(cfg):
-    """One Ray for several runs (each engine leaves alone a Ray it did not start)."""
+    """One Ray for several runs (each engine leaves alone a Ray it did not start), and each run's actors
+    reused by the next where they fit (`reusing_actors`)."""
     if cfg.engine.kind != "ray":
         yield
         return
     from fmlray.engine.connect import connect, shut_down
+    from fmlray.engine.ray_engine import reusing_actors
     started = connect(cfg.engine.address)
     try:
-        yield
+        with reusing_actors():
+            yield
     finally:
         if started:
             shut_down()

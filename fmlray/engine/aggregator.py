@@ -20,6 +20,10 @@ class Aggregator:
 
     def __init__(self) -> None:
         signals.redeliver_lost_sigterm()
+        self.serve()
+
+    def serve(self) -> None:
+        """Start afresh for a run: at creation, and for each later run that reuses this actor."""
         self.seconds: list[float] = []
         self.tag, self.done = "", {}
 

@@ -16,6 +16,7 @@ timings, and checkpoints keep where clients are: results are the same run after 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -93,10 +94,16 @@ class ClientActor:
         signals.redeliver_lost_sigterm()
         self._plain = plain_warnings()  # fmlray's warnings as one line in the driver's log, for the actor's life
         self._plain.__enter__()
-        self.index, self.board = index, board  # board: the aggregator, which counts clients done
         torch.set_num_threads(max(1, int(spec.num_cpus)))
-        self.num_gpus = spec.num_gpus
+        self.num_gpus = spec.num_gpus  # its resources: the same for every run it serves (see `serve`)
         self.device = pick_device(spec.num_gpus)
+        self.serve(cfg, dataset, partition, spec, index, store, run_token, board, hosted)
+
+    def serve(self, cfg: Config, dataset: Dataset, partition: Partition, spec: ActorSpec, index: int,
+              store: str, run_token: str, board=None, hosted: list[int] | None = None) -> None:
+        """Take on a run's clients: at creation, and again for each later run that reuses this actor
+        (`reusing_actors`), after `close` dropped the last run's."""
+        self.index, self.board = index, board  # board: the aggregator, which counts clients done
         self.folder, self.scratch = state_folder(cfg.engine.state_dir, run_token, f"actor-{index}")
         # the clients it may be asked to train: its own, or (stateless clients, dealt anew each round) its group's
         self.args = (cfg, dataset, partition, list(spec.client_ids if hosted is None else hosted), store)
@@ -172,6 +179,7 @@ class ClientActor:
         """Drop the clients' private state (a scratch disk store is deleted)."""
         if self.host is not None:
             self.host.close()
+            self.host = None
         if self.scratch is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             try:
@@ -202,6 +210,75 @@ def capacity() -> Capacity:
     return Capacity(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0),
                     node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
                     node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0))
+
+
+# Actors parked between the runs of a `reusing_actors` scope: {"key": the connection they belong to,
+# "clients": [(num_cpus, num_gpus, handle)], "aggregators": [handle]}; None outside such a scope.
+_parked: dict | None = None
+
+
+@contextlib.contextmanager
+def reusing_actors():
+    """Runs started one after another in this scope (a sequential sweep, `fmlray compare`, one Ray for all)
+    reuse the client actors and the aggregator of the run before where their CPUs and GPUs match, instead
+    of starting new ones: a new client actor imports torch, ~3 s of CPU on two cores, for each run. A
+    parked actor holds its resources until the next run takes it or kills it as unneeded, or the scope
+    ends and kills it. Outside this scope, and in a Tune trial's placement group, an engine's actors end
+    with it. Results do not depend on it: each run hands a reused actor its clients afresh, and every
+    random draw comes from (seed, purpose, round, client), never from an actor's past."""
+    global _parked
+    if _parked is not None:  # already inside one
+        yield
+        return
+    _parked = {"key": None, "clients": [], "aggregators": []}
+    try:
+        yield
+    finally:
+        parked, _parked = _parked, None
+        if ray.is_initialized() and parked["key"] == _connection():
+            _kill([h for _, _, h in parked["clients"]] + parked["aggregators"])
+
+
+def _connection() -> tuple[str, str]:
+    """This process's Ray connection: parked handles are good for it alone."""
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ctx.get_job_id()
+
+
+def _kill(handles) -> None:
+    for a in handles:
+        try:
+            ray.kill(a)
+        except ValueError:  # not an actor handle any more: it went down with its node
+            pass
+
+
+def _unpark(specs: list[ActorSpec]) -> tuple[list, object | None]:
+    """Parked actors for a new run: per spec, a live client actor of the same CPUs and GPUs (or None), and
+    an aggregator (or None). Parked client actors left over are killed, freeing their resources."""
+    if _parked is None:
+        return [None] * len(specs), None
+    clients, aggregators = _parked["clients"], _parked["aggregators"]
+    _parked["clients"], _parked["aggregators"] = [], []
+    if _parked["key"] != _connection() or not clients + aggregators:
+        return [None] * len(specs), None
+    handles = [h for _, _, h in clients] + aggregators
+    pings = [h.__ray_ready__.remote() for h in handles]
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=10)
+    alive = set()
+    for h, ref in zip(handles, pings):
+        if ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(ref)
+                alive.add(h._actor_id)
+    free = [(c, g, h) for c, g, h in clients if h._actor_id in alive]
+    taken = []
+    for s in specs:
+        match = next((i for i, (c, g, _) in enumerate(free) if (c, g) == (s.num_cpus, s.num_gpus)), None)
+        taken.append(None if match is None else free.pop(match)[2])
+    live_aggs = [h for h in aggregators if h._actor_id in alive]
+    _kill([h for _, _, h in free] + live_aggs[1:])
+    return taken, (live_aggs[0] if live_aggs else None)
 
 
 class RayEngine:
@@ -260,12 +337,23 @@ class RayEngine:
         if self.stateless:
             for cid, g in self.group_of.items():  # in id order
                 members.setdefault(g, []).append(cid)
-        self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=beside).remote()  # first: actors tick it
-        self.actors = [actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, scheduling_strategy=place,
-                                         name=None).remote(cfg, data_ref, part_ref, s, i, self.plan.kind, token,
-                                                           self.aggregator,
-                                                           members.get(s.group))
-                       for i, (s, place) in enumerate(zip(self.specs, places))]
+        self.group = group
+        reused, self.aggregator = _unpark(self.specs) if group is None else ([None] * len(self.specs), None)
+        if self.aggregator is None:  # first: actors tick it
+            self.aggregator = agg_cls.options(num_cpus=0, scheduling_strategy=beside).remote()
+        else:
+            self.aggregator.serve.remote()
+        self.actors = []
+        for i, (s, place, old) in enumerate(zip(self.specs, places, reused)):
+            args = (cfg, data_ref, part_ref, s, i, self.plan.kind, token, self.aggregator, members.get(s.group))
+            if old is None:
+                self.actors.append(actor_cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus,
+                                                     scheduling_strategy=place, name=None).remote(*args))
+            else:  # its calls run in order: `ready` below comes after it took this run's clients
+                old.serve.remote(*args)
+                self.actors.append(old)
+        if any(reused):
+            self.notes[0] += f" ({sum(a is not None for a in reused)} reused from the run before)"
         self.owner = {cid: i for i, s in enumerate(self.specs) for cid in s.client_ids}
         self.lost: set[int] = set()
         self.failures: list[dict] = []
@@ -582,16 +670,23 @@ class RayEngine:
         return ray.get(state) if isinstance(state, ray.ObjectRef) else state
 
     def close(self) -> None:
-        actors = getattr(self, "actors", [])
+        actors, aggregator = getattr(self, "actors", []), getattr(self, "aggregator", None)
+        closed = []  # the actors that dropped their clients: parked for the next run in a `reusing_actors` scope
         if actors:  # let each actor drop its store (a scratch disk store is deleted); a lost one cannot
-            closing = [a.close.remote() for i, a in enumerate(actors) if i not in self.lost]
-            ray.wait(closing, num_returns=len(closing), timeout=30)
-        for a in actors + [getattr(self, "aggregator", None)]:
-            if a is not None:
-                try:
-                    ray.kill(a)
-                except ValueError:  # not an actor handle any more: it went down with its node
-                    pass
+            closing = {i: a.close.remote() for i, a in enumerate(actors) if i not in self.lost}
+            done, _ = ray.wait(list(closing.values()), num_returns=len(closing), timeout=30)
+            for i, ref in closing.items():
+                if ref in done:
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.get(ref)
+                        closed.append(i)
+        if _parked is not None and getattr(self, "group", True) is None and not getattr(self, "owns_ray", False):
+            if _parked["key"] != _connection():  # what was parked came from another connection: gone with it
+                _parked.update(key=_connection(), clients=[], aggregators=[])
+            _parked["clients"] += [(self.specs[i].num_cpus, self.specs[i].num_gpus, actors[i]) for i in closed]
+            _parked["aggregators"] += [aggregator] if aggregator is not None else []
+            actors, aggregator = [a for i, a in enumerate(actors) if i not in closed], None
+        _kill(actors + ([aggregator] if aggregator is not None else []))
         self.actors, self.aggregator = [], None
         if getattr(self, "owns_ray", False):
             shut_down()  # and releases the thread that started it, if it started early

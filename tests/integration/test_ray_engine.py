@@ -14,7 +14,7 @@ from fmlray.engine.serial import SerialEngine
 from fmlray.errors import ResourceError
 from fmlray.simulation import Result, prepare, simulate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("reused_actors")]
 
 ONE_GROUP = "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=0.5}]"
 QUICK = ["run.rounds=3", "training.epochs=1"]
@@ -54,12 +54,43 @@ def test_ray_matches_serial_whatever_the_number_of_actors_and_the_store(ray_sess
     assert_same(serial_one_group, result)
 
 
+def test_runs_in_a_reusing_scope_take_the_actors_before_them_and_give_the_same_results(ray_session, fresh_actors,
+                                                                                       serial_one_group):
+    # a sequential sweep or `fmlray compare`: each run after the first takes the actors of the run before
+    # (no torch import per actor and run), with results as from fresh actors; other shapes get new ones
+    import ray
+
+    from fmlray.engine import ray_engine
+
+    two = [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"]
+    pids = lambda engine: sorted(i["pid"] for i in engine.infos)  # noqa: E731
+    with ray_engine.reusing_actors():
+        first, e1 = simulate_with(RayEngine(), two)
+        aggregator = ray_engine._parked["aggregators"][0]._actor_id  # e1's, parked by its close
+        second, e2 = simulate_with(RayEngine(), two)
+        assert pids(e2) == pids(e1) and "(2 reused from the run before)" in e2.notes[0]
+        assert_same(serial_one_group, first) and assert_same(serial_one_group, second)
+        fml = [*QUICK, "engine.kind=ray", "engine.num_actors=2"]  # two groups (mlp, lenet5), one actor each
+        third, e3 = simulate_with(RayEngine(), fml)
+        assert {s.num_cpus for s in e3.specs} == {1.0} and not set(pids(e3)) & set(pids(e1))  # 1 CPU, not 0.5
+        parked = [h for _, _, h in ray_engine._parked["clients"]] + ray_engine._parked["aggregators"]
+        assert len(parked) == 3 and aggregator in {h._actor_id for h in parked}  # one aggregator for all three
+    assert ray_engine._parked is None
+    time.sleep(1)
+    for handle in parked:  # the scope's end killed what it kept
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.__ray_ready__.remote(), timeout=30)
+    assert_same(simulate_with(SerialEngine(), fml[:-2])[0], third)
+    fresh, e4 = simulate_with(RayEngine(), two)  # outside a scope: new actors, ended with the engine
+    assert not set(pids(e4)) & set(pids(e1)) and ray_engine._parked is None
+
+
 def _imported(actor, module: str) -> bool:
     import ray
     return ray.get(actor.__ray_call__.remote(lambda self: __import__("sys").modules.get(module) is not None))
 
 
-def test_the_aggregator_process_never_imports_torch_nor_an_actor_dynamo(ray_session):
+def test_the_aggregator_process_never_imports_torch_nor_an_actor_dynamo(ray_session, fresh_actors):
     # torch costs ~450 MiB per process; the aggregator only averages numpy arrays (issue 4's memory target).
     # torch.optim would import Dynamo in every client actor (~2 s of CPU, ~150 MiB): fmlray.optim does not.
     cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])

@@ -9,7 +9,7 @@ from fmlray.engine.ray_engine import RayEngine
 from fmlray.engine.serial import SerialEngine
 from fmlray.simulation import prepare, simulate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("reused_actors")]
 
 THREE = ["clients.num_clients=6", "run.rounds=2", "training.epochs=1",
          "clients.groups=[{name='fine', share=1.0, num_cpus=0.5}, "
