@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
     try:
         with _resume_hint(run_dir):
             path, summary = run_experiment(cfg, echo=Console(),
-                                           resume_dir=None if args.resume is None else Path(args.resume),
+                                           resume_dir=None if args.resume is None else run_dir,
                                            overwrite=args.overwrite)
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; continue with: fmlray run --resume {run_dir}",

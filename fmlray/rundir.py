@@ -119,6 +119,9 @@ class RunFolder:
     def __init__(self, output_dir: str | Path, name: str, *, overwrite: bool = False, resume: bool = False):
         self.parent = Path(output_dir)
         self.final = self.parent / name
+        if resume and os.path.islink(self.final):  # the lock goes beside the folder itself, which a writer
+            self.final = Path(os.path.realpath(self.final))  # through another path to it must find
+            self.parent, name = self.final.parent, self.final.name
         self.temp, self.aside = self.parent / f".{name}.new", self.parent / f".{name}.old"
         self.lock_file = self.parent / f".{name}.lock"
         self.overwrite, self.resume = overwrite, resume
@@ -383,11 +386,20 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     write_atomic(run_dir / CONFIG, tomli_w.dumps(to_dict(cfg)).encode())
 
 
+def _itself(run_dir: Path) -> Path:
+    """The run folder by its own name and place: a path through a symlink (whose lock would be another
+    one) or ending in "." or ".." is resolved; any other path stays as given."""
+    real = Path(os.path.realpath(run_dir))
+    if run_dir.name in ("", ".", "..") or Path(os.path.abspath(run_dir)) != real:
+        return real
+    return run_dir
+
+
 def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     """The config a run in `run_dir` was started with, plus `overrides`, still writing to `run_dir`."""
     from fmlray.config import load_config
 
-    run_dir = Path(run_dir)
+    run_dir = _itself(Path(run_dir))
     if not (run_dir / CONFIG).is_file():
         raise FmlrayError(f"{run_dir} is not an fmlray run folder (no {CONFIG}); give a folder under runs/")
     saved, asked = load_config(run_dir / CONFIG), load_config(run_dir / CONFIG, overrides)

@@ -180,6 +180,23 @@ def test_resume_is_refused_while_the_run_is_being_written(tmp_path, capsys):
     one_line(capsys, main(["run", "--resume", str(out / "a"), "--overwrite"]), "drop --overwrite")
 
 
+def test_resume_through_a_symlink_or_dot_takes_the_runs_own_lock_and_keeps_its_name(tmp_path, capsys, monkeypatch):
+    # a symlink to a run folder used to be another lock: two writers resumed one run at once, deleting each
+    # other's checkpoint rows, and the run's config took the link's name; `--resume .` blamed run.name
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    (out / "alink").symlink_to(out / "a")
+    with RunFolder(out, "a", resume=True):
+        capsys.readouterr()
+        one_line(capsys, main(["run", "--resume", str(out / "alink"), "--set", "run.rounds=2"]),
+                 f"{out / 'a'} is being written by another fmlray run")
+    assert main(["run", "--resume", str(out / "alink"), "--set", "run.rounds=2"]) == 0
+    assert 'name = "a"' in (out / "a" / "config.toml").read_text() and (out / "alink").is_symlink()
+    monkeypatch.chdir(out / "a")
+    assert main(["run", "--resume", ".", "--set", "run.rounds=3"]) == 0
+    assert "round 3/3" in capsys.readouterr().out and hidden(out) == []
+
+
 def test_two_runs_of_the_same_name_at_once_exactly_one_runs(tmp_path):
     out = tmp_path / "runs"
     procs = [subprocess.Popen([sys.executable, "-m", "fmlray", "run", *QUICK, "--set", f"run.output_dir={out}",
