@@ -295,7 +295,7 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
     from fmlray.engine.connect import connect, shut_down
     from fmlray.engine.ray_engine import capacity
     from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
-    from fmlray.trials import tune_run
+    from fmlray.trials import check_data, tune_run
 
     search = plan_search(path)
     restore = None
@@ -309,6 +309,8 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
         raise FmlrayError(f"{search.folder} exists (an earlier search); continue it with --resume, or choose "
                           "another tune.name or move it away")
     parallel = search.parallel if parallel is None else parallel
+    corners = [{p.key: p.values[i] for p in search.params} for i in (0, -1)]  # each parameter's ends
+    check_data({f"{search.name} at {', '.join(f'{k}={v}' for k, v in c.items())}": search.config(c) for c in corners})
     started = connect(search.config({p.key: p.values[0] for p in search.params}).engine.address)
     try:
         cap = capacity()

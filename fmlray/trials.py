@@ -169,7 +169,7 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
         status = {"status": "stopped"}
     except FmlrayError as exc:
         status = {"status": "error", "error": " ".join(str(exc).splitlines())}
-    tune.report({**last, "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
+    tune.report({**{k: math.nan for k in METRICS}, **last, "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
                  "began": began, "ended": time.time(), "log": " | ".join(log), **status})
     if build is not None and status["status"] == "stopped":
         raise LeftUnfinished(f"stopped after round {last.get('round', 0)}; its checkpoint is in {run_dir}")
@@ -343,6 +343,23 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
     return grid, progress.results
 
 
+def check_data(runs: dict[str, Config]) -> None:
+    """Each run's data loads and partitions, and its models fit it, here in the driver before Tune starts:
+    a trial failing there would leave Tune's records behind for nothing. A data setup is loaded once."""
+    from fmlray.simulation import check_shares, prepare
+
+    loaded: dict[str, object] = {}
+    for name, cfg in runs.items():
+        key = repr((cfg.data, cfg.clients, cfg.model, cfg.run.seed))
+        try:
+            if key in loaded:
+                check_shares(cfg, loaded[key])
+            else:
+                loaded[key] = prepare(cfg).dataset
+        except FmlrayError as exc:
+            raise type(exc)(f"run {name}: {exc}") from None
+
+
 def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Run the sweep's unfinished runs as Tune trials, `parallel` at once ("auto": as many as fit);
     return each run's last result (its status, node, start and end times)."""
@@ -357,6 +374,7 @@ def run_trials(sweep, parallel: int | str, echo: Callable[[str], None] = print) 
             todo[run.name] = run.cfg
     if not todo:
         return {}
+    check_data(todo)
     started = connect(sweep.runs[0].cfg.engine.address)
     try:
         trials = plan_trials(todo, parallel)

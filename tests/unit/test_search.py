@@ -159,3 +159,25 @@ def test_a_search_in_a_relative_folder_resumes_from_tunes_absolute_path(tmp_path
     # so the fingerprint an older search was started with, keeps the folder as written
     assert point == (tmp_path.resolve() / "runs" / "s" / ".tune" / "20250101-000000", 2)
     assert fingerprint(search)["run.output_dir"] == "runs/s" and search.folder == Path("runs/s")
+
+
+@pytest.mark.parametrize("command, text", [
+    ("tune", GOOD.replace("samples = 5", "samples = 2").replace('"run.rounds=4"', '"run.rounds=4", "data.dataset=\'cifar10\'"')),
+    ("sweep", '[sweep]\nname = "s"\noutput_dir = "{out}"\nexecutor = "tune"\nseeds = [0]\n'
+              'set = ["engine.kind=serial", "data.dataset=\'cifar10\'"]\n\n[[axis]]\nname = "lr"\n'
+              'values = ["training.lr=0.01", "training.lr=0.02"]\n'),
+    ("tune", GOOD.replace("[0.1, 0.9]", "[0.1, 0.9]\n\n[[param]]\nkey = \"clients.num_clients\"\nrandint = [4, 900]")),
+])
+def test_a_trial_whose_data_cannot_be_prepared_is_one_line_before_tune_writes_anything(tmp_path, capsys, command,
+                                                                                     text):
+    # the trial used to fail inside Tune: a Ray Tune traceback (tune) or Tune's records left behind (sweep),
+    # and `fmlray tune` then refused to start again without --resume
+    from fmlray.cli import main
+
+    path = tmp_path / "t.toml"
+    path.write_text(text.format(out=tmp_path / "runs").replace("{{", "{").replace("}}", "}"))
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert ("cifar10 not found" in err) != ("clients.num_clients=900" in err), err  # the largest client count
+    assert not (tmp_path / "runs").exists()
