@@ -258,7 +258,8 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
                 raise FmlrayError(f"run {run.name}: {exc}") from None
         diff = _finished_otherwise(run_dir, run.cfg)
         if diff:
-            raise FmlrayError(f"run {run.name} finished in {run_dir} with another config than {path} now asks for "
+            raise FmlrayError(f"run {run.name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
+                              f"another config than {path} now asks for "
                               f"(differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); restore those "
                               "settings, or give the sweep another name or output_dir for the new grid")
     if parallel is not None or (sweep.executor == "tune" and not sequential):
@@ -287,11 +288,12 @@ RESULT_KEYS = ("rounds", "eval_every", "eval_clients")  # beyond checkpoint.fixe
 
 
 def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
-    """The keys in which the finished run in `run_dir` (if any) differs from `cfg`."""
+    """The keys in which the finished (or stopped, resumable) run in `run_dir`, if any, differs from `cfg`. A
+    stopped run counts too: resumed with other rounds it would end as neither the old run nor the new."""
     from fmlray.checkpoint import differences, fixed_config
 
     saved = run_dir / "config.toml"
-    if not (run_dir / "metrics.parquet").is_file() or not saved.is_file():
+    if not ((run_dir / "metrics.parquet").is_file() or resumable(run_dir)) or not saved.is_file():
         return []
     try:
         old = load_config(saved)  # as `fmlray run --resume` reads it: keys added since take their defaults

@@ -185,6 +185,32 @@ def test_a_stopped_run_of_another_config_is_refused_before_any_run_starts(tmp_pa
     assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == [runs[-1].name]
 
 
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_a_stopped_run_is_refused_when_the_sweep_now_asks_for_other_rounds(tmp_path, capsys, rounds):
+    # it used to be resumed with the new rounds: past them (a "finished" run of 2 rounds in a grid of 1, then
+    # refused by the next rerun of the same file), or extended, which a finished run never is
+    from fmlray.simulation import RunInterrupted, run_experiment
+    spec = tmp_path / "s.toml"
+    text = SPEC.format(out=tmp_path / "runs").replace('"run.rounds=1"', '"run.rounds=3"')
+    spec.write_text(text)
+    folder, runs = plan(spec)
+    done = []
+    with pytest.raises(RunInterrupted):  # stopped after round 2 of 3, with a checkpoint
+        run_experiment(runs[0].cfg, echo=lambda line: None, report=lambda s: done.append(s["round"]),
+                       stop=lambda: len(done) >= 1)
+    spec.write_text(text.replace('"run.rounds=3"', f'"run.rounds={rounds + 1}"'))
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fmlray: error: run {runs[0].name} stopped in {folder / runs[0].name} with another "
+                          "config") and "(differs in run.rounds)" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == [runs[0].name]
+    # and `fmlray run --resume` refuses to go back past the checkpoint's round
+    assert main(["run", "--resume", str(folder / runs[0].name), "--set", "run.rounds=1"]) == 2
+    err = capsys.readouterr().err
+    assert "has a checkpoint of round 2, past run.rounds = 1; resume with run.rounds >= 2" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_sweep_or_tune_file_that_is_not_there_or_not_toml_is_named_as_such(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("x = [")
