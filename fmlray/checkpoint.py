@@ -160,6 +160,11 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
     if not ok:
         raise FmlrayError(f"{path} is damaged or not a checkpoint this fmlray can read; start the run again")
     if cfg is not None:
+        n = cfg.clients.num_clients
+        if any(not 0 <= c < n for s in shards for c in s["cids"]) or any(len(set(s["cids"])) < len(s["cids"])
+                                                                      for s in shards):
+            raise FmlrayError(f"{path} names clients that a run of {n} clients does not have, or one client twice "
+                              "in a file; it is damaged: start the run again")
         diff = differences(_with_defaults(manifest.get("config"), fixed_config(Config())), fixed_config(cfg))
         if diff:
             raise FmlrayError(f"the checkpoint in {run_dir} belongs to another config (differs in "

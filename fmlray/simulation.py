@@ -305,7 +305,11 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 f"({time.time() - psutil.Process().create_time():.1f}s since the process started{split})")
         if resume is not None:  # its rows first: a damaged checkpoint is refused before the folder changes
             engine.restore(resume.folder, resume.refs(), resume.placement)
-            rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
+            try:
+                rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
+            except OSError as exc:  # the first write of a resume: nothing of the run has changed yet
+                raise FmlrayError(f"cannot write into {folder.path} ({exc.strerror}); the run was left as it was: "
+                                  "make the folder writable and resume again") from None
         else:
             folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition,
                           prepared.dataset.fingerprint())

@@ -75,6 +75,14 @@ def _damage_manifest(run_dir, how):
         path.write_bytes(how)
 
 
+def _edit_cids(run_dir, cids):
+    import json
+    path = run_dir / "checkpoint" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0]["cids"][:len(cids)] = cids  # a client id the run does not have, or one twice
+    path.write_text(json.dumps(manifest))
+
+
 def _damage_row(run_dir, how):
     import json
     folder = run_dir / "checkpoint"
@@ -101,6 +109,8 @@ def _damage_row(run_dir, how):
     (lambda d: _damage_manifest(d, b'{"version": 2, "round": 1, "global": null, "config": {}, '
                                    b'"shards": [{"file": "../x", "cids": [1], "crc32": [1], "layout": "a", "row_bytes": 1}]}'),
      "manifest.json is damaged"),
+    (lambda d: _edit_cids(d, [99]), "names clients that a run of"),
+    (lambda d: _edit_cids(d, [1, 1]), "or one client twice in a file"),
     (lambda d: _damage_row(d, "flip"), "fails its checksum"),
     (lambda d: _damage_row(d, "missing"), "is missing"),
     (lambda d: _damage_row(d, "garbage"), "is missing or damaged"),

@@ -387,3 +387,22 @@ def test_output_dirs_are_local_paths_a_tilde_is_home_and_file_colon_a_folder(tmp
         assert main(["report", str(folder)]) == 0
     assert not (tmp_path / "~").exists()
     assert sorted(p.name for p in (tmp_path / "home" / "runs" / "a").rglob(".*")) == [MARKER]  # no temporary left
+
+
+def test_a_resume_that_cannot_write_its_folder_is_one_line_and_leaves_the_run_as_it_was(tmp_path, capsys, monkeypatch):
+    # e.g. an immutable folder (chattr +i): it was exit 1, naming the temporary file of the config it wrote first
+    import errno
+
+    import fmlray.rundir
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    before = snapshot(out / "a")
+
+    def refuse(run_dir, cfg):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(run_dir / ".config.toml.1-x.tmp"))
+
+    monkeypatch.setattr(fmlray.rundir, "write_config", refuse)
+    capsys.readouterr()
+    one_line(capsys, main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2"]),
+             f"cannot write into {out / 'a'} (Operation not permitted); the run was left as it was")
+    assert snapshot(out / "a") == before and hidden(out) == []
