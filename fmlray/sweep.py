@@ -314,5 +314,10 @@ def combine(folder: Path, runs: list[Run]) -> Path:
     table = pa.concat_tables(tables)
     table = table.set_column(table.schema.get_field_index("seed"), "seed", pc.cast(table["seed"], pa.int32()))
     out = folder / RESULTS
-    write_atomic(out, lambda f: pq.write_table(table, f))
+    try:
+        write_atomic(out, lambda f: pq.write_table(table, f))
+    except OSError as exc:  # e.g. a folder where the table goes: every run is done and stays so
+        raise FmlrayError(f"cannot write the sweep's table {out} ({exc.strerror}); every run is done, in "
+                          f"{folder}: move away what is at {out.name} (or make {folder} writable) and run the same "
+                          "sweep again to write it") from None
     return out

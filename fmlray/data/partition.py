@@ -49,7 +49,14 @@ def partition_dataset(dataset: Dataset, cfg: DataConfig, *, num_clients: int, se
         return _natural(dataset, num_clients, cfg.min_samples)
     if cfg.partition == "file":
         from fmlray.data.partition_file import load_partition  # noqa: PLC0415 (it imports this module)
-        return load_partition(cfg.partition_file, dataset, num_clients)
+        loaded = load_partition(cfg.partition_file, dataset, num_clients)
+        sizes = [len(t) for t in loaded.train]
+        client = int(np.argmin(sizes))
+        if sizes[client] < cfg.min_samples:  # as for the built-in schemes; the file itself fixes the clients
+            raise DataError(f"partition file {cfg.partition_file} gives client {client} only {sizes[client]} training "
+                            f"samples (< data.min_samples = {cfg.min_samples}); lower data.min_samples to use it "
+                            "as it is")
+        return loaded
     train = _SCHEMES[cfg.partition](dataset.y_train, num_clients, cfg, seed)
     _check_sizes(train, cfg)
     test = split_test(dataset, train, np.random.default_rng((seed, _TAGS["test"])), cfg)

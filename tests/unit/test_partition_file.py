@@ -61,6 +61,8 @@ def assert_refused(tmp_path, capsys, path, fragment):
     (lambda a: a.update(test_5=np.array([0])), "some test rows are given to two clients"),
     (lambda a: a.pop("test_19"), "missing ['test_19']"),
     (lambda a: a.update(train_2=np.array([[1, 2]])), "train_2 must be a non-empty 1-D integer array"),
+    (lambda a: a.update(train_7=np.array([500, 501, 502])),  # it used to be taken whatever data.min_samples said
+     "gives client 7 only 3 training samples (< data.min_samples = 10); lower data.min_samples"),
 ])
 def test_a_file_that_does_not_fit_is_one_line_and_exit_2(tmp_path, capsys, change, fragment):
     arrays = good()

@@ -252,3 +252,21 @@ def test_a_sweep_run_killed_after_its_last_checkpoint_is_finished_by_the_rerun(t
     assert main(["sweep", str(spec)]) == 0  # it once refused for ever: "already ran its 1 rounds"
     assert rundir.finished(tmp_path / "runs" / "t" / "fedavg-s0")
     assert (tmp_path / "runs" / "t" / "results.parquet").is_file()
+
+
+def test_a_folder_where_the_sweeps_table_goes_is_one_line_and_the_rerun_writes_the_table(tmp_path, capsys):
+    # it was exit 1 after every run had finished, naming the table's temporary file
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[sweep]\nname = "t"\noutput_dir = "{tmp_path / "runs"}"\nseeds = [0]\n'
+                    'set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "clients.num_clients=4"]\n\n'
+                    '[[axis]]\nname = "algorithm"\nvalues = ["algorithm.name=fedavg"]\n')
+    folder, runs = plan(spec)
+    assert len(runs) == 1
+    (folder / "results.parquet").mkdir(parents=True)
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write the sweep's table {folder / 'results.parquet'}" in err, err
+    assert "every run is done" in err and not list(folder.glob(".results.parquet.*"))
+    (folder / "results.parquet").rmdir()
+    assert main(["sweep", str(spec)]) == 0
+    assert "done" in capsys.readouterr().out and (folder / "results.parquet").is_file()
