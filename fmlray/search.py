@@ -311,7 +311,7 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
     parallel = search.parallel if parallel is None else parallel
     corners = [{p.key: p.values[i] for p in search.params} for i in (0, -1)]  # each parameter's ends
     check_data({f"{search.name} at {', '.join(f'{k}={v}' for k, v in c.items())}": search.config(c) for c in corners})
-    started = connect(search.config({p.key: p.values[0] for p in search.params}).engine.address)
+    started = connect(search.config(corners[0]).engine.address)
     try:
         cap = capacity()
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -322,7 +322,7 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
             return trial_bundles(cfg, specs)
 
         search.bundles_of["plan"] = plan
-        for p_values in ({p.key: p.values[0] for p in search.params}, {p.key: p.values[-1] for p in search.params}):
+        for p_values in corners:
             check_trial_fits(search.name, plan(search.config(p_values)), nodes)
         echo(f"{search.total} trial(s) of {search.name}, {search.scheduler.upper()} on {search.metric} "
              f"({search.mode}), {'as many as fit' if parallel == 'auto' else f'up to {parallel}'} at once"

@@ -256,14 +256,14 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         resume = checkpoint.load(folder.path, cfg)
         rundir.check_entries(folder.path)
         rundir.check_history(folder.path, resume.round)  # the earlier rounds' metric rows are there too
-    if resume is not None and resume.round > cfg.run.rounds and not rundir.finished(folder.path):
-        raise ConfigError(f"{folder.path} has a checkpoint of round {resume.round}, past run.rounds = "
-                          f"{cfg.run.rounds}; resume with run.rounds >= {resume.round} (a run cannot go back), or "
-                          "start a new run")
     if resume is not None and resume.round >= cfg.run.rounds:
         if rundir.finished(folder.path):
             raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                               f"add --set run.rounds=N (N > {resume.round}) to continue it")
+        if resume.round > cfg.run.rounds:
+            raise ConfigError(f"{folder.path} has a checkpoint of round {resume.round}, past run.rounds = "
+                              f"{cfg.run.rounds}; resume with run.rounds >= {resume.round} (a run cannot go back), "
+                              "or start a new run")
         # stopped or killed between its last checkpoint and the end of its outputs: they are written now
         console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
         with signals.shielded("writing the run's outputs"):

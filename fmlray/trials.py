@@ -169,7 +169,8 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
         status = {"status": "stopped"}
     except FmlrayError as exc:
         status = {"status": "error", "error": " ".join(str(exc).splitlines())}
-    tune.report({**{k: math.nan for k in METRICS}, **last, "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
+    tune.report({**{k: math.nan for k in METRICS}, **last,  # NaN figures: a run that failed before round 1
+                 "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
                  "began": began, "ended": time.time(), "log": " | ".join(log), **status})
     if build is not None and status["status"] == "stopped":
         raise LeftUnfinished(f"stopped after round {last.get('round', 0)}; its checkpoint is in {run_dir}")

@@ -50,12 +50,7 @@ def partition_dataset(dataset: Dataset, cfg: DataConfig, *, num_clients: int, se
     if cfg.partition == "file":
         from fmlray.data.partition_file import load_partition  # noqa: PLC0415 (it imports this module)
         loaded = load_partition(cfg.partition_file, dataset, num_clients)
-        sizes = [len(t) for t in loaded.train]
-        client = int(np.argmin(sizes))
-        if sizes[client] < cfg.min_samples:  # as for the built-in schemes; the file itself fixes the clients
-            raise DataError(f"partition file {cfg.partition_file} gives client {client} only {sizes[client]} training "
-                            f"samples (< data.min_samples = {cfg.min_samples}); lower data.min_samples to use it "
-                            "as it is")
+        _check_sizes(list(loaded.train), cfg)
         return loaded
     train = _SCHEMES[cfg.partition](dataset.y_train, num_clients, cfg, seed)
     _check_sizes(train, cfg)
@@ -158,9 +153,11 @@ def _check_sizes(train: list[np.ndarray], cfg: DataConfig) -> None:
     """DataError if some client has fewer than data.min_samples training rows."""
     sizes = [len(t) for t in train]
     client = int(np.argmin(sizes))
-    if sizes[client] < cfg.min_samples:
-        raise DataError(f"{cfg.partition} partition gives client {client} only {sizes[client]} training "
-                        f"samples (< data.min_samples = {cfg.min_samples}); {_fewer(cfg)}")
+    if sizes[client] < cfg.min_samples:  # a partition file fixes the clients: only the floor can move
+        what, fix = ((f"partition file {cfg.partition_file}", "lower data.min_samples to use it as it is")
+                     if cfg.partition == "file" else (f"{cfg.partition} partition", _fewer(cfg)))
+        raise DataError(f"{what} gives client {client} only {sizes[client]} training samples "
+                        f"(< data.min_samples = {cfg.min_samples}); {fix}")
 
 
 def split_test(dataset: Dataset, train: list[np.ndarray], rng: np.random.Generator,

@@ -234,9 +234,18 @@ def reusing_actors():
     try:
         yield
     finally:
-        parked, _parked = _parked, None
-        if ray.is_initialized() and parked["key"] == _connection():
-            _kill([h for _, _, h in parked["clients"]] + parked["aggregators"])
+        drain()
+        _parked = None
+
+
+def drain() -> None:
+    """Kill what the scope keeps parked (freeing its resources); the scope goes on. Handles of another
+    connection are only forgotten: their actors went with it."""
+    if _parked is None:
+        return
+    if ray.is_initialized() and _parked["key"] == _connection():
+        _kill([h for _, _, h in _parked["clients"]] + _parked["aggregators"])
+    _parked.update(clients=[], aggregators=[])
 
 
 def _connection() -> tuple[str, str]:
@@ -680,7 +689,7 @@ class RayEngine:
                     with contextlib.suppress(ray.exceptions.RayError):
                         ray.get(ref)
                         closed.append(i)
-        if _parked is not None and getattr(self, "group", True) is None and not getattr(self, "owns_ray", False):
+        if _parked is not None and getattr(self, "group", None) is None and not getattr(self, "owns_ray", False):
             if _parked["key"] != _connection():  # what was parked came from another connection: gone with it
                 _parked.update(key=_connection(), clients=[], aggregators=[])
             _parked["clients"] += [(self.specs[i].num_cpus, self.specs[i].num_gpus, actors[i]) for i in closed]

@@ -29,7 +29,5 @@ def fresh_actors(monkeypatch):
     """For a test that needs actors no earlier test used: what the module's scope kept is killed, and this
     test's engines keep nothing."""
     from fmlray.engine import ray_engine
-    if ray_engine._parked is not None and ray.is_initialized():
-        _, aggregator = ray_engine._unpark([])  # kills the parked client actors
-        ray_engine._kill([aggregator] if aggregator is not None else [])
+    ray_engine.drain()
     monkeypatch.setattr(ray_engine, "_parked", None)
