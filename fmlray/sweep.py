@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fmlray import signals
 from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
@@ -241,44 +242,64 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
     One run after another, or, with `parallel` (or executor = "tune" in the file, unless `sequential`),
     as Ray Tune trials."""
     from fmlray import checkpoint
-    from fmlray.rundir import check_history
     from fmlray.simulation import run_experiment
 
     sweep = plan_sweep(path)
     folder, runs = sweep.folder, sweep.runs
     for run in runs:  # before any run starts: a folder in the way is the user's, never replaced
-        run_dir = folder / run.name
-        if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
-            raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
-                              "move it away, or set the sweep's output_dir to another folder")
-        if resumable(run_dir):
-            try:  # a stopped run resumes only with its own config: found now, not after the runs before it
-                check_history(run_dir, checkpoint.load(run_dir, run.cfg).round)
-            except FmlrayError as exc:
-                raise FmlrayError(f"run {run.name}: {exc}") from None
-        diff = _finished_otherwise(run_dir, run.cfg)
-        if diff:
-            raise FmlrayError(f"run {run.name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
-                              f"another config than {path} now asks for "
-                              f"(differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); restore those "
-                              "settings, or give the sweep another name or output_dir for the new grid")
+        _check_found(folder / run.name, run, path)
     if parallel is not None or (sweep.executor == "tune" and not sequential):
         from fmlray.trials import run_trials
         run_trials(sweep, sweep.parallel if parallel is None else parallel, echo)
         return combine(folder, runs)
     for i, run in enumerate(runs, 1):
         run_dir = folder / run.name
+        _check_found(run_dir, run, path)  # again: another command may have written there since the sweep began
         if finished(run_dir):
             echo(f"[{i}/{len(runs)}] {run.name}: done")
             continue
         resume = run_dir if checkpoint.exists(run_dir) else None
         echo(f"[{i}/{len(runs)}] {run.name}" + (" (resuming)" if resume else ""))
+        mark = signals.asked()
         try:
             run_experiment(run.cfg, echo=echo, resume_dir=resume)
         except FmlrayError as exc:  # which run failed, as a parallel sweep's trials say
             exc.args = (f"run {run.name}: {exc}",)
             raise
+        came = signals.asked_since(mark)
+        if came and i < len(runs):  # it came in the run's last round, or while it wrote its outputs
+            raise SweepStopped(run.name, came)
     return combine(folder, runs)
+
+
+class SweepStopped(Exception):
+    """A signal came while a run of a sequential sweep finished: the run is done, the sweep stops after it."""
+
+    def __init__(self, run: str, signal: str):
+        super().__init__(f"{signal}: stopped after run {run} finished")
+        self.run, self.signal = run, signal
+
+
+def _check_found(run_dir: Path, run: Run, path) -> None:
+    """What `run_dir` holds is this run's (finished, or stopped and resumable with its config) or nothing;
+    anything else is the user's, and refused."""
+    from fmlray import checkpoint
+    from fmlray.rundir import check_history
+
+    if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
+        raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
+                          "move it away, or set the sweep's output_dir to another folder")
+    if resumable(run_dir):
+        try:  # a stopped run resumes only with its own config: found now, not after the runs before it
+            check_history(run_dir, checkpoint.load(run_dir, run.cfg).round)
+        except FmlrayError as exc:
+            raise FmlrayError(f"run {run.name}: {exc}") from None
+    diff = _finished_otherwise(run_dir, run.cfg)
+    if diff:
+        raise FmlrayError(f"run {run.name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
+                          f"another config than {path} now asks for "
+                          f"(differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); restore those "
+                          "settings, or give the sweep another name or output_dir for the new grid")
 
 
 # A finished run is "done" only if its config is the one asked for, up to where and on what it ran, and with

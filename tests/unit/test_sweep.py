@@ -1,5 +1,7 @@
 """Sweeps: the grid, one combined table, skipping finished runs, and sweep-file errors."""
 
+import dataclasses
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -270,3 +272,21 @@ def test_a_folder_where_the_sweeps_table_goes_is_one_line_and_the_rerun_writes_t
     (folder / "results.parquet").rmdir()
     assert main(["sweep", str(spec)]) == 0
     assert "done" in capsys.readouterr().out and (folder / "results.parquet").is_file()
+
+
+def test_a_run_another_command_wrote_into_the_sweep_since_it_began_is_refused_not_counted_done(tmp_path):
+    # it was counted as the sweep's finished run, whatever it trained; only folders there at the start were checked
+    from fmlray.errors import FmlrayError
+    from fmlray.simulation import run_experiment
+    from fmlray.sweep import run_sweep
+    spec = one_axis(tmp_path, '"clients.num_clients=4"', "algorithm", '["algorithm.name=fedavg", "algorithm.name=fml"]')
+    folder, runs = plan(spec)
+    theirs = runs[1].cfg.replace(training=dataclasses.replace(runs[1].cfg.training, lr=runs[1].cfg.training.lr * 2))
+
+    def echo(line: str) -> None:  # as run 1 starts, another command runs run 2's name with another lr
+        if line.startswith("[1/2]"):
+            run_experiment(theirs, echo=lambda _: None)
+    with pytest.raises(FmlrayError, match=rf"run {runs[1].name} finished in {folder / runs[1].name} with another "
+                       r"config than .* \(differs in training.lr\)"):
+        run_sweep(spec, echo=echo, sequential=True)
+    assert (folder / runs[0].name / "metrics.parquet").is_file() and not (folder / "results.parquet").exists()
