@@ -180,17 +180,23 @@ def cmd_compare(args) -> int:
     with _shared_ray(cfg):
         for name, one in runs.items():
             run_dir = Path(one.run.output_dir) / one.run.name
+            left = [n for n in runs if n != name and n not in finals]
+            mark = signals.asked()
             try:
                 with _resume_hint(run_dir):
                     path, finals[name] = run_experiment(one, prepared, echo=Console(), overwrite=args.overwrite)
             except (RunInterrupted, RunDropped) as stop:
-                left = [n for n in runs if n != name and n not in finals]
                 what = (f"the {name} run {_dropped(stop)}" if isinstance(stop, RunDropped) else
                         f"stopped the {name} run after round {stop.round}; continue it with: fmlray run --resume "
                         f"{run_dir}")
                 print(f"fmlray: {what}" + (f" (not started: {', '.join(left)})" if left else ""), file=sys.stderr)
                 return 130
             print(f"wrote {path}", flush=True)
+            came = signals.asked_since(mark)
+            if came and left:  # it came in the run's last round, or while it wrote its outputs: the run finished
+                print(f"fmlray: {came}: stopped after the {name} run finished (not started: {', '.join(left)}; run "
+                      f"them with: fmlray compare --algorithms {','.join(left)} and the same config)", file=sys.stderr)
+                return 130
     print(format_comparison(finals))
     return 0
 
@@ -236,7 +242,7 @@ def _shared_ray(cfg):
 def cmd_sweep(args) -> int:
     from fmlray.config import ConfigError
     from fmlray.jobs import check_path
-    from fmlray.sweep import parallel_value, plan_sweep, run_sweep
+    from fmlray.sweep import SweepStopped, parallel_value, plan_sweep, run_sweep
 
     sweep = plan_sweep(args.sweep_file)  # every config checked before the first run starts
     check_path(sweep.folder, "the sweep's output_dir")
@@ -256,6 +262,10 @@ def cmd_sweep(args) -> int:
                 out = run_sweep(args.sweep_file, echo=Console(), sequential=True)
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)
+        return 130
+    except SweepStopped as stop:
+        print(f"fmlray: {stop.signal}: stopped after run {stop.run} finished; run the same sweep again to continue",
+              file=sys.stderr)
         return 130
     except TrialsStopped as stop:
         print(f"fmlray: stopped with {len(stop.unfinished)} run(s) unfinished (each kept its last checkpoint); "

@@ -21,6 +21,10 @@ class Terminated(BaseException):
 
 
 _seen = threading.Event()
+# Every SIGINT / SIGTERM a run took without ending at once: a stop after the round (`simulation.StopOnSignal`), or
+# a finish `shielded` from it. A run that ended anyway (the signal came in its last round, or while it wrote its
+# outputs) returns normally; a command with more runs to do (compare, a sequential sweep) stops after it.
+_asked: list[str] = []
 
 
 def terminate(signum, frame) -> None:
@@ -36,6 +40,21 @@ def check() -> None:
 
 def reset() -> None:
     _seen.clear()
+
+
+def record(signum: int) -> None:
+    """A run took signal `signum` as a request to stop (or finish) rather than end at once."""
+    _asked.append(signal.Signals(signum).name)
+
+
+def asked() -> int:
+    """A mark for `asked_since`."""
+    return len(_asked)
+
+
+def asked_since(mark: int) -> str | None:
+    """The name of the first signal a run took since `mark` (`asked()`), or None."""
+    return _asked[mark] if len(_asked) > mark else None
 
 
 def raised_by_handler(exc: BaseException) -> BaseException | None:
@@ -67,6 +86,7 @@ def shielded(doing: str = "shutting down"):
         if came and signum == signal.SIGINT:
             raise KeyboardInterrupt
         came.append(signum)
+        record(signum)
         print(f"{signal.Signals(signum).name}: {doing} first (Ctrl-C again to abandon that)", file=sys.stderr,
               flush=True)
 

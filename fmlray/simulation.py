@@ -377,6 +377,7 @@ class StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        signals.record(signum)
         self.echo(f"{signal.Signals(signum).name}: stopping after this round, {self.how()}")
 
     def __call__(self) -> bool:

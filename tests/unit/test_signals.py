@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # a Ray worker's handler raises SystemExit marked with ray_terminate_msg (ray/_private/worker.py); the
 # callback sleeps, so the handler runs inside it, where Python can only print the exception and go on
 CHILD = textwrap.dedent("""
@@ -153,3 +155,66 @@ def test_a_second_sigint_abandons_the_outputs_and_says_how_to_finish_the_run(tmp
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (run_dir / "metrics.parquet").is_file()
+
+
+# a signal that a run takes in its last round, or while it writes its outputs, lets that run finish; a command
+# with more runs to do stops after it (compare and sequential sweeps went on to their next runs, and exit 0)
+MANY = textwrap.dedent("""
+    import os, signal, sys
+    from fmlray import metrics, rundir
+    from fmlray.cli import main
+
+    sig, where, command, out = sys.argv[1:5]
+    sent = []
+
+    def send():
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    if where == "outputs":
+        real_finish = rundir.finish
+        rundir.finish = lambda *args: (send(), real_finish(*args))[1]
+    else:  # the last round's progress line: after the round's stop() was asked
+        real_line = metrics.progress_line
+        def line(summary, rounds):
+            if summary["round"] == rounds:
+                send()
+            return real_line(summary, rounds)
+        metrics.progress_line = line
+    common = ["engine.kind=serial", "run.rounds=2", "training.epochs=1", "clients.num_clients=4"]
+    if command == "compare":
+        argv = ["compare", "--algorithms", "fedavg,local,fml"] + [a for c in common + ["run.output_dir=" + out]
+                                                                    for a in ("--set", c)]
+    else:
+        spec = os.path.join(out, "s.toml")
+        with open(spec, "w") as f:
+            f.write(f'[sweep]\\nname = "t"\\noutput_dir = "{out}"\\nset = {common!r}\\n'
+                    '[[axis]]\\nname = "a"\\nvalues = ["algorithm.name=fedavg", "algorithm.name=local", '
+                    '"algorithm.name=fml"]\\n')
+        argv = ["sweep", spec]
+    sys.exit(main(argv))
+""")
+
+
+@pytest.mark.parametrize("sig, where, command", [("SIGINT", "outputs", "compare"), ("SIGTERM", "last round", "compare"),
+                                                 ("SIGINT", "last round", "sweep"), ("SIGTERM", "outputs", "sweep")])
+def test_a_signal_while_a_run_finishes_stops_a_compare_or_sweep_after_that_run(tmp_path, sig, where, command):
+    out = subprocess.run([sys.executable, "-c", MANY, sig, where, command, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 130, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    if command == "compare":
+        assert last == (f"fmlray: {sig}: stopped after the fedavg run finished (not started: local, fml; run them "
+                        "with: fmlray compare --algorithms local,fml and the same config)")
+        done, folders = tmp_path / "digits-fml-fedavg", {"digits-fml-fedavg"}
+    else:
+        assert last == f"fmlray: {sig}: stopped after run fedavg-s0 finished; run the same sweep again to continue"
+        done, folders = tmp_path / "t" / "fedavg-s0", {"fedavg-s0"}
+    assert (done / "metrics.parquet").is_file()
+    assert {p.name for p in done.parent.iterdir() if p.is_dir() and not p.name.startswith(".")} == folders
+    if command == "sweep":  # the rerun finishes the rest
+        again = subprocess.run([sys.executable, "-m", "fmlray", "sweep", str(tmp_path / "s.toml")],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "[1/3] fedavg-s0: done" in again.stdout, again.stderr
+        assert (tmp_path / "t" / "results.parquet").is_file()
