@@ -32,7 +32,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import tomli_w
 
-from fmlray import metrics
+from fmlray import metrics, signals
 from fmlray.config import Config, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 
@@ -525,7 +525,8 @@ def finish(run_dir: Path, records: "Records", title: str) -> list[dict]:
     if summary:
         write_atomic(run_dir / SUMMARY, (metrics.format_summary(summary[-1], title) + "\n").encode())
         write_atomic(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=1) + "\n").encode())
-        from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
+        with signals.held():  # a second Ctrl-C inside matplotlib's C extensions aborted Python
+            from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
         write_atomic(run_dir / PLOT, lambda f: plots.accuracy_plot(summary, title, f))
     shutil.rmtree(records.parts, ignore_errors=True)
     return summary

@@ -99,6 +99,30 @@ def shielded(doing: str = "shutting down"):
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def held():
+    """SIGINT and SIGTERM wait for the end of the block, then go to the handler that was there. For the import
+    of a C extension (matplotlib's): a handler's exception inside its initialisation failed it as an ImportError,
+    with a traceback, or aborted Python ("PyThreadState_Get: ... the GIL is released")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+    sigs = [signal.SIGTERM] + ([] if sigint_ignored() else [signal.SIGINT])
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in came:  # in turn, each to the handler itself: Python would run two raised SIGINTs as one
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
 _redelivering = False
 
 

@@ -218,3 +218,34 @@ def test_a_signal_while_a_run_finishes_stops_a_compare_or_sweep_after_that_run(t
                                capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and "[1/3] fedavg-s0: done" in again.stdout, again.stderr
         assert (tmp_path / "t" / "results.parquet").is_file()
+
+
+# two SIGINTs while a finished run imports matplotlib (its plot): handlers wait for the import's end, then the
+# second abandons the outputs as usual. Raised inside matplotlib's C extensions they failed the import as an
+# ImportError with a traceback, or aborted Python (the finder below stands in for the extension's initialisation)
+PLOT_IMPORT = textwrap.dedent("""
+    import os, signal, sys, time
+    from fmlray.cli import main
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name == "fmlray.plots":
+                for _ in range(2):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.2)
+            return None
+
+    sys.meta_path.insert(0, Finder())
+    code = main(["run", "--set", "engine.kind=serial", "--set", "run.rounds=1", "--set", "run.output_dir=" + sys.argv[1]])
+    print("plots imported:", "fmlray.plots" in sys.modules)
+    sys.exit(code)
+""")
+
+
+def test_sigints_while_matplotlib_is_imported_wait_for_the_import_then_abandon_the_outputs(tmp_path):
+    out = subprocess.run([sys.executable, "-c", PLOT_IMPORT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.strip().endswith("plots imported: True")
+    assert out.stderr.splitlines()[-1] == ("fmlray: interrupted; what no checkpoint held yet was dropped; continue "
+                                           f"with: fmlray run --resume {tmp_path / 'digits-fml'}")
