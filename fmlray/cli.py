@@ -242,10 +242,14 @@ def _shared_ray(cfg):
 def cmd_sweep(args) -> int:
     from fmlray.config import ConfigError
     from fmlray.jobs import check_path
+    from fmlray.rundir import check_length, check_writable
     from fmlray.sweep import SweepStopped, parallel_value, plan_sweep, run_sweep
 
     sweep = plan_sweep(args.sweep_file)  # every config checked before the first run starts
     check_path(sweep.folder, "the sweep's output_dir")
+    check_writable(sweep.folder, "sweep.output_dir")  # as a run's folder is checked: before anything starts
+    check_length(max((sweep.folder / r.name for r in sweep.runs), key=lambda p: len(str(p))),
+                 "sweep.output_dir, sweep.name and the run names")
     if args.sequential and args.parallel is not None:
         raise ConfigError("--sequential and --parallel contradict each other; give one")
     parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
@@ -277,12 +281,14 @@ def cmd_sweep(args) -> int:
 
 def cmd_tune(args) -> int:
     from fmlray.jobs import check_path
+    from fmlray.rundir import check_writable
     from fmlray.search import format_best, plan_search, run_search
     from fmlray.sweep import parallel_value
     from fmlray.trials import TrialsStopped
 
     search = plan_search(args.tune_file)  # every key and range checked before Ray starts
     check_path(search.folder, "the search's output_dir")
+    check_writable(search.folder, "tune.output_dir")  # it failed with exit 1 once the trials were planned
     parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
     try:
         folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,

@@ -129,6 +129,7 @@ class RunFolder:
         self.promoted, self._made, self._lock, self._made_dirs = resume, False, None, []
 
     def __enter__(self) -> "RunFolder":
+        check_length(self.temp, "run.output_dir and run.name")
         self._made_dirs = _missing(self.parent)  # removed again if the run leaves nothing in them
         try:
             self._lock = _take_lock(self.lock_file)
@@ -274,6 +275,40 @@ def _missing(folder: Path) -> list[Path]:
         out.append(folder)
         folder = folder.parent
     return out
+
+
+# fmlray's own names under a run folder (a checkpoint's scratch files, e.g. "checkpoint/.rows-r000001-....npy.tmp")
+# take fewer bytes than this; a folder whose path leaves less below the system's limit fails mid-run
+OWN_NAMES = 160
+
+
+def check_length(folder: Path, keys: str) -> None:
+    """Refuse, before anything is written, a folder whose path leaves fmlray too little room below PATH_MAX."""
+    there = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), Path("."))
+    try:
+        limit = os.pathconf(there, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        limit = 4096
+    length = len(os.fsencode(os.path.abspath(folder)))
+    if length + OWN_NAMES >= limit:
+        raise ConfigError(f"{keys} make a path of {length} bytes ({str(folder)[:60]}...), and fmlray writes files up "
+                          f"to {OWN_NAMES} bytes below it: past this system's limit of {limit} bytes; choose a "
+                          "shorter one")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse, before anything starts, a folder that cannot be made or written in: one line naming `key`."""
+    why = _not_a_folder(folder)
+    there = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if why is None and there is not None:
+        if os.statvfs(there).f_flag & os.ST_RDONLY:
+            why = os.strerror(errno.EROFS)
+        elif not os.access(there, os.W_OK | os.X_OK):
+            why = os.strerror(errno.EACCES)
+    if why:
+        raise FmlrayError(f"cannot write into {folder} ({why}); nothing was changed there; set {key} to a "
+                          "writable folder")
+    check_length(folder, key)
 
 
 def _not_a_folder(path: Path) -> str | None:

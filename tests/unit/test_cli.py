@@ -489,3 +489,26 @@ def test_another_system_error_is_not_taken_for_a_signal(monkeypatch):
     monkeypatch.setattr(fmlray.cli, "cmd_report", report)
     with pytest.raises(SystemError, match="something else"):
         main(["report", "somewhere"])
+
+
+@pytest.mark.parametrize("command", ["sweep", "tune"])
+def test_a_sweep_or_search_folder_that_cannot_be_written_is_one_line_before_anything_starts(tmp_path, capsys, command):
+    # tune said "Not a directory (afile/t/.tune)", exit 1, once its trials were planned; a sweep named run.output_dir
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    body = ('set = ["engine.kind=serial", "run.rounds=1"]\n[[axis]]\nname = "a"\nvalues = ["algorithm.name=fedavg"]\n'
+            if command == "sweep" else
+            'set = ["engine.kind=serial", "run.rounds=1"]\nmetric = "local_mean"\nmode = "max"\nsamples = 2\n'
+            '[[param]]\nkey = "training.lr"\nloguniform = [0.003, 0.1]\n')
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[{command}]\nname = "t"\noutput_dir = "{afile}"\n{body}')
+    fail(capsys, [command, str(spec)], f"cannot write into {afile / 't'} ({afile} is a file, not a folder); nothing "
+         f"was changed there; set {command}.output_dir to a writable folder")
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "s.toml"]
+
+
+def test_a_run_folder_too_long_for_the_system_is_one_line_before_the_data_loads(tmp_path, capsys):
+    # it passed the checks, then failed in round 1 writing a checkpoint file: "File name too long", exit 1
+    deep = tmp_path.joinpath(*["d" * 250] * 15)
+    fail(capsys, ["run", *QUICK, "--set", f"run.output_dir={deep}", "--set", "run.name=" + "n" * 200],
+         "run.output_dir and run.name make a path of", out_dir=tmp_path)
