@@ -238,6 +238,8 @@ class RunFolder:
                 os.rename(self.aside, self.final)
         if _ours(self.temp) or (self.temp.is_dir() and not any(self.temp.iterdir())):
             shutil.rmtree(self.temp)
+        if _ours(self.final):
+            _tidy_temporaries(self.final)
 
     def _check_leftovers(self) -> None:
         """Refuse, before any data is loaded, a hidden name the new run needs that something else holds.
@@ -346,6 +348,28 @@ def check_new(folder: Path, overwrite: bool) -> None:
     if not _ours(folder):
         raise FmlrayError(f"{folder} was not made by fmlray (it has no {MARKER} file), so it is never deleted, "
                           "even with --overwrite; move it away yourself or choose another run.name")
+
+
+_TEMPORARY = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp")  # `_temporary`'s names
+
+
+def _tidy_temporaries(folder: Path) -> None:
+    """Delete what a killed writer left of `write_atomic` in `folder` (e.g. a run killed while it wrote its plot):
+    fmlray's temporary names of processes that are gone."""
+    for entry in os.scandir(folder):
+        found = _TEMPORARY.fullmatch(entry.name)
+        if found and entry.is_file(follow_symlinks=False) and not _running(int(found.group(1))):
+            os.unlink(entry.path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's: alive
+        return True
+    return True
 
 
 def _ours(folder: Path) -> bool:

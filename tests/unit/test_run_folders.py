@@ -406,3 +406,23 @@ def test_a_resume_that_cannot_write_its_folder_is_one_line_and_leaves_the_run_as
     one_line(capsys, main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2"]),
              f"cannot write into {out / 'a'} (Operation not permitted); the run was left as it was")
     assert snapshot(out / "a") == before and hidden(out) == []
+
+
+def test_the_temporary_files_of_a_writer_killed_in_a_run_folder_are_deleted_by_the_next_writer(tmp_path, capsys):
+    # a run killed while it wrote its plot left .accuracy.png.<pid>-<hex>.tmp for ever, which --overwrite then
+    # listed as "added since"
+    assert run(tmp_path, "r") == 0
+    folder = tmp_path / "r"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    dead, live = folder / f".accuracy.png.{gone}-0123abcd.tmp", folder / f".metrics.parquet.{os.getpid()}-89abcdef.tmp"
+    mine = folder / ".notes.tmp"  # not a name fmlray makes
+    for path in (dead, live, mine):
+        path.write_bytes(b"x")
+    assert main(["run", "--resume", str(folder), "--set", "run.rounds=2"]) == 0
+    assert not dead.exists() and live.exists() and mine.exists()
+    live.unlink()
+    mine.unlink()
+    dead.write_bytes(b"x")
+    assert run(tmp_path, "r", "--overwrite") == 0
+    assert "added since" not in capsys.readouterr().err and not dead.exists()
