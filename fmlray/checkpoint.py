@@ -25,12 +25,11 @@ import numpy as np
 
 from fmlray.aggregate import State
 from fmlray.config import Config, to_dict
-from fmlray.engine.state import RowRef, latest_rows
+from fmlray.engine.state import MANIFEST, RowRef, kept_checkpoint, latest_rows
 from fmlray.errors import FmlrayError, ResourceError
 from fmlray.rundir import fsync_dir, write_atomic
 
 FOLDER = "checkpoint"
-MANIFEST = "manifest.json"
 VERSION = 2
 # Keys that may differ between a checkpoint and the config that resumes it: how long and how often,
 # where and on what it runs. Anything else would make the resumed run a different experiment.
@@ -116,7 +115,7 @@ class Writer:
             fsync_dir(self.folder)
         except OSError as exc:
             raise ResourceError(f"cannot write the checkpoint in {self.folder} ({exc.strerror}); free space there "
-                                "or set run.output_dir elsewhere (the previous checkpoint is still resumable)") from None
+                                f"or set run.output_dir elsewhere ({kept_checkpoint(self.folder)})") from None
         self.shards = shards
         keep = {MANIFEST, glob, *(s["file"] for s in shards)}
         for p in self.folder.iterdir():  # what no manifest names any more: superseded or cut short

@@ -6,6 +6,7 @@ algorithm); it only decides who trains when, and writes down what came back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -266,7 +267,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                               "or start a new run")
         # stopped or killed between its last checkpoint and the end of its outputs: they are written now
         console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
-        with signals.shielded("writing the run's outputs"):
+        with signals.shielded("writing the run's outputs"), _outputs_into(folder):
             summary = rundir.finish(folder.path, rundir.Records(folder.path, upto=resume.round), title(cfg))
         if report is not None:  # a Tune trial: its last round's figures
             report(summary[-1])
@@ -351,9 +352,24 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             if early:
                 abandon_early()  # an engine that failed before it took the early Ray up
     with signals.shielded("writing the run's outputs"):
-        summary = rundir.finish(folder.path, records, title(cfg))
+        with _outputs_into(folder):
+            summary = rundir.finish(folder.path, records, title(cfg))
         into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
     return folder.path, summary[-1]
+
+
+@contextlib.contextmanager
+def _outputs_into(folder):
+    """A run's outputs that cannot be written (a full disk) are one line saying how to finish the run."""
+    try:
+        yield
+    except OSError as exc:
+        from fmlray import checkpoint
+        where = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        kept = (f"its last checkpoint is kept: free space there and finish it with: fmlray run --resume "
+                f"{folder.final}" if checkpoint.exists(folder.path) else
+                "it has no checkpoint (run.checkpoint_every = 0), so nothing of it is kept")
+        raise FmlrayError(f"cannot write the run's outputs ({where}); {kept}") from None
 
 
 def _task_text(task) -> str:

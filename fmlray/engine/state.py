@@ -577,8 +577,17 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise ResourceError(f"cannot write checkpoint file {path} ({exc.strerror}); free space there or set "
-                            "run.output_dir elsewhere (the previous checkpoint is still resumable)") from None
+                            f"run.output_dir elsewhere ({kept_checkpoint(path.parent)})") from None
     return crcs
+
+
+MANIFEST = "manifest.json"  # a checkpoint folder's index (fmlray.checkpoint): its checkpoint is whole once it is there
+
+
+def kept_checkpoint(folder: Path) -> str:
+    """What is left when a checkpoint into `folder` fails: the one before, or none (a new run's first)."""
+    return ("the previous checkpoint is still resumable" if (folder / MANIFEST).is_file() else
+            "this run has no checkpoint yet, so none is kept")
 
 
 def _npy_header(shape: tuple[int, int]) -> bytes:

@@ -1,5 +1,6 @@
 """Checkpoints and resume, signals, and bad client updates (serial engine; Ray in integration/)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -415,3 +416,43 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path, 
     assert rundir.finished(run_dir) and (run_dir / "summary.txt").is_file() and (run_dir / "accuracy.png").is_file()
     same(accuracies(run_dir), accuracies(tmp_path / "whole"))
     assert main(["report", str(run_dir)]) == 0
+
+
+@pytest.mark.parametrize("every", [1, 0])
+def test_a_full_disk_while_the_outputs_are_written_is_one_line_saying_how_to_finish_the_run(tmp_path, capsys,
+                                                                                         monkeypatch, every):
+    # it was "fmlray: error: No space left on device", exit 1, naming nothing
+    import errno
+
+    from fmlray import rundir
+    real = rundir.finish
+
+    def full(folder, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "metrics.parquet"))
+    monkeypatch.setattr(rundir, "finish", full)
+    argv = ["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1",
+            "--set", f"run.checkpoint_every={every}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    run_dir = tmp_path / "digits-fml"
+    assert len(err.splitlines()) == 1 and err.startswith("fmlray: error: cannot write the run's outputs (No space "
+                                                         "left on device: "), err
+    if every:
+        assert err.endswith(f"its last checkpoint is kept: free space there and finish it with: fmlray run --resume "
+                            f"{run_dir}")
+        monkeypatch.setattr(rundir, "finish", real)
+        assert main(["run", "--resume", str(run_dir)]) == 0 and rundir.finished(run_dir)
+    else:
+        assert err.endswith("it has no checkpoint (run.checkpoint_every = 0), so nothing of it is kept")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_new_runs_first_checkpoint_does_not_promise_an_earlier_one(tmp_path):
+    quota = "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000)); " \
+            "from fmlray.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", quota, "run", *SERIAL, "--set", f"run.output_dir={tmp_path}",
+                           "--set", "run.rounds=1"], capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.endswith("(this run has no checkpoint yet, so none is kept)") and "still resumable" not in err, err
+    assert list(tmp_path.iterdir()) == []
