@@ -188,9 +188,18 @@ def connect(address: str) -> bool:
 
     "auto" means the cluster a `ray start` on this machine recorded in Ray's address file, and only
     that one (Ray's own "auto" would also join any Ray it finds in the process list, e.g. another
-    fmlray run's private one)."""
+    fmlray run's private one).
+
+    A private Ray starts in a thread (`start_early`, if the run did not already), so that a signal cannot cut
+    its start in half: one cut short there left Ray's agents running for a minute (a Ctrl-C while a sweep's
+    trials started); `abandon_early` shuts down what there is."""
+    start_early(address)
     if _early:
-        return _join_early()
+        try:
+            return _join_early()
+        except BaseException:
+            abandon_early()
+            raise
     if ray.is_initialized():
         return False
     with _keep_sigterm():

@@ -639,6 +639,45 @@ def processes_under(ray_tmpdir: str) -> list:
     return found
 
 
+# a Ctrl-C while compare's (or a sweep's, or a search's) Ray starts: it was cut in half in the main thread, and its
+# dashboard and runtime-env agents stayed a minute as orphans; the start now runs in a thread, and is shut down
+CUT_START = """
+import os, signal, sys, threading
+from fmlray.cli import main
+from fmlray.engine import connect
+
+real = connect._connect
+
+def cut(address):
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # while Ray starts
+    return real(address)
+
+connect._connect = cut
+sys.exit(main(["compare", "--algorithms", "fedavg,local", "--set", "run.output_dir=" + sys.argv[1]]))
+"""
+
+
+def test_a_sigint_while_compares_ray_starts_ends_with_one_line_and_leaves_no_ray_process(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    ray_tmpdir = tempfile.mkdtemp(prefix="fmlray-cut-", dir="/tmp")  # short: Ray's socket paths
+    try:
+        out = subprocess.run([sys.executable, "-c", CUT_START, str(tmp_path / "runs")], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "RAY_TMPDIR": ray_tmpdir})
+        assert out.returncode == 130, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1] == "fmlray: interrupted; what no checkpoint held yet was dropped"
+        assert not (tmp_path / "runs").exists()
+        deadline = time.monotonic() + 5  # what the raylet ends as it goes may take a moment
+        while processes_under(ray_tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_under(ray_tmpdir) == []
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("after,delay", [("data:", 0.0), ("data:", 0.6), ("starting the ray engine", 0.1),
                                          ("starting the ray engine", 1.0)])
 def test_sigterm_during_start_up_ends_with_one_line_and_leaves_nothing(tmp_path, after, delay):
