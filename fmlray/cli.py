@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated, or \"all\" (default: fml,fedavg,fedprox,local; all adds ditto, "
                          "fedper, fedrep, fedbn, apfl, lgfedavg, dml)")
     _overwrite_arg(compare, "the runs/<name>-<algorithm>/ folders")
+    compare.add_argument("--resume", action="store_true",
+                         help="continue a stopped compare (same config and algorithms): runs it finished are kept, "
+                         "a stopped one goes on from its checkpoint, the others run")
     sweep = sub.add_parser("sweep", help="run a grid of experiments from a sweep file (resumable)")
     sweep.add_argument("sweep_file", type=_path, help="a TOML sweep file, e.g. experiments/digits.toml")
     sweep.add_argument("--parallel", metavar="N|auto",
@@ -145,6 +148,7 @@ def cmd_compare(args) -> int:
     from fmlray.config import ALGORITHMS, ConfigError
     from fmlray.jobs import check_path
     from fmlray.rundir import check_new
+    from fmlray.sweep import check_found
 
     names = list(ALGORITHMS) if args.algorithms.strip() == "all" else \
         [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -165,9 +169,17 @@ def cmd_compare(args) -> int:
                                  run=replace(cfg.run, name=f"{cfg.run.name}-{name}"))
         except ConfigError as exc:
             raise ConfigError(f"compare's {name} run ({cfg.run.name}-{name}): {exc}") from None
-    for one in runs.values():  # every folder checked before the data is loaded (each run locks its own)
-        check_new(Path(one.run.output_dir) / one.run.name, args.overwrite)
-    from fmlray.metrics import format_comparison
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume keeps what the compare's runs did, --overwrite replaces them; give one")
+    for name, one in runs.items():  # every folder checked before the data is loaded (each run locks its own)
+        run_dir = Path(one.run.output_dir) / one.run.name
+        if args.resume:  # this compare's run (finished, or stopped: resumable) or nothing
+            check_found(run_dir, one.run.name, one, "this compare")
+        else:
+            check_new(run_dir, args.overwrite, hint="; or add --resume to continue a compare that stopped")
+    from fmlray.checkpoint import exists as checkpoint_exists
+    from fmlray.metrics import format_comparison, summaries
+    from fmlray.rundir import finished, read_run
     from fmlray.simulation import RunDropped, RunInterrupted, check_shares, prepare, run_experiment
 
     prepared = prepare(next(iter(runs.values())))  # one dataset and partition for every algorithm
@@ -181,24 +193,33 @@ def cmd_compare(args) -> int:
         for name, one in runs.items():
             run_dir = Path(one.run.output_dir) / one.run.name
             left = [n for n in runs if n != name and n not in finals]
+            if args.resume and finished(run_dir):
+                finals[name] = summaries(read_run(run_dir)[0])[-1]
+                print(f"{name}: done ({run_dir})", flush=True)
+                continue
+            resume = run_dir if args.resume and checkpoint_exists(run_dir) else None
             mark = signals.asked()
             try:
                 with _resume_hint(run_dir):
-                    path, finals[name] = run_experiment(one, prepared, echo=Console(), overwrite=args.overwrite)
+                    path, finals[name] = run_experiment(one, prepared, echo=Console(), resume_dir=resume,
+                                                        overwrite=args.overwrite)
             except (RunInterrupted, RunDropped) as stop:
                 what = (f"the {name} run {_dropped(stop)}" if isinstance(stop, RunDropped) else
-                        f"stopped the {name} run after round {stop.round}; continue it with: fmlray run --resume "
-                        f"{run_dir}")
-                print(f"fmlray: {what}" + (f" (not started: {', '.join(left)})" if left else ""), file=sys.stderr)
+                        f"stopped the {name} run after round {stop.round}")
+                print(f"fmlray: {what}" + (f" (not started: {', '.join(left)})" if left else "")
+                      + _CONTINUE_COMPARE * (not isinstance(stop, RunDropped)), file=sys.stderr)
                 return 130
             print(f"wrote {path}", flush=True)
             came = signals.asked_since(mark)
             if came and left:  # it came in the run's last round, or while it wrote its outputs: the run finished
-                print(f"fmlray: {came}: stopped after the {name} run finished (not started: {', '.join(left)}; run "
-                      f"them with: fmlray compare --algorithms {','.join(left)} and the same config)", file=sys.stderr)
+                print(f"fmlray: {came}: stopped after the {name} run finished (not started: {', '.join(left)})"
+                      + _CONTINUE_COMPARE, file=sys.stderr)
                 return 130
     print(format_comparison(finals))
     return 0
+
+
+_CONTINUE_COMPARE = "; continue with the same command and --resume"
 
 
 def _dropped(stop) -> str:

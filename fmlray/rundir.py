@@ -330,14 +330,14 @@ def _not_a_folder(path: Path) -> str | None:
     return f"{there} is a file, not a folder"
 
 
-def check_new(folder: Path, overwrite: bool) -> None:
+def check_new(folder: Path, overwrite: bool, hint: str = "") -> None:
     """Refuse, with one line, to start a new run into an existing `folder`, unless `overwrite` and
-    fmlray made it."""
+    fmlray made it; `hint` ends the refusal of an existing folder (what else the command offers)."""
     if not os.path.lexists(folder):
         return
     if not overwrite:
         raise FmlrayError(f"{folder} already exists; choose another run.name (--set run.name=NEW) "
-                          "or add --overwrite to replace it")
+                          f"or add --overwrite to replace it{hint}")
     if folder.is_symlink():  # _ours: deleting follows no link, so a link is never replaced
         raise FmlrayError(f"{folder} is a symlink (to {os.readlink(folder)}); fmlray never replaces a symlink, even "
                           "with --overwrite (it does not follow links when deleting, for safety); remove the link "

@@ -247,14 +247,14 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
     sweep = plan_sweep(path)
     folder, runs = sweep.folder, sweep.runs
     for run in runs:  # before any run starts: a folder in the way is the user's, never replaced
-        _check_found(folder / run.name, run, path)
+        check_found(folder / run.name, run.name, run.cfg, path)
     if parallel is not None or (sweep.executor == "tune" and not sequential):
         from fmlray.trials import run_trials
         run_trials(sweep, sweep.parallel if parallel is None else parallel, echo)
         return combine(folder, runs)
     for i, run in enumerate(runs, 1):
         run_dir = folder / run.name
-        _check_found(run_dir, run, path)  # again: another command may have written there since the sweep began
+        check_found(run_dir, run.name, run.cfg, path)  # again: another command may have written there since
         if finished(run_dir):
             echo(f"[{i}/{len(runs)}] {run.name}: done")
             continue
@@ -280,9 +280,9 @@ class SweepStopped(Exception):
         self.run, self.signal = run, signal
 
 
-def _check_found(run_dir: Path, run: Run, path) -> None:
-    """What `run_dir` holds is this run's (finished, or stopped and resumable with its config) or nothing;
-    anything else is the user's, and refused."""
+def check_found(run_dir: Path, name: str, cfg: Config, asked) -> None:
+    """What `run_dir` holds is run `name`'s of config `cfg` (finished, or stopped and resumable) or nothing;
+    anything else is the user's, and refused. `asked`: what asks for `cfg` (a sweep file), for the message."""
     from fmlray import checkpoint
     from fmlray.rundir import check_history
 
@@ -291,13 +291,13 @@ def _check_found(run_dir: Path, run: Run, path) -> None:
                           "move it away, or set the sweep's output_dir to another folder")
     if resumable(run_dir):
         try:  # a stopped run resumes only with its own config: found now, not after the runs before it
-            check_history(run_dir, checkpoint.load(run_dir, run.cfg).round)
+            check_history(run_dir, checkpoint.load(run_dir, cfg).round)
         except FmlrayError as exc:
-            raise FmlrayError(f"run {run.name}: {exc}") from None
-    diff = _finished_otherwise(run_dir, run.cfg)
+            raise FmlrayError(f"run {name}: {exc}") from None
+    diff = _finished_otherwise(run_dir, cfg)
     if diff:
-        raise FmlrayError(f"run {run.name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
-                          f"another config than {path} now asks for "
+        raise FmlrayError(f"run {name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
+                          f"another config than {asked} now asks for "
                           f"(differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); restore those "
                           "settings, or give the sweep another name or output_dir for the new grid")
 

@@ -132,8 +132,23 @@ def test_compare_stopped_by_a_signal_names_the_run_to_resume_and_what_did_not_st
     monkeypatch.setattr(simulation, "run_experiment", run_experiment)
     assert main(["compare", *QUICK, "--set", f"run.output_dir={tmp_path}", "--algorithms", "fml,fedavg,local"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == (f"fmlray: stopped the fedavg run after round 3; continue it with: fmlray run --resume "
-                   f"{tmp_path / 'digits-fml-fedavg'} (not started: local)") and ran == ["fml", "fedavg"]
+    assert err == ("fmlray: stopped the fedavg run after round 3 (not started: local); continue with the same "
+                   "command and --resume") and ran == ["fml", "fedavg"]
+
+
+def test_compare_resume_refuses_overwrite_and_runs_of_another_config(tmp_path, capsys):
+    base = ["compare", *QUICK, "--set", f"run.output_dir={tmp_path}", "--set", "clients.num_clients=4",
+            "--algorithms", "fedavg,local"]
+    fail(capsys, [*base, "--resume", "--overwrite"], "--resume keeps what the compare's runs did, --overwrite "
+         "replaces them; give one")
+    assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}", "--set", "clients.num_clients=4",
+                 "--set", "algorithm.name=local", "--set", "run.name=digits-fml-local", "--set", "training.lr=0.3"]) == 0
+    capsys.readouterr()
+    fail(capsys, base, f"{tmp_path / 'digits-fml-local'} already exists; choose another run.name (--set run.name=NEW) "
+         "or add --overwrite to replace it; or add --resume to continue a compare that stopped")
+    fail(capsys, [*base, "--resume"], f"run digits-fml-local finished in {tmp_path / 'digits-fml-local'} with another "
+         "config than this compare now asks for (differs in training.lr)")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["digits-fml-local"]
 
 
 def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_run_stays(tmp_path, capsys,

@@ -165,27 +165,32 @@ MANY = textwrap.dedent("""
     from fmlray.cli import main
 
     sig, where, command, out = sys.argv[1:5]
-    sent = []
+    resume = sys.argv[5:] == ["--resume"]
+    sent, lines = [], []
 
     def send():
         if not sent:
             sent.append(1)
             os.kill(os.getpid(), getattr(signal, sig))
 
-    if where == "outputs":
+    if resume:
+        pass
+    elif where == "outputs":
         real_finish = rundir.finish
         rundir.finish = lambda *args: (send(), real_finish(*args))[1]
-    else:  # the last round's progress line: after the round's stop() was asked
+    else:  # a progress line, after the round's stop() was asked: the last round's, or the second run's first
         real_line = metrics.progress_line
         def line(summary, rounds):
-            if summary["round"] == rounds:
+            lines.append(1)
+            if (summary["round"] == rounds) if where == "last round" else len(lines) == rounds + 1:
                 send()
             return real_line(summary, rounds)
         metrics.progress_line = line
-    common = ["engine.kind=serial", "run.rounds=2", "training.epochs=1", "clients.num_clients=4"]
+    rounds = 3 if resume or where == "mid-run" else 2  # mid-run: the stop asked in round 2 of the second run
+    common = ["engine.kind=serial", f"run.rounds={rounds}", "training.epochs=1", "clients.num_clients=4"]
     if command == "compare":
         argv = ["compare", "--algorithms", "fedavg,local,fml"] + [a for c in common + ["run.output_dir=" + out]
-                                                                    for a in ("--set", c)]
+                                                                    for a in ("--set", c)] + sys.argv[5:]
     else:
         spec = os.path.join(out, "s.toml")
         with open(spec, "w") as f:
@@ -205,8 +210,8 @@ def test_a_signal_while_a_run_finishes_stops_a_compare_or_sweep_after_that_run(t
     assert out.returncode == 130, out.stdout[-2000:] + out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     if command == "compare":
-        assert last == (f"fmlray: {sig}: stopped after the fedavg run finished (not started: local, fml; run them "
-                        "with: fmlray compare --algorithms local,fml and the same config)")
+        assert last == (f"fmlray: {sig}: stopped after the fedavg run finished (not started: local, fml); continue "
+                        "with the same command and --resume")
         done, folders = tmp_path / "digits-fml-fedavg", {"digits-fml-fedavg"}
     else:
         assert last == f"fmlray: {sig}: stopped after run fedavg-s0 finished; run the same sweep again to continue"
@@ -249,3 +254,28 @@ def test_sigints_while_matplotlib_is_imported_wait_for_the_import_then_abandon_t
     assert out.stdout.strip().endswith("plots imported: True")
     assert out.stderr.splitlines()[-1] == ("fmlray: interrupted; what no checkpoint held yet was dropped; continue "
                                            f"with: fmlray run --resume {tmp_path / 'digits-fml'}")
+
+
+def test_a_compare_stopped_mid_run_continues_with_resume_and_equals_an_uninterrupted_one(tmp_path):
+    # a stopped compare could not be rerun (its finished runs' folders were refused); --resume keeps the runs it
+    # finished, resumes the stopped one from its checkpoint, runs the rest, and prints the one table
+    import pyarrow.parquet as pq
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    out = subprocess.run([sys.executable, "-c", MANY, "SIGINT", "mid-run", "compare", str(cut)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == ("fmlray: stopped the local run after round 2 (not started: fml); "
+                                                   "continue with the same command and --resume")
+    again = subprocess.run([sys.executable, "-c", MANY, "SIGINT", "-", "compare", str(cut), "--resume"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"fedavg: done ({cut / 'digits-fml-fedavg'})" in again.stdout and "(resumed after round 2)" in again.stdout
+    assert all(a in again.stdout.splitlines()[-4] + again.stdout for a in ("fedavg", "local", "fml"))
+    ref = subprocess.run([sys.executable, "-c", MANY, "SIGINT", "-", "compare", str(whole), "--resume"],
+                         capture_output=True, text=True, timeout=120)  # nothing there: an uninterrupted compare
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert again.stdout[again.stdout.index("algorithm"):] == ref.stdout[ref.stdout.index("algorithm"):]
+    for algo in ("fedavg", "local", "fml"):
+        a, b = (pq.read_table(d / f"digits-fml-{algo}" / "metrics.parquet").drop(["seconds"]).to_pandas()
+                for d in (cut, whole))
+        assert a.equals(b), algo  # NaN where NaN (rounds without a test evaluation)
