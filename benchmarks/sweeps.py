@@ -9,9 +9,11 @@ Two measurements, each the same grid run both ways on one private Ray (2 CPUs on
    (the full grid: 3 seeds, 20 rounds of 5 epochs; the less work a run does, the more Tune's fixed cost
    per trial weighs), as the
    sequential loop (`fmlray sweep --sequential`) and as trials (`--parallel auto`: one CPU each, two at once).
-2. `digits-overhead`: the digits default (Ray engine, two client actors) with seeds 0..2, as the loop and as
-   trials one at a time (`--parallel 1`): the difference of the two wall times, per run, is what Tune adds
-   to a trial (placement group, trial actor, reporting), the run itself being the same.
+2. `digits-overhead`: the digits default (Ray engine, two client actors) with seeds 0..2, three ways: the
+   loop with new actors for every run, as trials one at a time (`--parallel 1`), and the loop as
+   `fmlray sweep` runs it, each run taking the actors of the run before (`reusing_actors`). The first two
+   differ, per run, by what Tune adds to a trial (placement group, trial actor, reporting), the run itself
+   and its actor starts being the same; the first and third by what reusing actors saves.
 
 Writes benchmarks/results/sweeps-<workload>-<N>cpu-<date>.{parquet,md}, with the hardware, versions,
 load average and the sweep files beside the numbers.
@@ -50,10 +52,15 @@ seeds = [0, 1, 2]
 """
 
 
-def timed(sweep_file: Path, **how) -> float:
+def timed(sweep_file: Path, reusing: bool = False, **how) -> float:
+    """Wall seconds of the sweep; `reusing`: inside `reusing_actors`, as `fmlray sweep` runs a loop."""
+    import contextlib
+
+    from fmlray.engine.ray_engine import reusing_actors
     from fmlray.sweep import run_sweep
     started = time.perf_counter()
-    run_sweep(sweep_file, echo=lambda line: print("   ", line, flush=True), **how)
+    with reusing_actors() if reusing else contextlib.nullcontext():
+        run_sweep(sweep_file, echo=lambda line: print("   ", line, flush=True), **how)
     return time.perf_counter() - started
 
 
@@ -72,7 +79,7 @@ def main() -> None:
     rows = []
     try:
         files = {}
-        for way in ("loop", "tune"):
+        for way in ("loop", "tune", "reuse"):
             files["experiment1", way] = work / f"e1-{way}.toml"
             files["experiment1", way].write_text(reduced(EXPERIMENT1.read_text(), work / way, args.seeds, args.rounds,
                                                                  args.epochs))
@@ -86,9 +93,14 @@ def main() -> None:
             loop = timed(files[workload, "loop"], sequential=True)
             print(f"{workload}: tune {tune_how}", flush=True)
             tune = timed(files[workload, "tune"], **tune_how)
+            reuse = None
+            if workload == "digits":  # experiment 1's runs are serial: no actors to reuse
+                print(f"{workload}: loop reusing actors", flush=True)
+                reuse = timed(files[workload, "reuse"], reusing=True, sequential=True)
             rows.append({"workload": workload, "runs": runs[workload], "loop_s": loop, "tune_s": tune,
                          "tune_how": str(tune_how["parallel"]), "ratio": tune / loop,
-                         "tune_overhead_per_run_s": (tune - loop) / runs[workload]})
+                         "tune_overhead_per_run_s": (tune - loop) / runs[workload], "loop_reusing_s": reuse,
+                         "reuse_saves_per_run_s": None if reuse is None else (loop - reuse) / runs[workload]})
     finally:
         import ray
         ray.shutdown()
@@ -100,7 +112,8 @@ def main() -> None:
     table = benchlib.markdown_table(rows, [
         ("workload", "workload", ""), ("runs", "runs", ""), ("loop_s", "loop (s)", ".1f"),
         ("tune_how", "--parallel", ""), ("tune_s", "Tune trials (s)", ".1f"), ("ratio", "Tune ÷ loop", ".2f"),
-        ("tune_overhead_per_run_s", "(Tune − loop) per run (s)", ".2f")])
+        ("tune_overhead_per_run_s", "(Tune − loop) per run (s)", ".2f"),
+        ("loop_reusing_s", "loop reusing actors (s)", ".1f"), ("reuse_saves_per_run_s", "(loop − reusing) per run (s)", ".2f")])
     files_md = "\n\n".join(f"`{k}`:\n```toml\n{v.strip()}\n```" for k, v in meta["sweep_files"].items()
                            if k.endswith("tune"))
     (args.out / f"{stem}.md").write_text(
