@@ -639,6 +639,16 @@ def processes_under(ray_tmpdir: str) -> list:
     return found
 
 
+def assert_none_left_under(ray_tmpdir: str) -> None:
+    """No process of the Ray whose temp folder is `ray_tmpdir` is left (what the raylet ends as it goes may take
+    a moment)."""
+    import time
+    deadline = time.monotonic() + 5
+    while processes_under(ray_tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_under(ray_tmpdir) == []
+
+
 # a Ctrl-C while compare's (or a sweep's, or a search's) Ray starts: it was cut in half in the main thread, and its
 # dashboard and runtime-env agents stayed a minute as orphans; the start now runs in a thread, and is shut down
 CUT_START = """
@@ -662,7 +672,6 @@ def test_a_sigint_while_compares_ray_starts_ends_with_one_line_and_leaves_no_ray
     import subprocess
     import sys
     import tempfile
-    import time
     ray_tmpdir = tempfile.mkdtemp(prefix="fmlray-cut-", dir="/tmp")  # short: Ray's socket paths
     try:
         out = subprocess.run([sys.executable, "-c", CUT_START, str(tmp_path / "runs")], capture_output=True, text=True,
@@ -670,10 +679,7 @@ def test_a_sigint_while_compares_ray_starts_ends_with_one_line_and_leaves_no_ray
         assert out.returncode == 130, out.stderr[-2000:]
         assert out.stderr.strip().splitlines()[-1] == "fmlray: interrupted; what no checkpoint held yet was dropped"
         assert not (tmp_path / "runs").exists()
-        deadline = time.monotonic() + 5  # what the raylet ends as it goes may take a moment
-        while processes_under(ray_tmpdir) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert processes_under(ray_tmpdir) == []
+        assert_none_left_under(ray_tmpdir)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
@@ -705,10 +711,7 @@ def test_sigterm_during_start_up_ends_with_one_line_and_leaves_nothing(tmp_path,
         assert err.strip() == "fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped"
         assert "round 1/" not in out
         assert list(tmp_path.iterdir()) == []  # no run folder, no hidden sibling, no lock
-        deadline = time.monotonic() + 5  # what the raylet ends as it goes may take a moment
-        while processes_under(ray_tmpdir) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert processes_under(ray_tmpdir) == []
+        assert_none_left_under(ray_tmpdir)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
