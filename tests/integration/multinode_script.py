@@ -14,6 +14,7 @@ import numpy as np
 import ray
 import ray.util.state
 from ray.cluster_utils import Cluster
+from raynodes import free_port
 
 from fmlray import checkpoint
 from fmlray.config import load_config
@@ -23,7 +24,9 @@ from fmlray.simulation import prepare, simulate
 
 def main(runs: list[dict]) -> None:
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args=node)
+    # the state API needs the head's dashboard; on a port of its own, not the default 8265 that another
+    # test's cluster may hold at the same moment (the head failed to start: "address already in use")
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "dashboard_port": free_port()})
     workers = [cluster.add_node(**node) for _ in range(2)]
     cluster.wait_for_nodes()
     # Every raylet listens on loopback only; Ray would rewrite a 127.0.0.1 address to the host's

@@ -15,7 +15,8 @@ from fmlray.trials import run_trials
 
 def main(sweep_file: str, out: str) -> None:
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args=node)
+    # no dashboard: its default port 8265 is the @cluster tests' cluster's, which may start at the same moment
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(**node)
     cluster.wait_for_nodes()
