@@ -174,7 +174,7 @@ def cmd_compare(args) -> int:
     for name, one in runs.items():  # every folder checked before the data is loaded (each run locks its own)
         run_dir = Path(one.run.output_dir) / one.run.name
         if args.resume:  # this compare's run (finished, or stopped: resumable) or nothing
-            check_found(run_dir, one.run.name, one, "this compare")
+            check_found(run_dir, one.run.name, one, "this compare", "choose another run.name or run.output_dir")
         else:
             check_new(run_dir, args.overwrite, hint="; or add --resume to continue a compare that stopped")
     from fmlray.checkpoint import exists as checkpoint_exists

@@ -280,15 +280,19 @@ class SweepStopped(Exception):
         self.run, self.signal = run, signal
 
 
-def check_found(run_dir: Path, name: str, cfg: Config, asked) -> None:
+SWEEP_ELSEWHERE = "give the sweep another name or output_dir"
+
+
+def check_found(run_dir: Path, name: str, cfg: Config, asked, elsewhere: str = SWEEP_ELSEWHERE) -> None:
     """What `run_dir` holds is run `name`'s of config `cfg` (finished, or stopped and resumable) or nothing;
-    anything else is the user's, and refused. `asked`: what asks for `cfg` (a sweep file), for the message."""
+    anything else is the user's, and refused. For the message: `asked`, what asks for `cfg` (a sweep file);
+    `elsewhere`, how to write the runs somewhere else."""
     from fmlray import checkpoint
     from fmlray.rundir import check_history
 
     if os.path.lexists(run_dir) and not (run_dir / "metrics.parquet").is_file() and not checkpoint.exists(run_dir):
-        raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of this sweep; "
-                          "move it away, or set the sweep's output_dir to another folder")
+        raise FmlrayError(f"{run_dir} exists but holds neither a finished run nor a checkpoint of {name}; "
+                          f"move it away, or {elsewhere}")
     if resumable(run_dir):
         try:  # a stopped run resumes only with its own config: found now, not after the runs before it
             check_history(run_dir, checkpoint.load(run_dir, cfg).round)
@@ -299,7 +303,7 @@ def check_found(run_dir: Path, name: str, cfg: Config, asked) -> None:
         raise FmlrayError(f"run {name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
                           f"another config than {asked} now asks for "
                           f"(differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); restore those "
-                          "settings, or give the sweep another name or output_dir for the new grid")
+                          f"settings, or {elsewhere} for the new runs")
 
 
 # A finished run is "done" only if its config is the one asked for, up to where and on what it ran, and with

@@ -146,9 +146,14 @@ def test_compare_resume_refuses_overwrite_and_runs_of_another_config(tmp_path, c
     capsys.readouterr()
     fail(capsys, base, f"{tmp_path / 'digits-fml-local'} already exists; choose another run.name (--set run.name=NEW) "
          "or add --overwrite to replace it; or add --resume to continue a compare that stopped")
-    fail(capsys, [*base, "--resume"], f"run digits-fml-local finished in {tmp_path / 'digits-fml-local'} with another "
-         "config than this compare now asks for (differs in training.lr)")
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["digits-fml-local"]
+    err = fail(capsys, [*base, "--resume"], f"run digits-fml-local finished in {tmp_path / 'digits-fml-local'} with "
+               "another config than this compare now asks for (differs in training.lr)")
+    assert err.endswith("restore those settings, or choose another run.name or run.output_dir for the new runs")
+    (tmp_path / "digits-fml-fedavg").mkdir()  # someone's folder, not a run
+    fail(capsys, [*base, "--resume"], f"{tmp_path / 'digits-fml-fedavg'} exists but holds neither a finished run nor a "
+         "checkpoint of digits-fml-fedavg; move it away, or choose another run.name or run.output_dir")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["digits-fml-fedavg",
+                                                                                      "digits-fml-local"]
 
 
 def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_run_stays(tmp_path, capsys,
