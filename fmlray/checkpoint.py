@@ -145,6 +145,8 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
     if not path.is_file():
         old = " (it was written by an older fmlray, whose checkpoints cannot be resumed)" \
             if (Path(run_dir) / "checkpoint.npz").is_file() else ""
+        if not old and cfg is not None and cfg.run.checkpoint_every == 0:
+            old = " (it ran with run.checkpoint_every = 0, which keeps none)"
         raise FmlrayError(f"{run_dir} has no complete checkpoint{old}: it is not a resumable fmlray run")
     try:
         manifest = json.loads(path.read_text())

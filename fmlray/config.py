@@ -554,6 +554,13 @@ def quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # TOML's basic strings escape as JSON does
 
 
+def leaf_keys(key: str, value: Any) -> list[str]:
+    """The dotted keys an override of `key` with `value` sets: a table sets its keys one by one (see _apply)."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in leaf_keys(f"{key}.{k}", v)]
+    return [] if isinstance(value, dict) else [key]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'training.lr=0.05' → (['training', 'lr'], 0.05); values parse as TOML, else as a bare string."""
     key, sep, raw = text.partition("=")
@@ -579,7 +586,11 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any, full: str) -> None
         elif i < len(path) - 1:
             node.setdefault(part, {})
         if i == len(path) - 1:
-            node[part] = value
+            old = node[part] if isinstance(node, list) else node.get(part)
+            if isinstance(value, dict) and isinstance(old, dict):
+                _merge(old, value)  # key by key, as a file's table: `training={lr=0.1}` keeps the other keys
+            else:
+                node[part] = value
         else:
             node = node[part]
 

@@ -459,6 +459,8 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     from fmlray.config import load_config
 
     run_dir = _itself(Path(run_dir))
+    if not os.path.lexists(run_dir):
+        raise FmlrayError(f"{run_dir} does not exist; give a run's folder (e.g. runs/digits-fml)")
     if not (run_dir / CONFIG).is_file():
         raise FmlrayError(f"{run_dir} is not an fmlray run folder (no {CONFIG}); give a folder under runs/")
     saved, asked = load_config(run_dir / CONFIG), load_config(run_dir / CONFIG, overrides)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import tomli_w
 
 from fmlray.config import Config, folder_name, load_config, load_toml, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
-from fmlray.sweep import overlap, override_keys, parallel_value
+from fmlray.sweep import inside, overlap, override_keys, parallel_value
 
 RECORD = Path(".tune/search.json")  # in the search's folder: its fingerprint and parallel, for --resume
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -122,7 +123,10 @@ class Search:
 
 
 def literal(value) -> str:
-    """`value` as a TOML value, as --set takes it."""
+    """`value` as a TOML value, as --set takes it (a table inline: {lr = 0.1})."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else quoted(k)} = {literal(v)}"
+                               for k, v in value.items()) + "}"
     return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
@@ -156,7 +160,7 @@ def _get(s: dict, key: str, default, ok, what: str, where: str):
 
 def plan_search(path: str | Path) -> Search:
     """The search described by a tune file; every key and every end of every range checked now."""
-    from fmlray.trials import METRICS
+    from fmlray.trials import METRICS, unreported
 
     path = Path(path)
     spec = load_toml(path, "tune file")
@@ -189,11 +193,15 @@ def plan_search(path: str | Path) -> Search:
     if not isinstance(params, list) or not params:
         raise ConfigError(f"{where}: a tune file needs at least one [[param]] table (a key and its range)")
     params = tuple(_param(p, i, where) for i, p in enumerate(params))
-    override_keys(common, f"{where}: tune.set", PER_TRIAL)
+    common_keys = override_keys(common, f"{where}: tune.set", PER_TRIAL)
     for i, p in enumerate(params):  # each searched key takes effect, and its column tells the truth
         taken = next((k for k in UNSEARCHABLE if overlap(p.key.strip(), k)), None)
         if taken is not None:
             raise ConfigError(f"{where}: param {p.key}: {taken} cannot be searched: {UNSEARCHABLE[taken]}")
+        hidden = next((c for c in common_keys if inside(c, p.key.strip())), None)
+        if hidden is not None:
+            raise ConfigError(f"{where}: tune.set sets {hidden}, but param {p.key.strip()} replaces it in every "
+                              "trial; drop it from tune.set")
         twice = next((q.key for q in params[:i] if overlap(p.key.strip(), q.key.strip())), None)
         if twice is not None:  # the same key, or one inside the other (training, training.lr)
             raise ConfigError(f"{where}: a key is searched twice ({twice}, {p.key}); give each key one [[param]]")
@@ -202,14 +210,18 @@ def plan_search(path: str | Path) -> Search:
     real = {p.key for p in params if p.kind in ("uniform", "loguniform")}  # they draw floats, whatever the ends
     ends = [{p.key: float(p.values[i]) if p.key in real else p.values[i] for p in params} for i in (0, -1)]
     ends += [{p.key: v} for p in params if p.kind in ("choice", "grid") for v in p.values]
-    for values in ends:  # every end of every range must make a valid config
+    for values in ends:  # every end of every range must make a valid config, and one that reports the metric
+        given = ", ".join(f"{k}={literal(v)}" for k, v in values.items())
         try:
             cfg = search.config(values)
         except ConfigError as exc:
             hint = "; uniform and loguniform draw real numbers: give an integer key randint = [low, high]" \
                 if "must be an integer" in str(exc) and real & set(values) else ""
-            raise ConfigError(f"{where}: with {', '.join(f'{k}={literal(v)}' for k, v in values.items())}: "
-                              f"{exc}{hint}") from None
+            raise ConfigError(f"{where}: with {given}: {exc}{hint}") from None
+        why = unreported(cfg, metric)
+        if why is not None:  # every trial would rank as NaN: the "best" configs would be arbitrary
+            raise ConfigError(f"{where}: with {given}: tune.metric = {metric!r} is never reported ({why}); "
+                              f"choose another metric ({', '.join(m for m in METRICS if not unreported(cfg, m))})")
     for p in params:
         if p.kind == "grid":  # a value listed twice would run the same trials twice, under two rows
             configs = [json.dumps(to_dict(search.config({p.key: v})), sort_keys=True) for v in p.values]
@@ -361,6 +373,14 @@ def ranked(search: Search, grid) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def _mixed(search: Search, rows: list[dict]) -> list[str]:
+    """The searched keys whose values are of more than one kind (grid = ["all", 3]): no parquet column holds
+    both, so their column holds each value as TOML writes it ('"all"', '3')."""
+    def kind(v):
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+    return [p.key for p in search.params if len({kind(r[p.key]) for r in rows}) > 1]
+
+
 def write_outputs(search: Search, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -369,7 +389,7 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
 
     if not rows:
         return
-    table = pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist([{**r, **{k: literal(r[k]) for k in _mixed(search, rows)}} for r in rows])
     write_atomic(search.folder / "trials.parquet", lambda f: pq.write_table(table, f))
     for rank, row in enumerate(rows[: search.top], 1):
         values = {p.key: row[p.key] for p in search.params}

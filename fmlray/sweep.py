@@ -8,7 +8,7 @@ in one place, and no two values of an axis that give one config.
     name = "digits-heterogeneity"
     base = "../fmlray/presets/digits.toml"    # optional, relative to this file
     output_dir = "runs/sweeps"
-    seeds = [0, 1, 2]
+    seeds = [0, 1, 2]                          # optional: the base file's run.seed (else 0) when left out
     set = ["engine.kind=serial", "run.rounds=20"]
     executor = "tune"                          # optional: "loop" (one run after another, the default) or
     parallel = "auto"                          # "tune" (runs as Ray Tune trials, `parallel` at once; fmlray.trials)
@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fmlray import signals
-from fmlray.config import Config, folder_name, load_config, load_toml, parse_override, quoted, to_dict
+from fmlray.config import Config, folder_name, leaf_keys, load_config, load_toml, parse_override, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
 from fmlray.rundir import finished, read_parquet, resumable, write_atomic
@@ -120,19 +120,27 @@ def override_keys(overrides: list[str], where: str, fixed: dict[str, str] = PER_
     keys: list[str] = []
     for text in overrides:
         try:
-            key = ".".join(parse_override(text)[0])
+            path, value = parse_override(text)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        taken = next((k for k in fixed if overlap(key, k)), None)
-        if taken is not None:
-            raise ConfigError(f"{where}: {text!r} sets {taken}, which would be ignored: {fixed[taken]}")
-        twice = next((k for k in keys if overlap(key, k)), None)
-        if twice is not None:
-            what = f"sets {key} twice (the earlier value would be ignored)" if twice == key else \
-                f"sets {twice} and then {key}, which overrides it"
-            raise ConfigError(f"{where}: {what}; keep one")
-        keys.append(key)
+        set_now = leaf_keys(".".join(path), value)
+        for key in set_now:
+            taken = next((k for k in fixed if overlap(key, k)), None)
+            if taken is not None:
+                raise ConfigError(f"{where}: {text!r} sets {taken}, which would be ignored: {fixed[taken]}")
+            twice = next((k for k in keys if overlap(key, k)), None)
+            if twice is not None:
+                what = f"sets {key} twice (the earlier value would be ignored)" if twice == key else \
+                    f"sets {twice} and then {key}, which overrides it"
+                raise ConfigError(f"{where}: {what}; keep one")
+        keys += set_now
     return keys
+
+
+def inside(key: str, holder: str) -> bool:
+    """`key` is `holder` or a key within it (run.seed is inside run): setting `holder` replaces it."""
+    parts = holder.split(".")
+    return key.split(".")[:len(parts)] == parts
 
 
 def overlap(a: str, b: str) -> bool:
@@ -144,11 +152,18 @@ def overlap(a: str, b: str) -> bool:
 
 def _check_keys(common: list[str], axes: list, path: Path) -> None:
     """Every override takes effect and every label tells the truth: no key the sweep sets itself, none
-    set twice in one place, none set by two axes (a run would carry a label the config does not have)."""
-    override_keys(common, f"{path}: sweep.set")
+    set twice in one place, none of sweep.set that every value of an axis replaces, none set by two axes
+    (a run would carry a label the config does not have)."""
+    common_keys = override_keys(common, f"{path}: sweep.set")
     owner: dict[str, str] = {}  # a key an axis sets -> that axis
     for name, variants in axes:
-        keys = {k for label, sets in variants for k in override_keys(sets, f"{path}: axis {name}, value {label!r}")}
+        each = [set(override_keys(sets, f"{path}: axis {name}, value {label!r}")) for label, sets in variants]
+        keys = set().union(*each)
+        always = set.intersection(*each)  # set by every value: what sweep.set gives there is never used
+        hidden = next(((c, a) for c in common_keys for a in sorted(always) if inside(c, a)), None)
+        if hidden is not None:
+            raise ConfigError(f"{path}: sweep.set sets {hidden[0]}, but every value of axis {name} sets {hidden[1]} "
+                              "after it, so no run would use it; drop it from sweep.set")
         for key in sorted(keys):
             other = next((a for k, a in owner.items() if a != name and overlap(key, k)), None)
             if other is not None:
@@ -172,6 +187,14 @@ def plan(path: str | Path) -> tuple[Path, list[Run]]:
     return sweep.folder, sweep.runs
 
 
+def _base_seed(base: Path | None) -> int:
+    """The seed of a sweep without sweep.seeds: its base file's run.seed, as `fmlray run` would use."""
+    try:
+        return load_config(base).run.seed
+    except ConfigError:  # the runs' configs say what is wrong with the file, below
+        return 0
+
+
 def plan_sweep(path: str | Path) -> Sweep:
     """`plan`, with how the sweep file asks to execute it."""
     path = Path(path)
@@ -192,11 +215,11 @@ def plan_sweep(path: str | Path) -> Sweep:
     if not isinstance(s.get("name"), str) or not s["name"]:
         raise ConfigError(f"{path}: [sweep] needs a name")
     folder_name(f"{path}: sweep.name", s["name"])
-    seeds = s.get("seeds", [0])
+    base = path.parent / _text(s, "base", path) if "base" in s else None
+    seeds = s.get("seeds", [_base_seed(base)])
     if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) \
             or not all(type(x) is int and 0 <= x < 2**63 for x in seeds):
         raise ConfigError(f"{path}: sweep.seeds must be a non-empty list of distinct integers >= 0")
-    base = path.parent / _text(s, "base", path) if "base" in s else None
     common = s.get("set", [])
     if not _strings(common):
         raise ConfigError(f"{path}: sweep.set must be a list of \"section.key=value\" strings, got {common!r}")
@@ -337,7 +360,7 @@ def combine(folder: Path, runs: list[Run]) -> Path:
             t = t.append_column(key, pa.array([value] * len(t), pa.string()))
         tables.append(t)
     table = pa.concat_tables(tables)
-    table = table.set_column(table.schema.get_field_index("seed"), "seed", pc.cast(table["seed"], pa.int32()))
+    table = table.set_column(table.schema.get_field_index("seed"), "seed", pc.cast(table["seed"], pa.int64()))
     out = folder / RESULTS
     try:
         write_atomic(out, lambda f: pq.write_table(table, f))

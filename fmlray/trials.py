@@ -53,6 +53,19 @@ METRICS = tuple(figures({"round": 0, "local": None, "global_clients": None, "glo
                          "seconds": None}))[1:]
 
 
+def unreported(cfg: Config, metric: str) -> str | None:
+    """Why a run of `cfg` never reports `metric` (every round NaN), or None where it may: local_* need an
+    algorithm that tests local models, global_* one with a global model. (A global state that is only part of
+    a model, e.g. FedPer's body, is not tested either; that needs the model built, so the CLI warns after.)"""
+    from fmlray.algorithms import build_algorithm
+    algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
+    if metric.startswith("local_") and "local" not in algo.evaluates:
+        return f"{algo.name} tests no local models"
+    if metric.startswith("global_") and algo.shares is None:
+        return f"{algo.name} has no global model"
+    return None
+
+
 class TrialsStopped(Exception):
     """A signal stopped the trials; `unfinished` runs keep their checkpoints for a rerun."""
 

@@ -21,14 +21,18 @@ from fmlray import signals
 from fmlray.errors import ResourceError
 
 
+MAX_TIMEOUT_S = 1_000_000
+
+
 def _timeout(name: str, default: float) -> float:
     """A deadline in seconds from the environment (read when used, so a test can shorten it)."""
     try:
         value = float(os.environ.get(name, default))
     except ValueError:
         raise ResourceError(f"{name}={os.environ[name]!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ResourceError(f"{name} must be > 0 seconds, got {value:g}")
+    if not 0 < value <= MAX_TIMEOUT_S:  # NaN too; Ray's waits take at most ~24 days (int32 milliseconds)
+        raise ResourceError(f"{name} must be a number of seconds from 0 to {MAX_TIMEOUT_S:,} "
+                            f"(unset: {default:g}), got {os.environ[name]!r}")
     return value
 
 

@@ -35,7 +35,7 @@ from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
-from fmlray.engine.connect import connect, shut_down
+from fmlray.engine.connect import _timeout, connect, shut_down
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
                                      plan_actors, plan_store)
@@ -43,7 +43,6 @@ from fmlray.engine.state import RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
 from fmlray.progress import plain_warnings
 
-READY_TIMEOUT_S = float(os.environ.get("FMLRAY_READY_TIMEOUT_S", "180"))
 # A client with private state moves to another actor only if it trains at least this many rows a round:
 # its row crosses memory ~5 times on the way (read, copy, pickle, unpickle, write), ~50 rows' worth of
 # training for an MLP, fewer for a CNN, so moving a smaller client would cost more than it evens out.
@@ -297,6 +296,7 @@ class RayEngine:
 
     def start(self, cfg: Config, dataset: Dataset, partition: Partition) -> None:
         self.cfg, self.dataset = cfg, dataset
+        self.ready_timeout = _timeout("FMLRAY_READY_TIMEOUT_S", 180)  # read first: a bad value starts nothing
         algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
         self.server = algo.server  # plain numbers: the aggregator's half
         # Clients that keep nothing between rounds are dealt to their group's actors anew each round, so a
@@ -378,10 +378,10 @@ class RayEngine:
 
     def _wait_ready(self) -> list[dict]:
         refs = [a.ready.remote() for a in self.actors] + [self.aggregator.__ray_ready__.remote()]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.ready_timeout)
         if pending:
             self.close()
-            raise ResourceError(f"{len(pending)} of {len(refs)} actors did not start within {READY_TIMEOUT_S:g}s "
+            raise ResourceError(f"{len(pending)} of {len(refs)} actors did not start within {self.ready_timeout:g}s "
                                 "(the cluster is busy or too small); lower engine.num_actors or the groups' "
                                 "num_cpus/num_gpus")
         try:

@@ -532,3 +532,14 @@ def test_a_run_folder_too_long_for_the_system_is_one_line_before_the_data_loads(
     deep = tmp_path.joinpath(*["d" * 250] * 15)
     fail(capsys, ["run", *QUICK, "--set", f"run.output_dir={deep}", "--set", "run.name=" + "n" * 200],
          "run.output_dir and run.name make a path of", out_dir=tmp_path)
+
+
+def test_resume_of_a_folder_that_is_not_there_or_kept_no_checkpoint_says_why(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"fmlray: error: {tmp_path / 'nope'} does not exist; give a run's " \
+                                              "folder (e.g. runs/digits-fml)"
+    assert main(["run", *QUICK, "--set", "run.checkpoint_every=0", "--set", f"run.output_dir={tmp_path}"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no complete checkpoint (it ran with run.checkpoint_every = 0, which keeps none)" in err, err

@@ -260,3 +260,16 @@ def test_an_unknown_key_names_the_file_it_was_written_in(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"^unknown key 'training.lrx'"):  # from --set: no file to name
         load_config(write(tmp_path, "[training]\nlr = 0.1\n", "ok.toml"), ["training.lrx=1"])
+
+
+def test_a_table_given_to_set_sets_its_keys_and_keeps_the_files_others(tmp_path):
+    # `--set training={batch_size=32}` once replaced the whole [training] table: the file's lr and epochs, and
+    # every default, were silently gone
+    path = tmp_path / "c.toml"
+    path.write_text("[training]\nlr = 0.05\nepochs = 3\n")
+    cfg = load_config(path, ["training={batch_size=32}", "run={rounds=2}"])
+    assert (cfg.training.lr, cfg.training.epochs, cfg.training.batch_size) == (0.05, 3, 32)
+    assert (cfg.run.rounds, cfg.run.name) == (2, Config().run.name)
+    assert config.leaf_keys("training", {"lr": 0.1, "x": {"y": 1}}) == ["training.lr", "training.x.y"]
+    groups = load_config(None, ["clients.groups.1={num_cpus=2}"]).clients.groups  # an entry of a list too
+    assert (groups[1].num_cpus, groups[1].local_model) == (2.0, "lenet5")

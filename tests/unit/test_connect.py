@@ -27,10 +27,23 @@ def test_the_connect_deadline_comes_from_the_environment(monkeypatch):
     assert _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30) == 30
     monkeypatch.setenv("FMLRAY_CONNECT_TIMEOUT_S", "2.5")
     assert _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30) == 2.5
-    for bad, message in (("soon", "is not a number of seconds"), ("0", "must be > 0 seconds")):
+    for bad, message in (("soon", "is not a number of seconds"), ("0", "must be a number of seconds from 0 to "
+                                                                         "1,000,000 \\(unset: 30\\), got '0'"),
+                         ("nan", "got 'nan'"), ("inf", "got 'inf'"), ("-1", "got '-1'")):
         monkeypatch.setenv("FMLRAY_CONNECT_TIMEOUT_S", bad)
         with pytest.raises(ResourceError, match=message):
             _timeout("FMLRAY_CONNECT_TIMEOUT_S", 30)
+
+
+def test_a_bad_actor_start_deadline_is_one_line_before_the_ray_engine_starts_anything(monkeypatch):
+    # FMLRAY_READY_TIMEOUT_S was read when fmlray imported its Ray engine: "abc" was a traceback, "-1" one
+    # from Ray's wait once the actors had started
+    from fmlray.config import load_config
+    from fmlray.engine.ray_engine import RayEngine
+    for bad in ("abc", "-1", "nan"):
+        monkeypatch.setenv("FMLRAY_READY_TIMEOUT_S", bad)
+        with pytest.raises(ResourceError, match=f"FMLRAY_READY_TIMEOUT_S.*'{bad}'"):
+            RayEngine().start(load_config(None, ["engine.kind=ray"]), None, None)  # nothing read before it
 
 
 class Quiet(http.server.BaseHTTPRequestHandler):

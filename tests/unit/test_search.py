@@ -72,6 +72,16 @@ def test_a_tune_file_is_read_with_its_defaults(tmp_path):
      'param training.optimizer: grid values "sgd" and "sgd" give the same config; list each value once'),
     (('"training.optimizer"\ngrid = ["sgd", "adam"]', '"training.lr"\ngrid = [0.01, 0.010]'),
      "param training.lr: grid values 0.01 and 0.01 give the same config"),
+    # a value of tune.set that no trial uses; a metric no trial reports (every trial would rank NaN)
+    (('run.rounds=4"', 'run.rounds=4", "training.optimizer=\'adam\'"'),
+     "tune.set sets training.optimizer, but param training.optimizer replaces it in every trial; drop it from tune.set"),
+    (('run.rounds=4"', 'run.rounds=4", "training={optimizer=\'adam\'}"'),
+     "tune.set sets training.optimizer, but param training.optimizer replaces it"),
+    (('run.rounds=4"', 'run.rounds=4", "algorithm.name=\'fedavg\'"'),
+     "tune.metric = 'local_mean' is never reported (fedavg tests no local models); choose another metric "
+     "(global_clients_mean, "),
+    (('samples = 5\n', 'samples = 5\nmetric = "global_test"\n[[param]]\nkey = "algorithm.name"\ngrid = ["fml", "local"]\n'),
+     "tune.metric = 'global_test' is never reported (local has no global model)"),
 ])
 def test_bad_tune_files_name_the_problem(tmp_path, change, fragment):
     path = tmp_path / "t.toml"
@@ -181,3 +191,47 @@ def test_a_trial_whose_data_cannot_be_prepared_is_one_line_before_tune_writes_an
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert ("cifar10 not found" in err) != ("clients.num_clients=900" in err), err  # the largest client count
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_searched_table_is_written_inline_and_sets_its_keys_one_by_one(tmp_path):
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs").replace(
+        'key = "training.optimizer"\ngrid = ["sgd", "adam"]', 'key = "training"\nchoice = [{lr = 0.1}, {lr = 0.2, epochs = 2}]'))
+    assert literal({"lr": 0.2, "epochs": 2, "a b": "x"}) == '{lr = 0.2, epochs = 2, "a b" = "x"}'
+    cfg = s.config({"algorithm.fml.alpha": 0.5, "training": {"lr": 0.2, "epochs": 2}})
+    assert (cfg.training.lr, cfg.training.epochs, cfg.training.batch_size) == (0.2, 2, 16)  # the rest: defaults
+
+
+def test_trials_of_values_of_two_kinds_are_written_with_each_value_as_toml_writes_it(tmp_path):
+    # grid = ["all", 3]: both valid values of run.eval_clients, and no parquet column holds both
+    import pyarrow.parquet as pq
+
+    from fmlray.search import write_outputs
+    from fmlray.trials import METRICS
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs").replace(
+        'key = "training.optimizer"\ngrid = ["sgd", "adam"]', 'key = "run.eval_clients"\ngrid = ["all", 3]'))
+    rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "run.eval_clients": v, "complete": True,
+             "rounds": 4, **{m: 0.5 + i / 10 for m in METRICS}} for i, v in enumerate(["all", 3])]
+    s.folder.mkdir(parents=True)
+    write_outputs(s, rows)
+    table = pq.read_table(s.folder / "trials.parquet")
+    assert table.column("run.eval_clients").to_pylist() == ['"all"', "3"]
+    assert table.column("algorithm.fml.alpha").to_pylist() == [0.5, 0.5]  # one kind: as it is
+    assert "eval_clients = 3" in (s.folder / "best-2.toml").read_text()
+
+
+def test_a_metric_is_never_reported_exactly_where_a_run_leaves_it_nan():
+    # what plan_search refuses, checked against one real round of every algorithm
+    import math
+
+    from fmlray.config import ALGORITHMS, load_config
+    from fmlray.metrics import round_summary
+    from fmlray.trials import METRICS, figures, unreported
+    from test_baselines import whole_run
+    for name in ALGORITHMS:
+        result = whole_run(f"algorithm.name={name}", "algorithm.fedper.head_layers=2", "run.rounds=1")
+        got = figures(round_summary([r for r in result.rows if r["round"] == 1]))
+        cfg = load_config(None, [f"algorithm.name={name}"])
+        nan, refused = {m for m in METRICS if math.isnan(got[m])}, {m for m in METRICS if unreported(cfg, m)}
+        assert refused <= nan, name  # never refuses a metric the run reports
+        if name not in ("fedper", "fedbn", "fedrep", "lgfedavg", "apfl", "ditto"):  # whole-model or none
+            assert refused == nan, name

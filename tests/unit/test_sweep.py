@@ -111,8 +111,17 @@ def test_bad_parallel_options_are_one_line_and_exit_2(tmp_path, capsys, argv, fr
     ("[sweep]\nname='x'\nset=['run.output_dir=elsewhere']\n", "sweep.set: 'run.output_dir=elsewhere' sets "
      "run.output_dir, which would be ignored: the sweep writes its runs into sweep.output_dir/sweep.name"),
     ("[sweep]\nname='x'\nset=['run.rounds=1', 'run.rounds=3']\n", "sweep.set: sets run.rounds twice"),
+    ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=[{label='l', set=['clients.groups.0.num_cpus=2', "
+     "\"clients.groups=[{name='g', share=1.0}]\"]}]\n",
+     "axis a, value 'l': sets clients.groups.0.num_cpus and then clients.groups, which overrides it"),
     ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=[{label='l', set=['training.lr=0.1', 'training={lr=0.2}']}]\n",
-     "axis a, value 'l': sets training.lr and then training, which overrides it"),
+     "axis a, value 'l': sets training.lr twice"),  # a table sets its keys, one by one
+    ("[sweep]\nname='x'\nset=['training.lr=0.1']\n[[axis]]\nname='a'\nvalues=['training.lr=0.05', 'training={lr=0.2}']\n",
+     "sweep.set sets training.lr, but every value of axis a sets training.lr after it, so no run would use it; drop "
+     "it from sweep.set"),
+    ("[sweep]\nname='x'\nset=['clients.groups.0.num_cpus=0.5']\n[[axis]]\nname='a'\n"
+     "values=[\"clients.groups=[{name='g', share=1.0}]\", \"clients.groups=[{name='h', share=1.0}]\"]\n",
+     "sweep.set sets clients.groups.0.num_cpus, but every value of axis a sets clients.groups after it"),
     ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['lr']\n", "axis a, value 'lr': --set 'lr' must look like"),
     # two values, one config
     ("[sweep]\nname='x'\n[[axis]]\nname='a'\nvalues=['training.lr=0.01', 'training.lr=0.010']\n",
@@ -290,3 +299,29 @@ def test_a_run_another_command_wrote_into_the_sweep_since_it_began_is_refused_no
                        r"config than .* \(differs in training.lr\)"):
         run_sweep(spec, echo=echo, sequential=True)
     assert (folder / runs[0].name / "metrics.parquet").is_file() and not (folder / "results.parquet").exists()
+
+
+def test_sweep_set_is_the_default_of_axis_values_that_leave_its_key_alone(tmp_path):
+    # a table sets its keys one by one: {epochs=2} keeps sweep.set's lr, as a file's [training] table would
+    spec = one_axis(tmp_path, '"training.lr=0.1"', "t", "[{label = 'e2', set = ['training={epochs=2}']}, "
+                                                        "'training.lr=0.05']")
+    runs = {r.name: r.cfg.training for r in plan(spec)[1]}
+    assert (runs["e2-s0"].epochs, runs["e2-s0"].lr) == (2, 0.1) and (runs["0.05-s0"].epochs, runs["0.05-s0"].lr) == (1, 0.05)
+
+
+def test_a_sweep_without_seeds_runs_its_base_files_seed(tmp_path):
+    (tmp_path / "base.toml").write_text("[run]\nseed = 7\n")
+    spec = tmp_path / "s.toml"
+    spec.write_text('[sweep]\nname = "t"\nbase = "base.toml"\nset = ["run.rounds=1"]\n')
+    assert [(r.name, r.cfg.run.seed) for r in plan(spec)[1]] == [("s7", 7)]
+    spec.write_text('[sweep]\nname = "t"\nset = ["run.rounds=1"]\n')  # no base: the default config's
+    assert [(r.name, r.cfg.run.seed) for r in plan(spec)[1]] == [("s0", 0)]
+
+
+def test_the_sweeps_table_holds_any_seed_a_run_may_have(tmp_path, capsys):
+    # run.seed goes up to 2**63 - 1; the table's seed column once was int32, and the finished sweep crashed
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[sweep]\nname = "t"\noutput_dir = "{tmp_path / "runs"}"\nseeds = [3000000000]\n'
+                    'set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "clients.num_clients=4"]\n')
+    assert main(["sweep", str(spec)]) == 0
+    assert set(pq.read_table(tmp_path / "runs" / "t" / "results.parquet").column("seed").to_pylist()) == {3000000000}
