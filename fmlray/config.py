@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -649,11 +650,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def _holds(tree: dict[str, Any], dotted: str) -> bool:
+    """`tree` has the key `dotted` (clients.groups[0].name or clients.groups.0.name: into lists too)."""
     node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
+    for part in re.sub(r"\[(\d+)\]", r".\1", dotted).split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return False
-        node = node[part]
     return True
 
 

@@ -269,7 +269,8 @@ def _last_line(path) -> str:
 
 class _Unfinished(logging.Filter):
     """Drops Tune's error logs (a traceback each, then "Trials did not complete") about a search's trials
-    left unfinished on purpose: a stop is one line, and --resume continues them."""
+    left unfinished on purpose: a stop is one line, and --resume continues them; and its "Trials did not
+    complete" after a failed run, which fmlray names in its own line."""
 
     def __init__(self, stopping: Callable[[], bool]):
         super().__init__()
@@ -343,7 +344,7 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
                                           verbose=0, callbacks=[Relay()]))
         # our handlers, not Tune's; Tune's old console output, which verbose=0 silences wholly
         with _environ(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0"), listening(progress), \
-                _quiet_unfinished(signalled):
+                _quiet_unfinished(lambda: signalled() or bool(progress.errors)):  # then fmlray says why itself
             grid = tuner.fit()
         stopping = signalled()
     ray.kill(control)

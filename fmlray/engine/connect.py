@@ -112,6 +112,28 @@ def _environ(**values: str | None):
         put(old)
 
 
+def _quiet_error_listener() -> None:
+    """Ray's driver polls the GCS for error messages in a thread ("ray_listen_error_messages") that it
+    stops as `ray.shutdown` begins; a poll cut short there may raise RaySystemError (seen: InvalidAuthToken)
+    instead of the OSError the thread expects, and Python prints that thread's traceback on the driver's
+    stderr, under a run's one-line error. Such an error once the thread is told to stop is dropped; one
+    before that stays as loud as Ray makes it. Idempotent (it wraps Ray's function once)."""
+    from ray._private import worker
+    listen = worker.listen_error_messages
+    if getattr(listen, "fmlray_quiet", False):
+        return
+
+    def quiet(ray_worker, threads_stopped) -> None:
+        try:
+            listen(ray_worker, threads_stopped)
+        except ray.exceptions.RaySystemError:
+            if not threads_stopped.is_set():
+                raise
+
+    quiet.fmlray_quiet = True
+    worker.listen_error_messages = quiet
+
+
 def _reread_auth() -> None:
     """Make this process read RAY_AUTH_MODE / RAY_AUTH_TOKEN again: Ray caches both at first use (and
     a private Ray of an earlier run in this process left its own there). Ray does the same when it
@@ -135,6 +157,7 @@ def start_private_ray(**resources) -> None:
     - Without the head's autoscaler monitor and dashboard API server (`_lean_head`).
     """
     from ray._private import ray_constants
+    _quiet_error_listener()
     with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
                   RAY_AUTH_TOKEN=secrets.token_hex(32)), _lean_head():
         loopback, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
@@ -308,6 +331,7 @@ def abandon_early() -> None:
 
 
 def _connect(address: str) -> bool:
+    _quiet_error_listener()
     _reread_auth()
     address = address or os.environ.get("RAY_ADDRESS", "")
     hint = "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray"

@@ -260,6 +260,9 @@ def test_an_unknown_key_names_the_file_it_was_written_in(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"^unknown key 'training.lrx'"):  # from --set: no file to name
         load_config(write(tmp_path, "[training]\nlr = 0.1\n", "ok.toml"), ["training.lrx=1"])
+    groups = write(tmp_path, "[[clients.groups]]\nname = 'a'\nshare = 1.0\nbogus = 1\n", "groups.toml")
+    with pytest.raises(ConfigError, match=re.escape(f"{groups}: unknown key 'clients.groups[0].bogus'")):
+        load_config(groups)  # inside a list of tables too
 
 
 def test_a_table_given_to_set_sets_its_keys_and_keeps_the_files_others(tmp_path):

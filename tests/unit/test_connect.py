@@ -131,3 +131,27 @@ def test_a_local_ray_that_times_out_starting_is_one_line(monkeypatch):
     assert str(info.value) == ("cannot start a local Ray (The current node timed out during startup. This could happen "
                                "because some of the raylet failed to startup or the GCS has become overloaded.); the "
                                "machine may be too busy right now: try again when it is quieter")
+
+
+def test_the_drivers_error_listener_is_quiet_only_once_ray_stops_it(monkeypatch):
+    # seen in CI: the thread's RaySystemError (InvalidAuthToken) from a poll cut short by ray.shutdown
+    # printed a traceback above a run's one-line error
+    import threading
+
+    import ray
+    from ray._private import worker
+
+    from fmlray.engine.connect import _quiet_error_listener
+
+    def poll_fails(ray_worker, threads_stopped):
+        raise ray.exceptions.RaySystemError("InvalidAuthToken: Authentication token is missing or incorrect")
+
+    monkeypatch.setattr(worker, "listen_error_messages", poll_fails)
+    _quiet_error_listener()
+    _quiet_error_listener()  # once only: not a wrapper of a wrapper
+    quiet, stopped = worker.listen_error_messages, threading.Event()
+    assert quiet is not poll_fails and quiet.__closure__[0].cell_contents is poll_fails
+    with pytest.raises(ray.exceptions.RaySystemError):
+        quiet(None, stopped)  # while Ray runs: as loud as Ray makes it
+    stopped.set()
+    assert quiet(None, stopped) is None  # once ray.shutdown has told the thread to stop: dropped
