@@ -47,6 +47,11 @@ MAX_SYNTHETIC_DIM = 10_000  # the paper's 60; CIFAR's 3,072 pixels for scale
 MAX_SYNTHETIC_CLASSES = 1_000
 
 
+def _got(value) -> str:
+    """A wrong value as the user wrote it: TOML's true/false, not Python's True/False."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -488,29 +493,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, base) and not isinstance(value, bool):
                 raise exc
         words = [_TYPE_WORDS.get(typing.get_origin(a) or a, _type_name(a)) for a in inner]
-        raise ConfigError(f"{key} must be {' or '.join(words)}, got {value!r}")
+        raise ConfigError(f"{key} must be {' or '.join(words)}, got {_got(value)}")
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         what = "a list of tables" if dataclasses.is_dataclass(item_tp) else "a list"
-        _check(isinstance(value, (list, tuple)), f"{key} must be {what}, got {value!r}")
+        _check(isinstance(value, (list, tuple)), f"{key} must be {what}, got {_got(value)}")
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), f"{key} must be a table, got {value!r}")
+        _check(isinstance(value, dict), f"{key} must be a table, got {_got(value)}")
         return from_dict(tp, value, key)
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, f"{key} must be a number, got {value!r}")
+        _check(ok, f"{key} must be a number, got {_got(value)}")
         _check(math.isfinite(value) and abs(value) <= 1e300, f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {_got(value)}")
         _check(-2**63 <= value < 2**63, f"{key} = {value} does not fit in 64 bits (TOML's integers)")
         return value
     if tp is str and isinstance(value, (bool, int, float, datetime.date, datetime.time)):
         text = _plain(value)  # TOML read a bare word as a number, a boolean or a date
         raise ConfigError(f"{key} must be a string, got {value!r}: TOML reads {text} as {_TOML_KINDS[type(value)]}; "
                           f"quote it: {key.rsplit('.', 1)[-1]} = \"{text}\" in a file, --set '{key}=\"{text}\"'")
-    _check(isinstance(value, tp), f"{key} must be a {_type_name(tp)}, got {value!r}")
+    _check(isinstance(value, tp), f"{key} must be a {_type_name(tp)}, got {_got(value)}")
     if tp is str:
         _check(value.isprintable(), f"{key} = {value!r} holds a control character (e.g. a NUL, newline or tab); remove it")
     return value

@@ -85,7 +85,7 @@ def test_int_widens_to_float_but_not_the_reverse():
                             "date; quote it: name = \"2024-01-01\" in a file, --set 'run.name=\"2024-01-01\"'"),
     ("run.name=123", "TOML reads 123 as an integer; quote it"),
     ("engine.address=true", "TOML reads true as a boolean; quote it: address = \"true\""),
-    ("run.eval_clients=true", "run.eval_clients must be an integer or a string, got True"),
+    ("run.eval_clients=true", "run.eval_clients must be an integer or a string, got true"),
     ('run.eval_clients="a\u0000"', "holds a control character"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
