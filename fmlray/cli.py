@@ -303,7 +303,7 @@ def cmd_sweep(args) -> int:
 def cmd_tune(args) -> int:
     from fmlray.jobs import check_path
     from fmlray.rundir import check_writable
-    from fmlray.search import format_best, plan_search, run_search
+    from fmlray.search import format_best, plan_search, run_search, unranked
     from fmlray.sweep import parallel_value
     from fmlray.trials import TrialsStopped
 
@@ -319,9 +319,9 @@ def cmd_tune(args) -> int:
               f"{args.tune_file} --resume", file=sys.stderr)
         return 130
     print(format_best(rows, search))
-    if rows and all(r[search.metric] != r[search.metric] for r in rows):  # all NaN (e.g. FedPer's partial global)
-        print(f"fmlray: warning: no trial reported tune.metric = {search.metric!r}, so the ranking is arbitrary; "
-              "search again with a metric the trials report", file=sys.stderr)
+    warning = unranked(search, rows)
+    if warning:
+        print(f"fmlray: warning: {warning}", file=sys.stderr)
     print(f"wrote {folder / 'trials.parquet'} and " + ", ".join(
         str(folder / f"best-{i}.toml") for i in range(1, min(search.top, len(rows)) + 1)))
     return 0

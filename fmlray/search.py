@@ -389,7 +389,8 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
 
     if not rows:
         return
-    table = pa.Table.from_pylist([{**r, **{k: literal(r[k]) for k in _mixed(search, rows)}} for r in rows])
+    mixed = _mixed(search, rows)
+    table = pa.Table.from_pylist([{**r, **{k: literal(r[k]) for k in mixed}} for r in rows])
     write_atomic(search.folder / "trials.parquet", lambda f: pq.write_table(table, f))
     for rank, row in enumerate(rows[: search.top], 1):
         values = {p.key: row[p.key] for p in search.params}
@@ -398,6 +399,16 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
                 f"{row[search.metric]:.4f} after {row['rounds']} of {search.rounds} rounds ({row['trial']}); "
                 + ", ".join(f"{k} = {literal(v)}" for k, v in values.items()) + "\n")
         write_atomic(search.folder / f"best-{rank}.toml", (head + tomli_w.dumps(to_dict(cfg))).encode())
+
+
+def unranked(search: Search, rows: list[dict]) -> str | None:
+    """A warning when no trial reported the metric (every value NaN: the ranking is arbitrary), else None.
+    `plan_search` refuses what it can know beforehand; a partial global model (FedPer's body) is only
+    known to go untested once the trials ran."""
+    if rows and all(math.isnan(r[search.metric]) for r in rows):
+        return (f"no trial reported tune.metric = {search.metric!r}, so the ranking is arbitrary; search again "
+                "with a metric the trials report")
+    return None
 
 
 def format_best(search_rows: list[dict], search: Search) -> str:

@@ -235,3 +235,13 @@ def test_a_metric_is_never_reported_exactly_where_a_run_leaves_it_nan():
         assert refused <= nan, name  # never refuses a metric the run reports
         if name not in ("fedper", "fedbn", "fedrep", "lgfedavg", "apfl", "ditto"):  # whole-model or none
             assert refused == nan, name
+
+
+def test_a_search_whose_trials_never_reported_the_metric_is_a_warning(tmp_path):
+    # FedPer's global model is only its body, never tested: global_* figures are NaN in every trial
+    from fmlray.search import unranked
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
+    nan, half = [{"local_mean": float("nan")}] * 2, [{"local_mean": float("nan")}, {"local_mean": 0.5}]
+    assert unranked(s, nan) == ("no trial reported tune.metric = 'local_mean', so the ranking is arbitrary; search "
+                                "again with a metric the trials report")
+    assert unranked(s, half) is None and unranked(s, []) is None
