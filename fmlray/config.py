@@ -515,7 +515,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         text = _plain(value)  # TOML read a bare word as a number, a boolean or a date
         raise ConfigError(f"{key} must be a string, got {value!r}: TOML reads {text} as {_TOML_KINDS[type(value)]}; "
                           f"quote it: {key.rsplit('.', 1)[-1]} = \"{text}\" in a file, --set '{key}=\"{text}\"'")
-    _check(isinstance(value, tp), f"{key} must be a {_type_name(tp)}, got {_got(value)}")
+    _check(isinstance(value, tp), f"{key} must be {_TYPE_WORDS.get(tp) or 'a ' + _type_name(tp)}, got {_got(value)}")
     if tp is str:
         _check(value.isprintable(), f"{key} = {value!r} holds a control character (e.g. a NUL, newline or tab); remove it")
     return value

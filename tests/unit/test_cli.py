@@ -199,7 +199,7 @@ def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_
      "algorithm.fedrep.body_epochs = 6 is more than training.epochs = 5"),
     (["run", "--set", "algorithm.ditto.lam=-1"], "algorithm.ditto.lam must be in [0, 100]"),
     (["run", "--set", "algorithm.apfl.alpha=1.5"], "algorithm.apfl.alpha must be in [0, 1]"),
-    (["run", "--set", "algorithm.apfl.adaptive=1"], "algorithm.apfl.adaptive must be a bool"),
+    (["run", "--set", "algorithm.apfl.adaptive=1"], "algorithm.apfl.adaptive must be true or false"),
     (["run", "--set", "algorithm.server_lr=0"], "algorithm.server_lr must be in (0, 10]"),
     (["compare", "--algorithms", "all,fml"], "unknown ['all']"),
     (["report", "/tmp"], "is not a finished fmlray run"),

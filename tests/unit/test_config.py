@@ -71,7 +71,7 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("run.name=a/b", "plain folder name"),
     ("training.lr", "must look like section.key=value"),
     ("engine.kind=spark", "engine.kind = 'spark' is unknown"),
-    ("data.download=yes", "data.download must be a bool"),
+    ("data.download=yes", "data.download must be true or false"),
     ("run.name.x=1", "--set run.name.x: 'run.name' is a single value, not a table"),
     ("clients.groups.1.share.x=1", "'clients.groups.1.share' is a single value"),
     ("clients.groups.0.num_gpus=inf", "clients.groups[0].num_gpus must be a finite number"),
