@@ -67,7 +67,7 @@ class Run:
 def _variant(v, where: str) -> tuple[str, list[str]]:
     """(label, overrides) of one axis value: "key=value" or {label = ..., set = [...]}."""
     if isinstance(v, str):
-        return v.partition("=")[2] or v, [v]
+        return v.partition("=")[2].strip().strip("'\"") or v, [v]  # the value as typed, without spaces or quotes
     if isinstance(v, dict) and set(v) <= {"label", "set"} and isinstance(v.get("label"), str) and v["label"] \
             and _strings(v.get("set")):
         return v["label"], v["set"]
@@ -79,7 +79,7 @@ def _strings(v) -> bool:
 
 
 def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label)
+    return re.sub(r"^\.|[^A-Za-z0-9_.+-]+", "_", label)  # a leading dot would make a hidden run folder
 
 
 def _text(s: dict, key: str, path: Path, default: str | None = None) -> str:

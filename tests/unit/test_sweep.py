@@ -325,3 +325,15 @@ def test_the_sweeps_table_holds_any_seed_a_run_may_have(tmp_path, capsys):
                     'set = ["engine.kind=serial", "run.rounds=1", "training.epochs=1", "clients.num_clients=4"]\n')
     assert main(["sweep", str(spec)]) == 0
     assert set(pq.read_table(tmp_path / "runs" / "t" / "results.parquet").column("seed").to_pylist()) == {3000000000}
+
+
+def test_a_values_label_is_the_value_as_typed_and_never_hides_its_run(tmp_path):
+    # "training.lr = 0.1" was labelled " 0.1" (run "_0.1-s0"), a quoted string kept its quotes ("_iid_-s0"),
+    # and a label starting with a dot made a hidden run folder, refused as a run.name
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(out=tmp_path / "runs").replace(
+        '"algorithm.name=fml", "algorithm.name=fedavg"', '"training.lr = 0.1", "training.batching=\'vmap\'"').replace(
+        'label = "dir0.5"', 'label = ".5"').replace('seeds = [0, 1]', 'seeds = [0]'))
+    _, runs = plan(spec)
+    assert [r.name for r in runs] == ["0.1-iid-s0", "0.1-_5-s0", "vmap-iid-s0", "vmap-_5-s0"]
+    assert runs[0].labels == {"algorithm": "0.1", "partition": "iid", "seed": "0"}
