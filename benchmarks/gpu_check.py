@@ -597,7 +597,6 @@ def bench_markdown(meta, summary, args, skipped) -> str:
 
 
 def run_bench(args) -> int:
-    from fmlray.config import EngineConfig  # noqa: F401  (overhead's ray_config builds it)
     from overhead import WORKLOADS, base_config
     configs = {}
     for model in args.models:

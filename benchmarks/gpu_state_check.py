@@ -43,7 +43,7 @@ def rel(a: dict, b: dict, start: dict) -> float:
 def rounds(host: ClientHost, g: dict, first: int, last: int, n: int) -> dict:
     for rnd in range(first, last + 1):
         partial, _ = host.train(rnd, list(range(n)), g)
-        g = aggregate.next_global(g, partial)
+        g = aggregate.Server().next_global(g, partial)
     return g
 
 

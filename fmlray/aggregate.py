@@ -56,12 +56,6 @@ def finalize(total: PartialSum, like: Mapping[str, np.ndarray]) -> State:
     return {k: np.asarray(v / total.weight if _is_float(v) else v, dtype=like[k].dtype) for k, v in total.sums.items()}
 
 
-def next_global(previous: State, total: PartialSum | None) -> State:
-    """The round's new global state: the mean of `total`, or `previous` unchanged when no update came
-    (every sampled client's was left out)."""
-    return previous if total is None else finalize(total, previous)
-
-
 @dataclass(frozen=True)
 class Server:
     """An algorithm's server half: how clients' shares are weighted, and the new global state from the
@@ -87,7 +81,3 @@ class Server:
         return {k: np.asarray(previous[k] + self.lr * (mean[k].astype(np.float64) - previous[k]), dtype=mean[k].dtype)
                 if _is_float(mean[k]) else mean[k] for k in mean}
 
-
-def average(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> State:
-    """Weighted mean of whole states: finalize(combine(weighted(...)))."""
-    return finalize(combine(weighted(s, w) for s, w in zip(states, weights)), states[0])

@@ -38,11 +38,14 @@ MAY_CHANGE = {"run": ("rounds", "eval_every", "eval_clients", "checkpoint_every"
 
 
 def fixed_config(cfg: Config) -> dict:
-    """The part of a config a checkpoint belongs to."""
+    """The part of a config a checkpoint belongs to. run.rounds stays in it where a hyper-parameter follows a
+    schedule over the rounds (`AlgorithmConfig.schedule_keys`): a longer run would have trained its earlier
+    rounds, and would train the rest, at other values."""
     d = to_dict(cfg)
     for section, keys in MAY_CHANGE.items():
         for k in keys:
-            d[section].pop(k, None)
+            if (section, k) != ("run", "rounds") or not cfg.algorithm.schedule_keys():
+                d[section].pop(k, None)
         for g in d["clients"]["groups"]:  # resources per actor may change too (e.g. onto GPUs)
             g.pop("num_cpus", None)
             g.pop("num_gpus", None)
@@ -166,11 +169,21 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
                                                                       for s in shards):
             raise FmlrayError(f"{path} names clients that a run of {n} clients does not have, or one client twice "
                               "in a file; it is damaged: start the run again")
-        diff = differences(_with_defaults(manifest.get("config"), fixed_config(Config())), fixed_config(cfg))
+        saved = _with_defaults(manifest.get("config"), fixed_config(Config()))
+        diff = differences(saved, fixed_config(cfg))
+        if "run.rounds" in diff and not (isinstance(saved, dict) and isinstance(saved.get("run"), dict)
+                                         and saved["run"].get("rounds") is not None):
+            diff.remove("run.rounds")  # saved without a schedule: whatever else differs says so
+        if diff == ["run.rounds"]:
+            raise FmlrayError(f"the run in {run_dir} follows a schedule over its {saved['run']['rounds']} rounds "
+                              f"({', '.join(cfg.algorithm.schedule_keys())}), so run.rounds cannot change on resume: "
+                              f"{cfg.run.rounds} rounds would have trained every round at other values; keep "
+                              f"run.rounds = {saved['run']['rounds']}, or start a new run")
         if diff:
             raise FmlrayError(f"the checkpoint in {run_dir} belongs to another config (differs in "
                               f"{', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); on resume only "
-                              f"{', '.join(f'run.{k}' for k in MAY_CHANGE['run'][:4])} and engine.* may change")
+                              f"{', '.join(f'run.{k}' for k in MAY_CHANGE['run'][:4])}, engine.* and the groups' num_cpus / "
+                              "num_gpus may change")
     glob = None
     if manifest["global"] is not None:
         try:

@@ -42,12 +42,13 @@ def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
                    "has its first checkpoint; without this flag an existing folder is refused)")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, address: bool = True) -> None:
     p.add_argument("--config", "-c", metavar="FILE", type=_path, help="TOML config (default: the embedded digits default)")
     p.add_argument("--set", "-s", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override one setting, e.g. --set training.lr=0.05 (repeatable)")
-    p.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (same as --set engine.address=ADDR)")
+    if address:  # not for `partition`, which starts no Ray
+        p.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster to join, e.g. auto or 10.0.0.1:6379 (same as --set engine.address=ADDR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="reprint a finished run's summary")
     report.add_argument("run_dir", type=_path, help="a folder written by fmlray run, e.g. runs/digits-fml")
     part = sub.add_parser("partition", help="print (and save) the client × class table of a config's partition")
-    _config_args(part)
+    _config_args(part, address=False)
     part.add_argument("--save", metavar="FILE.csv", type=_path, help="also write the table as CSV")
     config = sub.add_parser("config", help="list every config key with its value, default and meaning")
     _config_args(config)
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args) -> list[str]:
     from fmlray.config import quoted
-    return [*args.overrides, *([f"engine.address={quoted(args.address)}"] if args.address is not None else [])]
+    address = getattr(args, "address", None)
+    return [*args.overrides, *([f"engine.address={quoted(address)}"] if address is not None else [])]
 
 
 def _load(args):

@@ -348,7 +348,7 @@ class FedProxConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DittoConfig:
-    lam: float = _key("λ: pull of each personal model toward the global model; 0 is Local beside FedAvg "
+    lam: float = _key("λ: pull of each personal model toward the global model; 0: no pull (Local's training) "
                       "(the paper tunes it per dataset, from 0.01 to 2)", 0.1)
 
     def __post_init__(self):
@@ -414,14 +414,19 @@ class AlgorithmConfig:
         _check(0 < self.server_lr <= 10 and math.isfinite(self.server_lr),
                f"algorithm.server_lr must be in (0, 10], got {self.server_lr}")
 
+    def schedule_keys(self) -> list[str]:
+        """The keys that spread a hyper-parameter over run.rounds (FML's α/β schedule): where any is set, a run's
+        length is part of its experiment (a resumed run cannot be extended)."""
+        return [f"algorithm.fml.{k}" for k in ("alpha_end", "beta_end") if getattr(self.fml, k) is not None]
+
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     kind: str = _key("ray, or serial: every client in-process, the debugging reference", "ray")
     num_actors: int = _key("client actors; 0: as many as the cluster's resources allow (at most one per client)", 0)
     address: str = _key("Ray cluster to join (\"auto\", \"ray://...\"); \"\": RAY_ADDRESS or a private local Ray", "")
-    state_store: str = _key("where the clients' private state lives: \"memory\", \"disk\" (memory-mapped "
-                            "rows under state_dir) or \"auto\" (memory while it fits a quarter of the node's)", "auto")
+    state_store: str = _key("where the clients' private state lives: \"memory\", \"disk\" (rows in files "
+                            "under state_dir, direct I/O) or \"auto\" (memory while it fits a quarter of the node's)", "auto")
     state_dir: str = _key("node-local folder for the disk store; \"\": a scratch folder removed at the end", "")
 
     def __post_init__(self):

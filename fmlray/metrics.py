@@ -6,10 +6,12 @@ Columns (the Parquet schema, also in the README):
   group     string  the client's group; "" on round-level rows
   model     string  a model the algorithm declares (fml: "local", "meme", the trained copy of the global
                     model; dml: "local", "peer"; ...; "local" is always the client's personalised model),
-                    "global" (the global model) or "" (round row)
+                    "global" (the global model) or "" (round, excluded and recovered rows)
   split     string  "train" | "test" (the client's own test split) | "global_test" | "round" |
                     "group_test" (runs with tasks: per client group and model, the mean over its clients'
-                    test rows; client -1, samples: their test rows, note: "task <the group's task>")
+                    test rows; client -1, samples: their test rows, note: "task <the group's task>") |
+                    "excluded" (a client's update left out of the average; samples: its training rows,
+                    note: why) | "recovered" (a client re-run elsewhere after its actor was lost; note: how)
   loss      double  mean cross-entropy (train rows: the client's training loss); a client's rows are in its
                     group's task space (fmlray.tasks), global_test rows in the dataset's classes
   accuracy  double

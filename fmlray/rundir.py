@@ -470,8 +470,9 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     if moved:  # the folder given is where the run goes on: another name or place would be silently dropped
         keys = " and ".join(f"run.{k}" for k in moved)
         raise ConfigError(f"--resume continues {run_dir} in place; drop --set {keys} "
-                          "(on resume only run.rounds, run.eval_every, run.eval_clients, run.checkpoint_every and "
-                          "engine.* may change; to go on elsewhere, copy the folder and resume the copy)")
+                          "(on resume only run.rounds, run.eval_every, run.eval_clients, run.checkpoint_every, "
+                          "engine.* and the groups' num_cpus / num_gpus may change; to go on elsewhere, copy the "
+                          "folder and resume the copy)")
     place = [f"run.output_dir={quoted(str(run_dir.parent))}", f"run.name={quoted(run_dir.name)}"]
     return load_config(run_dir / CONFIG, [*overrides, *place])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+# purposes; PARTITION is unused (partitions seed with their own tags, fmlray.data.partition) but keeps its
+# number: removing it would renumber EVAL_SAMPLE and change every run's sampled evaluation clients
 LOCAL_INIT, BATCH_ORDER, SAMPLING, GLOBAL_INIT, PARTITION, EVAL_SAMPLE = range(6)
 
 

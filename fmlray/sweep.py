@@ -348,7 +348,7 @@ def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
     except ConfigError as exc:
         raise FmlrayError(f"{saved} cannot be read by this fmlray ({exc}); move {run_dir} away") from None
     diff = differences(fixed_config(old), fixed_config(cfg))
-    return diff + [f"run.{k}" for k in RESULT_KEYS if getattr(old.run, k) != getattr(cfg.run, k)]
+    return diff + [f"run.{k}" for k in RESULT_KEYS if getattr(old.run, k) != getattr(cfg.run, k) and f"run.{k}" not in diff]
 
 
 def combine(folder: Path, runs: list[Run]) -> Path:

@@ -58,8 +58,8 @@ def layers(module: nn.Module) -> list[list[str]]:
 
 
 def last_layers(k: int) -> KeysFn:
-    """The keys of the module's last `k` layers (0: none); more layers than the module has is a ConfigError
-    (for LG-FedAvg it silently meant all of them: FedAvg)."""
+    """The keys of the module's last `k` layers (0: none); more layers than the module has is a ConfigError,
+    never clipped to all of them (which for LG-FedAvg would be FedAvg)."""
     def keys(module: nn.Module) -> list[str]:
         groups = layers(module)
         if k > len(groups):

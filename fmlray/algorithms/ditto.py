@@ -4,8 +4,8 @@ model per client trained on its own data with (λ/2)·‖v − w‖², w the glo
 Choices the paper leaves open, as the authors' code (litian96/ditto) makes them: the personal model has
 the global architecture and starts as the round-0 global model; it is trained in the same round, for the
 same epochs, as the client's copy of the global model (here on the same batches; the two do not touch
-each other, so the order does not matter). With λ = 0 the personal model is Local training and the
-global model FedAvg.
+each other, so the order does not matter). With λ = 0 the personal model trains as Local's does (from
+the round-0 global model, in the global architecture) and the global model is FedAvg's.
 """
 
 from __future__ import annotations

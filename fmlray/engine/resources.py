@@ -238,7 +238,7 @@ def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> Stor
         kind = "memory" if estimate / max(nodes, 1) <= STORE_SHARE * node_memory else "disk"
     per = ", ".join(f"{n:,} × {rows[a] / 2**20:.2f} MiB ({a})" for a, n in zip(local, sizes) if n and a in rows)
     where = "in memory" if kind == "memory" else \
-        f"on disk, memory-mapped under {cfg.engine.state_dir or 'a scratch folder of each node'}"
+        f"on disk under {cfg.engine.state_dir or 'a scratch folder of each node'}"
     line = (f"private state: up to {size(estimate)} ({per or 'none'}), kept {where}"
             + (" (engine.state_store = auto)" if cfg.engine.state_store == "auto" else "")
             + (" (engine.state_dir unused: the disk store's)" if kind == "memory" and cfg.engine.state_dir else ""))

@@ -5,8 +5,8 @@ its head, FedBN its BatchNorm layers, DML two models, APFL a model and its mixin
 costs every client that exists; kept as rows, it costs the clients that have trained, and a host
 needs only one workspace model per architecture, loaded from a client's row before training or
 evaluation and stored back after. A `Layout` says where each tensor sits in a row; a store keeps
-rows by client id, in RAM (`MemoryStore`) or in a memory-mapped file of fixed-size rows on the
-node's local disk (`DiskStore`). A client without a row has never trained: it is recreated from
+rows by client id, in RAM (`MemoryStore`) or in a file of fixed-size rows on the node's local
+disk, read and written whole with direct I/O (`DiskStore`). A client without a row has never trained: it is recreated from
 (seed, client), exactly as it was.
 """
 

@@ -8,17 +8,22 @@ from fmlray import aggregate
 from fmlray.engine.host import state_of
 
 
+def average(states, weights):
+    """The weighted mean of whole states, as the aggregator computes it from one partial sum per client."""
+    return aggregate.finalize(aggregate.combine(aggregate.weighted(s, w) for s, w in zip(states, weights)), states[0])
+
+
 def test_weighted_average_by_hand():
     a = {"w": np.array([1.0, 2.0], np.float32)}
     b = {"w": np.array([3.0, 6.0], np.float32)}
-    out = aggregate.average([a, b], [1, 3])
+    out = average([a, b], [1, 3])
     np.testing.assert_array_equal(out["w"], [2.5, 5.0])
     assert out["w"].dtype == np.float32
 
 
 def test_uniform_weights_are_the_plain_mean():
     states = [{"w": np.full(3, v, np.float32)} for v in (1.0, 2.0, 6.0)]
-    np.testing.assert_allclose(aggregate.average(states, [1, 1, 1])["w"], 3.0)
+    np.testing.assert_allclose(average(states, [1, 1, 1])["w"], 3.0)
 
 
 def test_partial_sums_in_any_grouping_give_the_same_mean():
@@ -37,8 +42,8 @@ def test_partial_sums_in_any_grouping_give_the_same_mean():
 def test_next_global_is_the_mean_or_the_previous_state_when_no_update_came():
     previous = {"w": np.array([9.0], np.float32)}
     part = aggregate.weighted({"w": np.array([1.0], np.float32)}, 2.0)
-    assert aggregate.next_global(previous, None) is previous
-    np.testing.assert_array_equal(aggregate.next_global(previous, part)["w"], [1.0])
+    assert aggregate.Server().next_global(previous, None) is previous
+    np.testing.assert_array_equal(aggregate.Server().next_global(previous, part)["w"], [1.0])
 
 
 def test_batchnorm_float_buffers_average_and_counters_stay_integers():
@@ -48,7 +53,7 @@ def test_batchnorm_float_buffers_average_and_counters_stay_integers():
         m.num_batches_tracked.fill_(count)
         return state_of(m)
 
-    out = aggregate.average([bn([0.0, 2.0], 3), bn([4.0, 6.0], 10)], [1, 1])
+    out = average([bn([0.0, 2.0], 3), bn([4.0, 6.0], 10)], [1, 1])
     np.testing.assert_array_equal(out["running_mean"], [2.0, 4.0])
     assert out["num_batches_tracked"].dtype == np.int64
     assert int(out["num_batches_tracked"]) == 10  # max, never a float mean such as 6.5
@@ -58,6 +63,6 @@ def test_batchnorm_float_buffers_average_and_counters_stay_integers():
 
 def test_single_client_average_is_that_client():
     s = {"w": np.array([0.1, 0.2], np.float32), "n": np.array(4, np.int64)}
-    out = aggregate.average([s], [42])
+    out = average([s], [42])
     np.testing.assert_array_equal(out["w"], s["w"])
     assert int(out["n"]) == 4

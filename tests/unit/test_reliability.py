@@ -207,6 +207,33 @@ def test_resuming_with_another_config_is_refused_by_name(tmp_path, capsys, chang
                  "--set", "engine.state_store=disk", "--set", "run.eval_clients='sampled'"]) == 0
 
 
+def test_a_run_whose_alpha_beta_follow_a_schedule_cannot_be_extended_but_resumes_with_its_rounds(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    # α/β run from alpha to alpha_end over run.rounds: a resumed run extended to other rounds trained (and would
+    # train) every round at other values than a run of that length; it went on silently
+    from fmlray import rundir
+    sched = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "algorithm.fml.alpha_end=0.9",
+             "--set", "clients.num_clients=4", "--set", "run.rounds=2"]
+    assert main(["run", *sched]) == 0
+    run_dir = tmp_path / "digits-fml"
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "follows a schedule over its 2 rounds (algorithm.fml.alpha_end)" in err, err
+    assert "keep run.rounds = 2, or start a new run" in err, err
+    # with its own rounds it resumes (a run without a schedule still extends:
+    # test_resumed_run_equals_the_uninterrupted_one): killed after its last checkpoint, resume finishes it
+    real = rundir.finish
+
+    def killed(run_dir, records, title):
+        raise KeyboardInterrupt  # as a kill there would
+    monkeypatch.setattr(rundir, "finish", killed)
+    assert main(["run", *sched, "--set", "run.name=cut"]) == 130
+    monkeypatch.setattr(rundir, "finish", real)
+    assert main(["run", "--resume", str(tmp_path / "cut")]) == 0 and rundir.finished(tmp_path / "cut")
+    same(accuracies(run_dir), accuracies(tmp_path / "cut"))
+
+
 def test_a_checkpoint_from_before_the_algorithm_keys_resumes_and_they_stay_at_their_defaults(tmp_path, capsys):
     # a checkpoint written before algorithm.server_lr and the baselines' sections existed (issue 13)
     import json
