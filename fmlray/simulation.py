@@ -259,6 +259,10 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         rundir.check_history(folder.path, resume.round)  # the earlier rounds' metric rows are there too
     if resume is not None and resume.round >= cfg.run.rounds:
         if rundir.finished(folder.path):
+            if cfg.algorithm.schedule_keys():  # extending it would bend its schedule (checkpoint.load refuses it)
+                raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds, over which "
+                                  f"{' and '.join(cfg.algorithm.schedule_keys())} spread a schedule, so it cannot "
+                                  "be extended; start a new run with more rounds")
             raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
                               f"add --set run.rounds=N (N > {resume.round}) to continue it")
         if resume.round > cfg.run.rounds:
@@ -267,7 +271,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                               "or start a new run")
         # stopped or killed between its last checkpoint and the end of its outputs: they are written now
         console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
-        with signals.shielded("writing the run's outputs"), _outputs_into(folder):
+        with signals.shielded("writing the run's outputs"), \
+                _written(folder, "the run's outputs", cfg.run.checkpoint_every):
             summary = rundir.finish(folder.path, rundir.Records(folder.path, upto=resume.round), title(cfg))
         if report is not None:  # a Tune trial: its last round's figures
             report(summary[-1])
@@ -337,6 +342,10 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             into_place()
             return info
 
+        def record(rnd: int, rows: list[dict]) -> None:
+            with _written(folder, f"round {rnd}'s metrics", cfg.run.checkpoint_every):
+                records.append(rnd, rows)
+
         def on_round(summary: dict) -> None:
             console(metrics.progress_line(summary, cfg.run.rounds))
             if report is not None:
@@ -345,22 +354,24 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         with StopOnSignal(console, lambda: f"keeping the earlier run {folder.final}, without a checkpoint"
                           if replaces() else "with a checkpoint") as signalled:
             simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save, restored=True,
-                     record=records.append, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
+                     record=record, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:
         with signals.shielded():
             engine.close()  # a run that fails before into_place() leaves no folder: RunFolder drops its sibling
             if early:
                 abandon_early()  # an engine that failed before it took the early Ray up
     with signals.shielded("writing the run's outputs"):
-        with _outputs_into(folder):
+        with _written(folder, "the run's outputs", cfg.run.checkpoint_every):
             summary = rundir.finish(folder.path, records, title(cfg))
         into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
     return folder.path, summary[-1]
 
 
 @contextlib.contextmanager
-def _outputs_into(folder):
-    """A run's outputs that cannot be written (a full disk) are one line saying how to finish the run."""
+def _written(folder, what: str, every: int):
+    """`what` of a run (its outputs, a round's metrics) that cannot be written (a full disk) is one line saying
+    how to finish the run. A round's metrics are written before its checkpoint, so the last checkpoint is an
+    earlier round's, whose metrics are all there."""
     try:
         yield
     except OSError as exc:
@@ -368,8 +379,9 @@ def _outputs_into(folder):
         where = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         kept = (f"its last checkpoint is kept: free space there and finish it with: fmlray run --resume "
                 f"{folder.final}" if checkpoint.exists(folder.path) else
+                "it has no checkpoint yet, so nothing of it is kept" if every else
                 "it has no checkpoint (run.checkpoint_every = 0), so nothing of it is kept")
-        raise FmlrayError(f"cannot write the run's outputs ({where}); {kept}") from None
+        raise FmlrayError(f"cannot write {what} ({where}); {kept}") from None
 
 
 def _task_text(task) -> str:

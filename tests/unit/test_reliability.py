@@ -474,6 +474,39 @@ def test_a_full_disk_while_the_outputs_are_written_is_one_line_saying_how_to_fin
         assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("failing", [2, 1])
+def test_a_full_disk_while_a_rounds_metrics_are_written_is_one_line_saying_how_to_go_on(tmp_path, capsys,
+                                                                                     monkeypatch, failing):
+    # it was "fmlray: error: No space left on device", exit 1, naming nothing (audit 23)
+    import errno
+
+    from fmlray import rundir
+    real = rundir.Records.append
+
+    def full(self, rnd, rows):
+        if rnd == failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.parts / f"round-{rnd:06d}.parquet"))
+        real(self, rnd, rows)
+    quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=3", "--set", "clients.num_clients=4"]
+    assert main(["run", *quick, "--set", "run.name=whole"]) == 0
+    monkeypatch.setattr(rundir.Records, "append", full)
+    capsys.readouterr()
+    assert main(["run", *quick]) == 2
+    err = capsys.readouterr().err.strip()
+    run_dir = tmp_path / "digits-fml"
+    assert len(err.splitlines()) == 1 and err.startswith(f"fmlray: error: cannot write round {failing}'s metrics (No "
+                                                         "space left on device: "), err
+    monkeypatch.setattr(rundir.Records, "append", real)
+    if failing == 2:  # round 1's checkpoint is kept, and resume goes on from it
+        assert err.endswith(f"its last checkpoint is kept: free space there and finish it with: fmlray run --resume "
+                            f"{run_dir}"), err
+        assert main(["run", "--resume", str(run_dir)]) == 0
+        same(accuracies(tmp_path / "whole"), accuracies(run_dir))
+    else:
+        assert err.endswith("it has no checkpoint yet, so nothing of it is kept"), err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]
+
+
 def test_a_full_disk_at_a_new_runs_first_checkpoint_does_not_promise_an_earlier_one(tmp_path):
     quota = "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000)); " \
             "from fmlray.cli import main; sys.exit(main(sys.argv[1:]))"
