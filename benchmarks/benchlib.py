@@ -263,3 +263,62 @@ def wait_state(state) -> None:
     import ray
     if isinstance(state, ray.ObjectRef):
         ray.wait([state], fetch_local=False)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+def figure(panels: int = 1, width: float = 6.4, height: float = 4.2):
+    """A matplotlib figure of `panels` axes side by side, and the axes (a list). matplotlib is imported here,
+    on the Agg backend: only the plots need it, and no display is assumed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_png(fig, path: Path) -> Path:
+    """Save a figure from `figure` as a PNG (110 dpi, light grid, nothing clipped) and close it."""
+    import matplotlib.pyplot as plt
+    for ax in fig.axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def number(value) -> float:
+    """A value to plot: None as NaN, which matplotlib leaves out."""
+    return float("nan") if value is None else float(value)
+
+
+def bars(ax, groups: list[str], series: dict[str, list], ylabel: str, stacked: bool = False,
+         colors: list | None = None, slant: bool | None = None) -> None:
+    """Bars of each series over the groups (x axis), side by side or stacked; a missing value (None, NaN)
+    draws no bar. The group labels slant when `slant`, or (None) when they are long. A legend when there is
+    more than one series."""
+    import math
+    width = 0.8 if stacked else 0.8 / max(1, len(series))
+    bottom = [0.0] * len(groups)
+    for i, (name, values) in enumerate(series.items()):
+        ys = [number(v) for v in values]
+        offset = 0.0 if stacked else (i - (len(series) - 1) / 2) * width
+        ax.bar([g + offset for g in range(len(groups))], ys, width, bottom=bottom if stacked else None, label=name,
+               color=colors[i] if colors else None)
+        if stacked:
+            bottom = [b + (0.0 if math.isnan(y) else y) for b, y in zip(bottom, ys)]
+    if slant is None:
+        slant = max((len(g) for g in groups), default=0) * len(groups) > 60
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if slant else 0, ha="right" if slant else "center",
+                  fontsize=8)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room for the legend above the bars
+        ax.legend(fontsize=7, ncols=2 if len(series) > 3 else 1)
+
+
+def png_link(title: str, path: Path) -> str:
+    """The Markdown line that shows a PNG written beside its report."""
+    return f"![{title}]({Path(path).name})"

@@ -362,6 +362,24 @@ def targets(workload: str, summary: list[dict], alone: list[dict]) -> list[dict]
     return [{"check": c, "value": v, "target": f"<= {t:g}", "met": "yes" if v <= t else "no"} for c, v, t in checks]
 
 
+def plot(summary: list[dict], title: str, path: Path) -> Path:
+    """Median seconds per round of each way, one bar per algorithm, each algorithm's floor(a) a dotted line;
+    one panel per phase."""
+    phases = list(dict.fromkeys(s["phase"] for s in summary))
+    fig, axes = benchlib.figure(len(phases))
+    for ax, phase in zip(axes, phases):
+        mine = [s for s in summary if s["phase"] == phase]
+        ways, algos = list(dict.fromkeys(s["way"] for s in mine)), list(dict.fromkeys(s["algorithm"] for s in mine))
+        median = {(s["way"], s["algorithm"]): s["median_s"] for s in mine}
+        benchlib.bars(ax, ways, {a: [median.get((w, a)) for w in ways] for a in algos}, "seconds per round (median)")
+        for i, a in enumerate(algos):
+            if (floor := median.get(("floor-1t", a))) is not None:
+                ax.axhline(floor, color=f"C{i}", linestyle=":", label=f"{a}: floor(a) {floor:.3g} s")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{title}, {phase}", fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 SUMMARY_COLUMNS = [("phase", "phase", ""), ("algorithm", "algorithm", ""), ("way", "way", ""),
                    ("rounds", "rounds", ""), ("median_s", "s/round (median)", ".4f"), ("min_s", "min", ".4f"),
                    ("max_s", "max", ".4f"), ("client_s", "client s (sum)", ".4f"),
@@ -369,7 +387,7 @@ SUMMARY_COLUMNS = [("phase", "phase", ""), ("algorithm", "algorithm", ""), ("way
 
 
 def markdown(w: Workload, args, meta: dict, summary: list[dict], memory: dict, alone: list[dict],
-             configs: dict) -> str:
+             configs: dict, png: Path) -> str:
     """The run's Markdown report: environment, table, targets, memory, config."""
     import tomli_w
     mem = ", ".join(f"{k} {v / benchlib.MIB:.0f} MiB" for k, v in memory.items())
@@ -381,7 +399,8 @@ def markdown(w: Workload, args, meta: dict, summary: list[dict], memory: dict, a
              "ray-k = fmlray Ray engine, k actors of 1 CPU (1 thread) each (d); these train an actor's clients "
              "one after another (`training.batching = \"sequential\"`); `-vmap`: as one batched model; "
              "serial-auto: as `auto` picks.", "",
-             benchlib.markdown_table(summary, SUMMARY_COLUMNS), ""]
+             benchlib.markdown_table(summary, SUMMARY_COLUMNS), "",
+             benchlib.png_link("seconds per round by way and algorithm", png), ""]
     checks = targets(args.workload, summary, alone)
     if checks:
         parts += ["## Targets", "", benchlib.markdown_table(checks, [("check", "check", ""), ("value", "value", ".3f"),
@@ -456,7 +475,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Time every way; write Parquet and Markdown."""
+    """Time every way; write Parquet, Markdown and a PNG."""
     args = parse_args(argv)
     w = WORKLOADS[args.workload]
     total_rounds = args.warmup + args.rounds
@@ -482,10 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = benchlib.result_stem("overhead", args.workload, "" if args.variant == "full" else args.variant, args.out)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta | {"memory_peak_bytes": memory, "alone": alone})
-    report = markdown(w, args, meta, summary, memory, alone, configs)
+    report = markdown(w, args, meta, summary, memory, alone, configs, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(report)
+    plot(summary, f"overhead: {args.workload}, {args.variant}", args.out / f"{stem}.png")
     print(report)
-    print(f"wrote {args.out / stem}.parquet and .md")
+    print(f"wrote {args.out / stem}.parquet, .md and .png")
     return 1 if any("failed" in m for m in alone) else 0
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import struct
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -31,6 +33,15 @@ def only(out: Path, pattern: str) -> Path:
     return found[0]
 
 
+def a_png(path: Path) -> Path:
+    """`path` is a whole, non-empty PNG: its signature, an image header of positive size, the end chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 0 and height > 0 and data[-8:-4] == b"IEND", f"{path.name}: {width}x{height}, or cut short"
+    return path
+
+
 def no_nan(values) -> bool:
     return all(v is not None and not math.isnan(v) for v in values)
 
@@ -48,6 +59,8 @@ def test_overhead_smoke_writes_parquet_and_markdown(tmp_path):
     assert b"fmlray_benchmark" in table.schema.metadata  # hardware, versions and config ride along
     report = only(tmp_path, "overhead-digits-smoke-*.md").read_text()
     assert "× floor(a)" in report and "## Targets" in report and "## Config" in report
+    png = a_png(only(tmp_path, "overhead-digits-smoke-*.png"))
+    assert f"]({png.name})" in report and png.stem == only(tmp_path, "overhead-*.md").stem
 
 
 def test_scaling_smoke_writes_parquet_markdown_and_plots(tmp_path):
