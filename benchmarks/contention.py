@@ -54,6 +54,18 @@ def second_round(engine, cfg, prepared) -> tuple[dict[int, float], dict[int, int
         engine.close()
 
 
+def plot(rows: list[dict], title: str, path: Path) -> Path:
+    """Each client's update seconds alone and beside another actor, side by side; the actor under the client."""
+    fig, (ax,) = benchlib.figure(width=max(6.4, 0.35 * len(rows)))
+    benchlib.bars(ax, [f"{r['client']}\na{r['actor']}" for r in rows],
+                  {"alone (serial engine)": [r["alone_s"] for r in rows],
+                   "beside another actor (Ray, 2 actors)": [r["beside_s"] for r in rows]}, "update seconds (round 2)",
+                  slant=False)
+    ax.set_xlabel("client / actor that trained it")
+    ax.set_title(title, fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size = "smoke" if args.smoke else "full"
@@ -87,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "working at once. Second round of each.", "",
         f"Summed update beside ÷ alone: **{total:.3f}**; per client: median {statistics.median(ratios):.3f}, "
         f"min {min(ratios):.3f}, max {max(ratios):.3f}.", "",
+        benchlib.png_link("each client's update alone and beside another actor", args.out / f"{stem}.png"), "",
         benchlib.markdown_table(sums, [("actor", "actor", "d"), ("clients", "clients", "d"), ("rows", "rows", "d"),
                                        ("alone_s", "alone s", ".2f"), ("beside_s", "beside s", ".2f"),
                                        ("ratio", "beside ÷ alone", ".3f")]), "",
@@ -94,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                        ("alone_s", "alone s", ".3f"), ("beside_s", "beside s", ".3f"),
                                        ("ratio", "beside ÷ alone", ".3f")]), ""]
     (args.out / f"{stem}.md").write_text("\n".join(report))
-    print(f"summed update beside ÷ alone {total:.3f}; wrote {args.out / stem}.parquet and .md")
+    plot(rows, f"contention: {args.algorithm}, {size}; summed beside ÷ alone {total:.3f}", args.out / f"{stem}.png")
+    print(f"summed update beside ÷ alone {total:.3f}; wrote {args.out / stem}.parquet, .md and .png")
     return 0
 
 
