@@ -85,6 +85,19 @@ def run(cfg, prepared, rounds: int, min_rows: int) -> dict:
     return {"s_per_round": statistics.median(seconds), "away": away}
 
 
+def plot(summary: list[dict], path: Path) -> Path:
+    """Median ms per round of each point with clients moving and not; on ÷ off above the pair."""
+    fig, (ax,) = benchlib.figure()
+    benchlib.bars(ax, [f"{s['dataset']}, {s['clients']} at {s['fraction']:g}" for s in summary],
+                  {"moves on": [s["on_ms"] for s in summary], "moves off": [s["off_ms"] for s in summary]},
+                  "ms per round (median)")
+    for i, s in enumerate(summary):
+        ax.annotate(f"{s['ratio']:.3f}", (i, max(s["on_ms"], s["off_ms"])), ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("dataset, clients at fraction (annotated: on ÷ off)")
+    ax.set_title("moves: FML, 2 Ray actors, clients moving between actors or not", fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     meta = benchlib.run_meta(args) | {"load_before": os.getloadavg(), "move_min_rows": ray_engine.MOVE_MIN_ROWS}
@@ -128,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             ("dataset", "dataset", ""), ("clients", "clients", "d"), ("fraction", "fraction", "g"),
             ("rows_min", "rows min", "d"), ("rows_median", "median", "g"), ("rows_max", "max", "d"),
             ("on_ms", "on ms/round", ".1f"), ("off_ms", "off ms/round", ".1f"), ("ratio", "on ÷ off", ".3f"),
-            ("away", "away", "d")]), ""]
+            ("away", "away", "d")]), "",
+        benchlib.png_link("ms per round with moves on and off", args.out / f"{stem}.png"), ""]
     (args.out / f"{stem}.md").write_text("\n".join(report))
-    print(f"wrote {args.out / stem}.parquet and .md")
+    plot(summary, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.parquet, .md and .png")
     return 0
 
 
