@@ -104,6 +104,20 @@ COLUMNS = [("case", "case", ""), ("partition", "partition", ""), ("sequential_ms
            ("auto_vs_sequential", "auto ÷ sequential", ".2f")]
 
 
+def plot(summary: list[dict], path: Path) -> Path:
+    """Speed-up over the sequential loop of vmap and of auto's pick, case by case; 1 = the loop."""
+    fig, (ax,) = benchlib.figure(width=max(6.4, 0.45 * len(summary)))
+    benchlib.bars(ax, [s["case"] + ("" if s["partition"] == "dirichlet" else f" ({s['partition']})") for s in summary],
+                  {"vmap": [s["speedup"] for s in summary],
+                   "auto (its pick)": [1 / s["auto_vs_sequential"] for s in summary]},
+                  "speed-up over sequential (× throughput)", slant=True)
+    ax.axhline(1.0, color="grey", linestyle=":", label="sequential")
+    ax.legend(fontsize=7)
+    ax.set_xlabel("dataset-model-algorithm-clients")
+    ax.set_title("batched: one host's clients as one vmapped model", fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=benchlib.comma_list(str), default=list(CASES), help=", ".join(CASES))
@@ -132,8 +146,10 @@ def main(argv=None) -> int:
         f"One host (an actor's clients, in-process), torch on 1 thread; 1 epoch, batch 32, SGD momentum 0.9, "
         f"weight decay 5e-4; {args.warmup} warm-up + {rounds} timed rounds per mode, modes taking turns; "
         "median ms per round of `host.train` (load, train, store, partial sum). Dirichlet(0.5) unless iid.", "",
-        benchlib.markdown_table(summary, COLUMNS), ""])
+        benchlib.markdown_table(summary, COLUMNS), "",
+        benchlib.png_link("speed-up of vmap and auto over sequential", args.out / f"{stem}.png"), ""])
     (args.out / f"{stem}.md").write_text(report)
+    plot(summary, args.out / f"{stem}.png")
     print(report)
     return 0
 
