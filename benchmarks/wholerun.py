@@ -183,6 +183,39 @@ PLAIN_PHASES = {"startup_s": "imports, data, models", "round1_s": "round 1", "la
                 "exit_s": "interpreter exit", "wall_s": "process wall"}
 
 
+PLOT_PARTS = [  # (label, fmlray's column, the plain script's): the process wall, start to exit, in order
+    ("interpreter, CLI, config", "imports_s", None), ("torch import", "torch_import_s", None),
+    ("data", "prepare_s", None), ("Ray import", "engine_import_s", None), ("`ray.init`", "ray_up_s", None),
+    ("actors ready", "actors_ready_s", None), ("rest of the engine start", "engine_other_s", None),
+    ("plain: imports, data, models", None, "startup_s"), ("round 1", "round1_s", "round1_s"),
+    ("later rounds", "later_rounds_s", "later_rounds_s"), ("end: close, merge, summary, plot", "end_s", None),
+    ("interpreter exit", "exit_s", "exit_s")]
+
+
+def plot(summary: dict, mem: list[dict], title: str, path: Path) -> Path:
+    """The process wall split into phases, fmlray run against the plain script (medians); beside it, with
+    memory rows, the peak PSS of each one's tree by part."""
+    from matplotlib import colormaps
+    fig, axes = benchlib.figure(2 if mem else 1)
+    f, p = summary["fmlray"], summary["plain"]
+    benchlib.bars(axes[0], ["fmlray run", "plain script"],
+                  {label: [f.get(a) if a else None, p.get(b) if b else None] for label, a, b in PLOT_PARTS},
+                  "seconds, spawn to exit (median of each phase)", stacked=True,
+                  colors=list(colormaps["tab20"].colors)[:len(PLOT_PARTS)])
+    for i, (way, col) in enumerate(((f, 1), (p, 2))):  # col: the way's column in PLOT_PARTS
+        top = sum(way.get(part[col], 0.0) for part in PLOT_PARTS if part[col])
+        axes[0].annotate(f"median wall {way['wall_s']:.1f} s", (i, top), ha="center", va="bottom", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # top to bottom, as the bars stack
+    axes[0].legend(handles[::-1], labels[::-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[0].set_title(f"{title}: where the time goes", fontsize=10)
+    if mem:
+        benchlib.bars(axes[1], [m["way"] for m in mem],
+                      {k: [m.get(f"pss_{k}_mib") for m in mem] for k in ("driver", "actors", "ray_system")},
+                      "peak PSS, MiB", stacked=True)
+        axes[1].set_title(f"{title}: peak memory of the process tree", fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 def targets(summary: dict, mem: list[dict]) -> list[dict]:
     """Issue 12's targets for a whole run (ratio: median of the per-repetition ratios)."""
     tree = next((m["pss_total_mib"] / 1024 for m in mem if m["way"] == "fmlray"), None)
@@ -193,7 +226,7 @@ def targets(summary: dict, mem: list[dict]) -> list[dict]:
     return [{"check": c, "value": v, "target": f"<= {t:g}", "met": "yes" if v <= t else "no"} for c, v, t in checks]
 
 
-def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict]) -> str:
+def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict], stem: str) -> str:
     f, p = summary["fmlray"], summary["plain"]
     phases = [{"phase": label, "fmlray": f.get(k), "plain": p.get(k) if k in PLAIN_PHASES else None}
               for k, label in FMLRAY_PHASES]
@@ -207,6 +240,7 @@ def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict])
              "## Targets", "", benchlib.markdown_table(targets(summary, mem), [
                  ("check", "check", ""), ("value", "value", ".2f"), ("target", "target", ""), ("met", "met", "")]), "",
              "Wall ratio per repetition: " + ", ".join(f"{r:.2f}" for r in summary["ratios"]) + ".", "",
+             benchlib.png_link("process wall by phase and peak PSS by part", args.out / f"{stem}.png"), "",
              "## Where the time goes (s, median)", "",
              benchlib.markdown_table(phases, [("phase", "phase", ""), ("fmlray", "fmlray run", ".2f"),
                                               ("plain", "plain script", ".2f")]), "",
@@ -260,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     columns = list(dict.fromkeys(k for r in rows + mem for k in r))  # Arrow takes the first row's keys only
     benchlib.write_parquet([{k: r.get(k) for k in columns} for r in rows + mem], args.out / f"{stem}.parquet",
                            meta | {"summary": summary})
-    report = markdown(args, meta, rows, summary, mem)
+    report = markdown(args, meta, rows, summary, mem, stem)
     (args.out / f"{stem}.md").write_text(report)
+    plot(summary, mem, f"wholerun {args.variant}", args.out / f"{stem}.png")
     print(report)
-    print(f"wrote {args.out / stem}.parquet and .md")
+    print(f"wrote {args.out / stem}.parquet, .md and .png")
     return 0
 
 

@@ -94,7 +94,8 @@ def test_batched_smoke_writes_parquet_and_markdown(tmp_path):
     run_script("batched.py", tmp_path)
     rows = pq.read_table(only(tmp_path, "batched-clients-smoke-*.parquet")).to_pylist()
     assert {r["mode"] for r in rows} == {"sequential", "vmap", "auto"} and all(r["seconds"] > 0 for r in rows)
-    assert "vmap speed-up" in only(tmp_path, "batched-clients-smoke-*.md").read_text()
+    report = only(tmp_path, "batched-clients-smoke-*.md").read_text()
+    assert "vmap speed-up" in report and f"]({a_png(only(tmp_path, 'batched-clients-smoke-*.png')).name})" in report
 
 
 def test_wholerun_smoke_writes_parquet_and_markdown(tmp_path):
@@ -107,6 +108,7 @@ def test_wholerun_smoke_writes_parquet_and_markdown(tmp_path):
     assert memory["fmlray"]["pss_actors_mib"] > 0 and memory["plain"]["pss_total_mib"] > 0
     report = only(tmp_path, "wholerun-digits-smoke-*.md").read_text()
     assert "## Targets" in report and "## Where the time goes" in report and "## Config" in report
+    assert f"]({a_png(only(tmp_path, 'wholerun-digits-smoke-*.png')).name})" in report
 
 
 def test_a_record_keeps_the_columns_of_every_row(tmp_path):
@@ -151,7 +153,8 @@ def test_contention_smoke_writes_each_clients_update_alone_and_beside_another_ac
     rows = pq.read_table(only(tmp_path, "contention-fmnist-fedavg-smoke-*.parquet")).to_pylist()
     assert [r["client"] for r in rows] == list(range(20)) and {r["actor"] for r in rows} == {0, 1}
     assert no_nan([r["ratio"] for r in rows]) and all(r["alone_s"] > 0 and r["beside_s"] > 0 for r in rows)
-    assert "beside ÷ alone" in only(tmp_path, "contention-fmnist-fedavg-smoke-*.md").read_text()
+    report = only(tmp_path, "contention-fmnist-fedavg-smoke-*.md").read_text()
+    assert "beside ÷ alone" in report and f"]({a_png(only(tmp_path, 'contention-*.png')).name})" in report
 
 
 def test_moves_smoke_times_rounds_with_clients_moving_and_not(tmp_path):
@@ -159,7 +162,8 @@ def test_moves_smoke_times_rounds_with_clients_moving_and_not(tmp_path):
     rows = pq.read_table(only(tmp_path, "moves-fml-smoke-*.parquet")).to_pylist()
     assert sorted((r["turn"], r["moving"]) for r in rows) == [(0, False), (0, True)]
     assert no_nan([r["s_per_round"] for r in rows]) and all(r["away"] == 0 for r in rows if not r["moving"])
-    assert "on ÷ off" in only(tmp_path, "moves-fml-smoke-*.md").read_text()
+    report = only(tmp_path, "moves-fml-smoke-*.md").read_text()
+    assert "on ÷ off" in report and f"]({a_png(only(tmp_path, 'moves-fml-smoke-*.png')).name})" in report
 
 
 def test_gpu_check_refuses_smoke_size_on_a_real_gpu_run_with_one_line():
