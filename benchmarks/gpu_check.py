@@ -17,7 +17,7 @@ engine with 1 actor x 1 GPU, with 4 actors x 0.25 GPU (clients one after another
 training its clients as one batched model (`training.batching = "vmap"`, the `-vmap` way; issue 14's
 target: >= 3x the 4 x 0.25 way on lenet5), with one 1-CPU actor per core (the CPU path), and a plain
 PyTorch loop on the GPU (overhead.py's floor). The ways run one after another (1 x 1.0 and 4 x 0.25 GPU cannot exist at
-once on one GPU). It writes `gpu-bench.parquet` / `.md` / `.json` after every way.
+once on one GPU). It writes `gpu-bench.parquet` / `.md` / `.json` / `.png` after every way.
 
 `--cpu-dry-run` does all of it on a machine without CUDA: Ray gets one logical GPU, the GPU
 actors fall back to the CPU (with fmlray's warning), and every assertion that needs CUDA is
@@ -571,6 +571,19 @@ def bench_ways(args, prepared, configs) -> list:
     return ways
 
 
+def bench_plot(summary: list[dict], args, path: Path) -> Path:
+    """Median seconds per round of each way, one bar per model and algorithm."""
+    fig, (ax,) = benchlib.figure()
+    ways, tags = list(dict.fromkeys(s["way"] for s in summary)), list(dict.fromkeys((s["model"], s["algorithm"])
+                                                                                   for s in summary))
+    median = {(s["way"], s["model"], s["algorithm"]): s["median_s"] for s in summary}
+    benchlib.bars(ax, ways, {f"{m} {a}": [median.get((w, m, a)) for w in ways] for m, a in tags},
+                  "seconds per round (median)")
+    ax.legend(fontsize=7)  # names the model and algorithm even when only one ran
+    ax.set_title("GPU benchmark" + (" (DRY RUN on the CPU: not GPU numbers)" if args.cpu_dry_run else ""), fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 def bench_markdown(meta, summary, args, skipped) -> str:
     cols = [("way", "way", ""), ("model", "model", ""), ("algorithm", "algorithm", ""), ("device", "device", ""),
             ("actors", "actors", "d"), ("gpu_fraction", "GPU/actor", "g"), ("median_s", "s/round (median)", ".3f"),
@@ -581,7 +594,8 @@ def bench_markdown(meta, summary, args, skipped) -> str:
              f"Rounds per way: {args.warmup} warm-up + {args.rounds} timed, one way after another; "
              f"{meta['train_rows']} training rows." + (" **DRY RUN on the CPU: not GPU numbers.**"
                                                        if args.cpu_dry_run else ""), "",
-             benchlib.markdown_table(summary, cols), ""]
+             benchlib.markdown_table(summary, cols), "",
+             *([benchlib.png_link("seconds per round by way", "gpu-bench.png"), ""] if summary else [])]
     if skipped:
         lines += [f"Skipped (time budget): {', '.join(skipped)}", ""]
     lines += ["## Environment", "", f"- GPU: {'; '.join(gpus)} (CUDA driver API {meta.get('gpu', {}).get('cuda_driver_api', '-')})",
@@ -659,6 +673,7 @@ def run_bench(args) -> int:
             benchlib.write_parquet(rows, stem.with_suffix(".parquet"), meta)
             write_json(stem.with_suffix(".json"), {"meta": meta, "summary": summary, "skipped": skipped})
             stem.with_suffix(".md").write_text(bench_markdown(meta, summary, args, skipped))
+            bench_plot(summary, args, stem.with_suffix(".png"))
     finally:
         ray.shutdown()
     stem.with_suffix(".md").write_text(bench_markdown(meta, summary, args, skipped))

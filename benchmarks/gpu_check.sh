@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh [--cpu-dry-run [--smoke]] [--out DIR] [bench options, e.g. --data-root DIR --rounds 3]
 #
 # DIR (default: $OUT if set, else benchmarks/results/gpu-check-<date>) gets env.txt, run.log,
-# gpu-check.json, gpu-check-tf32.json and gpu-bench.{md,json,parquet} (7 files).
+# gpu-check.json, gpu-check-tf32.json and gpu-bench.{md,json,parquet,png} (8 files; 7 with --smoke).
 # Exits non-zero when a check fails,
 # when the benchmark fails, or when there is no CUDA GPU (unless --cpu-dry-run, which runs
 # everything on the CPU with a logical Ray GPU and skips the CUDA asserts: it tests the script).

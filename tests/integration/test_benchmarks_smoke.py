@@ -191,6 +191,9 @@ def test_gpu_check_dry_run_passes_its_checks_and_writes_its_records(tmp_path):
     assert any(c["check"] == "batched: resumed after round 1 on fresh actors = uninterrupted" and c["ok"] for c in checks)
     rows = pq.read_table(tmp_path / "gpu-bench.parquet").to_pylist()
     assert {r["gpu_fraction"] for r in rows} >= {1.0, 0.25} and all(r["seconds"] > 0 for r in rows)
+    assert "](gpu-bench.png)" in (tmp_path / "gpu-bench.md").read_text() and a_png(tmp_path / "gpu-bench.png")
+    assert {p.name for p in tmp_path.iterdir()} == {  # gpu_check.sh's header lists them (with --smoke, no TF32 step)
+        "env.txt", "run.log", "gpu-check.json", *(f"gpu-bench.{ext}" for ext in ("md", "json", "parquet", "png"))}
     assert (tmp_path / "env.txt").exists() and "step 3 (TF32 report) left out" in (tmp_path / "run.log").read_text()
 
 
@@ -200,3 +203,4 @@ def test_gpu_check_help_prints_its_usage_and_makes_nothing(tmp_path):
                           env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout.startswith("fmlray on a real CUDA GPU"), proc.stderr
     assert "--cpu-dry-run" in proc.stdout and not (tmp_path / "out").exists()
+
