@@ -246,6 +246,20 @@ COLUMNS = [("clients", "clients", "d"), ("checkpoint", "ckpt", ""), ("store", "s
            ("disk_gib", "disk GiB", ".2f"), ("resume_s", "resume s", ".2f")]
 
 
+def plot(rows: list[dict], path: Path) -> Path:
+    """By client count: seconds per round split into train / eval / checkpoint, and peak PSS by part."""
+    fig, (time_ax, mem_ax) = benchlib.figure(2)
+    groups = [f"{r['clients']:,}" + ("" if r["checkpoint"] else "\nno ckpt") for r in rows]
+    benchlib.bars(time_ax, groups, {k: [r[f"{k}_s"] for r in rows] for k in ("train", "eval", "checkpoint")},
+                  "seconds per round (mean of rounds 2 on)", stacked=True, slant=False)
+    benchlib.bars(mem_ax, groups, {k: [r[f"peak_{k}_gib"] for r in rows] for k in ("driver", "actors", "ray")},
+                  "peak PSS, GiB", stacked=True, slant=False)
+    for ax, what in ((time_ax, "time per round"), (mem_ax, "memory")):
+        ax.set_xlabel("clients")
+        ax.set_title(f"state scale: {what}", fontsize=10)
+    return benchlib.save_png(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=benchlib.comma_list(int), default=[100, 1000, 10000])
@@ -301,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.rounds} rounds, 1 epoch, batch 32, 2 Ray actors × 1 CPU, evaluation of the round's clients + 200 "
              "a round; means over rounds 2 on (round 1 warms up). Each configuration ran in a fresh process with "
              "its own Ray (its driver holds that size's data only).", "",
-             benchlib.markdown_table(rows, COLUMNS), ""]
+             benchlib.markdown_table(rows, COLUMNS), "",
+             benchlib.png_link("time per round and peak memory by client count", args.out / f"{stem}.png"), ""]
     for n in args.no_checkpoint_baseline:
         with_ckpt = [r for r in rows if r["clients"] == n and r["checkpoint"]]
         without = [r for r in rows if r["clients"] == n and not r["checkpoint"]]
@@ -317,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"global model max |diff| {c['max_abs_diff_global']:.2e}, private rows equal: "
                      f"{c['private_rows_equal']} ({c['clients_with_rows']} clients with rows)")
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, args.out / f"{stem}.png")
     print("\n".join(lines))
     ok = all(c["private_rows_equal"] and c["max_abs_diff_global"] < 1e-5 for c in checks)
     return 0 if ok else 1

@@ -15,7 +15,7 @@ Two measurements, each the same grid run both ways on one private Ray (2 CPUs on
    differ, per run, by what Tune adds to a trial (placement group, trial actor, reporting), the run itself
    and its actor starts being the same; the first and third by what reusing actors saves.
 
-Writes benchmarks/results/sweeps-<workload>-<N>cpu-<date>.{parquet,md}, with the hardware, versions,
+Writes benchmarks/results/sweeps-<workload>-<N>cpu-<date>.{parquet,md,png}, with the hardware, versions,
 load average and the sweep files beside the numbers.
 """
 
@@ -62,6 +62,18 @@ def timed(sweep_file: Path, reusing: bool = False, **how) -> float:
     with reusing_actors() if reusing else contextlib.nullcontext():
         run_sweep(sweep_file, echo=lambda line: print("   ", line, flush=True), **how)
     return time.perf_counter() - started
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Wall seconds of each workload's sweep per executor: the loop, Tune trials, the loop reusing actors."""
+    fig, (ax,) = benchlib.figure()
+    benchlib.bars(ax, [f"{r['workload']}\n{r['runs']} runs; Tune --parallel {r['tune_how']}" for r in rows],
+                  {"loop (new actors each run)": [r["loop_s"] for r in rows],
+                   "Ray Tune trials": [r["tune_s"] for r in rows],
+                   "loop reusing actors": [r.get("loop_reusing_s") for r in rows]}, "sweep wall, seconds",
+                  slant=False)
+    ax.set_title("sweeps: the loop against Ray Tune trials", fontsize=10)
+    return benchlib.save_png(fig, path)
 
 
 def main() -> None:
@@ -116,10 +128,12 @@ def main() -> None:
         ("loop_reusing_s", "loop reusing actors (s)", ".1f"), ("reuse_saves_per_run_s", "(loop − reusing) per run (s)", ".2f")])
     files_md = "\n\n".join(f"`{k}`:\n```toml\n{v.strip()}\n```" for k, v in meta["sweep_files"].items()
                            if k.endswith("tune"))
+    png = benchlib.png_link("sweep wall per executor", args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(
-        f"# Sweeps: the loop against Ray Tune trials\n\n{table}\n\n{benchlib.environment_markdown(meta)}\n"
+        f"# Sweeps: the loop against Ray Tune trials\n\n{table}\n\n{png}\n\n{benchlib.environment_markdown(meta)}\n"
         f"- private Ray started in {meta['ray_start_s']:.1f} s (not in the times above)\n\n"
         f"The loop's sweep files are the same with another output_dir.\n\n{files_md}\n")
+    plot(rows, args.out / f"{stem}.png")
     print(table)
 
 

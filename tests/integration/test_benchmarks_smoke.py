@@ -204,3 +204,19 @@ def test_gpu_check_help_prints_its_usage_and_makes_nothing(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("fmlray on a real CUDA GPU"), proc.stderr
     assert "--cpu-dry-run" in proc.stdout and not (tmp_path / "out").exists()
 
+
+def test_the_plots_of_the_scripts_without_a_smoke_run_draw_what_they_get(tmp_path):
+    # state_scale and sweeps take minutes at any size: their plots are drawn here from rows as they write them,
+    # a missing value (a sweep without reused actors, a NaN) leaving a gap, not an error
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import state_scale
+    import sweeps
+    parts = {f"{k}_s": 1.0 for k in ("train", "eval", "checkpoint")} | {f"peak_{k}_gib": 0.5 for k in
+                                                                        ("driver", "actors", "ray")}
+    rows = [{"clients": 100, "checkpoint": True, **parts}, {"clients": 1000, "checkpoint": False, **parts,
+                                                            "checkpoint_s": math.nan}]
+    a_png(state_scale.plot(rows, tmp_path / "state.png"))
+    a_png(sweeps.plot([{"workload": "experiment1", "runs": 16, "tune_how": "auto", "loop_s": 60.0, "tune_s": 50.0,
+                        "loop_reusing_s": None},
+                       {"workload": "digits", "runs": 3, "tune_how": "1", "loop_s": 50.0, "tune_s": None,
+                        "loop_reusing_s": 30.0}], tmp_path / "sweeps.png"))
