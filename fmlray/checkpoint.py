@@ -15,6 +15,7 @@ the RNG state. The metric rows are not here either: they stream to `metrics/` ro
 from __future__ import annotations
 
 import json
+import re
 import time
 import zipfile
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from fmlray.errors import FmlrayError, ResourceError
 from fmlray.rundir import fsync_dir, write_atomic
 
 FOLDER = "checkpoint"
+# The names fmlray writes into a checkpoint folder (and their temporaries, and the engines' write probes):
+# only these are deleted once superseded; anything else there (a user's copy of a checkpoint) stays.
+OWN = re.compile(r"\.?(global-r\d+\.npz|rows-r\d+-[^/]+?\.npy|manifest\.json)(\.[\w-]*\.?tmp)?|\.probe-\d+")
 VERSION = 2
 # Keys that may differ between a checkpoint and the config that resumes it: how long and how often,
 # where and on what it runs. Anything else would make the resumed run a different experiment.
@@ -121,8 +125,8 @@ class Writer:
                                 f"or set run.output_dir elsewhere ({kept_checkpoint(self.folder)})") from None
         self.shards = shards
         keep = {MANIFEST, glob, *(s["file"] for s in shards)}
-        for p in self.folder.iterdir():  # what no manifest names any more: superseded or cut short
-            if p.name not in keep:
+        for p in self.folder.iterdir():  # fmlray's files no manifest names any more: superseded or cut short
+            if p.name not in keep and OWN.fullmatch(p.name) and not p.is_dir():
                 p.unlink(missing_ok=True)
         written = sum(len(s["cids"]) * s["row_bytes"] for s in new)
         return {"seconds": time.perf_counter() - started, "bytes": written,

@@ -101,6 +101,22 @@ def _damage_row(run_dir, how):
         path.write_bytes(b"PK\x03\x04 not a numpy file")
 
 
+def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpoint(tmp_path):
+    # every entry the new manifest did not name was deleted: a user's notes silently, and a saved copy of a
+    # checkpoint in a folder ended every resume with "Is a directory", exit 1 (audit 23)
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1"]) == 0
+    folder = tmp_path / "digits-fml" / "checkpoint"
+    old = sorted(p.name for p in folder.iterdir())
+    (folder / "my-notes.txt").write_text("mine")
+    (folder / "best").mkdir()
+    for name in old:
+        (folder / "best" / name).write_bytes((folder / name).read_bytes())
+    assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=2"]) == 0
+    assert (folder / "my-notes.txt").read_text() == "mine" and sorted(p.name for p in (folder / "best").iterdir()) == old
+    assert "global-r000001.npz" not in {p.name for p in folder.iterdir()}  # fmlray's own superseded files go
+    assert checkpoint.load(tmp_path / "digits-fml").round == 2
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: _damage_manifest(d, b""), "manifest.json is damaged"),
     (lambda d: _damage_manifest(d, b"\xff\xfe binary"), "manifest.json is damaged"),
