@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,9 +318,12 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
             raise FmlrayError(f"--resume keeps the parallel the search started with ({started_with}); "
                               "drop --parallel")
         parallel = started_with
-    elif search.folder.exists():
+    elif (search.folder / RECORD).exists():
         raise FmlrayError(f"{search.folder} exists (an earlier search); continue it with --resume, or choose "
                           "another tune.name or move it away")
+    elif os.path.lexists(search.folder):  # a run's, a sweep's, a user's: --resume would not help
+        raise FmlrayError(f"{search.folder} exists and is not a search's folder (no {RECORD}); choose another "
+                          "tune.name or output_dir, or move it away")
     parallel = search.parallel if parallel is None else parallel
     corners = [{p.key: p.values[i] for p in search.params} for i in (0, -1)]  # each parameter's ends
     check_data({f"{search.name} at {', '.join(f'{k}={v}' for k, v in c.items())}": search.config(c) for c in corners})

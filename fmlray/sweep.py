@@ -269,6 +269,7 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
 
     sweep = plan_sweep(path)
     folder, runs = sweep.folder, sweep.runs
+    check_folder(folder, runs)
     for run in runs:  # before any run starts: a folder in the way is the user's, never replaced
         check_found(folder / run.name, run.name, run.cfg, path)
     if parallel is not None or (sweep.executor == "tune" and not sequential):
@@ -351,8 +352,37 @@ def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
     return diff + [f"run.{k}" for k in RESULT_KEYS if getattr(old.run, k) != getattr(cfg.run, k) and f"run.{k}" not in diff]
 
 
+def check_folder(folder: Path, runs: list[Run]) -> None:
+    """The sweep's folder is new, or a sweep's whose table (if any) holds only runs this sweep plans: never a
+    run's or a search's folder, and never a `results.parquet` that `combine` would replace without a word (a
+    user's file, or the table of another grid given the same sweep name)."""
+    from fmlray.rundir import MARKER
+    from fmlray.search import RECORD
+
+    if not os.path.lexists(folder):
+        return
+    what = ("a file" if not folder.is_dir() else "a run's folder (fmlray run made it)" if (folder / MARKER).exists()
+            else "a search's folder (fmlray tune made it)" if (folder / RECORD).exists() else None)
+    if what:
+        raise FmlrayError(f"{folder} is {what}, not a sweep's; {SWEEP_ELSEWHERE}")
+    out = folder / RESULTS
+    if not out.is_file():
+        return  # none yet, or something in the way: `combine` says so once every run is done
+    try:
+        found = set(read_parquet(out, columns=["run"]).column("run").to_pylist())
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise FmlrayError(f"{out} is not a table fmlray sweep wrote ({type(exc).__name__}), and the sweep would "
+                          f"replace it; move it away, or {SWEEP_ELSEWHERE}") from None
+    other = sorted(found - {r.name for r in runs})
+    if other:
+        raise FmlrayError(f"{out} holds runs this sweep file does not plan ({', '.join(other[:3])}"
+                          f"{', ...' if len(other) > 3 else ''}): another grid's table, which the sweep would "
+                          f"replace; move it away (the run folders stay), or {SWEEP_ELSEWHERE}")
+
+
 def combine(folder: Path, runs: list[Run]) -> Path:
     """One table: every run's metrics rows plus its run name, seed and axis labels."""
+    check_folder(folder, runs)  # again: another command may have written there since the sweep began
     tables = []
     for run in runs:
         t = read_parquet(folder / run.name / "metrics.parquet")

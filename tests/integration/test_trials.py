@@ -300,10 +300,17 @@ def test_resume_without_a_search_to_resume_is_one_line_and_writes_nothing(tmp_pa
 
 def test_an_existing_search_folder_is_refused_and_the_message_suggests_resume(tmp_path, capsys):
     path = spec(tmp_path, text=RESUMABLE)
-    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / ".tune").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / ".tune" / "search.json").write_text("{}")
     assert main(["tune", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "exists (an earlier search); continue it with --resume" in err, err
+    # a folder that is not a search's (a run's, a sweep's, a user's): --resume is not offered, as it would only
+    # answer that the folder holds no search to resume (audit 23)
+    shutil.rmtree(tmp_path / "runs" / "r" / ".tune")
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists and is not a search's folder" in err and "--resume" not in err, err
 
 
 MIDDLE = """

@@ -1,6 +1,7 @@
 """Sweeps: the grid, one combined table, skipping finished runs, and sweep-file errors."""
 
 import dataclasses
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -337,3 +338,37 @@ def test_a_values_label_is_the_value_as_typed_and_never_hides_its_run(tmp_path):
     _, runs = plan(spec)
     assert [r.name for r in runs] == ["0.1-iid-s0", "0.1-_5-s0", "vmap-iid-s0", "vmap-_5-s0"]
     assert runs[0].labels == {"algorithm": "0.1", "partition": "iid", "seed": "0"}
+
+
+def test_a_sweep_never_replaces_a_table_it_did_not_write_nor_writes_into_a_run_or_a_search(tmp_path, capsys):
+    # results.parquet was replaced whatever it was: a user's own file, or the table of another grid that a
+    # copied sweep file (same name and output_dir) had written; and a sweep wrote into a run's folder (audit 23)
+    spec = one_axis(tmp_path, '"clients.num_clients=4"', "algorithm", '["algorithm.name=fedavg", "algorithm.name=fml"]')
+    folder, _ = plan(spec)
+    folder.mkdir(parents=True)
+    (folder / "results.parquet").write_text("my own results")
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a table fmlray sweep wrote" in err and "move it away" in err, err
+    assert (folder / "results.parquet").read_text() == "my own results" and sorted(os.listdir(folder)) == ["results.parquet"]
+    (folder / "results.parquet").unlink()
+    assert main(["sweep", str(spec)]) == 0
+    first = (folder / "results.parquet").read_bytes()
+    # the same sweep name with another grid: refused before it runs, the first grid's table kept
+    spec.write_text(spec.read_text().replace('"algorithm.name=fedavg", "algorithm.name=fml"', '"algorithm.name=local"'))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds runs this sweep file does not plan (fedavg-s0, fml-s0)" in err, err
+    assert (folder / "results.parquet").read_bytes() == first and not (folder / "local-s0").exists()
+    # a run's folder is not a sweep's
+    run_dir = tmp_path / "elsewhere" / "t"
+    assert main(["run", "--set", "engine.kind=serial", "--set", "run.rounds=1", "--set", "clients.num_clients=4",
+                 "--set", f"run.output_dir={run_dir.parent}", "--set", "run.name=t"]) == 0
+    spec.write_text(spec.read_text().replace(str(tmp_path / "runs"), str(run_dir.parent)))
+    before = sorted(os.listdir(run_dir))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a run's folder (fmlray run made it), not a sweep's" in err, err
+    assert sorted(os.listdir(run_dir)) == before
