@@ -4,14 +4,16 @@
 
 Every table and plot comes from runs/sweeps/<sweep>/results.parquet (written by `fmlray sweep`);
 the plain-language reading of each experiment comes from docs/readings.toml, written by a person.
-Experiments whose sweep has not finished are listed as not run. With --only, only that experiment's
-section of the existing RESULTS.md is regenerated (the others stay as they are).
+An experiment whose table is not under --runs keeps its section of the existing RESULTS.md as recorded
+(listed as not run where it has none); no table at all, or none for --only's experiment, is an error
+that leaves RESULTS.md as it is. With --only, only that experiment's section is regenerated.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -305,11 +307,29 @@ def section(name: str, title: str, runs_dir: Path, readings: dict, figdir: Path,
     return parts
 
 
+def _fail(message: str) -> None:
+    print(f"make_results.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _kept(text: str, title: str) -> str | None:
+    """The section `title` of an earlier RESULTS.md, as it was, or None."""
+    head = f"## {title}\n"
+    if head not in text:
+        return None
+    start = text.index(head)
+    end = text.find("\n## ", start + len(head))
+    return text[start:end if end >= 0 else len(text)].rstrip("\n") + "\n"
+
+
 def _only(args, readings: dict, figdir: Path) -> None:
     """Regenerate one experiment's section in place (or add it, in EXPERIMENTS' order, at the end)."""
     titles = dict(EXPERIMENTS)
     if args.only not in titles:
-        raise SystemExit(f"--only {args.only}: not an experiment; choose one of {', '.join(titles)}")
+        _fail(f"--only {args.only}: not an experiment; choose one of {', '.join(titles)}")
+    if not (Path(args.runs) / args.only / "results.parquet").is_file():
+        _fail(f"no table {Path(args.runs) / args.only / 'results.parquet'}: run `fmlray sweep experiments/"
+              f"{args.only}.toml` first, or give --runs; RESULTS.md was left as it is")
     path = DOCS / "RESULTS.md"
     text = path.read_text()
     base = {f.name for f in SCHEMA} | {"run", "seed"}
@@ -349,10 +369,28 @@ def main() -> None:
     if args.only:
         _only(args, readings, figdir)
         return
+    # A section whose sweep table is not here (another machine ran it, or a typo in --runs) keeps its recorded
+    # text, and so does the header's hardware line, which then describes some sections only; nothing found at
+    # all changes nothing.
+    path = DOCS / "RESULTS.md"
+    old = path.read_text() if path.is_file() else ""
+    found = [name for name, _ in EXPERIMENTS if (Path(args.runs) / name / "results.parquet").is_file()]
+    if not found:
+        _fail(f"no sweep table under {args.runs} (e.g. {Path(args.runs) / EXPERIMENTS[0][0] / 'results.parquet'}); "
+              "run the sweeps of experiments/ first, or give --runs; RESULTS.md was left as it is")
+    kept = []
     for name, title in EXPERIMENTS:
-        parts += section(name, title, Path(args.runs), readings, figdir, base)
-    (DOCS / "RESULTS.md").write_text("\n".join(parts))
-    print(f"wrote {DOCS / 'RESULTS.md'}")
+        recorded = _kept(old, title) if name not in found else None
+        if recorded is not None:
+            kept.append(name)
+            parts.append(recorded)
+        else:
+            parts += section(name, title, Path(args.runs), readings, figdir, base)
+    if kept:
+        hw = next((line for line in old.splitlines() if line.startswith("Hardware and versions:")), None)
+        parts[2] = hw + "\n" if hw else parts[2]
+    path.write_text("\n".join(parts))
+    print(f"wrote {path}" + (f" (kept as recorded, no table here: {', '.join(kept)})" if kept else ""))
 
 
 if __name__ == "__main__":
