@@ -11,9 +11,11 @@
 # tunnelled to localhost (`ray dashboard cluster/gpu-cluster.yaml`, or
 # `kubectl port-forward svc/<raycluster>-head-svc 8265:8265`).
 #
-# The run is written on the node that runs the driver (the head) under
-# /tmp/fmlray-runs/digits-fml/ (an absolute path: a relative one would land in
-# the job's temporary working_dir copy).
+# The run is written under /tmp/fmlray-runs/digits-fml/ (an absolute path: a
+# relative one would land in the job's temporary working_dir copy). That suits a
+# one-node head; on a cluster whose actors run on other nodes the run folder must
+# be storage every node shares: add e.g. --set run.output_dir=/efs/fmlray-runs
+# (a later --set of a key wins).
 #
 # Token authentication (Ray 2.60, checked against the installed ray package):
 # - `ray start --head` turns token auth on when RAY_AUTH_MODE=token is set, or

@@ -178,6 +178,17 @@ def test_launcher_syncs_the_checkout_and_installs_fmlray(launcher):
     assert ".gitignore" in launcher.get("rsync_filter", []), "copy what git tracks (not .venv, runs/, data/)"
 
 
+def test_launcher_puts_run_folders_on_storage_every_node_shares(launcher):
+    # the run folder was ~/fmlray-runs on each node's own disk: the actors on the workers could not write
+    # their checkpoint rows into the head's run folder, and fmlray refuses that at start (audit 23)
+    assert "-v /efs:/efs" in launcher["docker"]["run_options"]
+    assert re.search(r"mount -t nfs4 .*:/ /efs", " ".join(launcher["initialization_commands"]))
+    readme = (CLUSTER / "README.md").read_text()
+    dirs = re.findall(r"--set run\.output_dir=(\S+)", readme.split("## Ray cluster launcher on AWS")[1].split("## ")[0])
+    assert dirs and all(d.startswith("/efs/") for d in dirs), dirs
+    assert "ray rsync-down cluster/gpu-cluster.yaml /efs/fmlray-runs/ ./runs/" in readme
+
+
 def test_launcher_passes_rays_own_schema(launcher):
     ray_autoscaler = pytest.importorskip("ray.autoscaler")
     jsonschema = pytest.importorskip("jsonschema")
@@ -266,12 +277,26 @@ def test_rayjob_run_fits_its_cluster(rayjob):
     assert sum(len(s.client_ids) for s in specs) == cfg.clients.num_clients
 
 
+def _mounts_of(pod: dict, claim: str) -> set[str]:
+    """Where a pod's containers mount the PVC `claim`."""
+    volumes = {v["name"] for v in pod.get("volumes", []) if v.get("persistentVolumeClaim", {}).get("claimName") == claim}
+    return {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] in volumes}
+
+
 def test_results_volume_is_the_one_the_rayjob_and_reader_mount(rayjob):
     claim = load(PVC)
     assert claim["kind"] == "PersistentVolumeClaim"
     name = claim["metadata"]["name"]
-    head_volumes = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
-    assert name in [v.get("persistentVolumeClaim", {}).get("claimName") for v in head_volumes]
+    # every Ray pod mounts it where the run folder is: the client actors (on the workers) write their
+    # checkpoint rows into the run's folder, and fmlray refuses at start a folder an actor cannot write
+    # (audit 23: only the head mounted it, a ReadWriteOnce volume)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    output_dir = Path(checked_config(shlex.split(rayjob["spec"]["entrypoint"])).run.output_dir)
+    for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]:
+        mounts = _mounts_of(pod, name)
+        assert any(output_dir.is_relative_to(m) for m in mounts), (pod["containers"][0]["name"], mounts)
+        assert pod.get("securityContext", {}).get("fsGroup") == 100, "the ray user (gid 100) must write the volume"
     reader = load(READER)
     assert reader["kind"] == "Pod"
     assert name in [v.get("persistentVolumeClaim", {}).get("claimName") for v in reader["spec"]["volumes"]]
