@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -199,6 +200,7 @@ class RunFolder:
         """Rename the new run into place; an old run there (allowed by `overwrite`) goes only now."""
         if self.promoted:
             return self.path
+        replaced = False
         try:
             if os.path.lexists(self.final):
                 check_new(self.final, self.overwrite)  # again: the folder may have changed since the start
@@ -208,14 +210,22 @@ class RunFolder:
                 except OSError:
                     os.rename(self.aside, self.final)
                     raise
-                shutil.rmtree(self.aside)
+                replaced = True
             else:
                 os.rename(self.temp, self.final)
             fsync_dir(self.parent)
         except (OSError, FmlrayError) as exc:
-            raise FmlrayError(f"cannot move the new run into {self.final} "
-                              f"({exc.strerror if isinstance(exc, OSError) else exc}); {self._keep()}") from None
+            if not replaced:
+                raise FmlrayError(f"cannot move the new run into {self.final} "
+                                  f"({exc.strerror if isinstance(exc, OSError) else exc}); {self._keep()}") from None
         self.path, self.promoted = self.final, True
+        if replaced:  # the new run is in place whatever follows: the old one's deletion cannot undo that
+            try:
+                _delete_run(self.aside)
+            except OSError as exc:
+                warnings.warn(f"--overwrite: the earlier run could not be deleted whole ({exc.strerror}: "
+                              f"{exc.filename}); what is left of it is in {self.aside}, which the next run named "
+                              f"{self.final.name!r} deletes once it can; the new run goes on in {self.final}")
         return self.final
 
     def _keep(self) -> str:
@@ -233,7 +243,7 @@ class RunFolder:
         renames puts the old run back; a stale new run or a replaced old one is deleted (marked ones only)."""
         if _ours(self.aside):
             if os.path.lexists(self.final):
-                shutil.rmtree(self.aside)
+                _delete_run(self.aside)
             else:
                 os.rename(self.aside, self.final)
         if _ours(self.temp) or (self.temp.is_dir() and not any(self.temp.iterdir())):
@@ -370,6 +380,24 @@ def _running(pid: int) -> bool:
     except OSError:  # someone else's: alive
         return True
     return True
+
+
+def _delete_run(folder: Path) -> None:
+    """Delete a run folder fmlray made, its marker last: a deletion cut short (a file that cannot go) leaves a
+    folder fmlray still knows as its own, which the next writer of the name finishes deleting (`_recover`)."""
+    failed = None
+    for entry in folder.iterdir():
+        if entry.name != MARKER:
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as exc:  # the rest still goes
+                failed = failed or exc
+    if failed:
+        raise failed
+    shutil.rmtree(folder)
 
 
 def _ours(folder: Path) -> bool:

@@ -94,6 +94,37 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
             "entry added to it since: notes.md") in printed.splitlines()[1]
 
 
+def test_an_old_run_that_cannot_be_deleted_whole_is_a_warning_and_the_next_run_of_the_name_finishes_it(
+        tmp_path, capsys, monkeypatch):
+    # a failure to delete the replaced run (a read-only folder a user added to it) ended the new run, already in
+    # place, with exit 2 and "kept in .a.new", which no longer existed; the old run's rest lost its marker, and
+    # every later run of the name was refused (audit 23)
+    import shutil
+
+    from fmlray import rundir
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    (out / "a" / "zz").mkdir()
+    (out / "a" / "zz" / "locked").write_text("x")
+    real = shutil.rmtree
+
+    def stuck(path, *args, **kwargs):
+        if os.path.basename(path) == "zz":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(rundir.shutil, "rmtree", stuck)
+    capsys.readouterr()
+    assert run(out, "a", "--overwrite", "--set", "run.rounds=2") == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fmlray: warning: --overwrite: the earlier run could not be deleted whole (Permission "
+                          f"denied: {out / '.a.old' / 'zz'}); what is left of it is in {out / '.a.old'}"), err
+    assert len(err.splitlines()) == 1
+    assert (out / "a" / "metrics.parquet").is_file() and (out / "a" / MARKER).is_file()
+    assert sorted(p.name for p in (out / ".a.old").iterdir()) == [MARKER, "zz"]  # fmlray's still: marked
+    monkeypatch.setattr(rundir.shutil, "rmtree", real)
+    assert run(out, "a", "--overwrite") == 0 and hidden(out) == []
+
+
 def test_a_run_without_checkpoints_takes_its_place_when_it_ends(tmp_path, capsys):
     out = tmp_path / "runs"
     assert run(out, "a", "--set", "run.checkpoint_every=0") == 0
