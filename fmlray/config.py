@@ -640,6 +640,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree, given = to_dict(Config()), {}
     if path is not None:
         given = load_toml(path)
+        for kind in ("sweep", "tune"):  # the other files fmlray reads, given where a config goes
+            if kind in given:
+                raise ConfigError(f"{path} is a {kind} file, not a config: run it with fmlray {kind} {path}")
         for section, table in given.items():
             if isinstance(table, dict) and isinstance(tree.get(section), dict):
                 _merge(tree[section], table)

@@ -487,10 +487,9 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     from fmlray.config import load_config
 
     run_dir = _itself(Path(run_dir))
-    if not os.path.lexists(run_dir):
-        raise FmlrayError(f"{run_dir} does not exist; give a run's folder (e.g. runs/digits-fml)")
     if not (run_dir / CONFIG).is_file():
-        raise FmlrayError(f"{run_dir} is not an fmlray run folder (no {CONFIG}); give a folder under runs/")
+        raise FmlrayError(not_a_run(run_dir, resume=True) or f"{run_dir} is not an fmlray run folder (no {CONFIG}); "
+                          "give a folder under runs/")
     saved, asked = load_config(run_dir / CONFIG), load_config(run_dir / CONFIG, overrides)
     here = {"name": run_dir.name, "output_dir": str(run_dir.parent)}
     moved = [k for k, v in here.items() if getattr(asked.run, k) != getattr(saved.run, k)
@@ -632,6 +631,30 @@ def resumable(run_dir: Path) -> bool:
     return (Path(run_dir) / CHECKPOINT_MANIFEST).is_file() and not finished(run_dir)
 
 
+def not_a_run(path: Path, resume: bool) -> str | None:
+    """Why `path`, given to `report` (or `--resume`), is no run folder, where it is something else fmlray knows:
+    missing, a file, a sweep's or a search's folder, a run without its config; None otherwise."""
+    if not os.path.lexists(path):
+        return f"{path} does not exist; give a run's folder (e.g. runs/digits-fml)"
+    if not path.is_dir():
+        inside = f", {path.parent}" if (path.parent / CONFIG).is_file() else " (e.g. runs/digits-fml)"
+        return f"{path} is a file; give the run's folder{inside}"
+    runs = sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file())
+    if (path / ".tune" / "search.json").is_file():
+        how = "continue it with `fmlray tune FILE --resume`" if resume else \
+            f"report one of its trials, e.g. {path / (runs[0] if runs else 'trial-00000')}"
+        return f"{path} is a search's folder (fmlray tune), not a run's: {how}"
+    if (path / "results.parquet").is_file():
+        how = "run the same `fmlray sweep FILE` again to finish it" if resume else \
+            f"report one of its runs{f', e.g. {path / runs[0]}' if runs else ''}; its combined table is results.parquet"
+        return f"{path} is a sweep's folder, not a run's: {how}"
+    if runs and not (path / MARKER).exists():
+        return f"{path} holds runs but is not one; give one of them, e.g. {path / runs[0]}"
+    if (path / MARKER).is_file() and not (path / CONFIG).is_file():
+        return f"{path} is an fmlray run whose {CONFIG} is missing; put it back (fmlray wrote it when the run began)"
+    return None
+
+
 def read_run(path: str | Path) -> tuple[pa.Table, str]:
     """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)
@@ -644,7 +667,8 @@ def read_run(path: str | Path) -> tuple[pa.Table, str]:
         if (path / CHECKPOINT_MANIFEST).is_file():
             raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no {PARTS}/); "
                               f"put {METRICS} back, or run the experiment again")
-        raise FmlrayError(f"{path} is not a finished fmlray run (no {METRICS}); give a folder under runs/")
+        raise FmlrayError(not_a_run(path, resume=False) or f"{path} is not a finished fmlray run (no {METRICS}); "
+                          "give a folder under runs/")
     try:
         table = read_parquet(path / METRICS)
     except (pa.ArrowException, OSError) as exc:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -202,7 +203,7 @@ def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_
     (["run", "--set", "algorithm.apfl.adaptive=1"], "algorithm.apfl.adaptive must be true or false"),
     (["run", "--set", "algorithm.server_lr=0"], "algorithm.server_lr must be in (0, 10]"),
     (["compare", "--algorithms", "all,fml"], "unknown ['all']"),
-    (["report", "/tmp"], "is not a finished fmlray run"),
+    (["report", "/dev"], "is not a finished fmlray run"),
     (["run", "--set", "clients.fraction=1.5"], "clients.fraction must be in (0, 1]"),
     (["run", "--set", "training.batch_size=0"], "training.batch_size must be >= 1"),
     (["run", "--set", "training.optimizer=lbfgs"], "training.optimizer = 'lbfgs' is unknown"),
@@ -219,7 +220,7 @@ def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_
     (["run", "--set", "clients.groups.0.share=1e-9"], "clients.groups[mlp] gets no client (share 1e-09 of the 20"),
     (["run", "--set", "run.eval_every=0"], "run.eval_every must be >= 1"),
     (["run", "--set", "engine.num_actors=-1"], "engine.num_actors must be >= 0"),
-    (["run", "--resume", "/tmp"], "is not an fmlray run folder"),
+    (["run", "--resume", "/dev"], "is not an fmlray run folder"),
     (["run", "--resume", "/tmp", "--config", "x.toml"], "drop --config"),
     (["launch"], "invalid choice"),
     (["run", "--bogus"], "unrecognized arguments"),
@@ -543,3 +544,41 @@ def test_resume_of_a_folder_that_is_not_there_or_kept_no_checkpoint_says_why(tmp
     assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no complete checkpoint (it ran with run.checkpoint_every = 0, which keeps none)" in err, err
+
+
+def test_report_and_resume_of_something_other_than_a_run_say_what_it_is(tmp_path, capsys):
+    # each was "is not a finished fmlray run (no metrics.parquet); give a folder under runs/" or "(no config.toml)",
+    # even for metrics.parquet itself, a folder that is not there, a sweep's or a search's folder (audit 23)
+    sweep, search, run_dir = tmp_path / "sweep", tmp_path / "search", tmp_path / "sweep" / "fml-s0"
+    run_dir.mkdir(parents=True)
+    for name in (".fmlray-run", "config.toml", "metrics.parquet"):
+        (run_dir / name).write_text("")
+    (sweep / "results.parquet").write_text("")
+    (search / ".tune").mkdir(parents=True)
+    (search / ".tune" / "search.json").write_text("{}")
+    bare = tmp_path / "bare"
+    (bare / "checkpoint").mkdir(parents=True)
+    (bare / ".fmlray-run").write_text("")
+    cases = [
+        (["report", str(tmp_path / "nope")], f"{tmp_path / 'nope'} does not exist"),
+        (["report", str(run_dir / "metrics.parquet")], f"is a file; give the run's folder, {run_dir}"),
+        (["report", str(sweep)], f"is a sweep's folder, not a run's: report one of its runs, e.g. {run_dir}"),
+        (["run", "--resume", str(sweep)], "is a sweep's folder, not a run's: run the same `fmlray sweep FILE` again"),
+        (["report", str(search)], "is a search's folder (fmlray tune), not a run's: report one of its trials"),
+        (["run", "--resume", str(search)], "continue it with `fmlray tune FILE --resume`"),
+        (["run", "--resume", str(bare)], "is an fmlray run whose config.toml is missing; put it back"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, (argv, err)
+
+
+def test_a_sweep_or_tune_file_given_as_a_config_says_which_command_runs_it(capsys):
+    # it was "unknown key 'sweep'; valid keys: run, data, ..." (audit 23)
+    repo = Path(__file__).resolve().parents[2]
+    for kind, name in (("sweep", "digits.toml"), ("tune", "tune-digits.toml")):
+        path = repo / "experiments" / name
+        assert main(["config", "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"fmlray: error: {path} is a {kind} file, not a config: run it with fmlray {kind} {path}", err
