@@ -514,14 +514,15 @@ class Records:
         self.run_dir, self.parts = Path(run_dir), Path(run_dir) / PARTS
         self.parts.mkdir(exist_ok=True)
         merged = self.run_dir / METRICS
-        have = {_part_round(p) for p in self.parts.iterdir()}
+        have = {_part_round(p) for p in self.parts.iterdir() if _readable_part(p)}
         if upto and merged.is_file() and not have >= set(range(1, upto + 1)):
             # a finished run extended (or a split cut short): its rounds go back into parts, one file per round
             for rnd, table in _rounds(merged):
                 if rnd <= upto and rnd not in have:
-                    self._write(rnd, table)
+                    self._write(rnd, table)  # over a damaged part too (check_history found the round here)
+                    have.add(rnd)
         for part in self.parts.iterdir():
-            if not _part_round(part) or _part_round(part) > upto:
+            if not _part_round(part) or _part_round(part) > upto or _part_round(part) not in have:
                 part.unlink()  # rounds after the checkpoint are run again; temporaries cut short
 
     def relocate(self, run_dir: Path) -> None:
@@ -553,7 +554,7 @@ def missing_rounds(run_dir: Path, upto: int) -> list[int]:
     """The rounds 1..`upto` whose metric rows are neither in metrics/ nor in metrics.parquet (every round
     has rows: at least its own summary row)."""
     parts, merged = Path(run_dir) / PARTS, Path(run_dir) / METRICS
-    have = {_part_round(p) for p in parts.iterdir()} if parts.is_dir() else set()
+    have = {_part_round(p) for p in parts.iterdir() if _readable_part(p)} if parts.is_dir() else set()
     if not have >= set(range(1, upto + 1)) and merged.is_file():
         try:
             have |= set(read_parquet(merged, columns=["round"]).column("round").to_pylist())
@@ -587,6 +588,17 @@ def check_history(run_dir: Path, upto: int) -> None:
                           f"or damaged), and its checkpoint holds no metrics to rebuild them from; a resumed run "
                           f"would silently lose them: put {METRICS} back, or start the run again under another "
                           "run.name")
+
+
+def _readable_part(path: Path) -> bool:
+    """A round's part file that can be read as a metrics table (its footer and schema); a damaged one (a copy
+    cut short) counts as missing."""
+    if not _part_round(path):
+        return False
+    try:
+        return pq.read_schema(str(path)).names == metrics.SCHEMA.names
+    except (pa.ArrowException, OSError):
+        return False
 
 
 def _part_round(path: Path) -> int:

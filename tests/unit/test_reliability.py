@@ -422,6 +422,36 @@ def test_resume_without_the_earlier_rounds_metrics_is_refused_and_changes_nothin
     assert snapshot(run_dir) == before
 
 
+def test_a_damaged_round_of_a_stopped_run_is_refused_before_anything_changes(tmp_path, capsys, monkeypatch):
+    # a metrics/round-N.parquet cut short (a copy of the folder interrupted) was only found when the resumed run
+    # merged its parts at the end: a pyarrow traceback after the folder had changed, on every resume (audit 23)
+    from fmlray import rundir
+    quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
+
+    def killed(run_dir, records, title):
+        raise KeyboardInterrupt  # stopped after its last checkpoint, its rounds' parts not merged
+    monkeypatch.setattr(rundir, "finish", killed)
+    assert main(["run", *quick]) == 130
+    monkeypatch.undo()
+    run_dir = tmp_path / "digits-fml"
+    part = run_dir / "metrics" / "round-000001.parquet"
+    part.write_bytes(part.read_bytes()[:50])
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{run_dir} lacks the metric rows of round(s) 1 " in err, err
+    assert snapshot(run_dir) == before
+    # a damaged part of a round that metrics.parquet still holds (a finished run's extension cut short) is
+    # rewritten from it
+    assert main(["run", *quick, "--set", "run.name=whole"]) == 0
+    whole = tmp_path / "whole"
+    rundir.Records(whole, upto=2)  # splits metrics.parquet into parts, as an extension does
+    (whole / "metrics" / "round-000002.parquet").write_bytes(b"PAR1")
+    assert main(["run", "--resume", str(whole), "--set", "run.rounds=3"]) == 0
+    assert sorted(set(pq.read_table(whole / "metrics.parquet")["round"].to_pylist())) == [1, 2, 3]
+
+
 def test_an_extension_cut_short_while_splitting_the_metrics_takes_the_rest_from_metrics_parquet(tmp_path):
     from fmlray.rundir import Records
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=3"]) == 0
