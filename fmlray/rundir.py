@@ -647,6 +647,10 @@ def not_a_run(path: Path, resume: bool) -> str | None:
     """Why `path`, given to `report` (or `--resume`), is no run folder, where it is something else fmlray knows:
     missing, a file, a sweep's or a search's folder, a run without its config; None otherwise."""
     if not os.path.lexists(path):
+        aside = path.parent / f".{path.name}.old"
+        if _ours(aside):  # a kill between --overwrite's two renames: the next writer of the name puts it back
+            return (f"{path} does not exist: an --overwrite that was cut short left the earlier run in {aside}; "
+                    f"any fmlray run with run.name = {path.name!r} there puts it back first (or rename it yourself)")
         return f"{path} does not exist; give a run's folder (e.g. runs/digits-fml)"
     if not path.is_dir():
         inside = f", {path.parent}" if (path.parent / CONFIG).is_file() else " (e.g. runs/digits-fml)"

@@ -365,10 +365,17 @@ def test_report_on_a_damaged_run_is_one_line_and_exit_2(tmp_path, capsys, name, 
 @pytest.mark.parametrize("target, fragment", [
     ("missing/p.csv", "is in a folder that does not exist"),
     (".", "is a folder"),
+    ("sub/", "sub/ is a folder"),  # it wrote a file named sub (audit 23)
+    ("ro/p.csv", "its folder"),  # it printed the whole table first (audit 23)
 ])
-def test_partition_save_to_a_bad_path_is_one_line_and_writes_nothing(tmp_path, capsys, target, fragment):
+def test_partition_save_to_a_bad_path_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, target, fragment):
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "ro" and real(path, mode))  # root writes all
     before = sorted(tmp_path.rglob("*"))
-    fail(capsys, ["partition", "--save", str(tmp_path / target)], fragment)
+    assert main(["partition", "--save", str(tmp_path) + "/" + target]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and fragment in err and out == "", (out, err)  # no table first
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -567,7 +574,11 @@ def test_report_and_resume_of_something_other_than_a_run_say_what_it_is(tmp_path
         (["report", str(search)], "is a search's folder (fmlray tune), not a run's: report one of its trials"),
         (["run", "--resume", str(search)], "continue it with `fmlray tune FILE --resume`"),
         (["run", "--resume", str(bare)], "is an fmlray run whose config.toml is missing; put it back"),
+        (["report", str(tmp_path / "t1")], f"an --overwrite that was cut short left the earlier run in "
+                                           f"{tmp_path / '.t1.old'}"),
     ]
+    (tmp_path / ".t1.old").mkdir()
+    (tmp_path / ".t1.old" / ".fmlray-run").write_text("")
     for argv, fragment in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
