@@ -129,6 +129,11 @@ class RunFolder:
         self.path = self.final if resume else self.temp
         self.promoted, self._made, self._lock, self._made_dirs = resume, False, None, []
 
+    @property
+    def _or_rename(self) -> str:
+        """The other way out of a name that is taken: none for a resumed run, which goes on in its folder."""
+        return "" if self.resume else ", or choose another run.name"
+
     def __enter__(self) -> "RunFolder":
         check_length(self.temp, "run.output_dir and run.name")
         self._made_dirs = _missing(self.parent)  # removed again if the run leaves nothing in them
@@ -139,14 +144,16 @@ class RunFolder:
             if os.path.isdir(self.lock_file):
                 raise FmlrayError(f"{self.lock_file} is a folder, where fmlray keeps the lock file of run.name "
                                   f"{self.final.name!r} (a plain file; fmlray never makes a folder there); move it "
-                                  "away, or choose another run.name") from None
+                                  f"away{self._or_rename}") from None
             why = _not_a_folder(self.parent)
+            elsewhere = ("make it writable, or copy the run's folder to a writable place and resume the copy"
+                         if self.resume else "set run.output_dir to a writable folder")
             raise FmlrayError(f"cannot write into {self.parent} ({why or exc.strerror}); nothing was changed there; "
-                              "set run.output_dir to a writable folder") from None
+                              f"{elsewhere}") from None
         if self._lock is None:
             self._remove_made_dirs()
             raise FmlrayError(f"{self.final} is being written by another fmlray run{_holder(self.lock_file)}; "
-                              "wait for it to end, or choose another run.name") from None
+                              f"wait for it to end{self._or_rename}") from None
         try:
             try:
                 self._recover()

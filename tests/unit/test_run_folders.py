@@ -207,7 +207,8 @@ def test_resume_is_refused_while_the_run_is_being_written(tmp_path, capsys):
     assert run(out, "a") == 0
     with RunFolder(out, "a", resume=True):
         capsys.readouterr()
-        one_line(capsys, main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2"]), "is being written")
+        err = one_line(capsys, main(["run", "--resume", str(out / "a"), "--set", "run.rounds=2"]), "is being written")
+        assert err.endswith("wait for it to end") and "run.name" not in err, err  # a resume has no other name
     one_line(capsys, main(["run", "--resume", str(out / "a"), "--overwrite"]), "drop --overwrite")
 
 
