@@ -221,6 +221,12 @@ def check_same_data(run_dir: Path, resume: Resume, dataset, partition) -> None:
     if not saved.is_file():
         return  # a run of an older fmlray, or its file deleted: nothing to compare with
     try:
+        with np.load(saved, allow_pickle=False) as z:
+            [z[k] for k in z.files]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise FmlrayError(f"{saved}, the partition the run started with, is damaged ({type(exc).__name__}); put "
+                          "the run's copy back, or start a new run") from None
+    try:
         was = load_partition(saved, dataset, len(partition.train))
     except FmlrayError:
         was = None

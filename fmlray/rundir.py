@@ -494,7 +494,7 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     from fmlray.config import load_config
 
     run_dir = _itself(Path(run_dir))
-    if not (run_dir / CONFIG).is_file():
+    if not (run_dir / CONFIG).is_file() or re.fullmatch(r"\.(.+)\.(new|old)", run_dir.name):
         raise FmlrayError(not_a_run(run_dir, resume=True) or f"{run_dir} is not an fmlray run folder (no {CONFIG}); "
                           "give a folder under runs/")
     saved, asked = load_config(run_dir / CONFIG), load_config(run_dir / CONFIG, overrides)
@@ -673,6 +673,12 @@ def not_a_run(path: Path, resume: bool) -> str | None:
         return f"{path} is a sweep's folder, not a run's: {how}"
     if runs and not (path / MARKER).exists():
         return f"{path} holds runs but is not one; give one of them, e.g. {path / runs[0]}"
+    hidden = re.fullmatch(r"\.(.+)\.(new|old)", path.name)
+    if hidden and (path / MARKER).is_file():  # a RunFolder's hidden sibling
+        what, then = (("a new run cut short before its first checkpoint", "deletes it") if hidden[2] == "new" else
+                      ("the run an --overwrite replaced", f"puts it back where {hidden[1]} is gone, or deletes it"))
+        return (f"{path} is the hidden folder of {what}, not a run to {'resume' if resume else 'report'}; the next "
+                f"fmlray run named {hidden[1]!r} there {then}")
     if (path / MARKER).is_file() and not (path / CONFIG).is_file():
         return f"{path} is an fmlray run whose {CONFIG} is missing; put it back (fmlray wrote it when the run began)"
     return None

@@ -579,6 +579,11 @@ def test_report_and_resume_of_something_other_than_a_run_say_what_it_is(tmp_path
     ]
     (tmp_path / ".t1.old").mkdir()
     (tmp_path / ".t1.old" / ".fmlray-run").write_text("")
+    (tmp_path / ".t2.new").mkdir()
+    for name in (".fmlray-run", "config.toml"):
+        (tmp_path / ".t2.new" / name).write_text("")
+    cases.append((["run", "--resume", str(tmp_path / ".t2.new")], "is the hidden folder of a new run cut short before "
+                  "its first checkpoint, not a run to resume; the next fmlray run named 't2' there deletes it"))
     for argv, fragment in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -156,6 +156,8 @@ def _other_partition_file(run_dir, tmp_path):
     (["--set", "data.partition=file"], _other_partition_file,  # made on seed 1's rows: its own check says so
      "holds row indices of other digits data than this config loads"),
     ([], "pixels", "was checkpointed on other digits data than data.root holds now"),
+    ([], lambda run_dir, tmp_path: (run_dir / "partition.npz").write_bytes(  # cut short: it said "differs"
+        (run_dir / "partition.npz").read_bytes()[:100]), "partition.npz, the partition the run started with, is damaged"),
 ])
 def test_resuming_on_other_data_is_refused_and_changes_nothing(tmp_path, capsys, monkeypatch, setup, change, fragment):
     quick = [*SERIAL, "--set", "run.rounds=1", "--set", "clients.num_clients=4"]
