@@ -118,7 +118,8 @@ def plot(summary: list[dict], path: Path) -> Path:
     return benchlib.save_png(fig, path)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before anything is loaded or timed."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=benchlib.comma_list(str), default=list(CASES), help=", ".join(CASES))
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per mode")
@@ -129,6 +130,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if unknown := [c for c in args.cases if c not in CASES]:
         p.error(f"--cases: unknown {', '.join(unknown)}")
+    benchlib.check_at_least(p, "--rounds", args.rounds, 1)
+    benchlib.check_at_least(p, "--warmup", args.warmup, 0)
+    benchlib.check_out(p, args.out)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     cases = SMOKE if args.smoke else [CASES[c] for c in args.cases]
     rounds = 1 if args.smoke else args.rounds
     torch.set_num_threads(1)  # as a 1-CPU actor computes

@@ -86,6 +86,32 @@ def comma_list(kind: type) -> Callable[[str], list]:
     return parse
 
 
+def check_out(p: argparse.ArgumentParser, out: Path, flag: str = "--out") -> None:
+    """Refuse (exit 2) a results folder that cannot be made: `out`, or the nearest of its parents that exists,
+    is not a folder. Called at parse time, before anything slow starts."""
+    for path in (out, *Path(out).absolute().parents):
+        if path.exists():
+            if not path.is_dir():
+                p.error(f"{flag}: {path} exists and is not a folder" if path == out else
+                        f"{flag}: {out} cannot be made: {path} is not a folder")
+            return
+
+
+def check_at_least(p: argparse.ArgumentParser, flag: str, value, low) -> None:
+    """Refuse (exit 2) `flag` below `low` (a number, or each number of a list), naming both."""
+    if not isinstance(value, list):
+        if value < low:
+            p.error(f"{flag} must be >= {low}; got {value}")
+    elif bad := [v for v in value if v < low]:
+        p.error(f"{flag}: each must be >= {low}; got {bad[0]}")
+
+
+def check_fractions(p: argparse.ArgumentParser, flag: str, values: list[float]) -> None:
+    """Refuse (exit 2) a share of `flag` outside (0, 1]."""
+    if bad := [f for f in values if not 0 < f <= 1]:
+        p.error(f"{flag}: each share must be in (0, 1]; got {bad[0]:g}")
+
+
 def result_stem(script: str, workload: str, variant: str, out: Path) -> str:
     """'<script>-<workload>[-<variant>]-<N>cpu-<date>', the name every output of a run shares; '-2', '-3', ...
     after it when `out` holds a record of that name already (a second run that day never replaces the first)."""

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algorithm", choices=overhead.ALGORITHMS, default="fedavg")
     p.add_argument("--smoke", action="store_true", help="tiny, for CI: checks the script runs, not its numbers")
     p.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT, help="folder for the results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    benchlib.check_out(p, args.out)
+    return args
 
 
 def second_round(engine, cfg, prepared) -> tuple[dict[int, float], dict[int, int]]:

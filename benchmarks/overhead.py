@@ -472,6 +472,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--gpu-fractions: each share must be in (0, 1]")
     if args.gpu_fractions and not torch.cuda.is_available():
         p.error("--gpu-fractions needs a CUDA GPU, and torch sees none here")
+    benchlib.check_out(p, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

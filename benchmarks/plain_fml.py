@@ -18,11 +18,19 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.perf_counter()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before torch is imported."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1; got {args.rounds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
 
     import torch
 

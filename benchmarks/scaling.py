@@ -386,6 +386,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--fractions: each must be in (0, 1]")
     if args.rounds < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--rounds and --batch-size must be >= 1, --warmup >= 0")
+    benchlib.check_out(p, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,14 +76,23 @@ def plot(rows: list[dict], path: Path) -> Path:
     return benchlib.save_png(fig, path)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before Ray starts."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
     p.add_argument("--rounds", type=int, default=2, help="rounds per run of experiment 1's reduced grid")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round of experiment 1's reduced grid")
     p.add_argument("--seeds", type=int, default=1, help="seeds of experiment 1's reduced grid (the full one: 3)")
     p.add_argument("--skip-digits", action="store_true", help="only experiment 1's grid (not Tune's cost per trial)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for flag, value in (("--rounds", args.rounds), ("--epochs", args.epochs), ("--seeds", args.seeds)):
+        benchlib.check_at_least(p, flag, value, 1)
+    benchlib.check_out(p, args.out)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     meta = benchlib.run_meta(args)
     meta["load_before"] = os.getloadavg()
     meta["ray_start_s"] = benchlib.start_ray(num_cpus=os.cpu_count())

@@ -266,7 +266,8 @@ def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict],
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything runs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3, help="timed runs of each way (default 3)")
     p.add_argument("--rounds", type=int, default=10, help="rounds of each run (default 10, the default's)")
@@ -280,7 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         args.reps, args.rounds = 1, 1
     if args.reps < 1 or args.rounds < 1:
         p.error("--reps and --rounds must be >= 1")
+    if "/" in args.tag:
+        p.error(f"--tag is a word in the output names: it cannot hold '/'; got {args.tag!r}")
+    benchlib.check_out(p, args.out)
     args.variant = "smoke" if args.smoke else args.tag or "full"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     meta = benchlib.run_meta(args) | {"load_before": os.getloadavg(),
                                       "config": to_dict(load_config(None, [f"run.rounds={args.rounds}"]))}
     log = lambda m: print(m, flush=True)  # noqa: E731
