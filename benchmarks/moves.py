@@ -33,9 +33,20 @@ from fmlray.simulation import prepare, sample_clients  # noqa: E402
 NEVER = 10**12  # MOVE_MIN_ROWS above every client: nothing moves
 
 
+DATASETS = (*scaling.DATASETS, "fmnist")
+
+
 def point(text: str) -> tuple[str, int, float]:
-    dataset, clients, fraction = text.split(":")
-    return dataset, int(clients), float(fraction)
+    """'dataset:clients:fraction', checked (an argparse type: a bad point is refused naming it)."""
+    dataset, clients, fraction = text.split(":")  # a ValueError: comma_list's "not a ... list of points"
+    clients, fraction = int(clients), float(fraction)
+    if dataset not in DATASETS:
+        raise argparse.ArgumentTypeError(f"{text!r}: dataset must be one of {', '.join(DATASETS)}")
+    if clients < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: clients must be >= 1")
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: fraction must be in (0, 1]")
+    return dataset, clients, fraction
 
 
 def config(dataset: str, clients: int, fraction: float, rounds: int):
@@ -58,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny, for CI: checks the script runs, not its numbers")
     p.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT, help="folder for the results")
     args = p.parse_args(argv)
+    benchlib.check_at_least(p, "--rounds", args.rounds, 1)
+    benchlib.check_out(p, args.out)
     if args.points is None:
         args.points = [("synthetic", 40, 0.5)] if args.smoke else [("synthetic", 1000, 0.1), ("digits", 20, 0.5),
                                                                   ("fmnist", 20, 0.5)]
