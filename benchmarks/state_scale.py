@@ -260,12 +260,17 @@ def plot(rows: list[dict], path: Path) -> Path:
     return benchlib.save_png(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def counts(text: str) -> list[int]:
+    """A comma-separated list of client counts; "" is none."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any configuration starts (each in a child with its own Ray)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=benchlib.comma_list(int), default=[100, 1000, 10000])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=50)
-    counts = lambda t: [int(x) for x in t.split(",") if x.strip()]  # noqa: E731 - "" is none
     parser.add_argument("--no-checkpoint-baseline", type=counts, default=[1000],
                         help="client counts also run without checkpoints (the 1.2x target)")
     parser.add_argument("--resume-check", type=counts, default=[10000])
@@ -276,6 +281,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
     parser.add_argument("--one", metavar="N,CKPT,JSON", help=argparse.SUPPRESS)  # a configuration, in a child
     args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.rounds, args.resume_check = [100, 1000], 3, [100]
+    if args.one:  # a child: the parent checked what it passes on
+        return args
+    benchlib.check_at_least(parser, "--per-round", args.per_round, 1)
+    for flag, ns in (("--clients", args.clients), ("--resume-check", args.resume_check)):
+        if small := [n for n in ns if n < args.per_round]:
+            parser.error(f"{flag}: each count must be >= --per-round ({args.per_round}), the clients a round "
+                         f"trains; got {small[0]}")
+    benchlib.check_at_least(parser, "--rounds", args.rounds, 1)
+    if args.resume_check and args.rounds < 2:
+        parser.error("--rounds must be >= 2 with --resume-check (it stops half way); --resume-check '' skips it")
+    if args.against:
+        if args.per_round > 100:
+            parser.error(f"--against times a 100-client run: --per-round must be <= 100; got {args.per_round}")
+        if subprocess.run(["git", "-C", str(benchlib.REPO), "rev-parse", "--verify", "--quiet",
+                           f"{args.against}^{{commit}}"], capture_output=True).returncode:
+            parser.error(f"--against: {args.against!r} is not a commit of {benchlib.REPO}")
+    benchlib.check_out(parser, args.out)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.one:  # one configuration in this fresh process and its own Ray; its row as JSON
         n, ckpt, out = args.one.split(",", 2)
         benchlib.start_ray(num_cpus=2)
@@ -285,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         Path(out).write_text(json.dumps(row))
         return 0
-    if args.quick:
-        args.clients, args.rounds, args.resume_check = [100, 1000], 3, [100]
     meta = benchlib.run_meta(args)
     meta["load_before"] = os.getloadavg()
     rows = []
