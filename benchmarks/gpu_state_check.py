@@ -58,10 +58,28 @@ def rows_of(host: ClientHost, folder: Path, rnd: int) -> tuple[dict, list]:
     return out, shards
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked; exit 2 in one line when no CUDA device is usable here."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--device", default="cuda:0", help="the CUDA device to check (cuda:N; default cuda:0)")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type != "cuda":
+        parser.error(f"--device must be a CUDA device, cuda:N; got {args.device!r}")
+    args.device = f"cuda:{device.index or 0}"  # as torch names the tensors' device
+    if not torch.cuda.is_available():
+        parser.exit(2, f"{parser.prog}: no CUDA device is usable here (torch sees none); run it on a machine "
+                       "with an NVIDIA GPU\n")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
