@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, overhead
 
 import benchlib  # noqa: E402
 from fmlray import checkpoint  # noqa: E402
-from fmlray.config import load_config, to_dict  # noqa: E402
+from fmlray.config import ALGORITHMS, MODELS, load_config, to_dict  # noqa: E402
 from fmlray.engine.state import Layout, latest_rows, open_rows  # noqa: E402
 from fmlray.models import build_model  # noqa: E402
 from fmlray.engine.host import initial_global_state, seeded_model, state_of  # noqa: E402
@@ -703,18 +703,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CI's size, with --cpu-dry-run: check with 5 clients and 2 "
                    "rounds; bench the two ways of the target, 4 x 0.25 GPU and 1 batched (lenet5, FedAvg, 400 rows, "
                    "1 round, no warm-up)")
+    p.add_argument("--check-args", action="store_true", help="check these arguments, then exit (0 if they are "
+                   "good, 2 if not) without making --out or starting anything: gpu_check.sh does it before step 1")
     args = p.parse_args(argv)
     if args.smoke and not args.cpu_dry_run:
         p.error("--smoke is the CI size of --cpu-dry-run; a real GPU check runs at full size")
+    for flag, given, known in (("--models", args.models, MODELS), ("--algorithms", args.algorithms, ALGORITHMS)):
+        if unknown := [x for x in given if x not in known]:
+            p.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    benchlib.check_at_least(p, "--train-samples", args.train_samples, 0)
+    benchlib.check_at_least(p, "--rounds", args.rounds, 1)
+    benchlib.check_at_least(p, "--warmup", args.warmup, 0)
+    benchlib.check_fractions(p, "--fractions", args.fractions)
+    if not args.budget_s > 0:
+        p.error(f"--budget-s must be > 0; got {args.budget_s:g}")
+    benchlib.check_out(p, args.out)
     if args.smoke:
         args.models, args.algorithms, args.train_samples, args.rounds, args.warmup = ["lenet5"], ["fedavg"], 400, 1, 0
         args.fractions = [0.25]
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.check_args:
+        args.out.mkdir(parents=True, exist_ok=True)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_args:
+        return 0
     logging.getLogger("ray").setLevel(logging.WARNING)
     return run_check(args) if args.what == "check" else run_bench(args)
 

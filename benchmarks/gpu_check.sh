@@ -19,15 +19,25 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-dry-run) dry=(--cpu-dry-run); shift ;;
         --smoke) smoke=(--smoke); shift ;;  # with --cpu-dry-run: CI's size (gpu_check.py --help)
-        --out) out=$2; shift 2 ;;
+        --out|--out=*)
+            if [ "$1" = --out ]; then out=${2-}; shift $(( $# > 1 ? 2 : 1 )); else out=${1#--out=}; shift; fi
+            case $out in ""|-*) echo "gpu_check.sh: --out needs a folder" >&2; exit 2 ;; esac ;;
         -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header above, before anything is made
         *) break ;;
     esac
 done
-mkdir -p "$out"
+case $out in /*) ;; *) out=$PWD/$out ;; esac  # as given, before the cd below
 export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export FMLRAY_READY_TIMEOUT_S=${FMLRAY_READY_TIMEOUT_S:-90}  # actors that cannot be placed fail in 90 s, not 180
 cd "$repo" || exit 2
+# every option checked before step 1 (argparse's usage and one line, exit 2); another failure (fmlray not
+# importable, say) is left to the environment report below, which names every missing piece
+checked=$("$py" benchmarks/gpu_check.py bench --check-args "${dry[@]}" "${smoke[@]}" --out "$out" "$@" 2>&1)
+if [ $? -eq 2 ]; then
+    echo "$checked" >&2
+    exit 2
+fi
+mkdir -p "$out"
 
 {
     echo "== $(date -u +%FT%TZ) $(uname -srm)"
