@@ -184,10 +184,10 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
                               f"{cfg.run.rounds} rounds would have trained every round at other values; keep "
                               f"run.rounds = {saved['run']['rounds']}, or start a new run")
         if diff:
+            may = [f"run.{k}" for k in MAY_CHANGE["run"][:4] if k != "rounds" or not cfg.algorithm.schedule_keys()]
             raise FmlrayError(f"the checkpoint in {run_dir} belongs to another config (differs in "
                               f"{', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); on resume only "
-                              f"{', '.join(f'run.{k}' for k in MAY_CHANGE['run'][:4])}, engine.* and the groups' num_cpus / "
-                              "num_gpus may change")
+                              f"{', '.join(may)}, engine.* and the groups' num_cpus / num_gpus may change")
     glob = None
     if manifest["global"] is not None:
         try:

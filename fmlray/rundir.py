@@ -43,6 +43,9 @@ CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS =
     "config.toml", "metrics.parquet", "summary.txt", "summary.json", "partition.csv", "partition.npz", "accuracy.png",
     "metrics")
 CHECKPOINT_MANIFEST = Path("checkpoint") / "manifest.json"  # fmlray.checkpoint's FOLDER / MANIFEST (it imports us)
+# What marks the other folders fmlray writes (their modules import this one): a sweep's combined table and a
+# search's record (fmlray.sweep, fmlray.search)
+SWEEP_TABLE, SEARCH_RECORD = "results.parquet", Path(".tune/search.json")
 
 
 Writer = Callable[[BinaryIO], object]
@@ -663,13 +666,13 @@ def not_a_run(path: Path, resume: bool) -> str | None:
         inside = f", {path.parent}" if (path.parent / CONFIG).is_file() else " (e.g. runs/digits-fml)"
         return f"{path} is a file; give the run's folder{inside}"
     runs = sorted(p.name for p in path.iterdir() if (p / CONFIG).is_file())
-    if (path / ".tune" / "search.json").is_file():
+    if (path / SEARCH_RECORD).is_file():
         how = "continue it with `fmlray tune FILE --resume`" if resume else \
             f"report one of its trials, e.g. {path / (runs[0] if runs else 'trial-00000')}"
         return f"{path} is a search's folder (fmlray tune), not a run's: {how}"
-    if (path / "results.parquet").is_file():
+    if (path / SWEEP_TABLE).is_file():
         how = "run the same `fmlray sweep FILE` again to finish it" if resume else \
-            f"report one of its runs{f', e.g. {path / runs[0]}' if runs else ''}; its combined table is results.parquet"
+            f"report one of its runs{f', e.g. {path / runs[0]}' if runs else ''}; its combined table is {SWEEP_TABLE}"
         return f"{path} is a sweep's folder, not a run's: {how}"
     if runs and not (path / MARKER).exists():
         return f"{path} holds runs but is not one; give one of them, e.g. {path / runs[0]}"

@@ -43,9 +43,10 @@ import tomli_w
 
 from fmlray.config import Config, folder_name, load_config, load_toml, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
+from fmlray.rundir import SEARCH_RECORD
 from fmlray.sweep import inside, overlap, override_keys, parallel_value
 
-RECORD = Path(".tune/search.json")  # in the search's folder: its fingerprint and parallel, for --resume
+RECORD = SEARCH_RECORD  # in the search's folder: its fingerprint and parallel, for --resume
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 KEYS = {"name", "base", "output_dir", "set", "metric", "mode", "samples", "search", "scheduler", "grace_rounds",
         "reduction_factor", "parallel", "top", "seed"}

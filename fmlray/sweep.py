@@ -35,9 +35,9 @@ from fmlray import signals
 from fmlray.config import Config, folder_name, leaf_keys, load_config, load_toml, parse_override, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
-from fmlray.rundir import finished, read_parquet, resumable, write_atomic
+from fmlray.rundir import MARKER, SEARCH_RECORD, SWEEP_TABLE, finished, read_parquet, resumable, write_atomic
 
-RESULTS = "results.parquet"
+RESULTS = SWEEP_TABLE
 RESERVED = ("run", "seed", *SCHEMA.names)  # columns of the combined table
 
 
@@ -356,13 +356,11 @@ def check_folder(folder: Path, runs: list[Run]) -> None:
     """The sweep's folder is new, or a sweep's whose table (if any) holds only runs this sweep plans: never a
     run's or a search's folder, and never a `results.parquet` that `combine` would replace without a word (a
     user's file, or the table of another grid given the same sweep name)."""
-    from fmlray.rundir import MARKER
-    from fmlray.search import RECORD
 
     if not os.path.lexists(folder):
         return
     what = ("a file" if not folder.is_dir() else "a run's folder (fmlray run made it)" if (folder / MARKER).exists()
-            else "a search's folder (fmlray tune made it)" if (folder / RECORD).exists() else None)
+            else "a search's folder (fmlray tune made it)" if (folder / SEARCH_RECORD).exists() else None)
     if what:
         raise FmlrayError(f"{folder} is {what}, not a sweep's; {SWEEP_ELSEWHERE}")
     out = folder / RESULTS

@@ -239,6 +239,9 @@ def test_a_run_whose_alpha_beta_follow_a_schedule_cannot_be_extended_but_resumes
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "follows a schedule over its 2 rounds (algorithm.fml.alpha_end)" in err, err
     assert "keep run.rounds = 2, or start a new run" in err, err
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3", "--set", "training.lr=0.2"]) == 2
+    err = capsys.readouterr().err.strip()  # with another change too: run.rounds is not offered as changeable
+    assert "differs in run.rounds, training.lr" in err and "only run.eval_every, run.eval_clients" in err, err
     # with its own rounds it resumes (a run without a schedule still extends:
     # test_resumed_run_equals_the_uninterrupted_one): killed after its last checkpoint, resume finishes it
     real = rundir.finish
