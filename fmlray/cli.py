@@ -345,9 +345,9 @@ def cmd_partition(args) -> int:
     save = None if args.save is None else Path(args.save)
     if save is not None:
         check_path(save, "--save")
-        if save.is_dir() or args.save.endswith(("/", os.sep)) or not save.parent.is_dir():
-            what = "is a folder" if save.is_dir() or args.save.endswith(("/", os.sep)) else \
-                f"is in a folder that does not exist ({save.parent})"
+        folder = save.is_dir() or args.save.endswith(("/", os.sep))  # Path drops a trailing slash
+        if folder or not save.parent.is_dir():
+            what = "is a folder" if folder else f"is in a folder that does not exist ({save.parent})"
             raise FmlrayError(f"--save {args.save} {what}; give a file path in an existing folder, e.g. partition.csv")
         if not os.access(save.parent, os.W_OK):  # before the table is computed and printed
             raise FmlrayError(f"--save {save}: its folder {save.parent} cannot be written; choose a writable path")
