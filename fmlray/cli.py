@@ -295,8 +295,8 @@ def cmd_sweep(args) -> int:
               file=sys.stderr)
         return 130
     except TrialsStopped as stop:
-        print(f"fmlray: stopped with {len(stop.unfinished)} run(s) unfinished (each kept its last checkpoint); "
-              "run the same sweep again to finish them", file=sys.stderr)
+        print(f"fmlray: stopped with {len(stop.unfinished)} run(s) unfinished; run the same sweep again to finish "
+              "them (each from its last checkpoint, if it reached one)", file=sys.stderr)
         return 130
     print(f"wrote {out}")
     return 0
@@ -317,8 +317,8 @@ def cmd_tune(args) -> int:
         folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,
                                   resume=args.resume)
     except TrialsStopped:
-        print(f"fmlray: stopped; the unfinished trials keep their checkpoints; continue with: fmlray tune "
-              f"{args.tune_file} --resume", file=sys.stderr)
+        print("fmlray: stopped; unfinished trials go on from their last checkpoint, if they reached one; continue "
+              f"with: fmlray tune {args.tune_file} --resume", file=sys.stderr)
         return 130
     print(format_best(rows, search))
     warning = unranked(search, rows)
