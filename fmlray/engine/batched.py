@@ -74,7 +74,6 @@ class Outcome(NamedTuple):
     sent: list[Tensor] | None  # the shared model's shared tensors (in the received state's key order)
     error: str | None
     share: float  # of its unit's time (batched clients split it by their steps)
-    checked: bool = False  # whether `sent` was already found finite
 
 
 class Summed(NamedTuple):
@@ -359,9 +358,9 @@ class Batcher:
         params, moms = self._load(key, ranked, ws, plan, glob)
         stats = self._steps(plan, params, moms, [steps[k] for k in rank], rnd,
                             None if glob is None else glob.anchor)
-        bad = self._store(key, ranked, ws, plan, params, moms, stats)
+        finite = params.finite(plan.from_global) if glob is not None else [True] * len(ranked)
+        bad = self._store(key, ranked, ws, plan, params, moms, stats, finite)
         total = sum(len(s) for _, s in steps)
-        finite = params.finite(plan.from_global) if glob is not None else None
         out: list[Outcome | None] = [None] * len(clients)
         kept = []  # positions in the stack of the clients whose shared tensors are summed
         for i, k in enumerate(rank):
@@ -374,12 +373,8 @@ class Batcher:
             for n in algo.trains:
                 metrics[f"{n}_loss"] = stats["loss"][n][i] / seen
                 metrics[f"{n}_accuracy"] = stats["correct"][n][i] / seen
-            if glob is None:
-                out[k] = Outcome(metrics, None, None, share, True)
-            elif not finite[i]:
-                out[k] = Outcome(None, None, NOT_FINITE.format(algo.shares), share, True)
-            else:
-                out[k] = Outcome(metrics, None, None, share, True)
+            out[k] = Outcome(metrics, None, None, share)
+            if glob is not None:
                 kept.append(i)
         return out, (self._sum(plan, params, [ranked[i] for i in kept], kept) if kept else None)
 
@@ -497,9 +492,10 @@ class Batcher:
                 "bad_losses": bad_losses.tolist()}
 
     def _store(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, params, moms,
-               stats) -> list[str | None]:
-        """Write each client's private state back to its row, except where its loss went non-finite (its
-        row stays as it was, as in the sequential path); per client, why it is left out (None: it is not)."""
+               stats, finite: list[bool]) -> list[str | None]:
+        """Write each client's private state back to its row, except where its loss went non-finite or its
+        shared tensors did (not `finite`): its row stays as it was, as in the sequential path; per client, why
+        it is left out (None: it is not)."""
         host = self.host
         started = time.perf_counter()
         store, lay = host.stores.get(key), ws.layout
@@ -508,6 +504,8 @@ class Batcher:
             if stats["bad"][i]:
                 bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(host.algo.trains, stats["bad_losses"][i]))
                 out.append(f"loss is not finite ({bad}); lower training.lr or check the data")
+            elif not finite[i]:
+                out.append(NOT_FINITE.format(host.algo.shares))
             else:
                 out.append(None)
         good = [i for i, why in enumerate(out) if why is None]

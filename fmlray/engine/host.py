@@ -456,9 +456,7 @@ class ClientHost:
             else:
                 outcomes = [self._attempt(clients[0], rnd, glob)]
             seconds = time.perf_counter() - started
-            for c, (metrics, sent, error, share, checked) in zip(clients, outcomes):
-                if error is None and sent is not None and not checked and not _finite(sent):
-                    error = NOT_FINITE.format(self.algo.shares)
+            for c, (metrics, sent, error, share) in zip(clients, outcomes):
                 if error is not None:  # a bad update is left out of the average, not fatal
                     self._forget_workspaces()  # and out of the client's private state: its row stays as it was
                     results.append({"client": c.cid, "samples": len(c.train_rows),
@@ -503,8 +501,11 @@ class ClientHost:
                                autocast=lambda: autocast(self.device, t.precision))
         for part in ws.layout.parts:
             ws.opts[part.name].zero_grad()  # the next client's first step drops them anyway
+        sent = None if glob is None else self._sent[self._archs(c)]
+        if sent is not None and not _finite(sent):  # before _keep: a left-out update leaves the row as it was
+            raise TrainingError(NOT_FINITE.format(self.algo.shares))
         self._keep(c)
-        return metrics, (None if glob is None else self._sent[self._archs(c)])
+        return metrics, sent
 
     def evaluate(self, global_state: State | None, client_ids: list[int] | None = None,
                  tick: Callable[[int], None] | None = None) -> list[dict]:

@@ -196,6 +196,31 @@ def test_a_client_whose_loss_goes_non_finite_is_left_out_with_the_sequential_mes
     assert out["vmap"][1][2]["excluded"] == out["sequential"][1][2]["excluded"]
 
 
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_client_whose_shared_model_goes_non_finite_is_left_out_of_its_private_state_too(store, tmp_path):
+    # one step a client; client 2's inputs are huge: its losses stay finite, but its step throws the meme (and its
+    # local model) past ~1e19, so its update is left out, and its row must stay as it was (README, Reliability)
+    cfg = load_config(None, [*SMALL, MLP, "clients.num_clients=4", "clients.fraction=1.0", "algorithm.name=fml",
+                             "training.epochs=1", "training.batch_size=100000", "training.lr=10.0"])
+    prepared = prepare(cfg)
+    x = prepared.dataset.x_train.copy()
+    x[prepared.partition.train[2]] *= 1e30
+    ds = dataclasses.replace(prepared.dataset, x_train=x)
+    out = {}
+    for b in ("sequential", "vmap"):
+        c = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batching=b))
+        host = ClientHost(c, ds, prepared.partition, [0, 1, 2, 3], store=store, state_dir=tmp_path / b)
+        partial, rows = host.train(1, [0, 1, 2, 3], initial_global_state(c, ds))
+        host._release_all()
+        kept = host.stores[next(iter(host.stores))]
+        out[b] = (partial, rows, {cid: cid in kept for cid in range(4)})
+        host.close()
+    for b, (partial, rows, has_row) in out.items():
+        assert "loss" not in rows[2]["excluded"] and "parameters are not finite" in rows[2]["excluded"], b
+        assert partial.count == 3 and has_row == {0: True, 1: True, 2: False, 3: True}, b
+    assert out["vmap"][1][2]["excluded"] == out["sequential"][1][2]["excluded"]
+
+
 def test_resident_rows_and_bf16_autocast_on_the_cpu():
     # the GPU path's pieces, on the CPU: every hosted client's rows gathered once (views after), and bf16
     cfg = load_config(None, [*SMALL, MLP, "clients.num_clients=4", "clients.fraction=1.0", "algorithm.name=fml",
