@@ -67,6 +67,9 @@ def _unit(key: str, value: float, *, open_low: bool = False) -> None:
     _check(low_ok and value <= 1 and math.isfinite(value), f"{key} must be in {bound}, got {value}")
 
 
+RESOURCE_UNIT = 1e-4  # Ray refuses a nonzero resource amount below it (ray_option_utils: "precision ... 0.0001")
+
+
 def _positive(key: str, value: float) -> None:
     _check(value > 0 and math.isfinite(value), f"{key} must be > 0, got {value}")
 
@@ -238,6 +241,9 @@ class GroupConfig:
         _at_least(f"{key}.num_gpus", self.num_gpus, 0)
         _check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus),
                f"{key}.num_gpus must be a fraction <= 1 or a whole number, got {self.num_gpus}")
+        for what, amount in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus)):  # Ray's resource unit
+            _check(amount == 0 or amount >= RESOURCE_UNIT, f"{key}.{what} = {amount:g} is below Ray's smallest share "
+                   f"of a resource ({RESOURCE_UNIT:g}); raise it" + (" (or 0: on CPUs)" if what == "num_gpus" else ""))
         _check(bool(self.task), f"{key}.task is empty; give \"identity\", a named task or a list")
 
 

@@ -214,6 +214,9 @@ def test_compare_stopped_before_a_run_replaced_its_earlier_one_says_the_earlier_
     (["run", "--set", "data.dataset=cifar10", "--set", "data.root=/nonexistent"], "cifar10"),
     (["run", "--set", "clients.groups.0.local_model=vgg"], "local_model = 'vgg' is unknown"),
     (["run", "--set", "clients.groups.0.num_cpus=0"], "num_cpus must be > 0"),
+    # Ray refuses amounts below 1e-4 when the actor is made: it was a ValueError traceback after Ray had started
+    (["run", "--set", "clients.groups.0.num_cpus=1e-30"], "num_cpus = 1e-30 is below Ray's smallest share"),
+    (["run", "--set", "clients.groups.0.num_gpus=5e-5"], "num_gpus = 5e-05 is below Ray's smallest share"),
     (["run", "--set", "clients.groups=[{name='a', count=5}]"], "counts add up to 5"),
     (["run", "--set", "clients.groups.0.count=20", "--set", "clients.groups.0.share=0"],
      "clients.groups[lenet5] gets no client (share 0.5 of the 0 left by counts, of clients.num_clients = 20)"),
