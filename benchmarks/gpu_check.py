@@ -479,9 +479,13 @@ def run_check(args) -> int:
         else:
             def syncs():
                 counts = report["sync_probe"] = sync_probe()
-                # > 0: the probe sees the per-client reads (each client's finiteness, its row), so it can see more
+                # > 0: the probe sees the per-client reads (each client's finiteness, its row), so it can see more.
+                # Two more epochs add ~180 steps (6 clients, ~15 a client an epoch): a sync per step would add as
+                # many calls. On an H200 the count was 175 at 1 epoch and 174 at 3 (sequential): a one-call wobble,
+                # so fewer more calls than clients passes, not only equality.
                 checks.expect("training waits for the GPU per client, not per step",
-                              all(0 < counts[f"{b}/epochs=1"] == counts[f"{b}/epochs=3"] for b in ("sequential", "vmap")),
+                              all(0 < counts[f"{b}/epochs=1"] and counts[f"{b}/epochs=3"] - counts[f"{b}/epochs=1"] < 6
+                                  for b in ("sequential", "vmap")),
                               f"synchronising calls in one round of 6 clients (1 vs 3 epochs): {counts}")
             checks.guard("training waits for the GPU per client, not per step", syncs)
 
