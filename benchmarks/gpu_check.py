@@ -404,6 +404,9 @@ def memory_probe(fraction: float) -> dict:
         ray.kill(actor)
 
 
+PROBE_CLIENTS = 6  # sync_probe's round
+
+
 def sync_probe() -> dict:
     """How often a host's training makes the CPU wait for the GPU: CUDA's sync debug mode warns at every
     synchronising call; per client (reading back its row, its finiteness) is expected, per step is not, so
@@ -413,20 +416,20 @@ def sync_probe() -> dict:
     out = {}
     for batching in ("sequential", "vmap"):
         for epochs in (1, 3):
-            cfg = load_config(None, ["data.dataset='digits'", "clients.num_clients=6", "clients.fraction=1.0",
+            cfg = load_config(None, ["data.dataset='digits'", f"clients.num_clients={PROBE_CLIENTS}", "clients.fraction=1.0",
                                      "algorithm.name='fml'", "model.meme='mlp'", f"training.epochs={epochs}",
                                      "clients.groups=[{name='g', share=1.0, local_model='mlp'}]",
                                      f"training.batching='{batching}'", "training.batch_size=16"])
             prepared = prepare(cfg)
-            host = ClientHost(cfg, prepared.dataset, prepared.partition, list(range(6)), device="cuda")
+            host = ClientHost(cfg, prepared.dataset, prepared.partition, list(range(PROBE_CLIENTS)), device="cuda")
             glob = initial_global_state(cfg, prepared.dataset)
-            host.train(1, list(range(6)), glob)  # warm-up: workspaces, rows on the device
+            host.train(1, list(range(PROBE_CLIENTS)), glob)  # warm-up: workspaces, rows on the device
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    host.train(2, list(range(6)), glob)
+                    host.train(2, list(range(PROBE_CLIENTS)), glob)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             out[f"{batching}/epochs={epochs}"] = sum("synchroniz" in str(w.message) for w in caught)
@@ -484,9 +487,10 @@ def run_check(args) -> int:
                 # many calls. On an H200 the count was 175 at 1 epoch and 174 at 3 (sequential): a one-call wobble,
                 # so fewer more calls than clients passes, not only equality.
                 checks.expect("training waits for the GPU per client, not per step",
-                              all(0 < counts[f"{b}/epochs=1"] and counts[f"{b}/epochs=3"] - counts[f"{b}/epochs=1"] < 6
+                              all(0 < counts[f"{b}/epochs=1"]
+                                  and counts[f"{b}/epochs=3"] - counts[f"{b}/epochs=1"] < PROBE_CLIENTS
                                   for b in ("sequential", "vmap")),
-                              f"synchronising calls in one round of 6 clients (1 vs 3 epochs): {counts}")
+                              f"synchronising calls in one round of {PROBE_CLIENTS} clients (1 vs 3 epochs): {counts}")
             checks.guard("training waits for the GPU per client, not per step", syncs)
 
         if args.precision != "fp32":
