@@ -356,7 +356,6 @@ def check_folder(folder: Path, runs: list[Run]) -> None:
     """The sweep's folder is new, or a sweep's whose table (if any) holds only runs this sweep plans: never a
     run's or a search's folder, and never a `results.parquet` that `combine` would replace without a word (a
     user's file, or the table of another grid given the same sweep name)."""
-
     if not os.path.lexists(folder):
         return
     what = ("a file" if not folder.is_dir() else "a run's folder (fmlray run made it)" if (folder / MARKER).exists()
