@@ -12,6 +12,11 @@ torch.optim.SGD computes it) is a few fused ops on the stacked tensors.
   the clients still training at a step are a prefix of the stack: the step computes on that prefix and
   updates its parameters *and* momentum, and the clients that have finished are masked out of both
   (a slice, so neither their compute nor a `where` is paid).
+- On a GPU the steps run on the whole stack instead, every step at the same shapes (finished clients and
+  padding weigh 0 and keep their parameters and momentum), reading its batch and its step number from the
+  device, so one CUDA graph, captured after the first step, replays every later one: a step becomes one
+  launch instead of hundreds (`Batcher._whole_steps`; on an H200 a 20-client lenet5 round ran 3.3-3.5x
+  faster than with the prefix steps launched op by op).
 - Within a step, a client whose batch is shorter (the last of an epoch) is padded to the longest and its
   padded samples weigh 0 in its loss: the loss is taken per sample (the algorithm's loss on batches of one,
   vmapped) and averaged over the real samples. That is exact for a loss that is the batch mean of
@@ -52,9 +57,14 @@ if TYPE_CHECKING:
 # On a CUDA GPU one client's step is launch-bound whatever the model, so a batched step wins for convolutions too:
 # one actor on a whole H100, 20 Fashion-MNIST clients, batched vs one after another: lenet5 FML 4.5x, FedAvg 4.9x,
 # cnn5 FML 2.8x (benchmarks/results/gpu-batched-h100-2026-11-26.md; measured before the sequential loop stopped
-# reading losses every step, which may take up to ~1.5x off its side). Other devices: sequential.
+# reading losses every step, which may take up to ~1.5x off its side; since the batched steps replay a CUDA
+# graph, an H200 gave lenet5 FML 18.8x, FedAvg 15.2x, cnn5 FML 3.5x: results/gpu-check-h200-graphs-2026-11-28.md).
+# Other devices: sequential.
 AUTO_MIN_CLIENTS = 8
 AUTO_MAX_CONV_PIXELS = 8 * 8
+# Devices whose batched steps run on the whole stack at a fixed shape (`Batcher._whole_steps`): on a GPU that is
+# what lets one CUDA graph replay every step; on the CPU the prefix is cheaper (finished clients cost nothing).
+WHOLE_STACK = ("cuda",)
 
 
 def auto_batches(models: list[nn.Module], input_shape: tuple[int, ...], device: torch.device, clients: int) -> bool:
@@ -215,6 +225,19 @@ def sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, lr
     torch._foreach_add_(params, grads, alpha=-lr)
 
 
+def masked_sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, live: Tensor, lr: float,
+               momentum: float, decay: float) -> None:
+    """`sgd` for the clients where `live` (a (K,) bool over the stacks' first dimension); the others keep their
+    parameters and momentum. Every client is computed, so the shapes are the same at every step."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        keep = live.view(-1, *(1,) * (p.dim() - 1))
+        d = g.add(p, alpha=decay) if decay else g
+        if bufs is not None:
+            d = bufs[i].mul(momentum).add_(d)
+            bufs[i].copy_(torch.where(keep, d, bufs[i]))
+        p.copy_(torch.where(keep, p.add(d, alpha=-lr), p))
+
+
 class Batcher:
     """A host's batched path: which of a round's clients train together, and their training."""
 
@@ -225,6 +248,8 @@ class Batcher:
         self.stacks: dict[tuple[str, ...], tuple[_Stack, _Stack | None]] = {}  # by workspace: the largest used
         self.tables: dict[tuple[str, ...], Tensor] = {}  # the same, for rows
         self.noted: set[str] = set()
+        self.graphs = True  # CUDA graphs for the whole-stack steps (off once a capture failed)
+        self.replays = 0  # steps run by replaying a CUDA graph
 
     def units(self, cids: list[int], received: bool) -> list[tuple[list[int], bool]]:
         """`cids` (sorted) as units of work in order: (clients, batched?). A batched unit is a run of
@@ -442,10 +467,10 @@ class Batcher:
 
     def _steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, steps: list[tuple[np.ndarray, list[int]]],
                rnd: int, anchor: list[Tensor] | None) -> dict:
-        """Every client's steps, prefix by prefix (see the module's docstring); their loss and accuracy sums."""
-        host, t = self.host, self.host.cfg.training
-        dev, k_all, names = host.device, len(steps), host.algo.trains
-        x_all, y_all = host.train_rows.source()
+        """Every client's steps (see the module's docstring); their loss and accuracy sums."""
+        host, names = self.host, self.host.algo.trains
+        dev, k_all = host.device, len(steps)
+        x_all, _ = host.train_rows.source()
         sizes = [s for _, s in steps]
         table = np.zeros((len(sizes[0]), k_all, max(max(s) for s in sizes)), dtype=np.int64)
         count = np.zeros((len(sizes[0]), k_all), dtype=np.float32)
@@ -460,6 +485,27 @@ class Batcher:
         # not a dozen small ops: on a GPU each is a kernel launch); clients that have finished keep zeros
         losses_at = torch.zeros((len(sizes[0]), len(names), k_all), device=dev)
         hits_at = torch.zeros((len(sizes[0]), len(names), k_all), dtype=torch.long, device=dev)
+        if dev.type in WHOLE_STACK and x_all.device.type == dev.type:
+            self._whole_steps(plan, params, moms, table, count, losses_at, hits_at, rnd, anchor)
+        else:
+            self._prefix_steps(plan, params, moms, sizes, table, count, losses_at, hits_at, rnd, anchor)
+        with torch.no_grad():
+            loss_sum = (losses_at.double() * count.double()[:, None]).sum(0)  # as the loop sums loss x batch size
+            went_bad = ~torch.isfinite(losses_at.sum(1))  # (step, client)
+            first = went_bad.int().argmax(0)  # each client's first step with a non-finite loss (0 if none)
+            bad_losses = losses_at[first, :, torch.arange(k_all, device=dev)]  # (client, model)
+            correct = hits_at.sum(0)
+        return {"loss": dict(zip(names, loss_sum.tolist())), "correct": dict(zip(names, correct.tolist())),
+                "seen": [float(sum(s)) for s in sizes], "bad": went_bad.any(0).tolist(),
+                "bad_losses": bad_losses.tolist()}
+
+    def _prefix_steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, sizes: list[list[int]], table: Tensor,
+                      count: Tensor, losses_at: Tensor, hits_at: Tensor, rnd: int, anchor: list[Tensor] | None):
+        """Step after step on the clients still training (a prefix of the stack), each step's batch as wide as
+        its longest; clients whose batch is shorter have their padding weighed out."""
+        host, t = self.host, self.host.cfg.training
+        dev = host.device
+        x_all, y_all = host.train_rows.source()
         step = {u: self._client_fn(plan, rnd, anchor, u) for u in (True, False)}
         mixed = autocast(dev, t.precision)
         for j in range(len(sizes[0])):
@@ -481,15 +527,71 @@ class Batcher:
                     t.weight_decay)
                 losses_at[j, :, :k] = losses.detach().T  # (model, client)
                 hits_at[j, :, :k] = hits.T
-        with torch.no_grad():
-            loss_sum = (losses_at.double() * count.double()[:, None]).sum(0)  # as the loop sums loss x batch size
-            went_bad = ~torch.isfinite(losses_at.sum(1))  # (step, client)
-            first = went_bad.int().argmax(0)  # each client's first step with a non-finite loss (0 if none)
-            bad_losses = losses_at[first, :, torch.arange(k_all, device=dev)]  # (client, model)
-            correct = hits_at.sum(0)
-        return {"loss": dict(zip(names, loss_sum.tolist())), "correct": dict(zip(names, correct.tolist())),
-                "seen": [float(sum(s)) for s in sizes], "bad": went_bad.any(0).tolist(),
-                "bad_losses": bad_losses.tolist()}
+
+    def _whole_steps(self, plan: _Plan, params: _Stack, moms: _Stack | None, table: Tensor, count: Tensor,
+                     losses_at: Tensor, hits_at: Tensor, rnd: int, anchor: list[Tensor] | None):
+        """Every step on the whole stack, at the full batch width: clients that have finished, and padding, weigh
+        0 in the loss, and finished clients keep their parameters and momentum (`masked_sgd`). Each step has the
+        same shapes and reads its batch and its step number from the device, so on a GPU, after the first step,
+        a step is captured as a CUDA graph and replayed for the rest: one launch a step instead of hundreds."""
+        host, t = self.host, self.host.cfg.training
+        dev = host.device
+        x_all, y_all = host.train_rows.source()
+        n_steps, k, width = table.shape
+        weights = (torch.arange(width, device=dev) < count[..., None]) / count.clamp(min=1)[..., None]
+        live_at = count > 0  # (step, client)
+        at = torch.zeros(1, dtype=torch.long, device=dev)  # the step, advanced by the step itself
+        fn = self._client_fn(plan, rnd, anchor, uniform=False)
+        bufs = None if moms is None else moms.store
+        # autocast's cache of cast weights cannot live in a CUDA graph; each weight is cast once a step anyway
+        mixed = autocast(dev, t.precision, cache=False)
+
+        def step():
+            idx = table.index_select(0, at)[0].flatten()
+            x = x_all.index_select(0, idx).view(k, width, *x_all.shape[1:])
+            y = y_all.index_select(0, idx).view(k, width)
+            w = weights.index_select(0, at)[0]
+            live = live_at.index_select(0, at)[0]
+            leaves = [p.detach().requires_grad_() for p in params.store]
+            with mixed:
+                losses, hits = fn(dict(zip(plan.names, (params.shaped(i, v) for i, v in enumerate(leaves)))), x, y, w)
+            grads = torch.autograd.grad(losses.float().sum(), leaves)
+            with torch.no_grad():
+                masked_sgd(params.store, grads, bufs, live, t.lr, t.momentum, t.weight_decay)
+                losses_at.index_copy_(0, at, torch.where(live, losses.detach().T.to(losses_at.dtype), 0)[None])
+                hits_at.index_copy_(0, at, hits.T[None])  # a finished client's hits are 0 (its weights are)
+                at.add_(1)
+
+        graph = None
+        if dev.type == "cuda" and n_steps > 1 and self.graphs:
+            # the first step for real on a side stream (as CUDA graph capture wants its warm-up), then capture
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = self._capture(step)
+        else:
+            step()
+        for _ in range(n_steps - 1):
+            if graph is not None:
+                graph.replay()
+                self.replays += 1
+            else:
+                step()
+
+    def _capture(self, step) -> torch.cuda.CUDAGraph | None:
+        """`step` captured as a CUDA graph (recorded, not run), or None, saying why once, where it cannot be."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+        except RuntimeError as exc:  # an op that cannot be captured: every later step runs eagerly
+            self.graphs = False
+            warnings.warn(f"batched clients: their steps run one launch at a time; a CUDA graph could not capture "
+                          f"them: {str(exc).splitlines()[0]}", stacklevel=2)
+            return None
+        return graph
 
     def _store(self, key: tuple[str, ...], ranked: list[Client], ws, plan: _Plan, params, moms,
                stats, finite: list[bool]) -> list[str | None]:

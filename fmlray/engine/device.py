@@ -67,12 +67,13 @@ class Rows:
         return torch.arange(start, end)
 
 
-def autocast(device: torch.device, precision: str):
-    """The context that runs forward passes and losses at `precision` ("fp32": none)."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """The context that runs forward passes and losses at `precision` ("fp32": none); `cache`: autocast's cache of
+    cast weights (off for a step captured as a CUDA graph)."""
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def check_precision(device: torch.device, precision: str) -> str | None:

@@ -13,7 +13,7 @@ from fmlray import checkpoint
 from fmlray.cli import main
 from fmlray.config import load_config
 from fmlray.engine import batched
-from fmlray.engine.batched import auto_batches, loss_is_sample_mean, sgd
+from fmlray.engine.batched import auto_batches, loss_is_sample_mean, masked_sgd, sgd
 from fmlray.engine.device import cuda_determinism
 from fmlray.engine.host import ClientHost, initial_global_state
 from fmlray.engine.serial import SerialEngine
@@ -39,6 +39,15 @@ def run(overrides, batching):
         engine.close()
 
 
+@pytest.fixture(params=["prefix", "whole"])
+def steps(request, monkeypatch):
+    """The batched steps as the CPU runs them (on the clients still training) and as a GPU does (on the whole
+    stack at a fixed shape, finished clients masked: the shape a CUDA graph replays; here run eagerly)."""
+    if request.param == "whole":
+        monkeypatch.setattr(batched, "WHOLE_STACK", ("cpu", "cuda"))
+    return request.param
+
+
 def assert_close(a, b, atol=2e-6):
     """Same global model, same private rows (as float32 where they hold floats), same metrics rows."""
     (ra, rows_a, _), (rb, rows_b, _) = a, b
@@ -56,21 +65,21 @@ def assert_close(a, b, atol=2e-6):
 
 
 @pytest.mark.parametrize("algorithm", ["fml", "fedavg", "fedprox", "local", "ditto", "dml", "fedper", "lgfedavg"])
-def test_every_algorithm_that_batches_trains_the_models_the_sequential_loop_does(algorithm):
+def test_every_algorithm_that_batches_trains_the_models_the_sequential_loop_does(algorithm, steps):
     overrides = [MLP, f"algorithm.name={algorithm}"]
     seq, vm = run(overrides, "sequential"), run(overrides, "vmap")
     assert_close(seq, vm)
     assert not vm[2].batcher.noted  # it did batch (nothing fell back)
 
 
-def test_heterogeneous_groups_batch_group_by_group():
+def test_heterogeneous_groups_batch_group_by_group(steps):
     # the default groups: mlp and lenet5 local models beside an mlp meme, 12 clients, a third a round
     overrides = ["clients.num_clients=12", "clients.fraction=0.35"]
     seq, vm = run(overrides, "sequential"), run(overrides, "vmap")
     assert_close(seq, vm, atol=5e-6)
 
 
-def test_a_client_with_fewer_steps_keeps_its_parameters_and_momentum_while_the_others_step():
+def test_a_client_with_fewer_steps_keeps_its_parameters_and_momentum_while_the_others_step(steps):
     # clients of 40 and 8 rows: 3 batches and 1; the short one must end as if trained alone
     cfg = load_config(None, [MLP, "clients.num_clients=2", "data.max_train_samples=300", "training.epochs=1",
                              "training.batch_size=16", "algorithm.name=local", "training.batching=vmap"])
@@ -99,6 +108,25 @@ def test_sgd_on_stacks_is_torch_sgd_with_momentum_and_weight_decay():
         sgd(stacked, [g[None]], buf, 0.1, 0.9, 0.01)
     torch.testing.assert_close(stacked[0][0], p.detach(), rtol=0, atol=1e-6)  # a fused multiply-add may round once less
     torch.testing.assert_close(buf[0][0], opt.state[p]["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+def test_masked_sgd_steps_the_live_clients_as_sgd_does_and_leaves_the_others_as_they_were():
+    gen = torch.Generator().manual_seed(1)
+    p0, b0 = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 5, generator=gen)
+    g = torch.randn(3, 4, 5, generator=gen)
+    g[2] = float("nan")  # a finished client's gradient may be anything: it must not leak into its state
+    live = torch.tensor([True, False, False])
+    p, b = [p0.clone()], [b0.clone()]
+    masked_sgd(p, [g], b, live, 0.1, 0.9, 0.01)
+    want_p, want_b = [p0[:1].clone()], [b0[:1].clone()]
+    sgd(want_p, [g[:1]], want_b, 0.1, 0.9, 0.01)
+    torch.testing.assert_close(p[0][:1], want_p[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(b[0][:1], want_b[0], rtol=0, atol=1e-6)
+    assert torch.equal(p[0][1:], p0[1:]) and torch.equal(b[0][1:], b0[1:])
+    p = [p0.clone()]
+    masked_sgd(p, [g], None, live, 0.1, 0.0, 0.0)  # no momentum
+    torch.testing.assert_close(p[0][0], p0[0] - 0.1 * g[0])
+    assert torch.equal(p[0][1:], p0[1:])
 
 
 def reason(host):
@@ -176,7 +204,7 @@ def test_a_resumed_batched_run_equals_the_uninterrupted_one_and_the_sequential_o
 
 
 @pytest.mark.parametrize("broken", ["every row", "one row"])
-def test_a_client_whose_loss_goes_non_finite_is_left_out_with_the_sequential_message(broken):
+def test_a_client_whose_loss_goes_non_finite_is_left_out_with_the_sequential_message(broken, steps):
     cfg = load_config(None, [*SMALL, MLP, "clients.num_clients=4", "clients.fraction=1.0", "algorithm.name=fml"])
     prepared = prepare(cfg)
     x = prepared.dataset.x_train.copy()
@@ -197,7 +225,7 @@ def test_a_client_whose_loss_goes_non_finite_is_left_out_with_the_sequential_mes
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
-def test_a_client_whose_shared_model_goes_non_finite_is_left_out_of_its_private_state_too(store, tmp_path):
+def test_a_client_whose_shared_model_goes_non_finite_is_left_out_of_its_private_state_too(store, tmp_path, steps):
     # one step a client; client 2's inputs are huge: its losses stay finite, but its step throws the meme (and its
     # local model) past ~1e19, so its update is left out, and its row must stay as it was (README, Reliability)
     cfg = load_config(None, [*SMALL, MLP, "clients.num_clients=4", "clients.fraction=1.0", "algorithm.name=fml",
@@ -221,7 +249,7 @@ def test_a_client_whose_shared_model_goes_non_finite_is_left_out_of_its_private_
     assert out["vmap"][1][2]["excluded"] == out["sequential"][1][2]["excluded"]
 
 
-def test_resident_rows_and_bf16_autocast_on_the_cpu():
+def test_resident_rows_and_bf16_autocast_on_the_cpu(steps):
     # the GPU path's pieces, on the CPU: every hosted client's rows gathered once (views after), and bf16
     cfg = load_config(None, [*SMALL, MLP, "clients.num_clients=4", "clients.fraction=1.0", "algorithm.name=fml",
                              "training.batching=vmap"])
