@@ -437,6 +437,35 @@ def sync_probe() -> dict:
     return out
 
 
+def graph_probe(device: str = "cuda") -> dict:
+    """The batched steps on cuda:0 replayed from a CUDA graph vs run one launch at a time (the same whole-stack
+    steps): a round of 6 clients with unequal step counts, FML on lenet5 local models; the steps replayed, any
+    warning, and the largest difference of the partial sums relative to their largest value."""
+    import warnings
+    from fmlray.engine.host import ClientHost
+    cfg = load_config(None, ["data.dataset='digits'", f"clients.num_clients={PROBE_CLIENTS}", "clients.fraction=1.0",
+                             "algorithm.name='fml'", "model.meme='mlp'", "training.epochs=2",
+                             "clients.groups=[{name='g', share=1.0, local_model='lenet5'}]",
+                             "training.batching='vmap'", "training.batch_size=16"])
+    prepared = prepare(cfg)
+    glob = initial_global_state(cfg, prepared.dataset)
+    sums, out = {}, {}
+    for graphs in (True, False):
+        host = ClientHost(cfg, prepared.dataset, prepared.partition, list(range(PROBE_CLIENTS)), device=device)
+        host.batcher.graphs = graphs
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for rnd in (1, 2):
+                partial, _ = host.train(rnd, list(range(PROBE_CLIENTS)), glob)
+        sums[graphs] = partial.sums
+        out[f"replays (graphs {'on' if graphs else 'off'})"] = host.batcher.replays
+        out[f"warnings (graphs {'on' if graphs else 'off'})"] = [str(w.message)[:300] for w in caught]
+        host.close()
+    scale = max(float(np.abs(v).max()) for v in sums[False].values())
+    out["rel_diff"] = max(float(np.abs(sums[True][k] - sums[False][k]).max()) for k in sums[False]) / scale
+    return out
+
+
 def run_check(args) -> int:
     import ray
     if args.precision == "fp32":  # before Ray starts: every worker inherits it
@@ -478,7 +507,9 @@ def run_check(args) -> int:
                                   f"conv rel. error vs float64 {p['conv_rel_error']:.3g}")
             checks.guard("memory cap probe (0.25 GPU)", probe)
         if dry or args.precision != "fp32":
-            checks.skip("training waits for the GPU per client, not per step", "dry run" if dry else "fp32 pass only")
+            for name in ("training waits for the GPU per client, not per step",
+                         "batched steps replay a CUDA graph, with the models of steps run one by one"):
+                checks.skip(name, "dry run" if dry else "fp32 pass only")
         else:
             def syncs():
                 counts = report["sync_probe"] = sync_probe()
@@ -492,6 +523,14 @@ def run_check(args) -> int:
                                   for b in ("sequential", "vmap")),
                               f"synchronising calls in one round of {PROBE_CLIENTS} clients (1 vs 3 epochs): {counts}")
             checks.guard("training waits for the GPU per client, not per step", syncs)
+
+            def graphs():
+                g = report["graph_probe"] = graph_probe()
+                checks.expect("batched steps replay a CUDA graph, with the models of steps run one by one",
+                              g["replays (graphs on)"] > 0 and g["replays (graphs off)"] == 0
+                              and not any("CUDA graph" in w for w in g["warnings (graphs on)"])
+                              and g["rel_diff"] < 1e-5, f"{g}")
+            checks.guard("batched steps replay a CUDA graph, with the models of steps run one by one", graphs)
 
         if args.precision != "fp32":
             runs = (("quarter", QUARTER),)
