@@ -250,6 +250,7 @@ class Batcher:
         self.noted: set[str] = set()
         self.graphs = True  # CUDA graphs for the whole-stack steps (off once a capture failed)
         self.replays = 0  # steps run by replaying a CUDA graph
+        self.side = None  # the CUDA stream each unit's first (warm-up) step runs on
 
     def units(self, cids: list[int], received: bool) -> list[tuple[list[int], bool]]:
         """`cids` (sorted) as units of work in order: (clients, batched?). A batched unit is a run of
@@ -565,7 +566,9 @@ class Batcher:
         graph = None
         if dev.type == "cuda" and n_steps > 1 and self.graphs:
             # the first step for real on a side stream (as CUDA graph capture wants its warm-up), then capture
-            side = torch.cuda.Stream(dev)
+            if self.side is None:  # one for the host's life: the caching allocator keeps what a stream freed for it
+                self.side = torch.cuda.Stream(dev)
+            side = self.side
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 step()
