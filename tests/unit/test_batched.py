@@ -45,6 +45,11 @@ def steps(request, monkeypatch):
     stack at a fixed shape, finished clients masked: the shape a CUDA graph replays; here run eagerly)."""
     if request.param == "whole":
         monkeypatch.setattr(batched, "WHOLE_STACK", ("cpu", "cuda"))
+    other = "_prefix_steps" if request.param == "whole" else "_whole_steps"
+
+    def not_here(*args, **kwargs):
+        raise AssertionError(f"{other} ran where the {request.param} steps should")
+    monkeypatch.setattr(batched.Batcher, other, not_here)  # so the parametrisation cannot silently run one way twice
     return request.param
 
 
