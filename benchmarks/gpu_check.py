@@ -405,6 +405,7 @@ def memory_probe(fraction: float) -> dict:
 
 
 PROBE_CLIENTS = 6  # sync_probe's round
+SYNC_CHECK = "training waits for the GPU per client, not per step"
 
 
 def sync_probe() -> dict:
@@ -438,6 +439,7 @@ def sync_probe() -> dict:
 
 
 GRAPH_ROUNDS = 6  # graph_probe's rounds
+GRAPH_CHECK = "batched steps replay a CUDA graph, with the models of steps run one by one"
 
 
 def graph_probe(device: str = "cuda") -> dict:
@@ -515,8 +517,7 @@ def run_check(args) -> int:
                                   f"conv rel. error vs float64 {p['conv_rel_error']:.3g}")
             checks.guard("memory cap probe (0.25 GPU)", probe)
         if dry or args.precision != "fp32":
-            for name in ("training waits for the GPU per client, not per step",
-                         "batched steps replay a CUDA graph, with the models of steps run one by one"):
+            for name in (SYNC_CHECK, GRAPH_CHECK):
                 checks.skip(name, "dry run" if dry else "fp32 pass only")
         else:
             def syncs():
@@ -525,20 +526,20 @@ def run_check(args) -> int:
                 # Two more epochs add ~180 steps (6 clients, ~15 a client an epoch): a sync per step would add as
                 # many calls. On an H200 the count was 175 at 1 epoch and 174 at 3 (sequential): a one-call wobble,
                 # so fewer more calls than clients passes, not only equality.
-                checks.expect("training waits for the GPU per client, not per step",
+                checks.expect(SYNC_CHECK,
                               all(0 < counts[f"{b}/epochs=1"]
                                   and counts[f"{b}/epochs=3"] - counts[f"{b}/epochs=1"] < PROBE_CLIENTS
                                   for b in ("sequential", "vmap")),
                               f"synchronising calls in one round of {PROBE_CLIENTS} clients (1 vs 3 epochs): {counts}")
-            checks.guard("training waits for the GPU per client, not per step", syncs)
+            checks.guard(SYNC_CHECK, syncs)
 
             def graphs():
                 g = report["graph_probe"] = graph_probe()
-                checks.expect("batched steps replay a CUDA graph, with the models of steps run one by one",
+                checks.expect(GRAPH_CHECK,
                               g["replays (graphs on)"] > 0 and g["replays (graphs off)"] == 0
                               and not any("CUDA graph" in w for w in g["warnings (graphs on)"])
                               and g["rel_diff"] < 1e-5, f"{g}")
-            checks.guard("batched steps replay a CUDA graph, with the models of steps run one by one", graphs)
+            checks.guard(GRAPH_CHECK, graphs)
 
         if args.precision != "fp32":
             runs = (("quarter", QUARTER),)
