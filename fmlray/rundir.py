@@ -531,7 +531,7 @@ class Records:
                 if rnd <= upto and rnd not in have:
                     self._write(rnd, table)  # over a damaged part too (check_history found the round here)
                     have.add(rnd)
-        for part in self.parts.iterdir():
+        for part in _own_entries(self.parts):  # anything else there is the user's, and stays
             if not _part_round(part) or _part_round(part) > upto or _part_round(part) not in have:
                 part.unlink()  # rounds after the checkpoint are run again; temporaries cut short
 
@@ -552,7 +552,7 @@ class Records:
 
         def write(f):
             with pq.ParquetWriter(f, metrics.SCHEMA) as writer:
-                for part in sorted(self.parts.iterdir()):
+                for part in sorted(p for p in _own_entries(self.parts) if _part_round(p)):
                     table = read_parquet(part, schema=metrics.SCHEMA)
                     writer.write_table(table)
                     summary.extend(metrics.summaries(table))
@@ -564,7 +564,7 @@ def missing_rounds(run_dir: Path, upto: int) -> list[int]:
     """The rounds 1..`upto` whose metric rows are neither in metrics/ nor in metrics.parquet (every round
     has rows: at least its own summary row)."""
     parts, merged = Path(run_dir) / PARTS, Path(run_dir) / METRICS
-    have = {_part_round(p) for p in parts.iterdir() if _readable_part(p)} if parts.is_dir() else set()
+    have = {_part_round(p) for p in _own_entries(parts) if _readable_part(p)} if parts.is_dir() else set()
     if not have >= set(range(1, upto + 1)) and merged.is_file():
         try:
             have |= set(read_parquet(merged, columns=["round"]).column("round").to_pylist())
@@ -585,6 +585,11 @@ def check_entries(run_dir: Path) -> None:
                 else "a special file"
             raise FmlrayError(f"{path} is {kind}, where the run keeps its {'folder' if folder else 'file'} {name}; "
                               "move it away (fmlray does not replace it), then resume again")
+    parts = Path(run_dir) / PARTS
+    for path in sorted(parts.iterdir()) if parts.is_dir() and not parts.is_symlink() else ():
+        if _part_round(path) and (path.is_symlink() or not path.is_file()):
+            raise FmlrayError(f"{path} is not a file, where the run keeps a round's metric rows; move it away "
+                              "(fmlray does not replace it), then resume again")
 
 
 def check_history(run_dir: Path, upto: int) -> None:
@@ -609,6 +614,23 @@ def _readable_part(path: Path) -> bool:
         return pq.read_schema(str(path)).names == metrics.SCHEMA.names
     except (pa.ArrowException, OSError):
         return False
+
+
+# write_atomic's temporary of a round's part (see `_temporary`), left by a process killed while writing it
+_PART_TEMPORARY = re.compile(r"\.round-\d+\.parquet\.\d+-[0-9a-f]{8}\.tmp")
+
+
+def _own_entries(parts: Path) -> list[Path]:
+    """What fmlray writes into metrics/: its rounds' parts and their temporaries, as plain files. A user's file
+    or folder there is never read nor deleted (metrics/ itself goes at the run's end only once it is empty)."""
+    return [p for p in parts.iterdir() if (_part_round(p) or _PART_TEMPORARY.fullmatch(p.name))
+            and p.is_file() and not p.is_symlink()]
+
+
+def has_parts(run_dir: Path) -> bool:
+    """Whether `run_dir`'s metrics/ holds a round's rows not yet merged into metrics.parquet."""
+    parts = Path(run_dir) / PARTS
+    return parts.is_dir() and not parts.is_symlink() and any(_part_round(p) for p in _own_entries(parts))
 
 
 def _part_round(path: Path) -> int:
@@ -639,13 +661,16 @@ def finish(run_dir: Path, records: "Records", title: str) -> list[dict]:
         with signals.held():  # a second Ctrl-C inside matplotlib's C extensions aborted Python
             from fmlray import plots  # matplotlib: 0.3 s of import, only when a run ends
         write_atomic(run_dir / PLOT, lambda f: plots.accuracy_plot(summary, title, f))
-    shutil.rmtree(records.parts, ignore_errors=True)
+    for part in _own_entries(records.parts):
+        part.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        records.parts.rmdir()  # a user's file put there stays, and so does the folder
     return summary
 
 
 def finished(run_dir: Path) -> bool:
     """Whether `run_dir` holds a finished run: its metrics.parquet, and no metrics/ parts left (see `finish`)."""
-    return (Path(run_dir) / METRICS).is_file() and not os.path.lexists(Path(run_dir) / PARTS)
+    return (Path(run_dir) / METRICS).is_file() and not has_parts(run_dir)
 
 
 def resumable(run_dir: Path) -> bool:
@@ -690,14 +715,14 @@ def not_a_run(path: Path, resume: bool) -> str | None:
 def read_run(path: str | Path) -> tuple[pa.Table, str]:
     """A finished run's metrics table and the title line of its summary; a damaged one is a one-line error."""
     path = Path(path)
-    if (path / CHECKPOINT_MANIFEST).is_file() and (path / PARTS).is_dir():  # a finished run has merged its parts
+    if (path / CHECKPOINT_MANIFEST).is_file() and has_parts(path):  # a finished run has merged its parts
         what = f"and {METRICS} is not its last" if (path / METRICS).is_file() else f"but no {METRICS}"
         raise FmlrayError(f"{path} is an unfinished fmlray run (it has a checkpoint and metric rows in {PARTS}/, "
                           f"{what}): it is still running or was stopped; `fmlray run --resume {path}` continues a "
                           "stopped one, and report works once it ends")
     if not (path / METRICS).is_file():
         if (path / CHECKPOINT_MANIFEST).is_file():
-            raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no {PARTS}/); "
+            raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no rounds in {PARTS}/); "
                               f"put {METRICS} back, or run the experiment again")
         raise FmlrayError(not_a_run(path, resume=False) or f"{path} is not a finished fmlray run (no {METRICS}); "
                           "give a folder under runs/")

@@ -470,14 +470,15 @@ def test_report_on_an_unfinished_run_says_how_to_continue_it(tmp_path, capsys):
     (run / "checkpoint").mkdir(parents=True)
     (run / "checkpoint" / "manifest.json").write_text("{}")
     (run / "metrics").mkdir()
+    (run / "metrics" / "round-000001.parquet").write_bytes(b"")
     fail(capsys, ["report", str(run)], f"{run} is an unfinished fmlray run (it has a checkpoint and metric rows in "
          f"metrics/, but no metrics.parquet): it is still running or was stopped; `fmlray run --resume {run}` continues")
     (run / "metrics.parquet").write_bytes(b"")  # a finished run extended, and stopped: its old end is not its end
     fail(capsys, ["report", str(run)], "unfinished fmlray run (it has a checkpoint and metric rows in metrics/, and "
          "metrics.parquet is not its last)")
     (run / "metrics.parquet").unlink()
-    (run / "metrics").rmdir()  # a finished run's metrics.parquet deleted: resuming cannot bring it back
-    fail(capsys, ["report", str(run)], "whose metric rows are gone (no metrics.parquet and no metrics/)")
+    (run / "metrics" / "round-000001.parquet").unlink()  # a finished run's metrics.parquet deleted: resuming
+    fail(capsys, ["report", str(run)], "whose metric rows are gone (no metrics.parquet and no rounds in metrics/)")
 
 
 @pytest.mark.parametrize("raised,line", [

@@ -567,3 +567,55 @@ def test_a_full_disk_at_a_new_runs_first_checkpoint_does_not_promise_an_earlier_
     assert done.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.endswith("(this run has no checkpoint yet, so none is kept)") and "still resumable" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_user_puts_into_metrics_survives_a_resume_and_the_end_of_the_run(tmp_path, capsys, monkeypatch):
+    # a stopped run's metrics/ was cleared of every name that was not a round's part when it was resumed, and
+    # deleted whole when the run ended: a user's notes there were lost without a word
+    from fmlray import rundir
+    quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
+    assert main(["run", *quick, "--set", "run.name=whole", "--set", "run.rounds=3"]) == 0
+
+    def killed(run_dir, records, title):
+        raise KeyboardInterrupt  # stopped after its last checkpoint, its rounds' parts not merged
+    monkeypatch.setattr(rundir, "finish", killed)
+    assert main(["run", *quick]) == 130
+    monkeypatch.undo()
+    run_dir = tmp_path / "digits-fml"
+    metrics_dir = run_dir / "metrics"
+    (metrics_dir / "notes.txt").write_text("mine")
+    (metrics_dir / "plots").mkdir()
+    (metrics_dir / "plots" / "a.png").write_bytes(b"png")
+    (metrics_dir / "round-3.csv").write_text("mine too")
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 0
+    assert (metrics_dir / "notes.txt").read_text() == "mine" and (metrics_dir / "plots" / "a.png").read_bytes() == b"png"
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["notes.txt", "plots", "round-3.csv"]  # no parts left
+    assert rundir.finished(run_dir) and not rundir.resumable(run_dir)
+    same(accuracies(run_dir), accuracies(tmp_path / "whole"))
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    # with nothing of the user's in it, metrics/ goes when the run ends, as before
+    assert main(["run", *quick, "--set", "run.name=plain"]) == 0
+    assert not (tmp_path / "plain" / "metrics").exists()
+
+
+def test_a_folder_where_a_round_of_metrics_goes_is_refused_before_a_resume_changes_anything(tmp_path, capsys,
+                                                                                           monkeypatch):
+    from fmlray import rundir
+    quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
+
+    def killed(run_dir, records, title):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rundir, "finish", killed)
+    assert main(["run", *quick]) == 130
+    monkeypatch.undo()
+    run_dir = tmp_path / "digits-fml"
+    odd = run_dir / "metrics" / "round-000003.parquet"  # the round a resume would write next
+    odd.mkdir()
+    (odd / "keep.txt").write_text("mine")
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{odd} is not a file, where the run keeps a round's metric rows" in err, err
+    assert snapshot(run_dir) == before
