@@ -564,7 +564,7 @@ def missing_rounds(run_dir: Path, upto: int) -> list[int]:
     """The rounds 1..`upto` whose metric rows are neither in metrics/ nor in metrics.parquet (every round
     has rows: at least its own summary row)."""
     parts, merged = Path(run_dir) / PARTS, Path(run_dir) / METRICS
-    have = {_part_round(p) for p in _own_entries(parts) if _readable_part(p)} if parts.is_dir() else set()
+    have = {_part_round(p) for p in _own_entries(parts) if _readable_part(p)}
     if not have >= set(range(1, upto + 1)) and merged.is_file():
         try:
             have |= set(read_parquet(merged, columns=["round"]).column("round").to_pylist())
@@ -622,7 +622,10 @@ _PART_TEMPORARY = re.compile(r"\.round-\d+\.parquet\.\d+-[0-9a-f]{8}\.tmp")
 
 def _own_entries(parts: Path) -> list[Path]:
     """What fmlray writes into metrics/: its rounds' parts and their temporaries, as plain files. A user's file
-    or folder there is never read nor deleted (metrics/ itself goes at the run's end only once it is empty)."""
+    or folder there is never read nor deleted (metrics/ itself goes at the run's end only once it is empty), nor
+    what a link put in place of metrics/ points to."""
+    if parts.is_symlink() or not parts.is_dir():
+        return []
     return [p for p in parts.iterdir() if (_part_round(p) or _PART_TEMPORARY.fullmatch(p.name))
             and p.is_file() and not p.is_symlink()]
 
@@ -630,7 +633,7 @@ def _own_entries(parts: Path) -> list[Path]:
 def has_parts(run_dir: Path) -> bool:
     """Whether `run_dir`'s metrics/ holds a round's rows not yet merged into metrics.parquet."""
     parts = Path(run_dir) / PARTS
-    return parts.is_dir() and not parts.is_symlink() and any(_part_round(p) for p in _own_entries(parts))
+    return any(_part_round(p) for p in _own_entries(parts))
 
 
 def _part_round(path: Path) -> int:
