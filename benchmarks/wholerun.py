@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, when run from anywhere
 
 import benchlib  # noqa: E402
@@ -64,13 +66,42 @@ def spawn(way: str, rounds: int, name: str, sample: bool = False) -> dict:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         sampler = benchlib.MemorySampler(benchlib.actors_by_title(proc.pid), interval_s=0.1, root=proc.pid) \
             if sample else None
+        lines, cpu = [], {}
         with sampler or contextlib.nullcontext():
-            lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in proc.stdout]
+            for line in proc.stdout:
+                lines.append((time.perf_counter() - started, line.rstrip("\n")))
+                if not cpu and lines[-1][1].startswith("ready in "):
+                    cpu = cpu_by_part(proc.pid)
             code = proc.wait()
             wall = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"{way} exited with {code}: " + " | ".join(text for _, text in lines[-5:]))
-    return {"wall_s": wall, "lines": lines, "peak": sampler.peak() if sampler is not None else None}
+    return {"wall_s": wall, "lines": lines, "cpu": cpu, "peak": sampler.peak() if sampler is not None else None}
+
+
+CPU_PARTS = ("driver", "client_actors", "aggregator", "ray_system")
+
+
+def cpu_by_part(root: int) -> dict:
+    """CPU seconds (user + system) the tree under `root` has spent so far, by part: the spawned process, the
+    client actors, the aggregator and the rest (Ray's gcs/raylet/agents, monitors, idle workers); with the
+    total divided by the logical cores, the least wall time that much work takes here however it overlaps."""
+    parts = dict.fromkeys(CPU_PARTS, 0.0)
+    try:
+        tree = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return {}
+    for proc in tree:
+        try:
+            title, used = proc.cmdline()[:1], proc.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        part = ("driver" if proc.pid == root else "client_actors" if title == ["ray::ClientActor"]
+                else "aggregator" if title == ["ray::Aggregator"] else "ray_system")
+        parts[part] += used.user + used.system
+    total = sum(parts.values())
+    return {f"cpu_{k}_s": v for k, v in parts.items()} | {"cpu_total_s": total,
+                                                         "cpu_bound_s": total / (os.cpu_count() or 1)}
 
 
 def fmlray_phases(lines: list[tuple[float, str]], wall: float) -> dict:
@@ -133,7 +164,8 @@ def timing(reps: int, rounds: int, log=print, sample: bool = False) -> tuple[lis
         for pos, way in enumerate(order):
             got = spawn(way, rounds, f"wholerun-{rep}", sample)
             phases = (fmlray_phases if way == "fmlray" else plain_phases)(got["lines"], got["wall_s"])
-            rows.append({"kind": "timing", "way": way, "rep": rep, "position": pos, "wall_s": got["wall_s"], **phases})
+            rows.append({"kind": "timing", "way": way, "rep": rep, "position": pos, "wall_s": got["wall_s"], **phases,
+                         **got["cpu"]})
             log(f"rep {rep + 1}/{reps} {way}: {got['wall_s']:.1f}s wall, start-up {phases['startup_s']:.1f}s")
             if sample:
                 mem.append(memory_row(way, got, log))
@@ -231,6 +263,10 @@ def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict],
     phases = [{"phase": label, "fmlray": f.get(k), "plain": p.get(k) if k in PLAIN_PHASES else None}
               for k, label in FMLRAY_PHASES]
     runs = [r for r in rows if r["kind"] == "timing"]
+    cpu = [{"part": label, "fmlray": f.get(f"cpu_{k}_s"), "plain": p.get(f"cpu_{k}_s")} for k, label in (
+        ("driver", "driver (the spawned process)"), ("client_actors", "client actors"), ("aggregator", "aggregator"),
+        ("ray_system", "Ray's processes (gcs, raylet, agents, monitors, idle workers)"), ("total", "**total**"),
+        ("bound", "**total ÷ logical cores**: the least start-up this work allows"))]
     parts = [f"# wholerun: digits default, {args.variant}", "", benchlib.environment_markdown(meta), "",
              f"`fmlray run` of the embedded digits default (FML, 20 clients in two groups: `mlp` and `lenet5` local "
              f"models, `mlp` meme; 5 epochs of batch 16; {args.rounds} rounds, evaluated and checkpointed each; Ray "
@@ -244,6 +280,12 @@ def markdown(args, meta: dict, rows: list[dict], summary: dict, mem: list[dict],
              "## Where the time goes (s, median)", "",
              benchlib.markdown_table(phases, [("phase", "phase", ""), ("fmlray", "fmlray run", ".2f"),
                                               ("plain", "plain script", ".2f")]), "",
+             "## CPU seconds spent by the ready line (median)", "",
+             "Each process of the tree, read when the run prints `ready` (the plain script's: its own process). "
+             f"Spent on {os.cpu_count()} logical cores, the total takes at least total ÷ cores of wall time, however "
+             "well it overlaps: start-up cannot go below that bound without less work.", "",
+             benchlib.markdown_table(cpu, [("part", "part", ""), ("fmlray", "fmlray run", ".2f"),
+                                           ("plain", "plain script", ".2f")]), "",
              "## Runs", "",
              benchlib.markdown_table(runs, [("rep", "rep", ""), ("way", "way", ""), ("position", "turn", ""),
                                             ("wall_s", "wall s", ".2f"), ("startup_s", "start-up s", ".2f"),

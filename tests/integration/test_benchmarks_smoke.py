@@ -104,6 +104,11 @@ def test_wholerun_smoke_writes_parquet_and_markdown(tmp_path):
     timed = {r["way"]: r for r in rows if r["kind"] == "timing"}
     assert set(timed) == {"fmlray", "plain"} and all(r["wall_s"] > 0 for r in timed.values())
     assert timed["fmlray"]["ray_up_s"] > 0 and timed["fmlray"]["actors_ready_s"] > 0 and timed["fmlray"]["rounds"] == 1
+    # the CPU each part had spent by the ready line: two client actors and an aggregator, and only a driver for the plain
+    f, p = timed["fmlray"], timed["plain"]
+    assert f["cpu_client_actors_s"] > 0 and f["cpu_aggregator_s"] > 0 and f["cpu_ray_system_s"] > 0
+    assert p["cpu_total_s"] == p["cpu_driver_s"] > 0 and p["cpu_client_actors_s"] == 0
+    assert f["cpu_bound_s"] == pytest.approx(f["cpu_total_s"] / os.cpu_count())
     memory = {r["way"]: r for r in rows if r["kind"] == "memory"}
     assert memory["fmlray"]["pss_actors_mib"] > 0 and memory["plain"]["pss_total_mib"] > 0
     report = only(tmp_path, "wholerun-digits-smoke-*.md").read_text()
