@@ -372,6 +372,17 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def stopped_before_its_outputs(quick, monkeypatch):
+    """`fmlray run` of `quick` stopped after its last checkpoint, its rounds' metric parts not yet merged."""
+    from fmlray import rundir
+
+    def killed(run_dir, records, title):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(rundir, "finish", killed)
+        assert main(["run", *quick]) == 130
+
+
 # a SIGINT in round 1, whose checkpoint would have been the run's first (the handler hears it mid-round)
 SIGINT_IN_ROUND_ONE = """
 import os, signal, sys
@@ -432,12 +443,7 @@ def test_a_damaged_round_of_a_stopped_run_is_refused_before_anything_changes(tmp
     # merged its parts at the end: a pyarrow traceback after the folder had changed, on every resume (audit 23)
     from fmlray import rundir
     quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
-
-    def killed(run_dir, records, title):
-        raise KeyboardInterrupt  # stopped after its last checkpoint, its rounds' parts not merged
-    monkeypatch.setattr(rundir, "finish", killed)
-    assert main(["run", *quick]) == 130
-    monkeypatch.undo()
+    stopped_before_its_outputs(quick, monkeypatch)
     run_dir = tmp_path / "digits-fml"
     part = run_dir / "metrics" / "round-000001.parquet"
     part.write_bytes(part.read_bytes()[:50])
@@ -575,12 +581,7 @@ def test_what_a_user_puts_into_metrics_survives_a_resume_and_the_end_of_the_run(
     from fmlray import rundir
     quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
     assert main(["run", *quick, "--set", "run.name=whole", "--set", "run.rounds=3"]) == 0
-
-    def killed(run_dir, records, title):
-        raise KeyboardInterrupt  # stopped after its last checkpoint, its rounds' parts not merged
-    monkeypatch.setattr(rundir, "finish", killed)
-    assert main(["run", *quick]) == 130
-    monkeypatch.undo()
+    stopped_before_its_outputs(quick, monkeypatch)
     run_dir = tmp_path / "digits-fml"
     metrics_dir = run_dir / "metrics"
     (metrics_dir / "notes.txt").write_text("mine")
@@ -601,14 +602,8 @@ def test_what_a_user_puts_into_metrics_survives_a_resume_and_the_end_of_the_run(
 
 def test_a_folder_where_a_round_of_metrics_goes_is_refused_before_a_resume_changes_anything(tmp_path, capsys,
                                                                                            monkeypatch):
-    from fmlray import rundir
     quick = [*SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=2", "--set", "clients.num_clients=4"]
-
-    def killed(run_dir, records, title):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(rundir, "finish", killed)
-    assert main(["run", *quick]) == 130
-    monkeypatch.undo()
+    stopped_before_its_outputs(quick, monkeypatch)
     run_dir = tmp_path / "digits-fml"
     odd = run_dir / "metrics" / "round-000003.parquet"  # the round a resume would write next
     odd.mkdir()
