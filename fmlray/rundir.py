@@ -575,9 +575,13 @@ def missing_rounds(run_dir: Path, upto: int) -> list[int]:
 
 def check_entries(run_dir: Path) -> None:
     """Refuse, before a resumed run changes anything, one of the run's own names holding what fmlray would not
-    write there (a folder where a file goes, a link: the stale-part clean-up of metrics/ would follow it)."""
+    write there (a folder where a file goes, a link: the stale-part clean-up of metrics/ would follow it), the
+    rounds' parts in metrics/ included."""
+    parts = Path(run_dir) / PARTS
+    rounds = [(f"{PARTS}/{p.name}", False) for p in sorted(parts.iterdir()) if _part_round(p)] \
+        if parts.is_dir() and not parts.is_symlink() else []  # a link there is refused as metrics/ itself
     for name, folder in ((CONFIG, False), (METRICS, False), (SUMMARY, False), (SUMMARY_JSON, False), (PLOT, False),
-                         (PARTITION, False), (PARTITION_FILE, False), (PARTS, True)):
+                         (PARTITION, False), (PARTITION_FILE, False), (PARTS, True), *rounds):
         path = Path(run_dir) / name
         odd = path.is_symlink() or path.is_dir() != folder or not (path.is_dir() or path.is_file())
         if os.path.lexists(path) and odd:
@@ -585,11 +589,6 @@ def check_entries(run_dir: Path) -> None:
                 else "a special file"
             raise FmlrayError(f"{path} is {kind}, where the run keeps its {'folder' if folder else 'file'} {name}; "
                               "move it away (fmlray does not replace it), then resume again")
-    parts = Path(run_dir) / PARTS
-    for path in sorted(parts.iterdir()) if parts.is_dir() and not parts.is_symlink() else ():
-        if _part_round(path) and (path.is_symlink() or not path.is_file()):
-            raise FmlrayError(f"{path} is not a file, where the run keeps a round's metric rows; move it away "
-                              "(fmlray does not replace it), then resume again")
 
 
 def check_history(run_dir: Path, upto: int) -> None:
@@ -725,8 +724,8 @@ def read_run(path: str | Path) -> tuple[pa.Table, str]:
                           "stopped one, and report works once it ends")
     if not (path / METRICS).is_file():
         if (path / CHECKPOINT_MANIFEST).is_file():
-            raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no rounds in {PARTS}/); "
-                              f"put {METRICS} back, or run the experiment again")
+            raise FmlrayError(f"{path} is an fmlray run whose metric rows are gone (no {METRICS} and no rounds in "
+                              f"{PARTS}/); put {METRICS} back, or run the experiment again")
         raise FmlrayError(not_a_run(path, resume=False) or f"{path} is not a finished fmlray run (no {METRICS}); "
                           "give a folder under runs/")
     try:

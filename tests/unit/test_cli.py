@@ -477,7 +477,8 @@ def test_report_on_an_unfinished_run_says_how_to_continue_it(tmp_path, capsys):
     fail(capsys, ["report", str(run)], "unfinished fmlray run (it has a checkpoint and metric rows in metrics/, and "
          "metrics.parquet is not its last)")
     (run / "metrics.parquet").unlink()
-    (run / "metrics" / "round-000001.parquet").unlink()  # a finished run's metrics.parquet deleted: resuming
+    # a finished run's metrics.parquet deleted (its parts went when it ended): resuming cannot bring it back
+    (run / "metrics" / "round-000001.parquet").unlink()
     fail(capsys, ["report", str(run)], "whose metric rows are gone (no metrics.parquet and no rounds in metrics/)")
 
 

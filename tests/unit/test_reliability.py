@@ -612,5 +612,5 @@ def test_a_folder_where_a_round_of_metrics_goes_is_refused_before_a_resume_chang
     capsys.readouterr()
     assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{odd} is not a file, where the run keeps a round's metric rows" in err, err
+    assert len(err.splitlines()) == 1 and f"{odd} is a folder, where the run keeps its file metrics/round-000003.parquet" in err, err
     assert snapshot(run_dir) == before
