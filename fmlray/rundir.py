@@ -140,23 +140,13 @@ class RunFolder:
     def __enter__(self) -> "RunFolder":
         check_length(self.temp, "run.output_dir and run.name")
         self._made_dirs = _missing(self.parent)  # removed again if the run leaves nothing in them
+        elsewhere = ("make it writable, or copy the run's folder to a writable place and resume the copy"
+                     if self.resume else "set run.output_dir to a writable folder")
         try:
-            self._lock = _take_lock(self.lock_file)
-        except OSError as exc:
+            self._lock = _claim(self.lock_file, self.final, "run", self._or_rename, elsewhere)
+        except FmlrayError:
             self._remove_made_dirs()
-            if os.path.isdir(self.lock_file):
-                raise FmlrayError(f"{self.lock_file} is a folder, where fmlray keeps the lock file of run.name "
-                                  f"{self.final.name!r} (a plain file; fmlray never makes a folder there); move it "
-                                  f"away{self._or_rename}") from None
-            why = _not_a_folder(self.parent)
-            elsewhere = ("make it writable, or copy the run's folder to a writable place and resume the copy"
-                         if self.resume else "set run.output_dir to a writable folder")
-            raise FmlrayError(f"cannot write into {self.parent} ({why or exc.strerror}); nothing was changed there; "
-                              f"{elsewhere}") from None
-        if self._lock is None:
-            self._remove_made_dirs()
-            raise FmlrayError(f"{self.final} is being written by another fmlray run{_holder(self.lock_file)}; "
-                              f"wait for it to end{self._or_rename}") from None
+            raise
         try:
             try:
                 self._recover()
@@ -283,11 +273,7 @@ class RunFolder:
 
     def _remove_made_dirs(self) -> None:
         """Bad input leaves no empty runs/ behind (another writer's lock file or run keeps it)."""
-        for folder in self._made_dirs:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(self._made_dirs)
 
 
 def _missing(folder: Path) -> list[Path]:
@@ -455,6 +441,63 @@ def _take_lock(path: Path) -> int | None:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+
+def _claim(lock_file: Path, folder: Path, writer: str, other_way: str, writable: str) -> int:
+    """`_take_lock(lock_file)`, the lock of the name `folder` (a run's, a sweep's or a search's folder), or one
+    line saying why not: another fmlray `writer` holds it, or the lock cannot be made there (`writable`: what
+    to do then); `other_way`, e.g. ", or choose another run.name", ends the messages that suggest waiting."""
+    try:
+        fd = _take_lock(lock_file)
+    except OSError as exc:
+        if os.path.isdir(lock_file):
+            raise FmlrayError(f"{lock_file} is a folder, where fmlray keeps the lock file of {folder.name!r} (a "
+                              f"plain file; fmlray never makes a folder there); move it away{other_way}") from None
+        why = _not_a_folder(lock_file.parent)
+        raise FmlrayError(f"cannot write into {lock_file.parent} ({why or exc.strerror}); nothing was changed "
+                          f"there; {writable}") from None
+    if fd is None:
+        raise FmlrayError(f"{folder} is being written by another fmlray {writer}{_holder(lock_file)}; wait for "
+                          f"it to end{other_way}")
+    return fd
+
+
+_HELD: set[Path] = set()  # the lock files `writing` holds in this process
+
+
+@contextlib.contextmanager
+def writing(folder: Path, key: str):
+    """Hold the lock of `folder`, the one a run of that name would take (`RunFolder`), while a sweep or a search
+    writes there: a second command on the folder refuses with one line. Without it, a `tune --resume` refused
+    trial by trial beside a running one recorded a trial the first finished as failed, in the Tune state they
+    share, and the next resume left that trial out of trials.parquet. `key`: the setting that moves the folder."""
+    lock_file = folder.parent / f".{folder.name}.lock"
+    if lock_file in _HELD:  # taken already by this process (the CLI, before Ray starts, then the command)
+        yield
+        return
+    made = _missing(folder.parent)
+    try:
+        fd = _claim(lock_file, folder, "command", "", f"set {key} to a writable folder")
+    except FmlrayError:
+        _remove_empty(made)
+        raise
+    _HELD.add(lock_file)
+    try:
+        yield
+    finally:
+        _HELD.discard(lock_file)
+        lock_file.unlink(missing_ok=True)  # while still held: see _take_lock
+        os.close(fd)
+        _remove_empty(made)  # a command that wrote nothing leaves no empty output_dir
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) that are empty: what a refused command made and left nothing in."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            break
 
 
 def _not_a_lock(path: Path, what: str) -> str:

@@ -304,6 +304,15 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
                resume: bool = False) -> tuple[Path, list[dict]]:
     """Run the search (or, with `resume`, continue it in its folder); write trials.parquet and the best
     configs as presets; return (folder, ranked rows)."""
+    from fmlray.rundir import writing
+
+    search = plan_search(path)
+    with writing(search.folder, "tune.output_dir"):  # one command at a time on a search's folder and Tune state
+        return _run_search(search, path, echo, parallel, resume)
+
+
+def _run_search(search: Search, path: str | Path, echo, parallel: int | str | None,
+                resume: bool) -> tuple[Path, list[dict]]:
     import ray
 
     from fmlray.engine.connect import connect, shut_down
@@ -311,7 +320,6 @@ def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
     from fmlray.engine.resources import check_trial_fits, trial_actors, trial_bundles
     from fmlray.trials import check_data, tune_run
 
-    search = plan_search(path)
     restore = None
     if resume:
         restore, started_with = resume_point(search, str(path))

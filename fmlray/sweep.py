@@ -264,10 +264,17 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
     """Run (or finish) every run of the sweep, then write the combined table; return its path.
     One run after another, or, with `parallel` (or executor = "tune" in the file, unless `sequential`),
     as Ray Tune trials."""
+    from fmlray.rundir import writing
+
+    sweep = plan_sweep(path)
+    with writing(sweep.folder, "sweep.output_dir"):  # one command at a time on a sweep's folder
+        return _run_sweep(sweep, path, echo, parallel, sequential)
+
+
+def _run_sweep(sweep: Sweep, path: str | Path, echo, parallel: int | str | None, sequential: bool) -> Path:
     from fmlray import checkpoint
     from fmlray.simulation import run_experiment
 
-    sweep = plan_sweep(path)
     folder, runs = sweep.folder, sweep.runs
     check_folder(folder, runs)
     for run in runs:  # before any run starts: a folder in the way is the user's, never replaced

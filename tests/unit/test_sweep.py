@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -372,3 +374,48 @@ def test_a_sweep_never_replaces_a_table_it_did_not_write_nor_writes_into_a_run_o
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a run's folder (fmlray run made it), not a sweep's" in err, err
     assert sorted(os.listdir(run_dir)) == before
+
+
+TUNE = ('[tune]\nname = "t"\noutput_dir = "{out}"\nset = ["engine.kind=serial", "run.rounds=1"]\nsamples = 2\n'
+        '[[param]]\nkey = "training.lr"\nloguniform = [0.003, 0.1]\n')
+
+
+def holding(folder) -> subprocess.Popen:
+    """Another process holding `folder` as a sweep or search does while it writes there (`rundir.writing`)."""
+    code = ("import sys, time; from pathlib import Path; from fmlray.rundir import writing\n"
+            "with writing(Path(sys.argv[1]), 'sweep.output_dir'):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def tree(root) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("argv", [["sweep"], ["sweep", "--parallel", "2"], ["tune"], ["tune", "--resume"]])
+def test_a_second_command_on_a_sweeps_or_searchs_folder_is_one_line_and_changes_nothing(tmp_path, capsys, argv):
+    # a `tune --resume` beside a running one had its trials refused one by one, recorded them as failed in the
+    # Tune state both read, and the next resume left a trial the first had finished out of trials.parquet
+    spec = tmp_path / "s.toml"
+    spec.write_text((SPEC if argv[0] == "sweep" else TUNE).format(out=tmp_path / "runs"))
+    folder = tmp_path / "runs" / "t"
+    other = holding(folder)
+    try:
+        before = tree(tmp_path)
+        assert main([argv[0], str(spec), *argv[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"fmlray: error: {folder} is being written by another fmlray command (pid {other.pid}); wait " \
+                      "for it to end", err
+        assert tree(tmp_path) == before
+        # a run of the folder's name in the same output_dir takes the same lock
+        assert main(["run", "--set", "engine.kind=serial", "--set", f"run.output_dir={tmp_path / 'runs'}",
+                     "--set", "run.name=t"]) == 2
+        assert f"{folder} is being written by another fmlray run (pid {other.pid})" in capsys.readouterr().err
+        assert tree(tmp_path) == before
+    finally:
+        other.kill()
+        other.wait()
+    if argv == ["sweep"]:  # once the other command has ended, the same sweep runs, and leaves no lock behind
+        assert main(["sweep", str(spec)]) == 0
+        assert (folder / "results.parquet").is_file() and sorted(os.listdir(tmp_path / "runs")) == ["t"]
