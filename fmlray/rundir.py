@@ -471,6 +471,8 @@ def writing(folder: Path, key: str):
     writes there: a second command on the folder refuses with one line. Without it, a `tune --resume` refused
     trial by trial beside a running one recorded a trial the first finished as failed, in the Tune state they
     share, and the next resume left that trial out of trials.parquet. `key`: the setting that moves the folder."""
+    if os.path.islink(folder):  # beside the folder itself, as a resumed run's lock (`RunFolder`)
+        folder = Path(os.path.realpath(folder))
     lock_file = folder.parent / f".{folder.name}.lock"
     if lock_file in _HELD:  # taken already by this process (the CLI, before Ray starts, then the command)
         yield

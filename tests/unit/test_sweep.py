@@ -419,3 +419,20 @@ def test_a_second_command_on_a_sweeps_or_searchs_folder_is_one_line_and_changes_
     if argv == ["sweep"]:  # once the other command has ended, the same sweep runs, and leaves no lock behind
         assert main(["sweep", str(spec)]) == 0
         assert (folder / "results.parquet").is_file() and sorted(os.listdir(tmp_path / "runs")) == ["t"]
+
+
+def test_a_sweep_through_a_link_to_its_folder_and_one_by_the_folders_own_path_take_one_lock(tmp_path, capsys):
+    real = tmp_path / "data" / "t"
+    real.mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "t").symlink_to(real)
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(out=tmp_path / "data"))
+    other = holding(tmp_path / "runs" / "t")
+    try:
+        assert main(["sweep", str(spec)]) == 2
+        assert f"{real} is being written by another fmlray command (pid {other.pid})" in capsys.readouterr().err
+        assert list(real.iterdir()) == []
+    finally:
+        other.kill()
+        other.wait()
