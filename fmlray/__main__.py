@@ -1,5 +1,3 @@
-import sys
+from fmlray.cli import command
 
-from fmlray.cli import main
-
-sys.exit(main())
+command()

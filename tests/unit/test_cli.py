@@ -603,3 +603,30 @@ def test_a_sweep_or_tune_file_given_as_a_config_says_which_command_runs_it(capsy
         assert main(["config", "--config", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"fmlray: error: {path} is a {kind} file, not a config: run it with fmlray {kind} {path}", err
+
+
+PROBE = '''
+import atexit, sys
+from fmlray import cli
+
+class Late:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+keep = Late()  # freed only when Python tears its modules down
+real = cli.main
+
+def main():
+    atexit.register(lambda: print("handler ran"))  # as Ray and logging do once the command runs; unflushed
+    return real(["run", "--set", "engine.kind=nope"])
+
+cli.main = main
+cli.command()
+'''
+
+
+def test_the_command_runs_every_exit_handler_keeps_mains_code_and_skips_pythons_teardown():
+    # tearing torch's, Ray's and pyarrow's modules down took ~1 s after a run's last line, for nothing
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "handler ran\n", (proc.stdout, proc.stderr)
+    assert proc.stderr == "fmlray: error: engine.kind = 'nope' is unknown; choose one of serial, ray\n"
