@@ -267,7 +267,7 @@ def cmd_sweep(args) -> int:
     from fmlray.config import ConfigError
     from fmlray.jobs import check_path
     from fmlray.rundir import check_length, check_writable, writing
-    from fmlray.sweep import SweepStopped, parallel_value, plan_sweep, run_sweep
+    from fmlray.sweep import SweepStopped, parallel_value, plan_sweep, run_planned
 
     sweep = plan_sweep(args.sweep_file)  # every config checked before the first run starts
     check_path(sweep.folder, "the sweep's output_dir")
@@ -285,10 +285,10 @@ def cmd_sweep(args) -> int:
     try:
         with writing(sweep.folder, "sweep.output_dir"):  # before Ray starts: a second sweep refuses at once
             if tune:  # the trials' Ray: joined or started by the executor, which leaves it as it found it
-                out = run_sweep(args.sweep_file, echo=echo, parallel=parallel or sweep.parallel)
+                out = run_planned(sweep, args.sweep_file, echo, parallel or sweep.parallel, False)
             else:
                 with _shared_ray(sweep.runs[0].cfg):
-                    out = run_sweep(args.sweep_file, echo=Console(), sequential=True)
+                    out = run_planned(sweep, args.sweep_file, Console(), None, True)
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)
         return 130

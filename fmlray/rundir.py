@@ -462,9 +462,6 @@ def _claim(lock_file: Path, folder: Path, writer: str, other_way: str, writable:
     return fd
 
 
-_HELD: set[Path] = set()  # the lock files `writing` holds in this process
-
-
 @contextlib.contextmanager
 def writing(folder: Path, key: str):
     """Hold the lock of `folder`, the one a run of that name would take (`RunFolder`), while a sweep or a search
@@ -474,20 +471,15 @@ def writing(folder: Path, key: str):
     if os.path.islink(folder):  # beside the folder itself, as a resumed run's lock (`RunFolder`)
         folder = Path(os.path.realpath(folder))
     lock_file = folder.parent / f".{folder.name}.lock"
-    if lock_file in _HELD:  # taken already by this process (the CLI, before Ray starts, then the command)
-        yield
-        return
     made = _missing(folder.parent)
     try:
         fd = _claim(lock_file, folder, "command", "", f"set {key} to a writable folder")
     except FmlrayError:
         _remove_empty(made)
         raise
-    _HELD.add(lock_file)
     try:
         yield
     finally:
-        _HELD.discard(lock_file)
         lock_file.unlink(missing_ok=True)  # while still held: see _take_lock
         os.close(fd)
         _remove_empty(made)  # a command that wrote nothing leaves no empty output_dir

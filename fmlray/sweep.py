@@ -268,10 +268,11 @@ def run_sweep(path: str | Path, echo=print, parallel: int | str | None = None, s
 
     sweep = plan_sweep(path)
     with writing(sweep.folder, "sweep.output_dir"):  # one command at a time on a sweep's folder
-        return _run_sweep(sweep, path, echo, parallel, sequential)
+        return run_planned(sweep, path, echo, parallel, sequential)
 
 
-def _run_sweep(sweep: Sweep, path: str | Path, echo, parallel: int | str | None, sequential: bool) -> Path:
+def run_planned(sweep: Sweep, path: str | Path, echo, parallel: int | str | None, sequential: bool) -> Path:
+    """`run_sweep` for a sweep planned from `path`, whose caller holds its folder (`rundir.writing`)."""
     from fmlray import checkpoint
     from fmlray.simulation import run_experiment
 
