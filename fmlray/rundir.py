@@ -143,7 +143,7 @@ class RunFolder:
         elsewhere = ("make it writable, or copy the run's folder to a writable place and resume the copy"
                      if self.resume else "set run.output_dir to a writable folder")
         try:
-            self._lock = _claim(self.lock_file, self.final, "run", self._or_rename, elsewhere)
+            self._lock = _claim(self.lock_file, self.final, self._or_rename, elsewhere)
         except FmlrayError:
             self._remove_made_dirs()
             raise
@@ -443,10 +443,11 @@ def _take_lock(path: Path) -> int | None:
         return fd
 
 
-def _claim(lock_file: Path, folder: Path, writer: str, other_way: str, writable: str) -> int:
+def _claim(lock_file: Path, folder: Path, other_way: str, writable: str) -> int:
     """`_take_lock(lock_file)`, the lock of the name `folder` (a run's, a sweep's or a search's folder), or one
-    line saying why not: another fmlray `writer` holds it, or the lock cannot be made there (`writable`: what
-    to do then); `other_way`, e.g. ", or choose another run.name", ends the messages that suggest waiting."""
+    line saying why not: another fmlray command (a run, a sweep or a search: the lock does not say which)
+    holds it, or the lock cannot be made there (`writable`: what to do then); `other_way`, e.g. ", or choose
+    another run.name", ends the messages that suggest waiting."""
     try:
         fd = _take_lock(lock_file)
     except OSError as exc:
@@ -457,7 +458,7 @@ def _claim(lock_file: Path, folder: Path, writer: str, other_way: str, writable:
         raise FmlrayError(f"cannot write into {lock_file.parent} ({why or exc.strerror}); nothing was changed "
                           f"there; {writable}") from None
     if fd is None:
-        raise FmlrayError(f"{folder} is being written by another fmlray {writer}{_holder(lock_file)}; wait for "
+        raise FmlrayError(f"{folder} is being written by another fmlray command{_holder(lock_file)}; wait for "
                           f"it to end{other_way}")
     return fd
 
@@ -473,7 +474,7 @@ def writing(folder: Path, key: str):
     lock_file = folder.parent / f".{folder.name}.lock"
     made = _missing(folder.parent)
     try:
-        fd = _claim(lock_file, folder, "command", "", f"set {key} to a writable folder")
+        fd = _claim(lock_file, folder, "", f"set {key} to a writable folder")
     except FmlrayError:
         _remove_empty(made)
         raise

@@ -412,6 +412,23 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
                 f"{row[search.metric]:.4f} after {row['rounds']} of {search.rounds} rounds ({row['trial']}); "
                 + ", ".join(f"{k} = {literal(v)}" for k, v in values.items()) + "\n")
         write_atomic(search.folder / f"best-{rank}.toml", (head + tomli_w.dumps(to_dict(cfg))).encode())
+    _drop_stale_best(search, min(search.top, len(rows)))
+
+
+def _drop_stale_best(search: Search, kept: int) -> None:
+    """Remove best-<k>.toml past the `kept` this ranking wrote (a resume with a smaller tune.top), so the folder
+    never offers a rank that is no longer one; only files this search wrote (their first line says so)."""
+    for path in search.folder.glob("best-*.toml"):
+        rank = path.name[len("best-"):-len(".toml")]
+        if not rank.isdigit() or int(rank) <= kept:
+            continue
+        try:
+            with open(path, "rb") as f:
+                ours = f.readline().startswith(f"# fmlray tune {search.name}: rank {int(rank)} of ".encode())
+        except OSError:
+            continue
+        if ours:
+            path.unlink(missing_ok=True)
 
 
 def unranked(search: Search, rows: list[dict]) -> str | None:

@@ -189,7 +189,7 @@ def test_a_second_writer_is_refused_while_another_process_holds_the_name(tmp_pat
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        err = one_line(capsys, run(out, "a"), f"{out / 'a'} is being written by another fmlray run",
+        err = one_line(capsys, run(out, "a"), f"{out / 'a'} is being written by another fmlray command",
                        f"(pid {holder.pid})", "run.name")
         assert not (out / "a").exists()
     finally:
@@ -221,7 +221,7 @@ def test_resume_through_a_symlink_or_dot_takes_the_runs_own_lock_and_keeps_its_n
     with RunFolder(out, "a", resume=True):
         capsys.readouterr()
         one_line(capsys, main(["run", "--resume", str(out / "alink"), "--set", "run.rounds=2"]),
-                 f"{out / 'a'} is being written by another fmlray run")
+                 f"{out / 'a'} is being written by another fmlray command")
     assert main(["run", "--resume", str(out / "alink"), "--set", "run.rounds=2"]) == 0
     assert 'name = "a"' in (out / "a" / "config.toml").read_text() and (out / "alink").is_symlink()
     monkeypatch.chdir(out / "a")

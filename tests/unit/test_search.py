@@ -219,6 +219,25 @@ def test_trials_of_values_of_two_kinds_are_written_with_each_value_as_toml_write
     assert "eval_clients = 3" in (s.folder / "best-2.toml").read_text()
 
 
+def test_a_resume_with_a_smaller_top_leaves_no_stale_preset_and_keeps_a_users_file(tmp_path):
+    import dataclasses
+
+    from fmlray.search import write_outputs
+    from fmlray.trials import METRICS
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
+    rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "training.optimizer": "sgd", "complete": True,
+             "rounds": 4, **{m: 0.9 - i / 10 for m in METRICS}} for i in range(4)]
+    s.folder.mkdir(parents=True)
+    write_outputs(s, rows)
+    mine = s.folder / "best-4.toml"
+    mine.write_text("# my notes\n")  # rank 4 was never written (top = 3): a file of the user's own
+    assert sorted(p.name for p in s.folder.glob("best-*.toml")) == ["best-1.toml", "best-2.toml", "best-3.toml",
+                                                                     "best-4.toml"]
+    write_outputs(dataclasses.replace(s, top=1), rows)
+    assert sorted(p.name for p in s.folder.glob("best-*.toml")) == ["best-1.toml", "best-4.toml"]
+    assert mine.read_text() == "# my notes\n"
+
+
 def test_a_metric_is_never_reported_exactly_where_a_run_leaves_it_nan():
     # what plan_search refuses, checked against one real round of every algorithm
     import math

@@ -411,7 +411,7 @@ def test_a_second_command_on_a_sweeps_or_searchs_folder_is_one_line_and_changes_
         # a run of the folder's name in the same output_dir takes the same lock
         assert main(["run", "--set", "engine.kind=serial", "--set", f"run.output_dir={tmp_path / 'runs'}",
                      "--set", "run.name=t"]) == 2
-        assert f"{folder} is being written by another fmlray run (pid {other.pid})" in capsys.readouterr().err
+        assert f"{folder} is being written by another fmlray command (pid {other.pid})" in capsys.readouterr().err
         assert tree(tmp_path) == before
     finally:
         other.kill()
