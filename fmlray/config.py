@@ -236,7 +236,8 @@ class GroupConfig:
         _one_of(f"{key}.local_model", self.local_model, MODELS)
         _between(f"{key}.count", self.count, 0, MAX_CLIENTS)
         _at_least(f"{key}.share", self.share, 0)
-        _check((self.count > 0) != (self.share > 0), f"{key}: give exactly one of count (> 0) or share (> 0)")
+        _check((self.count > 0) != (self.share > 0), f"{key}: give exactly one of count (> 0) or share (> 0)" + (
+            f"; it has count = {self.count} and share = {self.share:g}: set the other to 0" if self.count else ""))
         _positive(f"{key}.num_cpus", self.num_cpus)
         _at_least(f"{key}.num_gpus", self.num_gpus, 0)
         _check(self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus),
@@ -528,6 +529,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                           f"quote it: {key.rsplit('.', 1)[-1]} = \"{text}\" in a file, --set '{key}=\"{text}\"'")
     _check(isinstance(value, tp), f"{key} must be {_TYPE_WORDS.get(tp) or 'a ' + _type_name(tp)}, got {_got(value)}")
     if tp is str:
+        raw = [c for c in value if "\udc80" <= c <= "\udcff"]  # a path's byte that is not UTF-8 (os.fsdecode's escape)
+        if raw:
+            raise ConfigError(f"{key} = {value.encode('utf-8', 'surrogateescape')!r} holds the byte "
+                              f"{ord(raw[0]) - 0xdc00:#x}, which is not UTF-8 text, and fmlray keeps its settings as "
+                              "UTF-8 (config.toml); rename that folder or file, or give a path relative to it from "
+                              "inside")
         _check(value.isprintable(), f"{key} = {value!r} holds a control character (e.g. a NUL, newline or tab); remove it")
     return value
 
@@ -588,7 +595,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw.strip()
     except RecursionError:  # tomllib parses nesting recursively: some hundred levels exhaust Python's stack
         raise ConfigError(f"--set {key.strip()}=...: the value nests lists or tables {_TOO_DEEP}") from None
-    return key.strip().split("."), value
+    keys = key.strip().split(".")
+    _check(all(keys), f"--set {text!r}: the key {key.strip()!r} has an empty part; write section.key=value")
+    return keys, value
 
 
 def _apply(tree: dict[str, Any], path: list[str], value: Any, full: str) -> None:

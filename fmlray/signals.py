@@ -87,8 +87,8 @@ def shielded(doing: str = "shutting down"):
             raise KeyboardInterrupt
         came.append(signum)
         record(signum)
-        print(f"{signal.Signals(signum).name}: {doing} first (Ctrl-C again to abandon that)", file=sys.stderr,
-              flush=True)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a Ctrl-C (SIGINT)"  # a second SIGTERM: ignored
+        print(f"{signal.Signals(signum).name}: {doing} first ({again} to abandon that)", file=sys.stderr, flush=True)
 
     sigs = [signal.SIGTERM] + ([] if sigint_ignored() else [signal.SIGINT])
     previous = {sig: signal.signal(sig, note) for sig in sigs}

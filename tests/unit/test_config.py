@@ -70,6 +70,10 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("clients.groups.5.share=1", "not an index"),
     ("run.name=a/b", "plain folder name"),
     ("training.lr", "must look like section.key=value"),
+    ("run..rounds=3", "--set 'run..rounds=3': the key 'run..rounds' has an empty part; write section.key=value"),
+    ("clients.groups.0.count=5", "clients.groups[mlp]: give exactly one of count (> 0) or share (> 0); it has "
+                                 "count = 5 and share = 0.5: set the other to 0"),
+    ('run.output_dir="/tmp/a\udcffb"', "holds the byte 0xff, which is not UTF-8 text"),
     ("engine.kind=spark", "engine.kind = 'spark' is unknown"),
     ("data.download=yes", "data.download must be true or false"),
     ("run.name.x=1", "--set run.name.x: 'run.name' is a single value, not a table"),
