@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
 from typing import BinaryIO
 
-import matplotlib
+# With a HOME it cannot write, matplotlib's import logs two lines about the temporary cache it uses instead,
+# on every run; nothing of fmlray's depends on that cache, so its import is kept quiet below errors.
+_log = logging.getLogger("matplotlib")
+_level = _log.level
+_log.setLevel(logging.ERROR)
+try:
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.ticker  # noqa: E402
+    import matplotlib.pyplot as plt  # noqa: E402
+finally:
+    _log.setLevel(_level)
 
 
 def accuracy_plot(summary: list[dict], title: str, path: Path | BinaryIO) -> None:
