@@ -9,6 +9,8 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import errno
+import io
 import json
 import os
 import signal
@@ -232,18 +234,33 @@ def _dropped(stop) -> str:
 
 @contextlib.contextmanager
 def _resume_hint(run_dir: Path):
-    """A second Ctrl-C, or a SIGTERM outside the rounds, ends the command at once: where `run_dir` is then left
-    resumable (a checkpoint, no outputs yet), `main`'s one line says how to continue."""
+    """A second Ctrl-C, a SIGTERM outside the rounds, or an OSError no check foresaw (output to a closed pipe or a
+    full disk) ends the command at once: where `run_dir` is then left resumable (a checkpoint, no outputs yet),
+    `main`'s one line says how to continue."""
     try:
         yield
     except BaseException as exc:
         raised = signals.raised_by_handler(exc) or exc
-        if isinstance(raised, (KeyboardInterrupt, signals.Terminated)):
+        if isinstance(raised, (KeyboardInterrupt, signals.Terminated, OSError)):  # OSError: a broken pipe, a full disk
             from fmlray.rundir import resumable
             if resumable(run_dir):
                 raised.add_note(f"continue with: fmlray run --resume {run_dir}")
         raise
 
+
+
+@contextlib.contextmanager
+def _search_hint(record: Path, tune_file: str):
+    """As `_resume_hint`, for a search: a signal that ends `fmlray tune` once the search recorded its plan (it has
+    started, now or before) gets `main`'s line the `--resume` command, which continues it or, where no trial had
+    started, starts it from the beginning with that plan (`search.resume_point`)."""
+    try:
+        yield
+    except BaseException as exc:
+        raised = signals.raised_by_handler(exc) or exc
+        if isinstance(raised, (KeyboardInterrupt, signals.Terminated)) and record.is_file():
+            raised.add_note(f"continue with: fmlray tune {tune_file} --resume")
+        raise
 
 @contextlib.contextmanager
 def _shared_ray(cfg):
@@ -307,7 +324,7 @@ def cmd_sweep(args) -> int:
 def cmd_tune(args) -> int:
     from fmlray.jobs import check_path
     from fmlray.rundir import check_writable
-    from fmlray.search import format_best, plan_search, run_search, unranked
+    from fmlray.search import RECORD, format_best, plan_search, run_search, unranked
     from fmlray.sweep import parallel_value
     from fmlray.trials import TrialsStopped
 
@@ -316,8 +333,9 @@ def cmd_tune(args) -> int:
     check_writable(search.folder, "tune.output_dir")  # it failed with exit 1 once the trials were planned
     parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
     try:
-        folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,
-                                  resume=args.resume)
+        with _search_hint(search.folder / RECORD, args.tune_file):
+            folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,
+                                      resume=args.resume)
     except TrialsStopped:
         print("fmlray: stopped; unfinished trials go on from their last checkpoint, if they reached one; continue "
               f"with: fmlray tune {args.tune_file} --resume", file=sys.stderr)
@@ -430,9 +448,27 @@ def command() -> None:
             return
         os._exit(done[0])
 
+    def finished(signum, frame) -> None:  # the command's work is done: Ray's shutdown goes on, then the exit
+        os.write(2, f"fmlray: {signal.Signals(signum).name} after the command had finished; nothing was lost\n"
+                 .encode())
+
+    _usable_streams()
     atexit.register(end_now)
     done.append(main())
+    signal.signal(signal.SIGTERM, finished)
     sys.exit(done[0])
+
+
+def _usable_streams() -> None:
+    """Streams every print can use: a closed stdout or stderr (a daemon's, cron's: Python leaves it None) goes to
+    /dev/null, and text the terminal's encoding cannot show (`PYTHONIOENCODING=ascii`, a C locale without UTF-8
+    mode) is escaped (\\xd7 for ×), as Python's stderr already does, instead of failing the run."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        elif isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,17 +501,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmlray: terminated (SIGTERM) outside a round; what no checkpoint held yet was dropped{_notes(exc)}",
               file=sys.stderr)
         return 130
-    except BrokenPipeError:  # stdout closed early (`fmlray partition | head`): stop quietly, as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+    except BrokenPipeError as exc:  # stdout closed early (`fmlray partition | head`): stop, as a shell tool does
+        _quiet_stdout()
+        if _notes(exc):  # a run left resumable: stderr may still be read
+            print(f"fmlray: output closed (broken pipe), so the run stopped{_notes(exc)}", file=sys.stderr)
         return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
     except OSError as exc:  # what no check above foresaw, e.g. a full disk under stdout (`> /dev/full`)
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"fmlray: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        print(f"fmlray: error: {_os_error(exc)}", file=sys.stderr)
+        _quiet_stdout()
+        return EXIT_USAGE if exc.errno in _YOURS_TO_FIX else 1
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
+
+
+def _quiet_stdout() -> None:
+    """stdout onto /dev/null, so that Python's own flush at exit does not fail again on what is left unwritten."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # no file under it (a test's capture): nothing to flush there
+        pass
+
+
+_YOURS_TO_FIX = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space on that disk (its quota is full)",
+                 errno.EACCES: "give this user access to it", errno.EPERM: "give this user access to it",
+                 errno.EROFS: "use a writable place"}
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError no check foresaw as one line: what failed, where (when it says), what to change where the cause
+    is the machine's (a full disk, a permission), and how to continue a run it left resumable."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = _YOURS_TO_FIX.get(exc.errno)
+    return f"{exc.strerror or exc}{where}" + (f"; {fix}" if fix else "") + _notes(exc)
 
 
 def _notes(exc: BaseException) -> str:

@@ -81,8 +81,9 @@ def write_atomic(path: Path, data: bytes | Writer, *, durable: bool = False) -> 
 
 
 def read_parquet(path: Path, **kwargs) -> pa.Table:
-    """`path` read as the local file it names (pyarrow, given a string, would take `file:x` for a URI)."""
-    with pa.OSFile(str(path)) as f:
+    """`path` read as the local file it names (pyarrow, given a string, would take `file:x` for a URI); as bytes,
+    since pyarrow encodes a str as UTF-8, which a path's non-UTF-8 byte (os.fsdecode's escape) is not."""
+    with pa.OSFile(os.fsencode(path)) as f:
         return pq.read_table(f, **kwargs)
 
 
@@ -172,8 +173,13 @@ class RunFolder:
         """What `--overwrite` will replace, said at the start: the earlier run and anything added to it since."""
         if self.resume or not _ours(self.final):
             return None
+        from fmlray.checkpoint import OWN
+
         own = {MARKER, CONFIG, METRICS, SUMMARY, SUMMARY_JSON, PARTITION, PARTITION_FILE, PLOT, PARTS, "checkpoint"}
         added = sorted(p.name for p in self.final.iterdir() if p.name not in own)
+        for sub, ours in (("checkpoint", OWN), (PARTS, re.compile(r"round-\d+\.parquet"))):  # a user's notes there too
+            if (self.final / sub).is_dir() and not (self.final / sub).is_symlink():
+                added += sorted(f"{sub}/{p.name}" for p in (self.final / sub).iterdir() if not ours.fullmatch(p.name))
         return (f"--overwrite: {self.final} (an earlier run) is replaced once this run has its first checkpoint"
                 + (f", with {len(added)} entr{'y' if len(added) == 1 else 'ies'} added to it since: "
                    f"{', '.join(added[:3])}{', ...' if len(added) > 3 else ''}" if added else ""))
@@ -682,7 +688,7 @@ def _part_round(path: Path) -> int:
 
 def _rounds(path: Path):
     """(round, its rows) of a metrics file, a row group at a time."""
-    with pa.OSFile(str(path)) as source:
+    with pa.OSFile(os.fsencode(path)) as source:
         f = pq.ParquetFile(source)
         for i in range(f.num_row_groups):
             table = f.read_row_group(i)

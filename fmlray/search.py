@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,18 +266,25 @@ def changed(old: dict, new: dict) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if k not in old or k not in new or old[k] != new[k])
 
 
-def resume_point(search: Search, where: str) -> tuple[Path, int | str]:
-    """The Tune experiment a stopped search continues from, and the `parallel` it started with; a one-line
-    FmlrayError (before Ray starts, nothing written) when the folder holds no search, or another one."""
+def resume_point(search: Search, where: str) -> tuple[Path | None, int | str]:
+    """The Tune experiment a stopped search continues from (None: no trial started, so the search starts from
+    the beginning with the plan it recorded), and the `parallel` it started with; a one-line FmlrayError
+    (before Ray starts, nothing written) when the folder holds no search, or another one."""
     from ray import tune
 
     record = search.folder / RECORD
+    if not os.path.lexists(search.folder):
+        raise FmlrayError(f"{search.folder} holds no search to resume (it does not exist); start it with "
+                          f"fmlray tune {where}, without --resume")
+    if not os.path.lexists(record):  # a run's, a sweep's, a user's: a plain start refuses it too
+        raise FmlrayError(f"{search.folder} is not a search's folder (no {RECORD}), so there is nothing to resume; "
+                          "choose another tune.name or output_dir, or move it away")
     try:
         old = json.loads(record.read_text())
         fp, parallel = old["fingerprint"], old["parallel"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise FmlrayError(f"{search.folder} holds no search to resume (no readable {RECORD}); "
-                          f"start it with fmlray tune {where}, without --resume") from None
+        raise FmlrayError(f"{record} cannot be read as a search's record, so the search in {search.folder} cannot "
+                          "be continued; move that folder away and start again, or choose another tune.name") from None
     diff = changed(fp, fingerprint(search))
     if diff:
         raise FmlrayError(f"{where} changed since the search in {search.folder} started ("
@@ -287,17 +295,28 @@ def resume_point(search: Search, where: str) -> tuple[Path, int | str]:
     # absolute storage path (trials.tune_run): resolve here, not in search.folder, which the fingerprint holds
     tune_dir = search.folder.resolve() / ".tune"
     runs = sorted(d for d in tune_dir.iterdir() if d.is_dir() and tune.Tuner.can_restore(d))
-    if not runs:
-        raise FmlrayError(f"{tune_dir} holds no Ray Tune state to resume (the search stopped before its first "
-                          f"trial); move {search.folder} away and start again")
-    return runs[-1], parallel
+    if runs:
+        return runs[-1], parallel
+    # Stopped between recording its plan and Tune's first state: no trial ran, so starting afresh with that plan
+    # loses nothing, and also covers a kill -9 there (cleaning up on a signal would not) and deletes nothing.
+    others = sorted(p.name for p in search.folder.iterdir() if p.name != ".tune")
+    if others:  # trials ran (their run folders) yet Tune's state is gone: not a search --resume can continue
+        raise FmlrayError(f"{tune_dir} holds no Ray Tune state to resume, but {search.folder} holds "
+                          f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}; move {search.folder} "
+                          "away and start again")
+    return None, parallel
 
 
 def _write_record(search: Search, parallel: int | str) -> None:
-    from fmlray.rundir import write_atomic
+    from fmlray.rundir import _missing, _remove_empty, write_atomic
     record = search.folder / RECORD
+    made = _missing(record.parent)
     record.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(record, json.dumps({"fingerprint": fingerprint(search), "parallel": parallel}, indent=1).encode())
+    try:
+        write_atomic(record, json.dumps({"fingerprint": fingerprint(search), "parallel": parallel}, indent=1).encode())
+    except BaseException:  # a signal or a full disk: no folder without a record, which neither start nor --resume takes
+        _remove_empty(made)
+        raise
 
 
 def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
@@ -327,6 +346,7 @@ def _run_search(search: Search, path: str | Path, echo, parallel: int | str | No
             raise FmlrayError(f"--resume keeps the parallel the search started with ({started_with}); "
                               "drop --parallel")
         parallel = started_with
+        check_outputs(search, "then resume again")  # before Ray, Tune and the trials
     elif (search.folder / RECORD).exists():
         raise FmlrayError(f"{search.folder} exists (an earlier search); continue it with --resume, or choose "
                           "another tune.name or move it away")
@@ -352,7 +372,8 @@ def _run_search(search: Search, path: str | Path, echo, parallel: int | str | No
         echo(f"{search.total} trial(s) of {search.name}, {search.scheduler.upper()} on {search.metric} "
              f"({search.mode}), {'as many as fit' if parallel == 'auto' else f'up to {parallel}'} at once"
              + (f"; resuming {restore}: finished trials kept, the others continue from their checkpoints"
-                if restore else ""))
+                if restore else "; no trial had started: from the beginning, with the plan it recorded"
+                if resume else ""))
         if restore is None:
             _write_record(search, parallel)
         grid, results = tune_run([], parallel, search.folder / ".tune", echo, search=search, restore=restore)
@@ -394,6 +415,67 @@ def _mixed(search: Search, rows: list[dict]) -> list[str]:
     return [p.key for p in search.params if len({kind(r[p.key]) for r in rows}) > 1]
 
 
+def check_outputs(search: Search, then: str, ranks: int | None = None) -> None:
+    """A one-line FmlrayError where write_outputs would replace what this search did not write: trials.parquet
+    other than its table, or best-<k>.toml (k up to `ranks`, default tune.top) other than its preset of rank k. Its
+    own presets it rewrites, edited or not: outputs, made again by every resume. `then`: what to do after moving."""
+    table = search.folder / "trials.parquet"
+    why = _not_our_table(search, table)
+    if why:
+        raise FmlrayError(f"{table} is {why}, and the search would replace it with its table; move it away, {then}")
+    for rank in range(1, (search.top if ranks is None else ranks) + 1):
+        path = search.folder / f"best-{rank}.toml"
+        why = _not_our_preset(search, path, rank)
+        if why:
+            raise FmlrayError(f"{path} is {why}, and the search would replace it with its rank-{rank} preset; move it "
+                              f"away, {then}")
+
+
+def _not_our_table(search: Search, path: Path) -> str | None:
+    """Why `path` is not a trials.parquet this search wrote (its columns, trial-NNNNN rows), or None (also if absent)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        return "a link" if stat.S_ISLNK(mode) else "not a file"
+    try:
+        with pa.OSFile(os.fsencode(path)) as f:
+            found = pq.ParquetFile(f)
+            names = set(found.schema_arrow.names)
+            trials = found.read(columns=["trial"]).column("trial").to_pylist() if "trial" in names else []
+    except (pa.ArrowException, OSError) as exc:
+        return f"not a Parquet table fmlray can read ({type(exc).__name__})"
+    missing = {"trial", "rounds", "complete", *(p.key for p in search.params)} - names
+    if missing or not all(isinstance(t, str) and re.fullmatch(r"trial-\d+", t) for t in trials):
+        return "another table" + (f" (no column {sorted(missing)[0]})" if missing else " (rows not trial-NNNNN)")
+    return None
+
+
+def _not_our_preset(search: Search, path: Path, rank: int) -> str | None:
+    """Why `path` is not a best-<rank>.toml this search wrote (a plain file whose first line is the header
+    write_outputs gives it), or None (also if absent)."""
+    head = f"# fmlray tune {search.name}: rank {rank} of "
+    try:  # never through a link; a pipe opens without waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "a link" if os.path.islink(path) else "a file fmlray cannot read"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, a pipe, a device
+            return "not a file"
+        ours = os.read(fd, len(head.encode())) == head.encode()  # a file this short is read whole in one call
+    except OSError:
+        return "a file fmlray cannot read"
+    finally:
+        os.close(fd)
+    return None if ours else f"a file without the first line this search writes ({head}...)"
+
+
 def write_outputs(search: Search, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -402,6 +484,8 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
 
     if not rows:
         return
+    # again, as the sweep's `combine` checks its table: a file may have come since the resume began
+    check_outputs(search, "then continue the search with --resume to write its outputs", min(search.top, len(rows)))
     mixed = _mixed(search, rows)
     table = pa.Table.from_pylist([{**r, **{k: literal(r[k]) for k in mixed}} for r in rows])
     write_atomic(search.folder / "trials.parquet", lambda f: pq.write_table(table, f))
@@ -417,17 +501,10 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
 
 def _drop_stale_best(search: Search, kept: int) -> None:
     """Remove best-<k>.toml past the `kept` this ranking wrote (a resume with a smaller tune.top), so the folder
-    never offers a rank that is no longer one; only files this search wrote (their first line says so)."""
+    never offers a rank that is no longer one; only files this search wrote (never a link)."""
     for path in search.folder.glob("best-*.toml"):
         rank = path.name[len("best-"):-len(".toml")]
-        if not rank.isdigit() or int(rank) <= kept:
-            continue
-        try:
-            with open(path, "rb") as f:
-                ours = f.readline().startswith(f"# fmlray tune {search.name}: rank {int(rank)} of ".encode())
-        except OSError:
-            continue
-        if ours:
+        if rank.isdigit() and int(rank) > kept and _not_our_preset(search, path, int(rank)) is None:
             path.unlink(missing_ok=True)
 
 

@@ -282,6 +282,30 @@ def test_sigterm_mid_search_then_resume_finishes_it_without_rerunning_finished_t
     assert (folder / "best-1.toml").is_file()
 
 
+TINY_SEARCH = RESUMABLE.replace("run.rounds=10", "run.rounds=2").replace("samples = 3", "samples = 2")
+
+
+def test_a_search_interrupted_once_it_recorded_its_plan_is_continued_by_resume(ray_session, tmp_path, capsys):
+    # Prepare / Execute: Ctrl-C as soon as the plan is recorded (before Tune's first state, or just after)
+    path = spec(tmp_path, text=TINY_SEARCH)
+    folder = tmp_path / "runs" / "r"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "tune", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (folder / ".tune" / "search.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    # Assert: one line giving the command that continues it (the folder was once neither startable nor resumable)
+    assert proc.returncode == 130, (out, err[-3000:])
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"fmlray tune {path} --resume"), err[-3000:]
+    # Execute / Assert: that command ends with the whole search's outputs
+    assert main(["tune", str(path), "--resume"]) == 0, capsys.readouterr().err
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert sorted(t["trial"] for t in trials) == ["trial-00000", "trial-00001"] and all(t["complete"] for t in trials)
+
+
 def test_resume_without_a_search_to_resume_is_one_line_and_writes_nothing(tmp_path, capsys):
     path = spec(tmp_path, text=RESUMABLE)
     folder = tmp_path / "runs" / "r"
@@ -290,11 +314,12 @@ def test_resume_without_a_search_to_resume_is_one_line_and_writes_nothing(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no search to resume" in err, err
     assert not folder.exists()
-    # a folder without Tune's records (e.g. a run folder only)
+    # a folder without the search's record (e.g. a run folder only): a plain start refuses it too, so the line
+    # does not offer one
     (folder / "trial-00000").mkdir(parents=True)
     assert main(["tune", str(path), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds no search to resume" in err, err
+    assert len(err.splitlines()) == 1 and "is not a search's folder" in err and "without --resume" not in err, err
     assert [p.name for p in folder.rglob("*")] == ["trial-00000"]
 
 

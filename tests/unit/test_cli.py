@@ -81,7 +81,38 @@ def test_a_full_disk_under_stdout_is_one_line_not_a_traceback():
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-m", "fmlray", "config"], stdout=full, stderr=subprocess.PIPE,
                               text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr == "fmlray: error: No space left on device\n", proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "fmlray: error: No space left on device; free space on that disk\n", proc.stderr
+
+
+def test_a_closed_stdout_or_an_ascii_terminal_is_no_traceback(tmp_path):
+    """cron and daemons close fd 1 (Python then leaves sys.stdout None); PYTHONIOENCODING=ascii cannot show ×."""
+    closed = ["sh", "-c", 'exec "$0" -m fmlray "$@" >&-', sys.executable]  # started with fd 1 closed
+    for argv in (["config"], ["partition"], ["run", *QUICK, "--set", "run.rounds=1", "--set", "clients.num_clients=4",
+                                             "--set", f"run.output_dir={tmp_path}", "--set", "run.name=closed"]):
+        proc = subprocess.run([*closed, *argv], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stderr == "", (argv, proc.stderr)
+    assert (tmp_path / "closed" / "summary.txt").is_file()
+    ascii_ = subprocess.run([sys.executable, "-m", "fmlray", "config"], capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert ascii_.returncode == 0 and ascii_.stderr == b"", ascii_.stderr
+    assert b"\\u2190" in ascii_.stdout  # the key table's arrow, escaped as Python's stderr escapes
+
+
+def test_a_run_whose_output_pipe_closes_stops_with_the_resume_command_on_stderr(tmp_path):
+    """`fmlray run ... | head -6`: the run stops at its next line, as a shell tool does, and says how to go on."""
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "run", *QUICK, "--set", "run.rounds=4",
+                             "--set", "clients.num_clients=4", "--set", f"run.output_dir={tmp_path}",
+                             "--set", "run.name=piped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("round 1/4"):
+            break
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141
+    assert err == f"fmlray: output closed (broken pipe), so the run stopped; continue with: fmlray run --resume " \
+                  f"{tmp_path / 'piped'}\n", err
+    assert main(["run", "--resume", str(tmp_path / "piped")]) == 0
 
 
 def test_fmlrays_own_warnings_are_one_line(tmp_path):
@@ -625,8 +656,59 @@ cli.command()
 '''
 
 
+def test_a_sigterm_after_the_command_finished_is_one_line_and_keeps_its_code():
+    # a SIGTERM while Ray shuts down after the outputs are written: it used to kill the process silently (-15)
+    probe = PROBE.replace('print("handler ran")', '(os.kill(os.getpid(), 15), time.sleep(0.5))').replace(
+        "import atexit, sys", "import atexit, os, sys, time")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["fmlray: error: engine.kind = 'nope' is unknown; choose one of serial, ray",
+                                        "fmlray: SIGTERM after the command had finished; nothing was lost"]
+
+
 def test_the_command_runs_every_exit_handler_keeps_mains_code_and_skips_pythons_teardown():
     # tearing torch's, Ray's and pyarrow's modules down took ~1 s after a run's last line, for nothing
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == "handler ran\n", (proc.stdout, proc.stderr)
     assert proc.stderr == "fmlray: error: engine.kind = 'nope' is unknown; choose one of serial, ray\n"
+
+
+def test_a_folder_whose_name_is_not_utf8_is_reported_and_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/bad\xffdir"))  # a byte no UTF-8 text holds
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    assert main(["run", *QUICK, "--set", "run.rounds=1", "--set", "clients.num_clients=4",
+                 "--set", "run.output_dir=runs", "--set", "run.name=a"]) == 0  # relative: config.toml stays UTF-8
+    capsys.readouterr()
+    assert main(["report", str(odd / "runs" / "a")]) == 0  # was pyarrow's UnicodeEncodeError
+    assert "local models, own test splits" in capsys.readouterr().out
+    err = fail(capsys, ["run", "--resume", str(odd / "runs" / "a"), "--set", "run.rounds=2"],
+               "holds the byte 0xff, which is not UTF-8 text")
+    assert "control character" not in err
+
+
+def test_a_home_matplotlib_cannot_write_to_adds_nothing_to_stderr(tmp_path):
+    # matplotlib's import logs two lines about a temporary cache when HOME cannot hold its config folder
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    proc = subprocess.run([sys.executable, "-c", "import fmlray.plots"], capture_output=True, text=True, timeout=120,
+                          env={**env, "HOME": str(home)})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_an_unforeseen_os_error_the_user_can_fix_is_one_line_with_what_to_do_and_exit_2(capsys, monkeypatch):
+    import errno
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "runs/a/checkpoint/manifest.json")
+    monkeypatch.setattr(fmlray.cli, "cmd_report", denied)
+    assert main(["report", "runs/a"]) == 2
+    assert capsys.readouterr().err == ("fmlray: error: Permission denied (runs/a/checkpoint/manifest.json); give this "
+                                       "user access to it\n")
+
+    def other(args):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(fmlray.cli, "cmd_report", other)
+    assert main(["report", "runs/a"]) == 1  # not the user's to fix: as before
+    assert capsys.readouterr().err == "fmlray: error: Input/output error\n"

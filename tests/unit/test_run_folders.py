@@ -73,6 +73,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     out = tmp_path / "runs"
     assert run(out, "a") == 0
     (out / "a" / "notes.md").write_text("mine")  # added to the old run: --overwrite takes it too, and says so first
+    (out / "a" / "checkpoint" / "saved-r1").mkdir()  # so does a saved copy where the README says notes may go
     before = snapshot(out / "a")
     seen = []
     real = checkpoint.Writer.__call__
@@ -90,8 +91,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     assert (out / "a" / MARKER).is_file() and hidden(out) == [] and not (out / "a" / "notes.md").exists()
     printed = capsys.readouterr().out
     assert "wrote " + str(out / "a") in printed
-    assert (f"--overwrite: {out / 'a'} (an earlier run) is replaced once this run has its first checkpoint, with 1 "
-            "entry added to it since: notes.md") in printed.splitlines()[1]
+    assert (f"--overwrite: {out / 'a'} (an earlier run) is replaced once this run has its first checkpoint, with 2 "
+            "entries added to it since: notes.md, checkpoint/saved-r1") in printed.splitlines()[1]
 
 
 def test_an_old_run_that_cannot_be_deleted_whole_is_a_warning_and_the_next_run_of_the_name_finishes_it(

@@ -1,5 +1,6 @@
 """`fmlray tune` files: what a search reads, and one clear line for each mistake, before Ray starts."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,7 @@ def test_resume_point_needs_the_same_search_and_tunes_records(tmp_path):
     with pytest.raises(FmlrayError, match="holds no search to resume"):
         resume_point(search, "t.toml")
     _write_record(search, 2)
-    with pytest.raises(FmlrayError, match="holds no Ray Tune state to resume"):
-        resume_point(search, "t.toml")
+    assert resume_point(search, "t.toml") == (None, 2)  # no trial started: from the beginning, with this plan
     # Execute: Tune's experiments (the newest one is continued)
     for name in ("20250101-000000", "20250102-000000"):
         (search.folder / ".tune" / name).mkdir()
@@ -264,3 +264,197 @@ def test_a_search_whose_trials_never_reported_the_metric_is_a_warning(tmp_path):
     assert unranked(s, nan) == ("no trial reported tune.metric = 'local_mean', so the ranking is arbitrary; search "
                                 "again with a metric the trials report")
     assert unranked(s, half) is None and unranked(s, []) is None
+
+
+def resumable_search(tmp_path, tune_state: bool = True):
+    """A search's folder laid out by hand: its recorded plan and, with `tune_state`, a Tune experiment to restore."""
+    path = tmp_path / "t.toml"
+    path.write_text(GOOD.format(out=tmp_path / "runs"))
+    search = plan_search(path)
+    _write_record(search, 1)
+    if tune_state:
+        (search.folder / ".tune" / "20250101-000000").mkdir()
+        (search.folder / ".tune" / "20250101-000000" / "tuner.pkl").write_bytes(b"")
+    return path, search
+
+
+def files(folder: Path) -> dict:
+    """Each path under `folder`: a link or not, and its time of change (a folder's changes as a lock comes and goes)."""
+    return {str(p): (p.is_symlink(), None if p.is_dir() else p.lstat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def past_the_checks(*args, **kwargs):
+    raise AssertionError("the search went past its checks (it would load data, start Ray, run trials)")
+
+
+def test_write_outputs_own_files_pass_its_checks_and_an_edited_preset_is_rewritten(tmp_path):
+    # Prepare: a search's own outputs, then its best-1.toml edited below its first line
+    from fmlray.search import check_outputs, write_outputs
+    from fmlray.trials import METRICS
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
+    rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "training.optimizer": "sgd", "complete": True,
+             "rounds": 4, **{m: 0.9 - i / 10 for m in METRICS}} for i in range(4)]
+    s.folder.mkdir(parents=True)
+    write_outputs(s, rows)
+    best = s.folder / "best-1.toml"
+    best.write_text(best.read_text() + "# my edit\n")
+    # Execute / Assert: an output, made again by every resume
+    check_outputs(s, "then resume again")
+    write_outputs(s, rows)
+    assert "# my edit" not in best.read_text()
+
+
+def not_a_table(folder):
+    (folder / "trials.parquet").write_text("my table\n")
+
+
+def another_table(folder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"trial": ["trial-00000"], "rounds": [4], "complete": [True], "lr": [0.1]}),
+                   folder / "trials.parquet")
+
+
+def a_link(name):
+    def make(folder):
+        (folder.parent / "mine.toml").write_text("# fmlray tune s: rank 2 of 5 by local_mean\n")
+        (folder / name).symlink_to(folder.parent / "mine.toml")
+    return make
+
+
+def headless(folder):
+    (folder / "best-3.toml").write_text("[run]\nrounds = 3\n")
+
+
+def a_folder(folder):
+    (folder / "best-1.toml").mkdir()
+
+
+def a_pipe(folder):
+    os.mkfifo(folder / "best-2.toml")
+
+
+@pytest.mark.parametrize("lay, name, why", [
+    (not_a_table, "trials.parquet", "is not a Parquet table"),
+    (another_table, "trials.parquet", "is another table (no column algorithm.fml.alpha)"),
+    (a_link("trials.parquet"), "trials.parquet", "is a link"),
+    (a_link("best-2.toml"), "best-2.toml", "is a link"),
+    (headless, "best-3.toml", "is a file without the first line this search writes (# fmlray tune s: rank 3 of ...)"),
+    (a_folder, "best-1.toml", "is not a file"),
+    (a_pipe, "best-2.toml", "is not a file"),
+])
+def test_resume_refuses_a_file_the_search_did_not_write_where_it_writes_its_outputs(tmp_path, capsys, monkeypatch,
+                                                                                     lay, name, why):
+    # Prepare: a stopped (or finished) search's folder, and a user's file at one of its outputs' names
+    import fmlray.trials
+    from fmlray.cli import main
+    path, search = resumable_search(tmp_path)
+    lay(search.folder)
+    monkeypatch.setattr(fmlray.trials, "check_data", past_the_checks)
+    before = files(tmp_path)
+    # Execute
+    assert main(["tune", str(path), "--resume"]) == 2
+    # Assert: one line naming the file and what to do, before Ray or Tune; the file, or link, as it was
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{search.folder / name} {why}" in err and "move it away, then resume again" in err, err
+    assert files(tmp_path) == before
+    mine = search.folder.parent / "mine.toml"
+    assert not mine.exists() or mine.read_text() == "# fmlray tune s: rank 2 of 5 by local_mean\n"
+
+
+def test_write_outputs_never_writes_through_nor_removes_a_link_at_its_names(tmp_path):
+    # Prepare: rank 5 is past top (3), a link to a file that looks like this search's preset
+    from fmlray.search import write_outputs
+    from fmlray.trials import METRICS
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
+    rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "training.optimizer": "sgd", "complete": True,
+             "rounds": 4, **{m: 0.9 - i / 10 for m in METRICS}} for i in range(4)]
+    s.folder.mkdir(parents=True)
+    mine = tmp_path / "mine.toml"
+    mine.write_text("# fmlray tune s: rank 5 of 9 by local_mean\n")
+    (s.folder / "best-5.toml").symlink_to(mine)
+    # Execute
+    write_outputs(s, rows)
+    # Assert: the stale-rank clean-up leaves the link alone (it removed it, reading its target's first line)
+    assert (s.folder / "best-5.toml").is_symlink() and mine.read_text().startswith("# fmlray tune s: rank 5 of 9")
+    # Execute: a link where the table goes, made while the trials ran
+    (s.folder / "trials.parquet").unlink()
+    (s.folder / "trials.parquet").symlink_to(mine)
+    with pytest.raises(FmlrayError, match="trials.parquet is a link, .* move it away, then continue the search "
+                                          "with --resume to write its outputs"):
+        write_outputs(s, rows)
+    assert (s.folder / "trials.parquet").is_symlink() and mine.read_text().startswith("# fmlray tune s: rank 5 of 9")
+
+
+def test_resume_of_a_search_stopped_before_tunes_first_state_starts_it_with_the_recorded_plan(tmp_path, capsys,
+                                                                                              monkeypatch):
+    # Prepare: `fmlray tune` stopped right after it recorded its plan (no Tune state, no trial)
+    import fmlray.trials
+    from fmlray.cli import main
+    path, search = resumable_search(tmp_path, tune_state=False)
+    assert resume_point(search, str(path)) == (None, 1)  # from the beginning, with the parallel it started with
+    # Execute / Assert: a plain start still points at --resume ...
+    assert main(["tune", str(path)]) == 2
+    assert "exists (an earlier search); continue it with --resume" in capsys.readouterr().err
+    # ... and --resume goes past its checks, to the data and the trials
+    monkeypatch.setattr(fmlray.trials, "check_data", past_the_checks)
+    with pytest.raises(AssertionError, match="went past its checks"):
+        main(["tune", str(path), "--resume"])
+    # but not where trials ran and Tune's state is gone: starting afresh would run them again beside theirs
+    (search.folder / "trial-00000").mkdir()
+    with pytest.raises(FmlrayError, match=r"holds no Ray Tune state to resume, but .* holds trial-00000; move"):
+        resume_point(search, str(path))
+
+
+@pytest.mark.parametrize("signal_raised", ["KeyboardInterrupt", "Terminated"])
+def test_a_signal_that_ends_a_search_which_recorded_its_plan_gives_the_resume_command(tmp_path, capsys, monkeypatch,
+                                                                                    signal_raised):
+    import fmlray.trials
+    from fmlray import signals
+    from fmlray.cli import main
+    raised = KeyboardInterrupt() if signal_raised == "KeyboardInterrupt" else signals.Terminated()
+
+    def stop(*args, **kwargs):
+        raise raised
+    monkeypatch.setattr(fmlray.trials, "check_data", stop)
+    path = tmp_path / "t.toml"
+    path.write_text(GOOD.format(out=tmp_path / "runs"))
+    # a search that has not recorded its plan: the same command again starts it
+    assert main(["tune", str(path)]) == 130
+    assert "--resume" not in capsys.readouterr().err
+    # one that has (the plan, no Tune state yet): --resume continues it
+    resumable_search(tmp_path, tune_state=False)
+    assert main(["tune", str(path), "--resume"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(f"; continue with: fmlray tune {path} --resume"), err
+
+
+def test_a_search_interrupted_while_it_records_its_plan_leaves_no_folder(tmp_path, monkeypatch):
+    # a folder without the record would be refused by a plain start and by --resume alike
+    import fmlray.rundir
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
+    (tmp_path / "runs").mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fmlray.rundir, "write_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write_record(s, 1)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_resume_of_a_folder_that_is_not_a_searchs_says_so_and_offers_no_start_that_fails(tmp_path, capsys):
+    # a sweep's folder at tune.output_dir/tune.name: a plain `fmlray tune` refuses it too
+    from fmlray.cli import main
+    path = tmp_path / "t.toml"
+    path.write_text(GOOD.format(out=tmp_path / "runs"))
+    folder = tmp_path / "runs" / "s"
+    (folder / "lr-0.01-seed0").mkdir(parents=True)
+    (folder / "results.parquet").write_bytes(b"PAR1")
+    for argv in (["tune", str(path), "--resume"], ["tune", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is not a search's folder" in err, err
+        assert "without --resume" not in err and "choose another tune.name or output_dir" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["lr-0.01-seed0", "results.parquet"]
