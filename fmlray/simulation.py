@@ -7,6 +7,7 @@ algorithm); it only decides who trains when, and writes down what came back.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
@@ -295,6 +296,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                     f"{cfg.clients.num_clients} clients ({time.perf_counter() - loading:.1f}s)")
         if resume is not None:
             checkpoint.check_same_data(folder.path, resume, prepared.dataset, prepared.partition)
+            checkpoint.check_global(folder.path, resume, cfg, prepared.dataset)
         engine = make_engine(cfg)
     except BaseException:
         if early:
@@ -309,18 +311,16 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         split = "".join(f"; {what} {s:.1f}s" for what, s in getattr(engine, "startup", {}).items())
         console(f"ready in {time.perf_counter() - began:.1f}s "
                 f"({time.time() - psutil.Process().create_time():.1f}s since the process started{split})")
-        if resume is not None:  # its rows first: a damaged checkpoint is refused before the folder changes
-            engine.restore(resume.folder, resume.refs(), resume.placement)
-            try:
-                rundir.write_config(folder.path, cfg)  # e.g. with more rounds than before
-            except OSError as exc:  # the first write of a resume: nothing of the run has changed yet
-                raise FmlrayError(f"cannot write into {folder.path} ({exc.strerror}); the run was left as it was: "
-                                  "make the folder writable and resume again") from None
-        else:
+        if resume is None:
             folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition,
                           prepared.dataset.fingerprint())
-        writer = checkpoint.Writer(folder.path, cfg, resume, data=prepared.dataset.fingerprint)
+        writer = checkpoint.Writer(folder.path, cfg, resume, data=prepared.dataset.fingerprint,
+                                   partition=lambda: checkpoint.partition_fingerprint(prepared.partition))
+        if resume is not None:  # its rows first: a damaged checkpoint is refused before the folder changes
+            engine.restore(resume.folder, resume.refs(), resume.placement)
         engine.check_writable(writer.folder)
+        if resume is not None:
+            _first_writes(folder.path, writer.folder, cfg, prepared)
         records = rundir.Records(folder.path, upto=resume.round if resume else 0)
 
         def into_place() -> None:
@@ -365,6 +365,26 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
             summary = rundir.finish(folder.path, records, title(cfg))
         into_place()  # a run without checkpoints (run.checkpoint_every = 0) takes its name when it ends
     return folder.path, summary[-1]
+
+
+def _first_writes(run_dir: Path, checkpoints: Path, cfg: Config, prepared: Prepared) -> None:
+    """A resumed run's first writes, once every check has passed: a probe of its checkpoint folder (refused now,
+    not after a round), its partition.npz if it was deleted (`checkpoint.put_back_partition`), its config (e.g.
+    with more rounds than before). One that fails is one line, and leaves the run as it was (but for a
+    partition.npz put back: the run's own)."""
+    import tempfile
+
+    from fmlray import checkpoint, rundir
+    data, partition = prepared.dataset, prepared.partition
+    for where, write in ((checkpoints, lambda: tempfile.TemporaryFile(dir=checkpoints).close()),
+                         (run_dir, lambda: checkpoint.put_back_partition(run_dir, data, partition)),
+                         (run_dir, lambda: rundir.write_config(run_dir, cfg))):
+        try:
+            write()
+        except OSError as exc:
+            fix = "free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+            raise FmlrayError(f"cannot write into {where} ({exc.strerror or exc}); the run was left as it was: {fix} "
+                              "and resume again") from None
 
 
 @contextlib.contextmanager

@@ -576,8 +576,7 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
         if fd is not None:
             os.close(fd)
         tmp.unlink(missing_ok=True)
-        raise ResourceError(f"cannot write checkpoint file {path} ({exc.strerror}); free space there or set "
-                            f"run.output_dir elsewhere ({kept_checkpoint(path.parent)})") from None
+        raise ResourceError(cannot_write(f"checkpoint file {path}", path.parent, exc)) from None
     return crcs
 
 
@@ -588,6 +587,24 @@ def kept_checkpoint(folder: Path) -> str:
     """What is left when a checkpoint into `folder` fails: the one before, or none (a new run's first)."""
     return ("the previous checkpoint is still resumable" if (folder / MANIFEST).is_file() else
             "this run has no checkpoint yet, so none is kept")
+
+
+def cannot_write(what: str, folder: Path, exc: OSError) -> str:
+    """One line for a checkpoint write into `folder` that failed: the cause (its errno), the remedy that fits it,
+    and what is left. A run that has a checkpoint goes on in its folder (`--resume` cannot move it), so its
+    remedy is there; only a run without one may as well start again elsewhere (run.output_dir)."""
+    kept = (folder / MANIFEST).is_file()
+    then = f", then continue with: fmlray run --resume {folder.parent}" if kept else ""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {folder} writable{then}" if kept else "set run.output_dir to a writable folder"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space there{then}" if kept else "free space there or set run.output_dir elsewhere"
+    elif exc.errno == errno.EFBIG:  # a file-size limit (ulimit -f, a quota) or the file system's largest file
+        fix = f"lift the file-size limit there{then}" if kept else "lift the file-size limit there or set " \
+            "run.output_dir elsewhere"
+    else:
+        fix = f"check {folder}{then}" if kept else "check it or set run.output_dir elsewhere"
+    return f"cannot write {what} ({exc.strerror or exc}); {fix} ({kept_checkpoint(folder)})"
 
 
 def _npy_header(shape: tuple[int, int]) -> bytes:
@@ -603,6 +620,9 @@ def open_rows(path: Path) -> np.ndarray:
     from fmlray.errors import FmlrayError
     try:
         rows = np.lib.format.open_memmap(path, mode="r")  # a .npy header and raw bytes, nothing else
+    except PermissionError as exc:  # there, and maybe whole: said as such
+        raise FmlrayError(f"cannot read checkpoint file {path} ({exc.strerror}); the checkpoint was left as it is: "
+                          "make it readable, then resume again") from None
     except (OSError, ValueError, EOFError) as exc:
         raise FmlrayError(f"checkpoint file {path} is missing or damaged ({type(exc).__name__}); "
                           "the checkpoint cannot be resumed") from None

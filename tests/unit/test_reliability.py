@@ -101,6 +101,27 @@ def _damage_row(run_dir, how):
         path.write_bytes(b"PK\x03\x04 not a numpy file")
 
 
+def _edit_manifest(run_dir, **changes):
+    import json
+    path = run_dir / "checkpoint" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+
+
+def _replace_global(run_dir):
+    """The global model's file replaced whole by another valid one of the same keys and shapes (another run's)."""
+    path = run_dir / "checkpoint" / "global-r000001.npz"
+    with np.load(path) as z:
+        other = {k: z[k] * 2 for k in z.files}
+    with open(path, "wb") as f:
+        np.savez(f, **other)
+
+
 def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpoint(tmp_path):
     # every entry the new manifest did not name was deleted: a user's notes silently, and a saved copy of a
     # checkpoint in a folder ended every resume with "Is a directory", exit 1 (audit 23)
@@ -131,7 +152,14 @@ def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpo
     (lambda d: _damage_row(d, "flip"), "fails its checksum"),
     (lambda d: _damage_row(d, "missing"), "is missing"),
     (lambda d: _damage_row(d, "garbage"), "is missing or damaged"),
-    (lambda d: (d / "checkpoint" / "global-r000001.npz").write_bytes(b"junk"), "global-r000001.npz is missing or damaged"),
+    (lambda d: (d / "checkpoint" / "global-r000001.npz").write_bytes(b"junk"), "global-r000001.npz is damaged"),
+    # a whole file put in its place resumed silently (it has a checksum now, as each row has)
+    (_replace_global, "global-r000001.npz is damaged (it fails its checksum"),
+    # the manifest naming a file outside checkpoint/, or not a global model's: refused only in training, after
+    # config.toml and metrics/ had changed, "the global state's keys do not match model 'mlp'"
+    (lambda d: _edit_manifest(d, **{"global": "../partition.npz"}), "manifest.json is damaged"),
+    (lambda d: _edit_manifest(d, **{"global": "manifest.json"}), "manifest.json is damaged"),
+    (lambda d: _edit_manifest(d, global_crc32=None), "manifest.json is damaged"),  # a version 3 one keeps it
 ])
 def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, damage, message):
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1"]) == 0
@@ -613,4 +641,162 @@ def test_a_folder_where_a_round_of_metrics_goes_is_refused_before_a_resume_chang
     assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{odd} is a folder, where the run keeps its file metrics/round-000003.parquet" in err, err
+    assert snapshot(run_dir) == before
+
+
+QUICK = [*SERIAL, "--set", "run.rounds=1", "--set", "clients.num_clients=4"]
+
+
+def test_a_checkpoint_of_the_format_before_checksummed_global_models_resumes_and_is_still_checked(tmp_path, capsys):
+    # version 2 manifests keep no checksum of the global model: read still; a global file of the wrong keys is
+    # refused before anything changes (it was refused only in training, after config.toml and metrics/ changed)
+    import shutil
+    assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
+    run_dir, other = tmp_path / "digits-fml", tmp_path / "other"
+    _edit_manifest(run_dir, version=2, global_crc32=None, partition=None)
+    shutil.copytree(run_dir, other)
+    shutil.copy(run_dir / "partition.npz", other / "checkpoint" / "global-r000001.npz")
+    before = snapshot(other)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(other), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{other / 'checkpoint' / 'global-r000001.npz'} does not hold the global " \
+        "state of model 'mlp'" in err, err
+    assert snapshot(other) == before
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 0
+    assert checkpoint.load(run_dir).round == 2 and checkpoint.load(run_dir).partition is not None  # now version 3
+
+
+def test_a_deleted_partition_npz_is_written_back_where_the_checkpoint_vouches_for_the_configs(tmp_path, capsys,
+                                                                                             monkeypatch):
+    # resumed without a check of the partition, and the finished run had no partition.npz
+    import shutil
+    assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
+    run_dir = tmp_path / "digits-fml"
+    saved = (run_dir / "partition.npz").read_bytes()
+    older, other = tmp_path / "older", tmp_path / "other"
+    (run_dir / "partition.npz").unlink()
+    shutil.copytree(run_dir, older)
+    shutil.copytree(run_dir, other)
+    assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 0
+    assert (run_dir / "partition.npz").read_bytes() == saved
+    # an older checkpoint keeps no fingerprint of the partition: nothing vouches for the config's
+    _edit_manifest(older, version=2, global_crc32=None, partition=None)
+    before = snapshot(older)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(older), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{older / 'partition.npz'}, the partition the run started with, is " \
+        "missing" in err and "put the run's copy back" in err, err
+    assert snapshot(older) == before
+    # the config gives another partition now (clients 0 and 1 swapped)
+    real = fmlray.data.partition_dataset
+
+    def swapped(*args, **kwargs):
+        part = real(*args, **kwargs)
+        return fmlray.data.Partition((part.train[1], part.train[0], *part.train[2:]), part.test)
+    monkeypatch.setattr(fmlray.data, "partition_dataset", swapped)
+    before = snapshot(other)
+    assert main(["run", "--resume", str(other), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"the config's partition differs from the one {other} was checkpointed " \
+        "on" in err, err
+    assert snapshot(other) == before
+
+
+@pytest.mark.parametrize("code, where, fix", [
+    ("EACCES", "rows", "make {folder} writable, then continue with: fmlray run --resume {run}"),
+    ("ENOSPC", "rows", "free space there, then continue with: fmlray run --resume {run}"),
+    ("EROFS", "global", "make {folder} writable, then continue with: fmlray run --resume {run}"),
+    ("EACCES", "first", "set run.output_dir to a writable folder"),
+])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_whose_remedy_fits_the_cause(tmp_path, capsys, monkeypatch,
+                                                                                    code, where, fix):
+    # "(Permission denied); free space there or set run.output_dir elsewhere", where run.output_dir cannot
+    # change (a run with a checkpoint goes on in its folder) and space was not the problem
+    import errno
+
+    from fmlray.engine import state
+    number = getattr(errno, code)
+    if where != "first":
+        assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
+    if where == "global":
+        real_write = checkpoint.write_atomic
+
+        def failing(path, *args, **kwargs):
+            if path.name.startswith("global-"):
+                raise OSError(number, os.strerror(number), str(path))
+            return real_write(path, *args, **kwargs)
+        monkeypatch.setattr(checkpoint, "write_atomic", failing)
+    else:
+        def failing(path, flags):
+            raise OSError(number, os.strerror(number), str(path))
+        monkeypatch.setattr(state, "_open_direct", failing)
+    capsys.readouterr()
+    run_dir = tmp_path / "digits-fml"
+    argv = ["run", *QUICK, "--set", f"run.output_dir={tmp_path}"] if where == "first" else \
+        ["run", "--resume", str(run_dir), "--set", "run.rounds=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"({os.strerror(number)}); " + fix.format(
+        folder=run_dir / "checkpoint", run=run_dir) in err, err
+    if where == "first":
+        assert err.endswith("(this run has no checkpoint yet, so none is kept)"), err
+    else:
+        assert err.endswith("(the previous checkpoint is still resumable)") and "run.output_dir" not in err, err
+        monkeypatch.undo()
+        assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 0
+
+
+def test_an_unreadable_manifest_is_said_to_be_unreadable_not_damaged(tmp_path, capsys, monkeypatch):
+    # "manifest.json is damaged or not a checkpoint this fmlray can read; start the run again"
+    import errno
+    import pathlib
+    assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
+    real = pathlib.Path.read_bytes
+
+    def denied(self):
+        if self.name == "manifest.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest.json (Permission denied)" in err and "make it readable" in err, err
+    assert "damaged" not in err and "start the run again" not in err, err
+
+
+def _as_a_user():
+    """Root ignores file modes; without CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER (dropped from the
+    bounding set before exec) it cannot."""
+    if os.geteuid() == 0:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2, 3):
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("mode, fragment", [
+    ("checkpoint 555", "cannot write into {ckpt} (Permission denied); the run was left as it was: make it writable"),
+    ("manifest 000", "cannot read {ckpt}/manifest.json (Permission denied); the checkpoint was left as it is: make "
+                     "it readable"),
+])
+def test_a_checkpoint_without_the_permissions_a_resume_needs_is_refused_before_anything_changes(tmp_path, mode,
+                                                                                              fragment):
+    assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
+    run_dir = tmp_path / "digits-fml"
+    what, bits = mode.split()
+    target = run_dir / "checkpoint" / ("manifest.json" if what == "manifest" else "")
+    before = snapshot(run_dir)
+    target.chmod(int(bits, 8))
+    try:
+        done = subprocess.run([sys.executable, "-m", "fmlray", "run", "--resume", str(run_dir), "--set",
+                               "run.rounds=2"], capture_output=True, text=True, timeout=300, preexec_fn=_as_a_user)
+    finally:
+        target.chmod(0o755 if what == "checkpoint" else 0o644)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert fragment.format(ckpt=run_dir / "checkpoint") in err and "run.output_dir" not in err, err
     assert snapshot(run_dir) == before
