@@ -39,7 +39,7 @@ from fmlray.engine.connect import _timeout, connect, shut_down
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
                                      plan_actors, plan_store)
-from fmlray.engine.state import RowRef, latest_rows, state_folder
+from fmlray.engine.state import MANIFEST, RowRef, latest_rows, state_folder
 from fmlray.errors import FmlrayError, ResourceError
 from fmlray.progress import plain_warnings
 
@@ -438,18 +438,23 @@ class RayEngine:
         """Every actor writes a file into the run's `folder`, and the driver must see it: on a cluster the
         run folder has to be storage every node shares, since actors write their checkpoints there."""
         names = [f".probe-{i}" for i in range(len(self.actors))]
+        # a resumed run goes on in its folder (--resume cannot move it): the remedy is there, not run.output_dir
+        resumed = f"fmlray run --resume {folder.parent}" if (folder / MANIFEST).is_file() else None
         try:
             paths = ray.get([a.probe.remote(str(folder), n) for a, n in zip(self.actors, names)])
         except ray.exceptions.RayTaskError as exc:
             first = str(exc.cause).strip().splitlines()[0] if exc.cause else type(exc).__name__
-            raise ResourceError(f"a client actor cannot write into {folder} ({first}); set run.output_dir to "
-                                "a folder every node can write (shared storage on a cluster)") from None
+            fix = (f"make it writable from every node (shared storage on a cluster), then continue with: {resumed}"
+                   if resumed else "set run.output_dir to a folder every node can write (shared storage on a cluster)")
+            raise ResourceError(f"a client actor cannot write into {folder} ({first}); {fix}") from None
         try:
             missing = [p for p in paths if not Path(p).is_file()]
             if missing:
+                fix = (f"put the run on storage every node shares (e.g. an NFS or cloud-storage mount), then "
+                       f"continue with: {resumed}" if resumed else "set run.output_dir to storage every node shares "
+                       "(e.g. an NFS or cloud-storage mount)")
                 raise ResourceError(f"{len(missing)} of {len(paths)} client actors write {folder} somewhere this "
-                                    "driver cannot see; set run.output_dir to storage every node shares "
-                                    "(e.g. an NFS or cloud-storage mount)")
+                                    f"driver cannot see; {fix}")
         finally:
             for p in paths:
                 Path(p).unlink(missing_ok=True)

@@ -504,15 +504,16 @@ def _pwrite(fd: int, buf, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _open_direct(path: Path, flags: int) -> int:
-    """Open `path` for direct I/O where its file system allows it (not tmpfs on older kernels, for one)."""
+def _open_direct(path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open `path` for direct I/O where its file system allows it (not tmpfs on older kernels, for one); a file
+    it makes gets `mode` (less the umask): private scratch by default, a run's file as any other (0o666)."""
     if hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, flags | os.O_DIRECT, 0o600)
+            return os.open(path, flags | os.O_DIRECT, mode)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, flags, 0o600)
+    return os.open(path, flags, mode)
 
 
 STORES = {"memory": MemoryStore, "disk": DiskStore}
@@ -553,7 +554,7 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
     crcs = []
     fd = None
     try:
-        fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # a run's file, as readable as the rest
         buf[:PAGE] = _npy_header((len(cids), width))  # direct I/O writes from page-aligned memory only
         _pwrite(fd, memoryview(buf)[:PAGE], 0)
         for i, cid in enumerate(cids):

@@ -484,6 +484,31 @@ def test_a_resumed_run_puts_moved_clients_back_and_sums_exactly_as_the_uninterru
         np.testing.assert_array_equal(a.global_state[k], b.global_state[k], err_msg=k)
 
 
+def test_a_resumed_runs_checkpoint_folder_the_actors_cannot_write_is_one_line_that_keeps_the_run_in_place(
+        ray_session, tmp_path):
+    # --resume cannot move a run, so "set run.output_dir" was advice that failed; an immutable folder (chattr +i)
+    # refuses even root, which these tests run as
+    import subprocess
+    folder = tmp_path / "a" / "checkpoint"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")  # a checkpoint is there: the run is resumed
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("needs chattr +i (root, on a file system with immutable files)")
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=1"])
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        with pytest.raises(ResourceError) as info:
+            engine.check_writable(folder)
+    finally:
+        engine.close()
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert f"a client actor cannot write into {folder} (" in str(info.value)
+    assert str(info.value).endswith("make it writable from every node (shared storage on a cluster), then continue "
+                                    f"with: fmlray run --resume {tmp_path / 'a'}")
+
+
 def test_sigterm_checkpoints_shuts_ray_down_and_resume_matches(tmp_path, capsys):
     import signal
     import subprocess

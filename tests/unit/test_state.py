@@ -130,6 +130,7 @@ def test_rows_read_ahead_are_never_stale(tmp_path):
 
 
 def test_checkpoint_row_files_are_npy_tables_of_page_padded_rows(tmp_path):
+    import os
     from fmlray.engine.state import PAGE, crc, open_rows, write_rows
     layout = trained_workspace("lenet5", "sgd").layout
     for store in (MemoryStore(layout), DiskStore(layout, tmp_path / "rows")):
@@ -146,6 +147,9 @@ def test_checkpoint_row_files_are_npy_tables_of_page_padded_rows(tmp_path):
         assert (table[0, :layout.nbytes] == rows[1]).all() and (table[1, :layout.nbytes] == rows[3]).all()
         assert not table[:, layout.nbytes:].any() and crcs == [crc(rows[1]), crc(rows[3])]
         assert (open_rows(path) == table).all() and not list(tmp_path.glob(".*.tmp"))
+        umask = os.umask(0)
+        os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # a run's file as any other, not 0600 scratch
         store.close()
 
 
