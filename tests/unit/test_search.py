@@ -219,15 +219,21 @@ def test_trials_of_values_of_two_kinds_are_written_with_each_value_as_toml_write
     assert "eval_clients = 3" in (s.folder / "best-2.toml").read_text()
 
 
-def test_a_resume_with_a_smaller_top_leaves_no_stale_preset_and_keeps_a_users_file(tmp_path):
-    import dataclasses
-
-    from fmlray.search import write_outputs
+def four_trials(tmp_path):
+    """The GOOD search (top = 3) and the rows of four finished trials, best first; its folder made, empty."""
     from fmlray.trials import METRICS
     s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
     rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "training.optimizer": "sgd", "complete": True,
              "rounds": 4, **{m: 0.9 - i / 10 for m in METRICS}} for i in range(4)]
     s.folder.mkdir(parents=True)
+    return s, rows
+
+
+def test_a_resume_with_a_smaller_top_leaves_no_stale_preset_and_keeps_a_users_file(tmp_path):
+    import dataclasses
+
+    from fmlray.search import write_outputs
+    s, rows = four_trials(tmp_path)
     write_outputs(s, rows)
     mine = s.folder / "best-4.toml"
     mine.write_text("# my notes\n")  # rank 4 was never written (top = 3): a file of the user's own
@@ -290,11 +296,7 @@ def past_the_checks(*args, **kwargs):
 def test_write_outputs_own_files_pass_its_checks_and_an_edited_preset_is_rewritten(tmp_path):
     # Prepare: a search's own outputs, then its best-1.toml edited below its first line
     from fmlray.search import check_outputs, write_outputs
-    from fmlray.trials import METRICS
-    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
-    rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "training.optimizer": "sgd", "complete": True,
-             "rounds": 4, **{m: 0.9 - i / 10 for m in METRICS}} for i in range(4)]
-    s.folder.mkdir(parents=True)
+    s, rows = four_trials(tmp_path)
     write_outputs(s, rows)
     best = s.folder / "best-1.toml"
     best.write_text(best.read_text() + "# my edit\n")
@@ -366,11 +368,7 @@ def test_resume_refuses_a_file_the_search_did_not_write_where_it_writes_its_outp
 def test_write_outputs_never_writes_through_nor_removes_a_link_at_its_names(tmp_path):
     # Prepare: rank 5 is past top (3), a link to a file that looks like this search's preset
     from fmlray.search import write_outputs
-    from fmlray.trials import METRICS
-    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
-    rows = [{"trial": f"trial-0000{i}", "algorithm.fml.alpha": 0.5, "training.optimizer": "sgd", "complete": True,
-             "rounds": 4, **{m: 0.9 - i / 10 for m in METRICS}} for i in range(4)]
-    s.folder.mkdir(parents=True)
+    s, rows = four_trials(tmp_path)
     mine = tmp_path / "mine.toml"
     mine.write_text("# fmlray tune s: rank 5 of 9 by local_mean\n")
     (s.folder / "best-5.toml").symlink_to(mine)
