@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def cmd_run(args) -> int:
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:
-        with _resume_hint(run_dir):
+        with _run_hint(run_dir):
             path, summary = run_experiment(cfg, echo=Console(),
                                            resume_dir=None if args.resume is None else run_dir,
                                            overwrite=args.overwrite)
@@ -205,7 +206,7 @@ def cmd_compare(args) -> int:
             resume = run_dir if args.resume and checkpoint_exists(run_dir) else None
             mark = signals.asked()
             try:
-                with _resume_hint(run_dir):
+                with _run_hint(run_dir):
                     path, finals[name] = run_experiment(one, prepared, echo=Console(), resume_dir=resume,
                                                         overwrite=args.overwrite)
             except (RunInterrupted, RunDropped) as stop:
@@ -233,34 +234,23 @@ def _dropped(stop) -> str:
 
 
 @contextlib.contextmanager
-def _resume_hint(run_dir: Path):
+def _resume_hint(command: str, resumable: Callable[[], bool]):
     """A second Ctrl-C, a SIGTERM outside the rounds, or an OSError no check foresaw (output to a closed pipe or a
-    full disk) ends the command at once: where `run_dir` is then left resumable (a checkpoint, no outputs yet),
-    `main`'s one line says how to continue."""
+    full disk) ends the command at once: where it left something `resumable` (a run's checkpoint, a search's
+    recorded plan), `main`'s one line ends with the `command` that continues it."""
     try:
         yield
     except BaseException as exc:
         raised = signals.raised_by_handler(exc) or exc
-        if isinstance(raised, (KeyboardInterrupt, signals.Terminated, OSError)):  # OSError: a broken pipe, a full disk
-            from fmlray.rundir import resumable
-            if resumable(run_dir):
-                raised.add_note(f"continue with: fmlray run --resume {run_dir}")
+        if isinstance(raised, (KeyboardInterrupt, signals.Terminated, OSError)) and resumable():
+            raised.add_note(f"continue with: {command}")
         raise
 
 
+def _run_hint(run_dir: Path):
+    from fmlray.rundir import resumable
+    return _resume_hint(f"fmlray run --resume {run_dir}", lambda: resumable(run_dir))
 
-@contextlib.contextmanager
-def _search_hint(record: Path, tune_file: str):
-    """As `_resume_hint`, for a search: a signal that ends `fmlray tune` once the search recorded its plan (it has
-    started, now or before) gets `main`'s line the `--resume` command, which continues it or, where no trial had
-    started, starts it from the beginning with that plan (`search.resume_point`)."""
-    try:
-        yield
-    except BaseException as exc:
-        raised = signals.raised_by_handler(exc) or exc
-        if isinstance(raised, (KeyboardInterrupt, signals.Terminated)) and record.is_file():
-            raised.add_note(f"continue with: fmlray tune {tune_file} --resume")
-        raise
 
 @contextlib.contextmanager
 def _shared_ray(cfg):
@@ -333,7 +323,7 @@ def cmd_tune(args) -> int:
     check_writable(search.folder, "tune.output_dir")  # it failed with exit 1 once the trials were planned
     parallel = None if args.parallel is None else parallel_value(args.parallel, "--parallel")
     try:
-        with _search_hint(search.folder / RECORD, args.tune_file):
+        with _resume_hint(f"fmlray tune {args.tune_file} --resume", (search.folder / RECORD).is_file):
             folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,
                                       resume=args.resume)
     except TrialsStopped:
