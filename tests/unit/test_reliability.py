@@ -729,7 +729,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_whose_remedy_fits_the_c
             return real_write(path, *args, **kwargs)
         monkeypatch.setattr(checkpoint, "write_atomic", failing)
     else:
-        def failing(path, flags):
+        def failing(path, *args):
             raise OSError(number, os.strerror(number), str(path))
         monkeypatch.setattr(state, "_open_direct", failing)
     capsys.readouterr()
