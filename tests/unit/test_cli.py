@@ -88,8 +88,8 @@ def test_a_full_disk_under_stdout_is_one_line_not_a_traceback():
 def test_a_closed_stdout_or_an_ascii_terminal_is_no_traceback(tmp_path):
     """cron and daemons close fd 1 (Python then leaves sys.stdout None); PYTHONIOENCODING=ascii cannot show ×."""
     closed = ["sh", "-c", 'exec "$0" -m fmlray "$@" >&-', sys.executable]  # started with fd 1 closed
-    for argv in (["config"], ["partition"], ["run", *QUICK, "--set", "run.rounds=1", "--set", "clients.num_clients=4",
-                                             "--set", f"run.output_dir={tmp_path}", "--set", "run.name=closed"]):
+    for argv in (["config"], ["run", *QUICK, "--set", "run.rounds=1", "--set", "clients.num_clients=4",
+                               "--set", f"run.output_dir={tmp_path}", "--set", "run.name=closed"]):
         proc = subprocess.run([*closed, *argv], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and proc.stderr == "", (argv, proc.stderr)
     assert (tmp_path / "closed" / "summary.txt").is_file()
