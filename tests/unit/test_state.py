@@ -153,6 +153,19 @@ def test_checkpoint_row_files_are_npy_tables_of_page_padded_rows(tmp_path):
         store.close()
 
 
+def test_a_scratch_folder_another_run_removes_while_it_is_listed_does_not_fail_a_runs_start(tmp_path, monkeypatch):
+    # two runs on one machine: one's end removed /tmp/fmlray-state-<token> while the other's start listed /tmp
+    from pathlib import Path
+
+    from fmlray.engine.state import _tidy_scratch
+
+    def gone(self, pattern):
+        yield from ()
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "fmlray-state-x"))
+    monkeypatch.setattr(Path, "glob", gone)
+    _tidy_scratch(tmp_path)  # best effort: no error
+
+
 def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp_path):
     import os
     import subprocess
