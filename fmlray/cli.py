@@ -439,8 +439,9 @@ def command() -> None:
         os._exit(done[0])
 
     def finished(signum, frame) -> None:  # the command's work is done: Ray's shutdown goes on, then the exit
-        os.write(2, f"fmlray: {signal.Signals(signum).name} after the command had finished; nothing was lost\n"
-                 .encode())
+        with contextlib.suppress(OSError):  # fd 2 closed: nothing to say it on
+            os.write(2, f"fmlray: {signal.Signals(signum).name} after the command had finished; nothing was lost\n"
+                     .encode())
 
     _usable_streams()
     atexit.register(end_now)
