@@ -264,6 +264,17 @@ def actor_pids(engine) -> set[int]:
     return pids
 
 
+ACTOR_TITLES = ("ray::ClientActor", "ray::Aggregator")
+
+
+def actor_title(cmdline: list[str]) -> str | None:
+    """Ray's title of an fmlray actor's process, "ray::ClientActor" or "ray::Aggregator", also while it runs a
+    method (then Ray titles it "ray::ClientActor.train", and after the call's reply has gone, not before:
+    a reading just after a call returned can still see that); None for any other process."""
+    head = cmdline[0].split(".", 1)[0] if cmdline else ""
+    return head if head in ACTOR_TITLES else None
+
+
 def actors_by_title(root: int) -> Callable[[], set[int]]:
     """A lookup of the client actors and aggregator under `root` by Ray's process titles, remembering
     every pid it has seen (an actor that has exited still counts for the readings taken while it lived)."""
@@ -276,7 +287,7 @@ def actors_by_title(root: int) -> Callable[[], set[int]]:
             children = []
         for child in children:
             try:
-                if child.cmdline()[:1] in (["ray::ClientActor"], ["ray::Aggregator"]):
+                if actor_title(child.cmdline()):
                     seen.add(child.pid)
             except psutil.Error:
                 pass

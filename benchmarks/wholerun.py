@@ -93,11 +93,11 @@ def cpu_by_part(root: int) -> dict:
         return {}
     for proc in tree:
         try:
-            title, used = proc.cmdline()[:1], proc.cpu_times()
+            title, used = benchlib.actor_title(proc.cmdline()), proc.cpu_times()
         except psutil.Error:  # exited meanwhile
             continue
-        part = ("driver" if proc.pid == root else "client_actors" if title == ["ray::ClientActor"]
-                else "aggregator" if title == ["ray::Aggregator"] else "ray_system")
+        part = ("driver" if proc.pid == root else "client_actors" if title == "ray::ClientActor"
+                else "aggregator" if title == "ray::Aggregator" else "ray_system")
         parts[part] += used.user + used.system
     total = sum(parts.values())
     return {f"cpu_{k}_s": v for k, v in parts.items()} | {"cpu_total_s": total,
