@@ -157,7 +157,7 @@ def start_private_ray(**resources) -> None:
     from ray._private import ray_constants
     _quiet_error_listener()
     with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-                  RAY_AUTH_TOKEN=secrets.token_hex(32)), _lean_head():
+                  RAY_AUTH_TOKEN=secrets.token_hex(32)), _lean_head(resources.get("log_to_driver", True)):
         loopback, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
             _reread_auth()
@@ -169,16 +169,20 @@ def start_private_ray(**resources) -> None:
 
 
 @contextlib.contextmanager
-def _lean_head():
+def _lean_head(log_to_driver: bool = True):
     """Keep `ray.init` from starting two head processes that a private one-node Ray has no use for: the
     autoscaler monitor (nothing to scale) and the dashboard API server (job submission, state API; nobody can
     reach this Ray anyway). Each is a Python process importing much of Ray: on two cores they took 2.5 s of
     CPU and ~2.3 s of `ray.init`'s 6.4 s (benchmarks/README.md). `ray.init` has no switch for them (with
     include_dashboard=False it still starts the API server), so Ray's node is kept from calling them; a Ray
     without these methods starts them as usual. The trade-off: the dashboard agent, which the raylet still
-    starts, logs once a second into Ray's session folder that it finds no dashboard (~2 MB an hour)."""
+    starts, logs once a second into Ray's session folder that it finds no dashboard (~2 MB an hour).
+    Without `log_to_driver` (the test session's Ray), the log monitor goes too: it only forwards the workers'
+    output to the driver, and it rereads every worker's log file all the while (~2 % of a core in a
+    20-minute test session whose Ray started ~40 actors)."""
     from ray._private.node import Node
-    saved = {name: Node.__dict__[name] for name in ("start_monitor", "start_api_server") if name in Node.__dict__}
+    names = ("start_monitor", "start_api_server") + (() if log_to_driver else ("start_log_monitor",))
+    saved = {name: Node.__dict__[name] for name in names if name in Node.__dict__}
     for name in saved:
         setattr(Node, name, lambda self, *args, **kwargs: None)
     try:

@@ -85,6 +85,15 @@ def test_runs_in_a_reusing_scope_take_the_actors_before_them_and_give_the_same_r
     assert not set(pids(e4)) & set(pids(e1)) and ray_engine._parked is None
 
 
+def test_the_test_sessions_ray_runs_no_log_monitor(ray_session):
+    # it started with log_to_driver=False, so nothing reads what the log monitor would forward; a run's private
+    # Ray keeps its own (test_private_ray), which brings the actors' warnings into the run's output
+    import psutil
+    ours = psutil.Process().children(recursive=True)
+    words = {os.path.basename(part) for p in ours for part in p.cmdline()[:3]}
+    assert {"raylet", "gcs_server"} <= words and "log_monitor.py" not in words, words
+
+
 def _imported(actor, module: str) -> bool:
     import ray
     return ray.get(actor.__ray_call__.remote(lambda self: __import__("sys").modules.get(module) is not None))

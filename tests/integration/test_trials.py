@@ -75,21 +75,22 @@ def tune_records(folder: Path) -> list[dict]:
 def test_parallel_sweep_matches_the_sequential_one_two_single_actor_trials_at_once(ray_session, tmp_path, capsys):
     import ray
 
-    # Prepare: the same grid of 4 runs, into two folders
+    # Prepare: the same grid of 2 runs (FML and FedAvg), into two folders
     seq_dir, par_dir = tmp_path / "seq", tmp_path / "par"
     seq_dir.mkdir(), par_dir.mkdir()
     # the loop on the serial engine (no actor to start: that Ray's runs equal the serial engine's is
     # test_ray_engine's to show), the trials on Ray
-    seq, par = spec(seq_dir, text=GRID.replace("engine.kind=ray", "engine.kind=serial")), spec(par_dir)
+    grid = GRID.replace("seeds = [0, 1]", "seeds = [0]")
+    seq, par = spec(seq_dir, text=grid.replace("engine.kind=ray", "engine.kind=serial")), spec(par_dir, text=grid)
     # Execute
     assert main(["sweep", str(seq)]) == 0  # the loop, one run after another
     capsys.readouterr()
     assert main(["sweep", str(par), "--parallel", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     # Assert: one line per run (and a header and the last line), not Tune's tables
-    assert len(out) == 6 and sum(": done in" in line for line in out) == 4, out
+    assert len(out) == 4 and sum(": done in" in line for line in out) == 2, out
     a, b = rows(seq_dir / "runs/grid/results.parquet"), rows(par_dir / "runs/grid/results.parquet")
-    assert a.keys() == b.keys() and len(a) > 100
+    assert a.keys() == b.keys() and len(a) > 50 and {k[0] for k in a} == {"fml-s0", "fedavg-s0"}
     for k in a:
         for col in ("loss", "accuracy"):
             x, y = a[k][col], b[k][col]
@@ -97,7 +98,7 @@ def test_parallel_sweep_matches_the_sequential_one_two_single_actor_trials_at_on
         assert a[k]["samples"] == b[k]["samples"] and a[k]["seed"] == b[k]["seed"]
     # each trial ran its engine in its own placement group: a memory-only driver bundle and one 1-CPU actor
     records = tune_records(par_dir / "runs/grid")
-    assert len(records) == 4 and all(r["status"] == "done" for r in records)
+    assert len(records) == 2 and all(r["status"] == "done" for r in records)
     assert all("1 client actors on 1 node(s) in the trial's placement group" in r["log"] for r in records)
     shapes = [sorted((i, dict(b)) for i, b in pg["bundles"].items())
               for pg in ray.util.placement_group_table().values()]
