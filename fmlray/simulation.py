@@ -368,15 +368,17 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
 
 
 def _first_writes(run_dir: Path, checkpoints: Path, cfg: Config, prepared: Prepared) -> None:
-    """A resumed run's first writes, once every check has passed: a probe of its checkpoint folder (refused now,
-    not after a round), its partition.npz if it was deleted (`checkpoint.put_back_partition`), its config (e.g.
+    """A resumed run's first writes, once every check has passed: probes of its checkpoint folder (refused now,
+    not after a round) and of its metrics/, its partition.npz if it was deleted (`checkpoint.put_back_partition`), its config (e.g.
     with more rounds than before). One that fails is one line, and leaves the run as it was (but for a
     partition.npz put back: the run's own)."""
     import tempfile
 
     from fmlray import checkpoint, rundir
     data, partition = prepared.dataset, prepared.partition
-    for where, write in ((checkpoints, lambda: tempfile.TemporaryFile(dir=checkpoints).close()),
+    probe = lambda folder: lambda: tempfile.TemporaryFile(dir=folder).close()  # noqa: E731
+    parts = run_dir / rundir.PARTS  # a stopped run's metric rows by round, which `Records` tidies next
+    for where, write in ((checkpoints, probe(checkpoints)), *([(parts, probe(parts))] if parts.is_dir() else []),
                          (run_dir, lambda: checkpoint.put_back_partition(run_dir, data, partition)),
                          (run_dir, lambda: rundir.write_config(run_dir, cfg))):
         try:
@@ -397,7 +399,9 @@ def _written(folder, what: str, every: int):
     except OSError as exc:
         from fmlray import checkpoint
         where = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-        kept = (f"its last checkpoint is kept: free space there and finish it with: fmlray run --resume "
+        fix = ("free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+               if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "mend that")
+        kept = (f"its last checkpoint is kept: {fix} and finish it with: fmlray run --resume "
                 f"{folder.final}" if checkpoint.exists(folder.path) else
                 "it has no checkpoint yet, so nothing of it is kept" if every else
                 "it has no checkpoint (run.checkpoint_every = 0), so nothing of it is kept")

@@ -559,6 +559,22 @@ def test_a_full_disk_while_the_outputs_are_written_is_one_line_saying_how_to_fin
         assert list(tmp_path.iterdir()) == []
 
 
+def test_a_permission_denied_while_the_outputs_are_written_says_to_make_it_writable(tmp_path, capsys, monkeypatch):
+    # it said "free space there" whatever the error was
+    import errno
+
+    from fmlray import rundir
+
+    def denied(folder, *args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder / "metrics.parquet"))
+    monkeypatch.setattr(rundir, "finish", denied)
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write the run's outputs (Permission denied: " in err, err
+    assert err.endswith("its last checkpoint is kept: make it writable and finish it with: fmlray run --resume "
+                        f"{tmp_path / 'digits-fml'}"), err
+
+
 @pytest.mark.parametrize("failing", [2, 1])
 def test_a_full_disk_while_a_rounds_metrics_are_written_is_one_line_saying_how_to_go_on(tmp_path, capsys,
                                                                                      monkeypatch, failing):
@@ -780,6 +796,10 @@ def _as_a_user():
 
 @pytest.mark.parametrize("mode, fragment", [
     ("checkpoint 555", "cannot write into {ckpt} (Permission denied); the run was left as it was: make it writable"),
+    # a stopped run's metrics/ (made here: this run finished) was found read-only only as it was tidied, after
+    # config.toml had been rewritten, in the general line for an OSError
+    ("metrics 555", "cannot write into {run}/metrics (Permission denied); the run was left as it was: make it "
+                    "writable"),
     ("manifest 000", "cannot read {ckpt}/manifest.json (Permission denied); the checkpoint was left as it is: make "
                      "it readable"),
 ])
@@ -788,15 +808,18 @@ def test_a_checkpoint_without_the_permissions_a_resume_needs_is_refused_before_a
     assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
     run_dir = tmp_path / "digits-fml"
     what, bits = mode.split()
-    target = run_dir / "checkpoint" / ("manifest.json" if what == "manifest" else "")
+    target = run_dir / "metrics" if what == "metrics" else run_dir / "checkpoint" / (
+        "manifest.json" if what == "manifest" else "")
+    if what == "metrics":
+        target.mkdir()
     before = snapshot(run_dir)
     target.chmod(int(bits, 8))
     try:
         done = subprocess.run([sys.executable, "-m", "fmlray", "run", "--resume", str(run_dir), "--set",
                                "run.rounds=2"], capture_output=True, text=True, timeout=300, preexec_fn=_as_a_user)
     finally:
-        target.chmod(0o755 if what == "checkpoint" else 0o644)
+        target.chmod(0o644 if what == "manifest" else 0o755)
     err = done.stderr.strip()
     assert done.returncode == 2 and len(err.splitlines()) == 1, err
-    assert fragment.format(ckpt=run_dir / "checkpoint") in err and "run.output_dir" not in err, err
+    assert fragment.format(ckpt=run_dir / "checkpoint", run=run_dir) in err and "run.output_dir" not in err, err
     assert snapshot(run_dir) == before
