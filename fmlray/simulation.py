@@ -369,24 +369,33 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
 
 def _first_writes(run_dir: Path, checkpoints: Path, cfg: Config, prepared: Prepared) -> None:
     """A resumed run's first writes, once every check has passed: probes of its checkpoint folder (refused now,
-    not after a round) and of its metrics/, its partition.npz if it was deleted (`checkpoint.put_back_partition`), its config (e.g.
-    with more rounds than before). One that fails is one line, and leaves the run as it was (but for a
-    partition.npz put back: the run's own)."""
+    not after a round) and of its metrics/, its partition.npz if it was deleted (`checkpoint.put_back_partition`),
+    its config (e.g. with more rounds than before). One that fails is one line, and leaves the run as it was (but
+    for a partition.npz put back: the run's own)."""
     import tempfile
 
     from fmlray import checkpoint, rundir
-    data, partition = prepared.dataset, prepared.partition
-    probe = lambda folder: lambda: tempfile.TemporaryFile(dir=folder).close()  # noqa: E731
+
+    def probe(folder: Path) -> None:
+        tempfile.TemporaryFile(dir=folder).close()
+
     parts = run_dir / rundir.PARTS  # a stopped run's metric rows by round, which `Records` tidies next
-    for where, write in ((checkpoints, probe(checkpoints)), *([(parts, probe(parts))] if parts.is_dir() else []),
-                         (run_dir, lambda: checkpoint.put_back_partition(run_dir, data, partition)),
-                         (run_dir, lambda: rundir.write_config(run_dir, cfg))):
+    steps = [(checkpoints, lambda: probe(checkpoints)), *([(parts, lambda: probe(parts))] if parts.is_dir() else []),
+             (run_dir, lambda: checkpoint.put_back_partition(run_dir, prepared.dataset, prepared.partition)),
+             (run_dir, lambda: rundir.write_config(run_dir, cfg))]
+    for where, write in steps:
         try:
             write()
         except OSError as exc:
-            fix = "free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
-            raise FmlrayError(f"cannot write into {where} ({exc.strerror or exc}); the run was left as it was: {fix} "
-                              "and resume again") from None
+            raise FmlrayError(f"cannot write into {where} ({exc.strerror or exc}); the run was left as it was: "
+                              f"{_remedy(exc)} and resume again") from None
+
+
+def _remedy(exc: OSError) -> str:
+    """What to do where a run's folder could not be written, by the error's cause."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space there"
+    return "make it writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "mend that"
 
 
 @contextlib.contextmanager
@@ -399,9 +408,7 @@ def _written(folder, what: str, every: int):
     except OSError as exc:
         from fmlray import checkpoint
         where = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-        fix = ("free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
-               if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "mend that")
-        kept = (f"its last checkpoint is kept: {fix} and finish it with: fmlray run --resume "
+        kept = (f"its last checkpoint is kept: {_remedy(exc)} and finish it with: fmlray run --resume "
                 f"{folder.final}" if checkpoint.exists(folder.path) else
                 "it has no checkpoint yet, so nothing of it is kept" if every else
                 "it has no checkpoint (run.checkpoint_every = 0), so nothing of it is kept")
