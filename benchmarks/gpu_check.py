@@ -53,7 +53,7 @@ from fmlray.config import ALGORITHMS, MODELS, load_config, to_dict  # noqa: E402
 from fmlray.engine.state import Layout, latest_rows, open_rows  # noqa: E402
 from fmlray.models import build_model  # noqa: E402
 from fmlray.engine.host import initial_global_state, seeded_model, state_of  # noqa: E402
-from fmlray.engine.ray_engine import RayEngine, pick_device  # noqa: E402
+from fmlray.engine.ray_engine import RayEngine, pick_device, reusing_actors  # noqa: E402
 from fmlray.engine.serial import SerialEngine  # noqa: E402
 from fmlray.seeding import LOCAL_INIT, derive_seed  # noqa: E402
 from fmlray.simulation import prepare, simulate  # noqa: E402
@@ -577,15 +577,16 @@ def run_check(args) -> int:
                                   f"client {smallest} ({sizes[smallest]} of {sum(sizes)} rows) left out: "
                                   f"rel. error {sens['rel_update_error']:.3g} (tol {tol:g})")
                 # resume: 2 rounds uninterrupted vs restarted after round 1 on fresh actors (both on the GPU); CI's
-                # dry run checks the same code on the one-actor run (three runs of the quarter's 5 actors: ~40 s)
+                # dry run checks the same code on the one-actor run (the quarter would start its 5 actors twice)
                 if label == ("batched" if args.smoke else "quarter") and args.precision == "fp32":
                     two = cfg.replace(run=dataclasses.replace(cfg.run, rounds=RESUME_AFTER + 1))
                     first = cfg.replace(run=dataclasses.replace(cfg.run, rounds=RESUME_AFTER))
                     with tempfile.TemporaryDirectory(prefix="gpu-check-resume-") as tmp:
                         work = Path(tmp)
-                        whole = Run(two, prepared, RayEngine(), work / "whole")
-                        Run(first, prepared, RayEngine(), work / "split")
-                        resume = checkpoint.load(work / "split", two)
+                        with reusing_actors():  # the first half on the uninterrupted run's actors (one start less)
+                            whole = Run(two, prepared, RayEngine(), work / "whole")
+                            Run(first, prepared, RayEngine(), work / "split")
+                        resume = checkpoint.load(work / "split", two)  # the scope killed them: fresh actors below
                         again = Run(two, prepared, RayEngine(), work / "split", resume=resume)
                         start = resume.global_state
                     r = update_error(whole.result.global_state, again.result.global_state, start,

@@ -161,8 +161,8 @@ def test_a_stopped_job_resumes_from_its_last_checkpoint(private_head, tmp_path):
     from fmlray import checkpoint
     runs, job = tmp_path / "runs", f"fmlray-stop-{os.getpid()}"
     where = ("--set", f"run.output_dir={runs}", "--set", "run.name=long")
-    proc, logs = ray_job(private_head, "submit", "--no-wait", "--submission-id", job,
-                         *fmlray_job("--set", "run.rounds=500", *where))
+    proc, logs = ray_job(private_head, "submit", "--no-wait", "--submission-id", job,  # 4 clients: small rounds
+                         *fmlray_job("--set", "run.rounds=2000", "--set", "clients.num_clients=4", *where))
     assert proc.returncode == 0, logs[-3000:]
     # the job's checkpoint on disk says its round (each `ray job logs` would cost a Python start and Ray's import)
     manifest, deadline = runs / "long" / "checkpoint" / "manifest.json", time.monotonic() + 300

@@ -182,8 +182,9 @@ def gcs_address_of(root: psutil.Process) -> str:
 
 def test_a_private_run_listens_on_loopback_only_and_nothing_else_can_join_it(tmp_path):
     tmpdir = ray_tmpdir()
-    cmd = [sys.executable, "-m", "fmlray", "run", "--set", "run.rounds=200", "--set", "training.epochs=1",
-           "--set", f"run.output_dir={tmp_path}"]
+    # 4 clients: small rounds, as the run only has to be alive while the probes below look at it
+    cmd = [sys.executable, "-m", "fmlray", "run", "--set", "run.rounds=1000", "--set", "training.epochs=1",
+           "--set", "clients.num_clients=4", "--set", f"run.output_dir={tmp_path}"]
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with(tmpdir),
                            cwd=REPO)
     try:
