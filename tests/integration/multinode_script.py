@@ -1,9 +1,12 @@
 """Run short simulations, one after another, on one three-node `ray.cluster_utils.Cluster` (three raylets on
 this machine) and save where the actors ran and what came out; a run may remove a worker node (its raylet and
-the actor on it) right after the checkpoint of a given round (the last run, then: the node stays gone). Run as
-a script, in its own process: one process can hold one Ray connection, and the test session already has its own.
+the actor on it) right after the checkpoint of a given round (the last run, then: the node stays gone). A
+`sweep` entry runs a sweep's grid as Ray Tune trials instead, and saves, per trial, the node its driver ran on
+and the engine's notes (which say over how many nodes its placement group lay). Run as a script, in its own
+process: one process can hold one Ray connection, and the test session already has its own.
 
-    multinode_script.py '[{"overrides": [...], "out": "/path/a.npz", "remove_after": 0}, ...]'
+    multinode_script.py '[{"sweep": "/path/s.toml", "out": "/path/placed.json"},
+                          {"overrides": [...], "out": "/path/a.npz", "remove_after": 0}, ...]'
 """
 
 import json
@@ -35,10 +38,24 @@ def main(runs: list[dict]) -> None:
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1")
     try:
         for run in runs:
-            simulate_once(cluster, workers, run["overrides"], run["out"], run.get("remove_after", 0))
+            if "sweep" in run:
+                sweep_as_trials(run["sweep"], run["out"])
+            else:
+                simulate_once(cluster, workers, run["overrides"], run["out"], run.get("remove_after", 0))
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def sweep_as_trials(sweep_file: str, out: str) -> None:
+    from fmlray.sweep import combine, plan_sweep
+    from fmlray.trials import run_trials
+    sweep = plan_sweep(sweep_file)
+    results = run_trials(sweep, 3, echo=lambda line: print(line, flush=True))
+    combine(sweep.folder, sweep.runs)
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    with open(out, "w") as f:
+        json.dump({"nodes": nodes, "runs": {name: {"node": r["node"], "log": r["log"]} for name, r in results.items()}}, f)
 
 
 def simulate_once(cluster: Cluster, workers: list, overrides: list[str], out: str, remove_after: int) -> None:

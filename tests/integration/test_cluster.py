@@ -1,7 +1,9 @@
-"""Beyond one process: three raylets on this machine, and `ray job submit` to a private head."""
+"""Beyond one process: three raylets on this machine (runs and Tune trials spread over them), and `ray job
+submit` to a private head."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,29 +29,50 @@ OVERRIDES = ["run.rounds=3", "training.epochs=1", "engine.kind=ray",
              "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1}]"]
 
 
+# Each trial has two one-CPU actors, so its placement group cannot fit on one node of one CPU. (Trials of one
+# actor each were placed wherever Ray liked: once all four on one node, as they may be.)
+GRID = """
+[sweep]
+name = "grid"
+output_dir = "{out}"
+seeds = [0]
+set = ["engine.kind=ray", "run.rounds=2", "training.epochs=1", "clients.num_clients=8", "engine.num_actors=2",
+       "engine.state_store='memory'", "clients.groups=[{{name='all', share=1.0, local_model='mlp', num_cpus=1}}]"]
+
+[[axis]]
+name = "algorithm"
+values = ["algorithm.name=fml", "algorithm.name=fedavg"]
+"""
+
+
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory):
-    """Two runs on one three-raylet cluster (its start is most of a run's time): half the clients a round
-    (FML's clients move between the nodes' actors to even the rounds out), then with the disk store and a
-    worker node removed after round 1's checkpoint. {name: (global state, what the script saw)}."""
+    """What ran on one three-raylet cluster (its start is most of a run's time): a sweep's grid as Tune trials,
+    each larger than a node; half the clients a round (FML's clients move between the nodes' actors to even the
+    rounds out); then the disk store with a worker node removed after round 1's checkpoint. {"trials": (where
+    the trials ran, the sweep's folder), run name: (global state, what the script saw)}."""
     folder = tmp_path_factory.mktemp("three-nodes")
-    runs = {"moving": {"overrides": [*OVERRIDES, "clients.fraction=0.5"], "out": str(folder / "moving" / "out.npz")},
+    sweep = folder / "grid.toml"
+    sweep.write_text(GRID.format(out=folder / "runs"))
+    runs = {"trials": {"sweep": str(sweep), "out": str(folder / "placed.json")},  # first: it needs all three nodes
+            "moving": {"overrides": [*OVERRIDES, "clients.fraction=0.5"], "out": str(folder / "moving" / "out.npz")},
             "losing": {"overrides": [*OVERRIDES, "engine.state_store='disk'"], "out": str(folder / "losing" / "out.npz"),
                        "remove_after": 1}}  # last: the node stays gone
-    for run in runs.values():
-        Path(run["out"]).parent.mkdir()
+    for name in ("moving", "losing"):
+        Path(runs[name]["out"]).parent.mkdir()
     # Ray's Cluster writes its address file in Ray's temp folder, where any `ray.init()` on the machine
     # would find it (and find it stale if this test is killed): give it a private one (short: socket paths)
     ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     try:
         proc = subprocess.run([sys.executable, str(HERE / "multinode_script.py"), json.dumps(list(runs.values()))],
-                              capture_output=True, text=True, timeout=400, env=env)
+                              capture_output=True, text=True, timeout=600, env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {name: (np.load(run["out"]), json.loads(Path(run["out"] + ".json").read_text()))
-            for name, run in runs.items()}
+    return {"trials": (json.loads(Path(runs["trials"]["out"]).read_text()), folder / "runs" / "grid")} | {
+        name: (np.load(runs[name]["out"]), json.loads(Path(runs[name]["out"] + ".json").read_text()))
+        for name in ("moving", "losing")}
 
 
 def serial_run(*extra):
@@ -84,6 +107,17 @@ def test_three_nodes_each_host_an_actor_and_match_the_serial_run(three_nodes):
     assert info["aggregator_nodes"] == [info["driver_node"]], "the aggregator belongs beside the driver"
     assert info["moved"], "some client should have moved to another node's actor"
     assert_matches(serial_run("clients.fraction=0.5"), state, info["rows"])
+
+
+def test_a_trial_larger_than_a_node_spans_the_nodes(three_nodes):
+    # both runs finished, each with its two actors in a placement group over two or three nodes
+    placed, folder = three_nodes["trials"]
+    assert len(placed["nodes"]) == 3 and sorted(placed["runs"]) == ["fedavg-s0", "fml-s0"]
+    for name, trial in placed["runs"].items():
+        assert trial["node"] in placed["nodes"]
+        spread = re.search(r"2 client actors on (\d) node\(s\) in the trial's placement group", trial["log"])
+        assert spread and int(spread[1]) >= 2, (name, trial["log"])
+    assert (folder / "results.parquet").is_file()
 
 
 def test_losing_a_node_mid_run_loses_nothing(three_nodes, serial_reference):

@@ -1,17 +1,15 @@
 """Sweeps on Ray Tune: the same table as the sequential loop, trials in placement groups sized to their
-runs, two single-actor trials at once on two CPUs, a stopped sweep finished by a rerun, a trial larger
-than one node spread over the nodes of a three-raylet cluster, and the one-line error for a trial that
-cannot fit. Searches: the best configs as presets, and a search stopped by SIGTERM finished by --resume."""
+runs, two single-actor trials at once on two CPUs, a stopped sweep finished by a rerun, and the one-line
+error for a trial that cannot fit (a trial larger than one node, over three raylets: test_cluster.py).
+Searches: the best configs as presets, and a search stopped by SIGTERM finished by --resume."""
 
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from fmlray.engine.resources import DRIVER_MEMORY
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 
 GRID = """
 [sweep]
@@ -155,32 +152,6 @@ def test_sigterm_mid_sweep_then_a_rerun_finishes_only_the_missing_runs(ray_sessi
     table = pq.read_table(folder / "results.parquet").to_pylist()
     assert {r["run"] for r in table} == {"short-s0", "short-s1", "long-s0", "long-s1"}
     assert sorted({r["round"] for r in table if r["run"] == "long-s0"}) == list(range(1, 13))
-
-
-def test_a_trial_larger_than_a_node_spans_the_nodes_of_a_three_raylet_cluster(tmp_path):
-    # Prepare: three raylets of one CPU each, in a process of its own (one Ray connection per process); each
-    # trial has two one-CPU actors, so its placement group cannot fit on one node. (Trials of one actor each
-    # were placed wherever Ray liked: once all four on one node, as they may be.)
-    path = spec(tmp_path, text=GRID.replace("seeds = [0, 1]", "seeds = [0]"),
-                extra=', "engine.state_store=\'memory\'", "engine.num_actors=2"')
-    out = tmp_path / "placed.json"
-    ray_tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Unix socket paths; private: no stale address file
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
-    # Execute
-    try:
-        proc = subprocess.run([sys.executable, str(HERE / "trials_multinode_script.py"), str(path), str(out)],
-                              capture_output=True, text=True, timeout=400, env=env)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    # Assert: both runs finished, each with its two actors in a placement group over two or three nodes
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    placed = json.loads(out.read_text())
-    assert len(placed["nodes"]) == 3 and sorted(placed["runs"]) == ["fedavg-s0", "fml-s0"]
-    for name, trial in placed["runs"].items():
-        assert trial["node"] in placed["nodes"]
-        spread = re.search(r"2 client actors on (\d) node\(s\) in the trial's placement group", trial["log"])
-        assert spread and int(spread[1]) >= 2, (name, trial["log"])
-    assert (tmp_path / "runs/grid/results.parquet").is_file()
 
 
 SEARCH = """
