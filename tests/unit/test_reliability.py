@@ -360,7 +360,7 @@ def sigint_at_round_one(tmp_path, rounds: int, disposition) -> tuple[int, str, s
     """`fmlray run` (serial) started with SIGINT's `disposition`, sent SIGINT at its first round line: its
     exit code, stdout and stderr. (The disposition is set, not inherited from whatever started the tests.)"""
     cmd = [sys.executable, "-m", "fmlray", "run", "--set", "engine.kind=serial", "--set", f"run.rounds={rounds}",
-           "--set", f"run.output_dir={tmp_path}"]
+           "--set", "clients.num_clients=6", "--set", f"run.output_dir={tmp_path}"]  # 6: small rounds
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     for line in proc.stdout:
@@ -431,7 +431,8 @@ sys.exit(main(sys.argv[1:]))
 
 def test_ctrl_c_before_an_overwriting_run_has_its_first_checkpoint_keeps_the_earlier_run(tmp_path):
     # before: the stop wrote round 1's checkpoint, and that first checkpoint replaced the earlier run
-    args = ["run", *SERIAL, "--set", "run.rounds=3", "--set", f"run.output_dir={tmp_path}"]
+    args = ["run", *SERIAL, "--set", "run.rounds=3", "--set", "clients.num_clients=6", "--set",
+            f"run.output_dir={tmp_path}"]
     assert main(args) == 0
     run_dir = tmp_path / "digits-fml"
     before = snapshot(run_dir)
