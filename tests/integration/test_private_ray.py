@@ -174,7 +174,11 @@ def python_scripts(root: psutil.Process) -> set[str]:
 
 def gcs_address_of(root: psutil.Process) -> str:
     for p in root.children(recursive=True):
-        for arg in p.cmdline():
+        try:
+            args = p.cmdline()
+        except psutil.NoSuchProcess:  # gone, or a zombie (a worker ending)
+            continue
+        for arg in args:
             if arg.startswith("--gcs-address="):
                 return arg.split("=", 1)[1]
     raise AssertionError("no process of the run names its GCS address")
