@@ -19,6 +19,7 @@ from fmlray.config import load_config
 from fmlray.engine.serial import SerialEngine
 from fmlray.simulation import prepare, simulate
 from raynodes import BIN, PrivateHead
+from test_trials import GRID, spec  # the same grid of two runs (FML and FedAvg)
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]  # one head, one cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -29,22 +30,6 @@ OVERRIDES = ["run.rounds=3", "training.epochs=1", "engine.kind=ray",
              "clients.groups=[{name='all', share=1.0, local_model='mlp', num_cpus=1}]"]
 
 
-# Each trial has two one-CPU actors, so its placement group cannot fit on one node of one CPU. (Trials of one
-# actor each were placed wherever Ray liked: once all four on one node, as they may be.)
-GRID = """
-[sweep]
-name = "grid"
-output_dir = "{out}"
-seeds = [0]
-set = ["engine.kind=ray", "run.rounds=2", "training.epochs=1", "clients.num_clients=8", "engine.num_actors=2",
-       "engine.state_store='memory'", "clients.groups=[{{name='all', share=1.0, local_model='mlp', num_cpus=1}}]"]
-
-[[axis]]
-name = "algorithm"
-values = ["algorithm.name=fml", "algorithm.name=fedavg"]
-"""
-
-
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory):
     """What ran on one three-raylet cluster (its start is most of a run's time): a sweep's grid as Tune trials,
@@ -52,8 +37,10 @@ def three_nodes(tmp_path_factory):
     rounds out); then the disk store with a worker node removed after round 1's checkpoint. {"trials": (where
     the trials ran, the sweep's folder), run name: (global state, what the script saw)}."""
     folder = tmp_path_factory.mktemp("three-nodes")
-    sweep = folder / "grid.toml"
-    sweep.write_text(GRID.format(out=folder / "runs"))
+    # each trial has two one-CPU actors, so its placement group cannot fit on one node of one CPU (trials of one
+    # actor each were placed wherever Ray liked: once all four on one node, as they may be)
+    sweep = spec(folder, text=GRID.replace("seeds = [0, 1]", "seeds = [0]"),
+                 extra=', "engine.state_store=\'memory\'", "engine.num_actors=2"')
     runs = {"trials": {"sweep": str(sweep), "out": str(folder / "placed.json")},  # first: it needs all three nodes
             "moving": {"overrides": [*OVERRIDES, "clients.fraction=0.5"], "out": str(folder / "moving" / "out.npz")},
             "losing": {"overrides": [*OVERRIDES, "engine.state_store='disk'"], "out": str(folder / "losing" / "out.npz"),
