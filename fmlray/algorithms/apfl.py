@@ -12,12 +12,11 @@ client mixes with its own last copy of w, which the server does not keep).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fmlray.aggregate import Server
 from fmlray.algorithms import fedavg
-from fmlray.algorithms.base import Algorithm, Model
+from fmlray.algorithms.base import Algorithm, Model, cross_entropy
 
 
 def mixed_logits(v: nn.Module, w: nn.Module, alpha: Tensor, x: Tensor) -> Tensor:
@@ -36,7 +35,7 @@ def forward(models: dict[str, nn.Module], scalars: dict[str, Tensor], x: Tensor,
 
 
 def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
-    return {"local": F.cross_entropy(logits["local"], y), "meme": F.cross_entropy(logits["meme"], y)}
+    return {"local": cross_entropy(logits["local"], y), "meme": cross_entropy(logits["meme"], y)}
 
 
 def make(*, alpha: float, adaptive: bool = True, alpha_lr: float = 0.01, server: Server = Server()) -> Algorithm:

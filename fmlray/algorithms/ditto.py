@@ -10,16 +10,15 @@ the round-0 global model, in the global architecture) and the global model is Fe
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from fmlray.aggregate import Server
 from fmlray.algorithms import fedavg, fedprox
-from fmlray.algorithms.base import Algorithm, Model
+from fmlray.algorithms.base import Algorithm, Model, cross_entropy
 
 
 def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
-    return {"local": F.cross_entropy(logits["local"], y), "meme": F.cross_entropy(logits["meme"], y)}
+    return {"local": cross_entropy(logits["local"], y), "meme": cross_entropy(logits["meme"], y)}
 
 
 def make(*, lam: float, server: Server = Server()) -> Algorithm:

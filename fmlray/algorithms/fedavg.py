@@ -3,17 +3,16 @@ each round, trained on the labels alone and averaged back."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from fmlray.aggregate import Server
-from fmlray.algorithms.base import Algorithm, Model
+from fmlray.algorithms.base import Algorithm, Model, cross_entropy
 
 MEME = Model("meme", arch="global", init="global")  # the client's copy of the global model
 
 
 def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
-    return {"meme": F.cross_entropy(logits["meme"], y)}
+    return {"meme": cross_entropy(logits["meme"], y)}
 
 
 def make(server: Server = Server()) -> Algorithm:

@@ -8,19 +8,18 @@ head; the client's optimiser starts fresh each round, as FedAvg's. With no head 
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from fmlray.aggregate import Server
 from fmlray.algorithms import fedavg
-from fmlray.algorithms.base import Algorithm, Model, all_but_last_layers
+from fmlray.algorithms.base import Algorithm, Model, all_but_last_layers, cross_entropy
 
 # the client's model: the global architecture, part received each round, part its own
 PERSONAL = Model("local", arch="global", init="global")
 
 
 def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
-    return {"local": F.cross_entropy(logits["local"], y)}
+    return {"local": cross_entropy(logits["local"], y)}
 
 
 def make(*, head_layers: int, server: Server = Server()) -> Algorithm:

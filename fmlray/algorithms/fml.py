@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fmlray.aggregate import Server
 from fmlray.algorithms import fedavg
-from fmlray.algorithms.base import Algorithm, Model
+from fmlray.algorithms.base import Algorithm, Model, cross_entropy
 
 
 def distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -29,8 +29,8 @@ def distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 def mutual_losses(z_local: Tensor, z_meme: Tensor, y: Tensor, *, alpha: float, beta: float,
                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """(L_local, L_meme) of DESIGN.md §1: α·CE + (1−α)·KL(p_meme‖p_local), and β likewise."""
-    l_local = alpha * F.cross_entropy(z_local, y) + (1 - alpha) * distill(z_local, z_meme, temperature)
-    l_meme = beta * F.cross_entropy(z_meme, y) + (1 - beta) * distill(z_meme, z_local, temperature)
+    l_local = alpha * cross_entropy(z_local, y) + (1 - alpha) * distill(z_local, z_meme, temperature)
+    l_meme = beta * cross_entropy(z_meme, y) + (1 - beta) * distill(z_meme, z_local, temperature)
     return l_local, l_meme
 
 

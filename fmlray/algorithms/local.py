@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from fmlray.algorithms.base import Algorithm, Model
+from fmlray.algorithms.base import Algorithm, Model, cross_entropy
 
 
 def loss(logits: dict[str, Tensor], y: Tensor, rnd: int) -> dict[str, Tensor]:
-    return {"local": F.cross_entropy(logits["local"], y)}
+    return {"local": cross_entropy(logits["local"], y)}
 
 
 def make() -> Algorithm:

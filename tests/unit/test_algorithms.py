@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fmlray.algorithms import fedavg, fedprox, fml, local
-from fmlray.algorithms.base import batches, evaluate, train_client
+from fmlray.algorithms.base import batches, cross_entropy, evaluate, train_client
 from fmlray.optim import make_optimizer
 from fmlray.errors import TrainingError
 
@@ -34,6 +34,27 @@ def toy_data(n=10, seed=1):
 def run(algo, models, x, y, lr=0.1, seed=3, **kw):
     opts = {name: sgd(m, lr=lr, momentum=0.9) for name, m in models.items()}
     return train_client(algo, models, opts, x, y, epochs=2, batch_size=4, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "per-sample"])
+def test_cross_entropy_is_torchs_bit_for_bit_also_under_vmap(per_sample):
+    # under vmap fmlray writes the loss out (no sympy import); values and gradients must not move by a bit
+    from torch.func import vmap
+    gen = torch.Generator().manual_seed(3)
+    for batch, classes in ((1, 2), (16, 10), (33, 7)):
+        z = (torch.randn(5, batch, classes, generator=gen) * 4).requires_grad_()
+        y = torch.randint(0, classes, (5, batch), generator=gen)
+        got = []
+        for f in (nn.functional.cross_entropy, cross_entropy):
+            if per_sample:  # as the batched update's padded batches take it: one sample at a time, inside vmap
+                out = vmap(lambda zz, yy, f=f: vmap(lambda z1, y1: f(z1[None], y1[None]))(zz, yy))(z, y)
+            else:
+                out = vmap(f)(z, y)
+            got.append((out, *torch.autograd.grad((out * torch.arange(1.0, out.numel() + 1).view(out.shape)).sum(), z)))
+        for a, b in zip(*got):
+            assert torch.equal(a, b)
+    z0, y0 = z[0].detach(), y[0]
+    assert torch.equal(cross_entropy(z0, y0), nn.functional.cross_entropy(z0, y0))
 
 
 def test_distill_matches_hand_computed_kl():

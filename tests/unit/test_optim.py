@@ -77,8 +77,9 @@ def test_state_keeps_torchs_names_and_a_stored_state_resumes_exactly():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_training_never_imports_dynamo():
-    # a torch.optim optimiser imports torch._dynamo on first use: ~2 s of CPU and ~150 MiB in every actor
+def test_training_never_imports_dynamo_nor_sympy():
+    # a torch.optim optimiser imports torch._dynamo on first use: ~2 s of CPU and ~150 MiB in every actor; under
+    # vmap, F.cross_entropy's decomposition imports sympy (algorithms.base.cross_entropy): ~0.7 s and ~35 MiB
     code = """
 import sys
 from fmlray.config import load_config
@@ -90,7 +91,7 @@ for batching in ("sequential", "vmap"):
     engine = SerialEngine()
     engine.start(cfg, prepared.dataset, prepared.partition)
     simulate(cfg, prepared.dataset, prepared.partition, engine)
-print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+print(sorted(m for m in sys.modules if m.startswith(("torch._dynamo", "sympy"))))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
