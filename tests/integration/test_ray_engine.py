@@ -103,16 +103,18 @@ def _imported(actor, module: str) -> bool:
     return ray.get(actor.__ray_call__.remote(lambda self: __import__("sys").modules.get(module) is not None))
 
 
-def test_the_aggregator_process_never_imports_torch_nor_an_actor_dynamo(ray_session, fresh_actors):
+def test_the_aggregator_process_never_imports_torch_nor_an_actor_dynamo_or_sympy(ray_session, fresh_actors):
     # torch costs ~450 MiB per process; the aggregator only averages numpy arrays (issue 4's memory target).
-    # torch.optim would import Dynamo in every client actor (~2 s of CPU, ~150 MiB): fmlray.optim does not.
-    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])
+    # torch.optim would import Dynamo in every client actor (~2 s of CPU, ~150 MiB): fmlray.optim does not; nor
+    # does the batched update import sympy (F.cross_entropy under vmap would: algorithms.base.cross_entropy).
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2", "training.batching='vmap'"])
     prepared = prepare(cfg)
     engine = RayEngine()
     engine.start(cfg, prepared.dataset, prepared.partition)
     try:
         simulate(cfg, prepared.dataset, prepared.partition, engine)  # aggregates and evaluates each round
         assert _imported(engine.actors[0], "torch") and not _imported(engine.actors[0], "torch._dynamo")
+        assert not _imported(engine.actors[0], "sympy")
         assert not _imported(engine.aggregator, "torch")
     finally:
         engine.close()
