@@ -79,7 +79,7 @@ def test_state_keeps_torchs_names_and_a_stored_state_resumes_exactly():
 
 def test_training_never_imports_dynamo_nor_sympy():
     # a torch.optim optimiser imports torch._dynamo on first use: ~2 s of CPU and ~150 MiB in every actor; under
-    # vmap, F.cross_entropy's decomposition imports sympy (algorithms.base.cross_entropy): ~0.7 s and ~35 MiB
+    # vmap, F.cross_entropy's decomposition imports sympy (algorithms.base.cross_entropy): ~0.65 s and ~35 MiB
     code = """
 import sys
 from fmlray.config import load_config
