@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fmlray.algorithms import fedavg, fedprox, fml, local
-from fmlray.algorithms.base import batches, cross_entropy, evaluate, train_client
+from fmlray.algorithms.base import batches, cpu_layout, cross_entropy, evaluate, train_client
 from fmlray.optim import make_optimizer
 from fmlray.errors import TrainingError
 
@@ -197,6 +197,33 @@ def test_training_reads_from_the_device_a_fixed_number_of_times_whatever_the_ste
     loss, accuracy = evaluate(models["meme"], x, y, batch_size=4)
     assert sorted(reads) == ["__int__", "tolist"], reads
     assert loss > 0 and 0 <= accuracy <= 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cpu_layout_is_the_same_batch_in_the_layout_cpu_convolutions_run_fastest_on(channels):
+    x = torch.randn(6, channels, 5, 7, generator=torch.Generator().manual_seed(0))
+    got = cpu_layout(x)
+    assert torch.equal(got, x) and got.shape == x.shape
+    assert got.stride() == (35 * channels, 1, 7 * channels, channels)  # NHWC in memory
+    if channels == 1:
+        assert got.data_ptr() == x.data_ptr()  # a view, not a copy
+    conv = nn.Conv2d(channels, 4, 3, padding=1)
+    out = conv(got)  # the convolution takes it as channels-last (a one-channel NCHW batch would stay NCHW)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.allclose(out, conv(x), atol=1e-5)
+    for other in (torch.randn(6, 3), torch.randn(2, 6, 3)):  # not a batch of images: as it is
+        assert cpu_layout(other) is other
+
+
+def test_models_train_and_evaluate_on_channels_last_batches():
+    seen = []
+    conv = nn.Conv2d(1, 2, 3)
+    conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    x, y = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 2
+    run(fedavg.make(), {"meme": model}, x, y)
+    evaluate(model, x, y, batch_size=4)
+    assert len(seen) == 4 + 2 and all(s == (36, 1, 6, 1) for s in seen), seen  # 2 epochs of 2 steps, 2 eval batches
 
 
 def test_batches_cover_every_row_once_and_never_leave_a_single_row():
