@@ -1,5 +1,6 @@
 """Seconds per round of one workload, four ways: (a) a plain PyTorch loop on one thread — the floor,
-(b) the same loop on every core's thread, (c) fmlray's serial engine, (d) fmlray's Ray engine with
+(a') the same loop fed channels-last batches as fmlray feeds them on the CPU (`floor-1t-cl`: how much
+of fmlray's lead on convolutions is that layout), (b) the same loop on every core's thread, (c) fmlray's serial engine, (d) fmlray's Ray engine with
 1..N actors; (c) and (d) each train an actor's clients one after another (`training.batching =
 "sequential"`), as one batched model (`-vmap`), and as `auto` picks (`serial-auto`). All ways live in
 one process tree and take turns round by round (the order rotating), so drift in the machine's speed
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, when run from anywhere
 
 import benchlib  # noqa: E402
+from fmlray.algorithms.base import cpu_layout  # noqa: E402
 from fmlray.algorithms.fml import mutual_losses  # noqa: E402
 from fmlray.config import Config, EngineConfig, load_config, to_dict  # noqa: E402
 from fmlray.engine import make_engine  # noqa: E402
@@ -94,8 +96,9 @@ class Floor:
 
     kind = "floor"
 
-    def __init__(self, name: str, cfg: Config, prepared: Prepared, threads: int, device: str = "cpu"):
-        self.name, self.cfg, self.prepared, self.threads = name, cfg, prepared, threads
+    def __init__(self, name: str, cfg: Config, prepared: Prepared, threads: int, device: str = "cpu",
+                 layout: bool = False):
+        self.name, self.cfg, self.prepared, self.threads, self.layout = name, cfg, prepared, threads, layout
         self.device, self.actors, self.gpu_fraction = torch.device(device), 0, 0.0
         self.fml = cfg.algorithm.name == "fml"
 
@@ -149,7 +152,7 @@ class Floor:
         order = torch.randperm(len(y), generator=gen).to(self.device)
         for start in range(0, len(y), bs):
             idx = order[start:start + bs]
-            xb, yb = x[idx], y[idx]
+            xb, yb = cpu_layout(x[idx]) if self.layout else x[idx], y[idx]
             if self.fml:
                 local, local_opt = self.locals[cid], self.local_opts[cid]
                 l_local, l_meme = mutual_losses(local(xb), self.meme(xb), yb, alpha=f.alpha, beta=f.beta,
@@ -202,7 +205,8 @@ def cpu_phase(w: Workload, args, prepared: dict[str, Prepared], configs: dict[st
     ways = []
     for algo in args.algorithms:
         cfg, prep = configs[algo], prepared[algo]
-        ways += [Floor(f"floor-1t/{algo}", cfg, prep, 1), Floor(f"floor-{cores}t/{algo}", cfg, prep, cores),
+        ways += [Floor(f"floor-1t/{algo}", cfg, prep, 1), Floor(f"floor-1t-cl/{algo}", cfg, prep, 1, layout=True),
+                 Floor(f"floor-{cores}t/{algo}", cfg, prep, cores),
                  EngineWay(f"serial/{algo}", cfg, prep, 1),
                  EngineWay(f"serial-vmap/{algo}", batching(cfg, "vmap"), prep, 1),
                  EngineWay(f"serial-auto/{algo}", batching(cfg, "auto"), prep, 1)]
@@ -395,6 +399,7 @@ def markdown(w: Workload, args, meta: dict, summary: list[dict], memory: dict, a
              f"{NUM_CLIENTS} clients, Dirichlet(0.5), model `{w.model}`, 1 epoch, batch 32; "
              f"{meta['train_rows']} training rows; {args.warmup} warm-up + {args.rounds} timed rounds per way, "
              "taking turns round by round. Ways: floor-1t = plain PyTorch loop, 1 thread (a); "
+             "floor-1t-cl = same, fed channels-last batches as fmlray feeds them on the CPU (a'); "
              f"floor-{os.cpu_count()}t = same, all threads (b); serial = fmlray serial engine, 1 thread (c); "
              "ray-k = fmlray Ray engine, k actors of 1 CPU (1 thread) each (d); these train an actor's clients "
              "one after another (`training.batching = \"sequential\"`); `-vmap`: as one batched model; "
@@ -458,7 +463,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.max_train_samples = w.train_samples[args.variant]
     if unknown := [a for a in args.algorithms if a not in ALGORITHMS]:
         p.error(f"--algorithms: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
-    known = {"floor-1t", f"floor-{cores}t", "serial", "serial-vmap", "serial-auto",
+    known = {"floor-1t", "floor-1t-cl", f"floor-{cores}t", "serial", "serial-vmap", "serial-auto",
              *(f"ray-{k}{b}" for k in args.actors for b in ("", "-vmap"))}
     if unknown := [w for w in args.ways if w not in known]:
         p.error(f"--ways: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
