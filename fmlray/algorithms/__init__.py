@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import importlib
 
-from fmlray.algorithms.base import Algorithm, Model, evaluate, train_client
+from fmlray.algorithms.base import Algorithm, Model, convolves, evaluate, train_client
 
-__all__ = ["Algorithm", "Model", "build_algorithm", "evaluate", "train_client"]
+__all__ = ["Algorithm", "Model", "build_algorithm", "convolves", "evaluate", "train_client"]
 
 
 def build_algorithm(cfg, rounds: int) -> Algorithm:

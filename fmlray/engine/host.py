@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fmlray.aggregate import PartialSum, State
-from fmlray.algorithms import Algorithm, build_algorithm, evaluate, train_client
+from fmlray.algorithms import Algorithm, build_algorithm, convolves, evaluate, train_client
 from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.batched import NOT_FINITE, Batcher, Outcome
@@ -531,11 +531,13 @@ class ClientHost:
                 def predict(xb, name):
                     return self.algo.logits(ws.models, ws.scalars, xb, (name,), task)[name]
 
+                cl = convolves(ws.models.values())
                 for name in self.algo.evaluates:
-                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(lambda xb: predict(xb, name), x, y)
+                    row[f"{name}_loss"], row[f"{name}_accuracy"] = evaluate(lambda xb: predict(xb, name), x, y,
+                                                                            channels_last=cl)
                 if glob is not None and self._spec.complete:
                     row["global_loss"], row["global_accuracy"] = evaluate(
-                        lambda xb: predict(xb, self.algo.shares), x, y)
+                        lambda xb: predict(xb, self.algo.shares), x, y, channels_last=cl)
             row["state_seconds"], row["init_seconds"] = self.state_seconds, self.init_seconds
             rows.append(row)
             if tick is not None:

@@ -215,15 +215,27 @@ def test_cpu_layout_is_the_same_batch_in_the_layout_cpu_convolutions_run_fastest
         assert cpu_layout(other) is other
 
 
-def test_models_train_and_evaluate_on_channels_last_batches():
-    seen = []
-    conv = nn.Conv2d(1, 2, 3)
-    conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
-    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+def test_models_that_convolve_train_and_evaluate_on_channels_last_batches_and_others_on_the_batch_as_is():
+    def first_layer_sees(model):
+        seen = []
+        model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
+        return seen
     x, y = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 2
-    run(fedavg.make(), {"meme": model}, x, y)
-    evaluate(model, x, y, batch_size=4)
-    assert len(seen) == 4 + 2 and all(s == (36, 1, 6, 1) for s in seen), seen  # 2 epochs of 2 steps, 2 eval batches
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(36, 2))  # an MLP on images gains nothing from the layout
+    for model, strides in ((conv, (36, 1, 6, 1)), (flat, (36, 36, 6, 1))):
+        seen = first_layer_sees(model)
+        run(fedavg.make(), {"meme": model}, x, y)
+        evaluate(model, x, y, batch_size=4)
+        assert seen == [strides] * (4 + 2), seen  # 2 epochs of 2 steps, then 2 evaluation batches
+        seen.clear()  # a function of the batch (the host's evaluation): as asked
+        evaluate(lambda xb, model=model: model(xb), x, y, batch_size=8)
+        evaluate(lambda xb, model=model: model(xb), x, y, batch_size=8, channels_last=True)
+        assert seen == [(36, 36, 6, 1), (36, 1, 6, 1)], seen
+    # where one of a client's models convolves, they all get the layout (FML: a CNN beside an MLP meme)
+    seen = first_layer_sees(flat)
+    run(fml.make(alpha=0.5, beta=0.5), {"local": conv, "meme": flat}, x, y)
+    assert seen == [(36, 1, 6, 1)] * 4, seen
 
 
 def test_batches_cover_every_row_once_and_never_leave_a_single_row():
