@@ -47,6 +47,9 @@ from fmlray.progress import plain_warnings
 # its row crosses memory ~5 times on the way (read, copy, pickle, unpickle, write), ~50 rows' worth of
 # training for an MLP, fewer for a CNN, so moving a smaller client would cost more than it evens out.
 MOVE_MIN_ROWS = 64
+# How often, inside a call, the driver reads how many clients are done (the progress bar), and at most how
+# often each actor tells the aggregator; the driver sends it with each call.
+PROGRESS_EVERY_S = 1.0
 
 
 def pick_device(num_gpus: float) -> str:
@@ -121,25 +124,26 @@ class ClientActor:
                 "pid": os.getpid(), "num_gpus": self.num_gpus, **device_facts(self.device, held_modules(self.host))}
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False,
-              tag: str | None = None):
+              tag: str | None = None, every_s: float = 1.0):
         """The clients' partial sum and metrics; with `final` (this call holds every client of the
         round), the new global state itself, averaged here instead of in the aggregator."""
-        partial, metrics = self.host.train(rnd, client_ids, global_state, tick=self._ticker(tag))
+        partial, metrics = self.host.train(rnd, client_ids, global_state, tick=self._ticker(tag, every_s))
         return (self.host.algo.server.next_global(global_state, partial) if final else partial), metrics
 
-    def evaluate(self, global_state: State | None, client_ids: list[int], tag: str | None = None) -> list[dict]:
-        return self.host.evaluate(global_state, client_ids, tick=self._ticker(tag))
+    def evaluate(self, global_state: State | None, client_ids: list[int], tag: str | None = None,
+                 every_s: float = 1.0) -> list[dict]:
+        return self.host.evaluate(global_state, client_ids, tick=self._ticker(tag, every_s))
 
-    def _ticker(self, tag: str | None):
-        """Tell the board how many clients of call `tag` are done, at most once a second (a call costs
-        ~0.1 ms; per client it would tax runs of tiny clients)."""
+    def _ticker(self, tag: str | None, every_s: float):
+        """Tell the board how many clients of call `tag` are done, at most once every `every_s` (the driver's
+        `PROGRESS_EVERY_S`; a call costs ~0.1 ms: per client it would tax runs of tiny clients)."""
         if tag is None or self.board is None:
             return None
         last = time.monotonic()
 
         def tick(done: int) -> None:
             nonlocal last
-            if time.monotonic() - last >= 1.0:
+            if time.monotonic() - last >= every_s:
                 last = time.monotonic()
                 self.board.tick.remote(tag, self.index, done)
         return tick
@@ -403,7 +407,8 @@ class RayEngine:
 
         def call(a, ids):
             finals[ids[0]] = final(a, ids)
-            return a.train.options(num_returns=2).remote(rnd, ids, g_ref, finals[ids[0]], tag if progress else None)
+            return a.train.options(num_returns=2).remote(rnd, ids, g_ref, finals[ids[0]], tag if progress else None,
+                                                         PROGRESS_EVERY_S)
 
         tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
         moved = [] if self.stateless else self._migrate(self._rebalance(client_ids))
@@ -426,7 +431,8 @@ class RayEngine:
         ids = sorted(self.owner) if client_ids is None else sorted(client_ids)
         tag = f"eval {uuid.uuid4().hex[:8]}"
         done, failures = self._dispatch(ids, lambda a, ids: a.evaluate.remote(global_state, ids,
-                                                                              tag if progress else None),
+                                                                              tag if progress else None,
+                                                                              PROGRESS_EVERY_S),
                                         meanwhile=lambda: test.append(
                                             evaluate_global(self.cfg, self.dataset, self.fetch(global_state))),
                                         progress=progress, tag=tag)
@@ -638,11 +644,11 @@ class RayEngine:
         return sorted(done, key=lambda d: d[0]), failures
 
     def _watch(self, calls, tag: str, progress, finished: int) -> None:
-        """Until every call is done, tell `progress` once a second how many clients are: those of the
+        """Until every call is done, tell `progress` every `PROGRESS_EVERY_S` how many clients are: those of the
         calls already done (`finished` from earlier waves) and those the others' actors reported."""
         last = [(i, ids, _last(refs)) for i, ids, refs in calls]
         while True:
-            ready, pending = ray.wait([r for _, _, r in last], num_returns=len(last), timeout=1.0)
+            ready, pending = ray.wait([r for _, _, r in last], num_returns=len(last), timeout=PROGRESS_EVERY_S)
             if not pending:
                 return
             ready = set(ready)

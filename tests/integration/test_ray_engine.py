@@ -618,9 +618,12 @@ def test_held_modules_are_the_hosts_workspaces():
     assert held_modules(SimpleNamespace(modules=lambda: [])) == [] and held_modules(None) == []
 
 
-def test_progress_inside_a_round_counts_the_clients_actors_have_done(ray_session):
-    # one actor, 8 clients of ~0.5 s each: the driver, polling once a second, hears counts from the actor
+def test_progress_inside_a_round_counts_the_clients_actors_have_done(ray_session, monkeypatch):
+    # one actor, 8 clients of 0.1-0.5 s each (by the machine): the driver, polling every 0.1 s here (once a
+    # second in a run, which a fast machine's whole round could fall between), hears counts from the actor
     # (trained one after another: a batched unit of clients is heard from when it is done)
+    from fmlray.engine import ray_engine
+    monkeypatch.setattr(ray_engine, "PROGRESS_EVERY_S", 0.1)
     cfg = load_config(None, ["run.rounds=1", "training.epochs=12", ONE_GROUP, "engine.kind=ray",
                              "engine.num_actors=1", "clients.num_clients=8", "training.batching='sequential'"])
     prepared = prepare(cfg)
