@@ -1,10 +1,10 @@
 """Seconds per round of one workload, four ways: (a) a plain PyTorch loop on one thread — the floor,
 (a') the same loop fed channels-last batches as fmlray feeds them on the CPU (`floor-1t-cl`: how much
-of fmlray's lead on convolutions is that layout), (b) the same loop on every core's thread, (c) fmlray's serial engine, (d) fmlray's Ray engine with
-1..N actors; (c) and (d) each train an actor's clients one after another (`training.batching =
-"sequential"`), as one batched model (`-vmap`), and as `auto` picks (`serial-auto`). All ways live in
-one process tree and take turns round by round (the order rotating), so drift in the machine's speed
-falls on all of them alike.
+of fmlray's lead on convolutions is that layout), (b) the same loop on every core's thread, (c) fmlray's
+serial engine, (d) fmlray's Ray engine with 1..N actors; (c) and (d) each train an actor's clients one
+after another (`training.batching = "sequential"`), as one batched model (`-vmap`), and as `auto` picks
+(`serial-auto`). All ways live in one process tree and take turns round by round (the order rotating),
+so drift in the machine's speed falls on all of them alike.
 
     python benchmarks/overhead.py --workload digits --quick
     python benchmarks/overhead.py --workload fmnist --quick
