@@ -124,14 +124,14 @@ class ClientActor:
                 "pid": os.getpid(), "num_gpus": self.num_gpus, **device_facts(self.device, held_modules(self.host))}
 
     def train(self, rnd: int, client_ids: list[int], global_state: State | None, final: bool = False,
-              tag: str | None = None, every_s: float = 1.0):
+              tag: str | None = None, every_s: float = PROGRESS_EVERY_S):
         """The clients' partial sum and metrics; with `final` (this call holds every client of the
         round), the new global state itself, averaged here instead of in the aggregator."""
         partial, metrics = self.host.train(rnd, client_ids, global_state, tick=self._ticker(tag, every_s))
         return (self.host.algo.server.next_global(global_state, partial) if final else partial), metrics
 
     def evaluate(self, global_state: State | None, client_ids: list[int], tag: str | None = None,
-                 every_s: float = 1.0) -> list[dict]:
+                 every_s: float = PROGRESS_EVERY_S) -> list[dict]:
         return self.host.evaluate(global_state, client_ids, tick=self._ticker(tag, every_s))
 
     def _ticker(self, tag: str | None, every_s: float):
