@@ -5,6 +5,7 @@ measurements behind `auto`'s rule (fmlray/engine/batched.py) and issue 14's 100-
 
     python benchmarks/batched.py                    # every case, ~4 min on 2 cores
     python benchmarks/batched.py --cases digits-mlp-fedavg-100,digits-mlp-fml-100 --rounds 9
+    python benchmarks/batched.py --tag kept-heap    # names the outputs batched-clients-kept-heap-...
     python benchmarks/batched.py --smoke            # tiny, for CI
 """
 
@@ -126,12 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="one tiny case, 1 round: checks the script runs")
+    p.add_argument("--tag", default="", help="a word in the output names, e.g. before")
     p.add_argument("--out", type=Path, default=benchlib.DEFAULT_OUT)
     args = p.parse_args(argv)
     if unknown := [c for c in args.cases if c not in CASES]:
         p.error(f"--cases: unknown {', '.join(unknown)}")
     benchlib.check_at_least(p, "--rounds", args.rounds, 1)
     benchlib.check_at_least(p, "--warmup", args.warmup, 0)
+    benchlib.check_tag(p, args.tag)
     benchlib.check_out(p, args.out)
     return args
 
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
         rows += measure(case, rounds, args.warmup, args.seed, log=lambda m: print(m, flush=True))
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows, cases)
-    stem = benchlib.result_stem("batched", "clients", "smoke" if args.smoke else "", args.out)
+    stem = benchlib.result_stem("batched", "clients", "smoke" if args.smoke else args.tag, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     report = "\n".join([

@@ -112,6 +112,12 @@ def check_fractions(p: argparse.ArgumentParser, flag: str, values: list[float]) 
         p.error(f"{flag}: each share must be in (0, 1]; got {bad[0]:g}")
 
 
+def check_tag(p: argparse.ArgumentParser, tag: str) -> None:
+    """Refuse (exit 2) a --tag that cannot be a word in a file name."""
+    if "/" in tag:
+        p.error(f"--tag is a word in the output names: it cannot hold '/'; got {tag!r}")
+
+
 def result_stem(script: str, workload: str, variant: str, out: Path) -> str:
     """'<script>-<workload>[-<variant>]-<N>cpu-<date>', the name every output of a run shares; '-2', '-3', ...
     after it when `out` holds a record of that name already (a second run that day never replaces the first)."""

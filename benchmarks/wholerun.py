@@ -323,8 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reps, args.rounds = 1, 1
     if args.reps < 1 or args.rounds < 1:
         p.error("--reps and --rounds must be >= 1")
-    if "/" in args.tag:
-        p.error(f"--tag is a word in the output names: it cannot hold '/'; got {args.tag!r}")
+    benchlib.check_tag(p, args.tag)
     benchlib.check_out(p, args.out)
     args.variant = "smoke" if args.smoke else args.tag or "full"
     return args

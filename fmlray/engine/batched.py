@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from fmlray.algorithms.base import Algorithm, batch_sizes
-from fmlray.engine.device import autocast
+from fmlray.engine.device import autocast, keep_freed_memory
 from fmlray.engine.state import _copy
 from fmlray.seeding import BATCH_ORDER, derive_seed
 
@@ -376,6 +376,8 @@ class Batcher:
         """Train `clients` (one workspace's, in id order) for round `rnd` together: their outcomes in that order
         (no `sent`: the shared tensors of those kept come summed, weighted by the server's weights)."""
         host, algo = self.host, self.host.algo
+        if host.device.type == "cpu":
+            keep_freed_memory()  # the steps' large tensors, reused from step to step instead of faulted in anew
         key = host._archs(clients[0])
         ws, plan = host._workspace(key), self._plan(key, glob, rnd)
         steps = [self._order(c, rnd) for c in clients]

@@ -4,6 +4,10 @@ the GPU-path pieces that run on the CPU (device-resident rows, bf16 autocast, CU
 
 import dataclasses
 import os
+import platform
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -272,6 +276,46 @@ def test_resident_rows_and_bf16_autocast_on_the_cpu(steps):
         c = dataclasses.replace(bf16, training=dataclasses.replace(bf16.training, batching=b))
         partial, rows = ClientHost(c, prepared.dataset, prepared.partition, [0, 1, 2, 3]).train(1, [0, 1, 2, 3], g)
         assert partial.count == 4 and all(0 < r["meme_loss"] < 5 for r in rows)
+
+
+# 30 steps of one process freeing a 40 MiB block and asking for another (glibc maps blocks over 32 MiB afresh each
+# time, whatever its own adjustment); prints the pages faulted in over the last 20
+FAULTS = textwrap.dedent("""
+    import resource, sys, torch
+    from fmlray.engine.device import keep_freed_memory
+    if sys.argv[1] == "keep" and not keep_freed_memory():
+        sys.exit("keep_freed_memory did not take")
+    def step():
+        block = torch.ones(40 * 2**20 // 4)
+        del block
+    for _ in range(10):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_a_process_that_keeps_freed_memory_reuses_a_large_block_instead_of_faulting_it_in_again():
+    faults = {}
+    for way in ("plain", "keep"):
+        done = subprocess.run([sys.executable, "-c", FAULTS, way], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        faults[way] = int(done.stdout.split()[-1])
+    per_step = 40 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert faults["plain"] >= 18 * per_step  # every block faulted in anew
+    assert faults["keep"] <= 4 * per_step, faults  # reused (a few steps may still grow the heap past fragments)
+
+
+def test_a_host_keeps_freed_memory_once_it_trains_clients_batched_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(batched, "keep_freed_memory", lambda: calls.append(1))
+    run([MLP], "sequential")
+    assert not calls
+    run([MLP], "vmap")
+    assert calls
 
 
 def test_cuda_determinism_switches(monkeypatch):

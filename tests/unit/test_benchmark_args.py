@@ -41,6 +41,7 @@ BAD = [  # script, arguments (FILE: an existing regular file), what the error li
     ("scaling", ["--smoke", "--out", "FILE/sub"], "--out: FILE/sub cannot be made: FILE is not a folder"),
     ("wholerun", ["--smoke", "--out", "FILE"], "--out: FILE exists and is not a folder"),
     ("wholerun", ["--tag", "a/b"], "--tag is a word in the output names: it cannot hold '/'"),
+    ("batched", ["--tag", "a/b"], "--tag is a word in the output names: it cannot hold '/'"),
     ("moves", ["--points", "digits:0:0.5"], "'digits:0:0.5': clients must be >= 1"),
     ("moves", ["--points", "digits:20:2"], "'digits:20:2': fraction must be in (0, 1]"),
     ("moves", ["--points", "synthetic:40:0.5,nope:20:0.5"], "'nope:20:0.5': dataset must be one of"),
