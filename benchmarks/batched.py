@@ -1,7 +1,9 @@
 """Client throughput of one host (an actor's clients, in-process, 1 thread): trained one after another
 (`training.batching = "sequential"`), as one batched model (`"vmap"`), and as `"auto"` picks. The three
-hosts take turns round by round, so drift in the machine's speed falls on all alike. The cases are the
-measurements behind `auto`'s rule (fmlray/engine/batched.py) and issue 14's 100-client target.
+hosts take turns round by round, so drift in the machine's speed falls on all alike. Each case runs in a
+fresh process, as an actor serves one workload: in one process for all, a case inherited the malloc state the
+cases before it left (how much freed memory was kept), which moved its batched rounds by up to 1.4x. The cases
+are the measurements behind `auto`'s rule (fmlray/engine/batched.py) and issue 14's 100-client target.
 
     python benchmarks/batched.py                    # every case, ~4 min on 2 cores
     python benchmarks/batched.py --cases digits-mlp-fedavg-100,digits-mlp-fml-100 --rounds 9
@@ -12,6 +14,8 @@ measurements behind `auto`'s rule (fmlray/engine/batched.py) and issue 14's 100-
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import os
 import statistics
 import sys
@@ -143,11 +147,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = SMOKE if args.smoke else [CASES[c] for c in args.cases]
     rounds = 1 if args.smoke else args.rounds
-    torch.set_num_threads(1)  # as a 1-CPU actor computes
     meta = benchlib.run_meta(args) | {"load_before": os.getloadavg()}
     rows = []
+    spawn = multiprocessing.get_context("spawn")  # nothing of this process's heap or imports carried over
     for case in cases:
-        rows += measure(case, rounds, args.warmup, args.seed, log=lambda m: print(m, flush=True))
+        with spawn.Pool(1, initializer=torch.set_num_threads, initargs=(1,)) as child:  # as a 1-CPU actor computes
+            rows += child.apply(measure, (case, rounds, args.warmup, args.seed, functools.partial(print, flush=True)))
     meta["load_after"] = os.getloadavg()
     summary = summarise(rows, cases)
     stem = benchlib.result_stem("batched", "clients", "smoke" if args.smoke else args.tag, args.out)
@@ -155,8 +160,8 @@ def main(argv=None) -> int:
     benchlib.write_parquet(rows, args.out / f"{stem}.parquet", meta)
     report = "\n".join([
         "# batched: one host's clients, sequential vs vmap vs auto", "", benchlib.environment_markdown(meta), "",
-        f"One host (an actor's clients, in-process), torch on 1 thread; 1 epoch, batch 32, SGD momentum 0.9, "
-        f"weight decay 5e-4; {args.warmup} warm-up + {rounds} timed rounds per mode, modes taking turns; "
+        f"One host (an actor's clients, in-process), each case in a fresh process, torch on 1 thread; 1 epoch, "
+        f"batch 32, SGD momentum 0.9, weight decay 5e-4; {args.warmup} warm-up + {rounds} timed rounds per mode, modes taking turns; "
         "median ms per round of `host.train` (load, train, store, partial sum). Dirichlet(0.5) unless iid.", "",
         benchlib.markdown_table(summary, COLUMNS), "",
         benchlib.png_link("speed-up of vmap and auto over sequential", args.out / f"{stem}.png"), ""])
