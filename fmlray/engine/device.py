@@ -99,11 +99,12 @@ def cuda_determinism() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-# glibc's malloc, left to itself, maps a freed block of more than 128 KiB-32 MiB straight back to the OS and trims
-# the heap's top beyond twice that, so the batched path's per-step tensors (20 Fashion-MNIST MLP clients: the first
-# layer's stacked gradient alone is 12.5 MB) were faulted in and zeroed anew at every step: 1.3x the time of the
-# step without it (benchmarks/README.md, "The batched steps' memory"). Below this size a block comes from the heap,
-# and up to this much of it freed stays with the process for the next step.
+# glibc's malloc, left to itself, gives a block above 128 KiB (a threshold that rises, to at most 32 MiB, as such
+# blocks are freed) a mapping of its own, returned to the OS when freed, and trims the heap's top beyond twice that.
+# So the batched path's per-step tensors (20 Fashion-MNIST MLP clients: the first layer's stacked gradient alone is
+# 12.5 MB) were faulted in and zeroed anew at every step, and such a round took 1.2-1.3x as long (benchmarks/
+# README.md, "The batched steps' memory"). With both thresholds at this size, smaller blocks come from the heap and
+# up to this much freed memory stays with the process for the next step.
 KEEP_FREED_BYTES = 256 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 _kept: bool | None = None
@@ -111,8 +112,8 @@ _kept: bool | None = None
 
 def keep_freed_memory() -> bool:
     """Have this process's malloc keep up to `KEEP_FREED_BYTES` of freed memory for reuse (process-wide, once; called
-    by a host before its first batched step on the CPU). Its peak is unchanged; between rounds it stays nearer it.
-    Whether it took effect: False off glibc (musl, macOS), where nothing is changed."""
+    by a host before its first batched step on the CPU). A run's peak memory measured the same; between rounds the
+    process stays nearer its peak. Whether it took effect: False off glibc (musl, macOS), where nothing is changed."""
     global _kept
     if _kept is None:
         _kept = False
@@ -121,6 +122,6 @@ def keep_freed_memory() -> bool:
                 mallopt = ctypes.CDLL(None).mallopt
             except (OSError, AttributeError):
                 return _kept
-            # the trim threshold first: setting either turns glibc's own adjustment of both off
+            # setting either turns glibc's own adjustment of both off, so both are set
             _kept = all(mallopt(option, KEEP_FREED_BYTES) == 1 for option in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
     return _kept
