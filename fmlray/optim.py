@@ -56,7 +56,7 @@ class SGD(Optimizer):
 
     def _fused(self, params: list[Tensor]) -> None:
         # One pass reads each parameter, its gradient and its buffer once: a `cnn5` step took 0.26 ms instead of
-        # the single-tensor path's 0.85 ms, a client's update 3-5 % less (benchmarks/README.md, "Fused SGD").
+        # the single-tensor path's 0.85 ms, a client's update 1-7 % less (benchmarks/README.md, "Fused SGD").
         if self.momentum == 0:
             return self._fused_group(params, [], first=False)
         first = [p for p in params if "momentum_buffer" not in self.state[p]]
