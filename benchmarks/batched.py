@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     report = "\n".join([
         "# batched: one host's clients, sequential vs vmap vs auto", "", benchlib.environment_markdown(meta), "",
         f"One host (an actor's clients, in-process), each case in a fresh process, torch on 1 thread; 1 epoch, "
-        f"batch 32, SGD momentum 0.9, weight decay 5e-4; {args.warmup} warm-up + {rounds} timed rounds per mode, modes taking turns; "
-        "median ms per round of `host.train` (load, train, store, partial sum). Dirichlet(0.5) unless iid.", "",
+        f"batch 32, SGD momentum 0.9, weight decay 5e-4; {args.warmup} warm-up + {rounds} timed rounds per mode, "
+        "modes taking turns; median ms per round of `host.train` (load, train, store, partial sum). Dirichlet(0.5) unless iid.", "",
         benchlib.markdown_table(summary, COLUMNS), "",
         benchlib.png_link("speed-up of vmap and auto over sequential", args.out / f"{stem}.png"), ""])
     (args.out / f"{stem}.md").write_text(report)

@@ -62,7 +62,8 @@ class SGD(Optimizer):
         first = [p for p in params if "momentum_buffer" not in self.state[p]]
         for p in first:  # a first step sets the buffer to the gradient (after decay), as torch's does
             self.state[p]["momentum_buffer"] = torch.empty_like(p)
-        later = [p for p in params if p not in set(first)] if first else params
+        new = set(first)
+        later = [p for p in params if p not in new]
         for group, is_first in ((first, True), (later, False)):
             if group:
                 self._fused_group(group, [self.state[p]["momentum_buffer"] for p in group], first=is_first)
