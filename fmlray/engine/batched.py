@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fmlray.algorithms.base import Algorithm, batch_sizes
+from fmlray.algorithms.base import Algorithm, batch_sizes, convolves
 from fmlray.engine.device import autocast, keep_freed_memory
 from fmlray.engine.state import _copy
 from fmlray.seeding import BATCH_ORDER, derive_seed
@@ -73,8 +73,7 @@ def auto_batches(models: list[nn.Module], input_shape: tuple[int, ...], device: 
         return False
     if device.type == "cuda":
         return True
-    convolves = any(isinstance(m, nn.Conv2d) for model in models for m in model.modules())
-    return not convolves or (len(input_shape) == 3 and input_shape[1] * input_shape[2] <= AUTO_MAX_CONV_PIXELS)
+    return not convolves(models) or (len(input_shape) == 3 and input_shape[1] * input_shape[2] <= AUTO_MAX_CONV_PIXELS)
 
 
 class Outcome(NamedTuple):
