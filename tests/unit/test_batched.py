@@ -104,19 +104,21 @@ def test_a_client_with_fewer_steps_keeps_its_parameters_and_momentum_while_the_o
         np.testing.assert_allclose(rows["vmap"][c], rows["sequential"][c], rtol=0, atol=1e-6)
 
 
-def test_sgd_on_stacks_is_torch_sgd_with_momentum_and_weight_decay():
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_sgd_on_stacks_is_torch_sgd_with_momentum_and_weight_decay(momentum):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(3, 4, generator=gen)
     grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
     p = torch.nn.Parameter(w.clone())
-    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
-    stacked, buf = [w.clone()[None]], [torch.zeros(1, 3, 4)]
+    opt = torch.optim.SGD([p], lr=0.1, momentum=momentum, weight_decay=0.01)
+    stacked, buf = [w.clone()[None]], [torch.zeros(1, 3, 4)] if momentum else None
     for g in grads:
         p.grad = g.clone()
         opt.step()
-        sgd(stacked, [g[None]], buf, 0.1, 0.9, 0.01)
+        sgd(stacked, [g[None]], buf, 0.1, momentum, 0.01)
     torch.testing.assert_close(stacked[0][0], p.detach(), rtol=0, atol=1e-6)  # a fused multiply-add may round once less
-    torch.testing.assert_close(buf[0][0], opt.state[p]["momentum_buffer"], rtol=0, atol=1e-6)
+    if momentum:
+        torch.testing.assert_close(buf[0][0], opt.state[p]["momentum_buffer"], rtol=0, atol=1e-6)
 
 
 def test_masked_sgd_steps_the_live_clients_as_sgd_does_and_leaves_the_others_as_they_were():
