@@ -21,7 +21,6 @@ import json
 import os
 import re
 import time
-import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import numpy as np
 from fmlray.aggregate import State
 from fmlray.config import Config, to_dict
 from fmlray.engine.state import MANIFEST, RowRef, cannot_write, latest_rows
-from fmlray.errors import FmlrayError, ResourceError
+from fmlray.errors import DAMAGED_NPZ, FmlrayError, ResourceError
 from fmlray.rundir import fsync_dir, write_atomic
 
 FOLDER = "checkpoint"
@@ -273,7 +272,7 @@ def _global_state(path: Path, checksum: int | None) -> State:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except DAMAGED_NPZ as exc:
         raise FmlrayError(f"{path} is missing or damaged ({type(exc).__name__}); the checkpoint cannot be "
                           "resumed") from None
 
@@ -320,7 +319,7 @@ def check_same_data(run_dir: Path, resume: Resume, dataset, partition) -> None:
     try:
         with np.load(saved, allow_pickle=False) as z:
             [z[k] for k in z.files]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except DAMAGED_NPZ as exc:
         raise FmlrayError(f"{saved}, the partition the run started with, is damaged ({type(exc).__name__}); put "
                           "the run's copy back, or start a new run") from None
     try:

@@ -606,7 +606,7 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any, full: str) -> None
         _check(isinstance(node, (dict, list)), f"--set {full}: '{'.'.join(path[:i])}' is a single value, "
                f"not a table; drop '.{'.'.join(path[i:])}'")
         if isinstance(node, list):
-            _check(part.isdigit() and int(part) < len(node),
+            _check(part.isascii() and part.isdigit() and int(part) < len(node),
                    f"--set {full}: '{part}' is not an index of the {len(node)} entries there")
             part = int(part)
         elif i < len(path) - 1:
@@ -681,7 +681,7 @@ def _holds(tree: dict[str, Any], dotted: str) -> bool:
     """`tree` has the key `dotted` (clients.groups[0].name or clients.groups.0.name: into lists too)."""
     node: Any = tree
     for part in re.sub(r"\[(\d+)\]", r".\1", dotted).split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        if isinstance(node, list) and part.isascii() and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         elif isinstance(node, dict) and part in node:
             node = node[part]

@@ -1,5 +1,8 @@
 """Errors a user can fix. The CLI prints their one-line message and exits with code 2."""
 
+import zipfile
+import zlib
+
 
 class FmlrayError(Exception):
     """Base of every error caused by input the user can change."""
@@ -19,3 +22,10 @@ class TrainingError(FmlrayError):
 
 class ResourceError(FmlrayError):
     """The cluster cannot host what the config asks for."""
+
+
+# What numpy raises reading a damaged .npz, beyond a missing or unreadable file (OSError): a cut or altered zip, a
+# member flagged encrypted or stored by a method zipfile lacks (RuntimeError, NotImplementedError), damaged deflate
+# data (zlib.error), an .npy header claiming a shape too large to allocate (MemoryError) or impossible (ValueError).
+DAMAGED_NPZ = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, RuntimeError, MemoryError, OverflowError,
+               zlib.error)

@@ -511,7 +511,7 @@ def _holder(path: Path) -> str:
         pid = path.read_text().strip()
     except OSError:
         return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+    return f" (pid {pid})" if pid.isascii() and pid.isdigit() else ""
 
 
 def fsync_dir(path: Path) -> None:
@@ -536,14 +536,21 @@ def _itself(run_dir: Path) -> Path:
     return run_dir
 
 
+ALWAYS_WRITTEN = ("run", "data", "clients", "model", "training", "algorithm", "engine")  # by every fmlray so far
+
+
 def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
     """The config a run in `run_dir` was started with, plus `overrides`, still writing to `run_dir`."""
-    from fmlray.config import load_config
+    from fmlray.config import load_config, load_toml
 
     run_dir = _itself(Path(run_dir))
     if not (run_dir / CONFIG).is_file() or re.fullmatch(r"\.(.+)\.(new|old)", run_dir.name):
         raise FmlrayError(not_a_run(run_dir, resume=True) or f"{run_dir} is not an fmlray run folder (no {CONFIG}); "
                           "give a folder under runs/")
+    lacking = [f"[{k}]" for k in ALWAYS_WRITTEN if k not in load_toml(run_dir / CONFIG)]
+    if lacking:  # emptied or cut short: read as defaults it would pass for another config the checkpoint refuses
+        raise FmlrayError(f"{run_dir / CONFIG} is damaged: it lacks {', '.join(lacking)}, which every run's config "
+                          "holds; put the run's copy of it back, or start a new run")
     saved, asked = load_config(run_dir / CONFIG), load_config(run_dir / CONFIG, overrides)
     here = {"name": run_dir.name, "output_dir": str(run_dir.parent)}
     moved = [k for k, v in here.items() if getattr(asked.run, k) != getattr(saved.run, k)
@@ -681,7 +688,7 @@ def has_parts(run_dir: Path) -> bool:
 
 def _part_round(path: Path) -> int:
     name = path.name
-    if name.startswith("round-") and name.endswith(".parquet") and name[6:-8].isdigit():
+    if name.startswith("round-") and name.endswith(".parquet") and name[6:-8].isascii() and name[6:-8].isdigit():
         return int(name[6:-8])
     return 0
 

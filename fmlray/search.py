@@ -504,7 +504,7 @@ def _drop_stale_best(search: Search, kept: int) -> None:
     never offers a rank that is no longer one; only files this search wrote (never a link)."""
     for path in search.folder.glob("best-*.toml"):
         rank = path.name[len("best-"):-len(".toml")]
-        if rank.isdigit() and int(rank) > kept and _not_our_preset(search, path, int(rank)) is None:
+        if rank.isascii() and rank.isdigit() and int(rank) > kept and _not_our_preset(search, path, int(rank)) is None:
             path.unlink(missing_ok=True)
 
 

@@ -176,7 +176,7 @@ def parallel_value(value, where: str) -> int | str:
     """`parallel` as given: a number of trials at once (>= 1) or "auto"."""
     if value == "auto" or (type(value) is int and 1 <= value <= 10_000):
         return value
-    if isinstance(value, str) and value.isdigit() and 1 <= int(value) <= 10_000:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and 1 <= int(value) <= 10_000:
         return int(value)
     raise ConfigError(f"{where} must be a number of trials at once (1 to 10,000) or \"auto\", got {value!r}")
 

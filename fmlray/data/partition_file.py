@@ -6,14 +6,13 @@ be compared with other frameworks on identical splits.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from fmlray.data.dataset import Dataset
 from fmlray.data.partition import Partition
-from fmlray.errors import DataError
+from fmlray.errors import DAMAGED_NPZ, DataError
 
 
 DATA = "data"  # the fingerprint of the dataset the indices are rows of (Dataset.fingerprint), when known
@@ -64,6 +63,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with open(path, "rb") as f:
             head = f.read(6)
+        if head.startswith(b"PK") and not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            raise DataError(f"data.partition_file {path} is a damaged or cut-short zip, not a readable .npz; save one "
+                            "with numpy.savez, or give the partition.npz a run wrote")
         if not head.startswith((b"PK", b"\x93NUMPY")):  # else numpy's answer is about pickles, which are refused anyway
             raise DataError(f"data.partition_file {path} is not an .npz (a zip of .npy arrays; this one starts with "
                             f"{head!r}: a CSV or text file?); save one with numpy.savez, or give the partition.npz a run "
@@ -75,8 +77,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             arrays = {k: z[k] for k in z.files}  # a member that is not .npy reads as raw bytes
     except FileNotFoundError:
         raise DataError(f"data.partition_file {path} does not exist") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"data.partition_file {path} is not a readable .npz ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    except DAMAGED_NPZ as exc:
+        raise DataError(f"data.partition_file {path} is not a readable .npz ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
     odd = sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))
     if odd:
         raise DataError(f"data.partition_file {path} is a zip but not an .npz of arrays (member {odd[0]!r} is no .npy); "

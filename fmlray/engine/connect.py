@@ -39,7 +39,7 @@ def _timeout(name: str, default: float) -> float:
 def _host_port(address: str) -> tuple[str, int] | None:
     """("host", port) of a plain "host:port" address; None for "auto", "ray://..." and forms Ray judges."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or "://" in address:
+    if not host or not (port.isascii() and port.isdigit()) or "://" in address:
         return None
     return host.strip("[]"), int(port)
 

@@ -68,6 +68,7 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("model.meme=vgg", "model.meme = 'vgg' is unknown"),
     ("data.partition=natural", "needs data.dataset = 'synthetic'"),
     ("clients.groups.5.share=1", "not an index"),
+    ("clients.groups.².share=1", "'²' is not an index"),  # a digit to str.isdigit(), not to int()
     ("run.name=a/b", "plain folder name"),
     ("training.lr", "must look like section.key=value"),
     ("run..rounds=3", "--set 'run..rounds=3': the key 'run..rounds' has an empty part; write section.key=value"),

@@ -17,6 +17,7 @@ from fmlray.errors import ResourceError
     ("auto", None),
     ("ray://10.0.0.1:10001", None),
     ("10.0.0.1", None),
+    ("10.0.0.1:²", None),  # a digit to str.isdigit(), not to int()
 ])
 def test_only_plain_host_port_addresses_are_probed(address, expected):
     assert _host_port(address) == expected

@@ -88,6 +88,28 @@ def zip_of(path, members):
     return path
 
 
+def altered(path, offset, change):
+    """A good partition file with one byte of its zip's first central-directory entry changed (8: the flags,
+    whose bit 0 says encrypted; 10: the compression method)."""
+    np.savez(path, **good())
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02") + offset
+    data[at] = change(data[at])
+    path.write_bytes(bytes(data))
+    return path
+
+
+def claiming(path, member, shape):
+    """A partition file whose `member`'s .npy header claims `shape`, its data the true one's."""
+    members = {}
+    for name, a in good().items():
+        header = f"{{'descr': '<i8', 'fortran_order': False, 'shape': {shape if name == member else a.shape}, }}"
+        header = header.ljust(117) + "\n"  # 10 bytes before it: a multiple of 64 in all
+        members[f"{name}.npy"] = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + \
+            a.astype("<i8").tobytes()
+    return zip_of(path, members)
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: zip_of(p, {"notes.txt": "hello"}), "is a zip but not an .npz of arrays (member 'notes.txt' is no .npy)"),
     (lambda p: zip_of(p, {f"{s}_{c}": b"\x00" * 8 for s in ("train", "test") for c in range(20)}),
@@ -102,6 +124,10 @@ def zip_of(path, members):
     (lambda p: p.parent, "is not a readable .npz (IsADirectoryError"),
     (lambda p: (p.write_text("client,class_0\n0,5\n"), p)[1], "is not an .npz (a zip of .npy arrays; this one starts "
      "with b'client': a CSV or text file?)"),  # numpy's message was about loading pickles unsafely
+    (lambda p: (p.write_bytes(b"PK"), p)[1], "is a damaged or cut-short zip, not a readable .npz"),  # as above
+    (lambda p: altered(p, 8, lambda b: b | 1), "is not a readable .npz (RuntimeError: File 'train_0.npy' is encrypted"),
+    (lambda p: altered(p, 10, lambda b: 99), "is not a readable .npz (NotImplementedError: That compression method"),
+    (lambda p: claiming(p, "train_0", (4 * 10**12,)), "is not a readable .npz ("),  # MemoryError; a ValueError where it is allocated
 ])
 def test_a_file_of_another_format_is_one_line_and_exit_2(tmp_path, capsys, make, fragment):
     path = make(tmp_path / "p.npz")

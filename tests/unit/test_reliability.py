@@ -160,6 +160,10 @@ def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpo
     (lambda d: _edit_manifest(d, **{"global": "../partition.npz"}), "manifest.json is damaged"),
     (lambda d: _edit_manifest(d, **{"global": "manifest.json"}), "manifest.json is damaged"),
     (lambda d: _edit_manifest(d, global_crc32=None), "manifest.json is damaged"),  # a version 3 one keeps it
+    # emptied: read as the defaults, it was "the checkpoint ... belongs to another config (differs in ...)"
+    (lambda d: (d / "config.toml").write_text(""), "config.toml is damaged: it lacks [run], [data], [clients]"),
+    (lambda d: (d / "config.toml").write_text((d / "config.toml").read_text().split("[training]")[0]),
+     "config.toml is damaged: it lacks [training], [algorithm], [engine]"),
 ])
 def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, damage, message):
     assert main(["run", *SERIAL, "--set", f"run.output_dir={tmp_path}", "--set", "run.rounds=1"]) == 0
@@ -170,6 +174,13 @@ def test_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, damage, m
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert snapshot(tmp_path / "digits-fml") == before  # refused before its config or metrics changed
+
+
+def _flag_encrypted(path):
+    """One bit of a zip changed: its first member flagged encrypted."""
+    data = bytearray(path.read_bytes())
+    data[data.index(b"PK\x01\x02") + 8] |= 1
+    path.write_bytes(bytes(data))
 
 
 def _other_partition_file(run_dir, tmp_path):
@@ -186,6 +197,8 @@ def _other_partition_file(run_dir, tmp_path):
     ([], "pixels", "was checkpointed on other digits data than data.root holds now"),
     ([], lambda run_dir, tmp_path: (run_dir / "partition.npz").write_bytes(  # cut short: it said "differs"
         (run_dir / "partition.npz").read_bytes()[:100]), "partition.npz, the partition the run started with, is damaged"),
+    ([], lambda run_dir, tmp_path: _flag_encrypted(run_dir / "partition.npz"),  # a traceback (RuntimeError)
+     "partition.npz, the partition the run started with, is damaged (RuntimeError)"),
 ])
 def test_resuming_on_other_data_is_refused_and_changes_nothing(tmp_path, capsys, monkeypatch, setup, change, fragment):
     quick = [*SERIAL, "--set", "run.rounds=1", "--set", "clients.num_clients=4"]
@@ -302,7 +315,9 @@ def test_a_checkpoint_from_before_the_algorithm_keys_resumes_and_they_stay_at_th
 def test_a_checkpoint_of_an_older_fmlray_is_named_as_such(tmp_path, capsys):
     run_dir = tmp_path / "old"
     run_dir.mkdir()
-    (run_dir / "config.toml").write_text("")
+    from fmlray.config import load_config
+    from fmlray.rundir import write_config
+    write_config(run_dir, load_config())
     (run_dir / "checkpoint.npz").write_bytes(b"PK")
     assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 2
     assert "written by an older fmlray" in capsys.readouterr().err
@@ -633,9 +648,10 @@ def test_what_a_user_puts_into_metrics_survives_a_resume_and_the_end_of_the_run(
     (metrics_dir / "plots").mkdir()
     (metrics_dir / "plots" / "a.png").write_bytes(b"png")
     (metrics_dir / "round-3.csv").write_text("mine too")
+    (metrics_dir / "round-².parquet").write_bytes(b"x")  # '²' passes str.isdigit() (int() raised: a traceback)
     assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=3"]) == 0
     assert (metrics_dir / "notes.txt").read_text() == "mine" and (metrics_dir / "plots" / "a.png").read_bytes() == b"png"
-    assert sorted(p.name for p in metrics_dir.iterdir()) == ["notes.txt", "plots", "round-3.csv"]  # no parts left
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["notes.txt", "plots", "round-3.csv", "round-².parquet"]
     assert rundir.finished(run_dir) and not rundir.resumable(run_dir)
     same(accuracies(run_dir), accuracies(tmp_path / "whole"))
     capsys.readouterr()

@@ -237,10 +237,11 @@ def test_a_resume_with_a_smaller_top_leaves_no_stale_preset_and_keeps_a_users_fi
     write_outputs(s, rows)
     mine = s.folder / "best-4.toml"
     mine.write_text("# my notes\n")  # rank 4 was never written (top = 3): a file of the user's own
+    (s.folder / "best-².toml").write_text("# mine too\n")  # '²' passes str.isdigit(); int() raised a traceback
     assert sorted(p.name for p in s.folder.glob("best-*.toml")) == ["best-1.toml", "best-2.toml", "best-3.toml",
-                                                                     "best-4.toml"]
+                                                                     "best-4.toml", "best-².toml"]
     write_outputs(dataclasses.replace(s, top=1), rows)
-    assert sorted(p.name for p in s.folder.glob("best-*.toml")) == ["best-1.toml", "best-4.toml"]
+    assert sorted(p.name for p in s.folder.glob("best-*.toml")) == ["best-1.toml", "best-4.toml", "best-².toml"]
     assert mine.read_text() == "# my notes\n"
 
 

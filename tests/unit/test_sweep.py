@@ -55,6 +55,7 @@ def test_executor_and_parallel_are_read_from_the_sweep_file(tmp_path):
 @pytest.mark.parametrize("argv, fragment", [
     (["--parallel", "0"], "--parallel must be a number of trials at once (1 to 10,000) or \"auto\", got '0'"),
     (["--parallel", "two"], "--parallel must be a number of trials at once"),
+    (["--parallel", "²"], "--parallel must be a number of trials at once"),  # str.isdigit() is True, int() fails
     (["--parallel", "2", "--sequential"], "--sequential and --parallel contradict each other"),
 ])
 def test_bad_parallel_options_are_one_line_and_exit_2(tmp_path, capsys, argv, fragment):
