@@ -539,10 +539,14 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path, 
     assert not rundir.finished(run_dir) and not (run_dir / "summary.txt").exists()
     capsys.readouterr()
     assert main(["report", str(run_dir)]) == 2 and "unfinished" in capsys.readouterr().err
+    if cut == "after metrics.parquet":  # and its partition.npz deleted meanwhile: written back, as by any resume
+        (run_dir / "partition.npz").unlink()
     assert main(["run", "--resume", str(run_dir)]) == 0
     assert "ran its 2 rounds; writing its outputs" in capsys.readouterr().out
     assert rundir.finished(run_dir) and (run_dir / "summary.txt").is_file() and (run_dir / "accuracy.png").is_file()
     same(accuracies(run_dir), accuracies(tmp_path / "whole"))
+    with np.load(run_dir / "partition.npz") as got, np.load(tmp_path / "whole" / "partition.npz") as want:
+        assert got.files == want.files and all(np.array_equal(got[k], want[k]) for k in want.files)
     assert main(["report", str(run_dir)]) == 0
 
 
