@@ -40,6 +40,14 @@ def _flat_size(body: nn.Module, shape: Shape) -> int:
         return body(torch.zeros(1, *shape)).numel()
 
 
+def _pool_relu() -> list[nn.Module]:
+    """2x2 max-pooling, then ReLU: the same as ReLU then pooling, bit for bit, values and gradients (both keep
+    order and ReLU works element by element; a window whose maximum is <= 0 passes no gradient either way:
+    tests/unit/test_models.py), while ReLU and its backward touch a quarter of the values (one cnn5 client's
+    update ~4-6 % faster on one thread). Neither has parameters, so state dicts keep their keys."""
+    return [nn.MaxPool2d(2), nn.ReLU()]
+
+
 def _lenet5(shape: Shape, num_classes: int) -> nn.Module:
     """LeNet-5: two 5x5 conv+pool stages, then fc 120 -> 84 -> classes."""
     layers: list[nn.Module] = []
@@ -48,7 +56,7 @@ def _lenet5(shape: Shape, num_classes: int) -> nn.Module:
         # Pad only where an unpadded 5x5 conv would leave too little to pool and convolve again
         # (8x8 digits); 28x28 and 32x32 keep the classic unpadded layout.
         pad = 2 if side < 10 else 0
-        layers += [nn.Conv2d(channels, out, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(channels, out, 5, padding=pad), *_pool_relu()]
         channels, side = out, (side + 2 * pad - 4) // 2
     body = nn.Sequential(*layers, nn.Flatten())
     return nn.Sequential(
@@ -65,11 +73,9 @@ def _cnn(shape: Shape, num_classes: int) -> nn.Module:
     """Three 3x3 convs (32, 64, 64; pooling after the first two), then fc 128 -> classes."""
     body = nn.Sequential(
         nn.Conv2d(shape[0], 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_pool_relu(),
         nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_pool_relu(),
         nn.Conv2d(64, 64, 3, padding=1),
         nn.ReLU(),
         nn.Flatten(),
@@ -82,11 +88,9 @@ def _cnn5(shape: Shape, num_classes: int) -> nn.Module:
     each followed by 2x2 max-pooling, then fc 512 -> classes. 1,663,370 parameters on 28x28x1."""
     body = nn.Sequential(
         nn.Conv2d(shape[0], 32, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_pool_relu(),
         nn.Conv2d(32, 64, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_pool_relu(),
         nn.Flatten(),
     )
     return nn.Sequential(body, nn.Linear(_flat_size(body, shape), 512), nn.ReLU(), nn.Linear(512, num_classes))

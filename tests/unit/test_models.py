@@ -121,3 +121,38 @@ def test_eval_mode_is_deterministic() -> None:
     model = build_model("resnet8", (1, 8, 8), 10).eval()
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(model(x), model(x))
+
+
+def _relu_then_pool(model: nn.Module) -> nn.Module:
+    """The same model with the classic order, ReLU before each max-pooling, its parameters shared."""
+    body = model[0]
+    layers = list(body)
+    for i, layer in enumerate(layers[:-1]):
+        if isinstance(layer, nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layer
+    return nn.Sequential(nn.Sequential(*layers), *list(model)[1:])
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", (1, 8, 8)), ("lenet5", (1, 28, 28)), ("cnn", (3, 32, 32)),
+                                         ("cnn5", (1, 28, 28)), ("cnn5", (3, 32, 32))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_pooling_before_relu_gives_the_classic_orders_values_and_gradients_bit_for_bit(name, shape, layout):
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model[0]) == 2
+    classic = _relu_then_pool(model)
+    assert [type(m) for m in classic[0]] != [type(m) for m in model[0]]
+    x = torch.randn(16, *shape) - 0.5  # many pooling windows all <= 0
+    x[0] = 0.0  # and windows of ties at exactly 0
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+    grads = []
+    for m in (model, classic):
+        m.zero_grad()
+        z = m(x)
+        nn.functional.cross_entropy(z, y).backward()
+        grads.append((z.detach(), [p.grad.clone() for p in m.parameters()]))
+    (z0, g0), (z1, g1) = grads
+    assert torch.equal(z0, z1) and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    assert all(g.abs().sum() > 0 for g in g0)
