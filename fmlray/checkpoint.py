@@ -258,6 +258,9 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
 def _global_state(path: Path, checksum: int | None) -> State:
     """The global model a manifest names, read from its bytes once they match the manifest's `checksum` (None: a
     VERSION 2 checkpoint, which kept none)."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block the read, /dev/zero never end it
+        raise FmlrayError(f"{path} is a special file (a FIFO or a device), not a global model; the checkpoint cannot "
+                          "be resumed: put the run's copy back, or start the run again")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -60,6 +60,9 @@ def _indices(a: np.ndarray, n: int, key: str, path: Path) -> np.ndarray:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz; DataError for a missing file, another format, or a member that is no array."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block the read
+        raise DataError(f"data.partition_file {path} is a special file (a FIFO or a device), not an .npz; give the "
+                        "partition.npz a run wrote, or one saved with numpy.savez")
     try:
         with open(path, "rb") as f:
             head = f.read(6)

@@ -1,5 +1,7 @@
 """Partitions as files: every run saves one; a config can load one; a misfit is one clear line."""
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -125,6 +127,7 @@ def claiming(path, member, shape):
     (lambda p: (p.write_text("client,class_0\n0,5\n"), p)[1], "is not an .npz (a zip of .npy arrays; this one starts "
      "with b'client': a CSV or text file?)"),  # numpy's message was about loading pickles unsafely
     (lambda p: (p.write_bytes(b"PK"), p)[1], "is a damaged or cut-short zip, not a readable .npz"),  # as above
+    (lambda p: (os.mkfifo(p), p)[1], "is a special file (a FIFO or a device), not an .npz"),  # reading it hung
     (lambda p: altered(p, 8, lambda b: b | 1), "is not a readable .npz (RuntimeError: File 'train_0.npy' is encrypted"),
     (lambda p: altered(p, 10, lambda b: 99), "is not a readable .npz (NotImplementedError: That compression method"),
     (lambda p: claiming(p, "train_0", (4 * 10**12,)), "is not a readable .npz ("),  # MemoryError; a ValueError where it is allocated

@@ -113,6 +113,15 @@ def _edit_manifest(run_dir, **changes):
     path.write_text(json.dumps(manifest))
 
 
+def _special_global(run_dir, kind):
+    path = run_dir / "checkpoint" / "global-r000001.npz"
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(kind)
+
+
 def _replace_global(run_dir):
     """The global model's file replaced whole by another valid one of the same keys and shapes (another run's)."""
     path = run_dir / "checkpoint" / "global-r000001.npz"
@@ -160,6 +169,9 @@ def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpo
     (lambda d: _edit_manifest(d, **{"global": "../partition.npz"}), "manifest.json is damaged"),
     (lambda d: _edit_manifest(d, **{"global": "manifest.json"}), "manifest.json is damaged"),
     (lambda d: _edit_manifest(d, global_crc32=None), "manifest.json is damaged"),  # a version 3 one keeps it
+    # a FIFO in its place hung the resume; a link to /dev/zero read until memory ran out
+    (lambda d: _special_global(d, "fifo"), "global-r000001.npz is a special file (a FIFO or a device)"),
+    (lambda d: _special_global(d, "/dev/zero"), "global-r000001.npz is a special file (a FIFO or a device)"),
     # emptied: read as the defaults, it was "the checkpoint ... belongs to another config (differs in ...)"
     (lambda d: (d / "config.toml").write_text(""), "config.toml is damaged: it lacks [run], [data], [clients]"),
     (lambda d: (d / "config.toml").write_text((d / "config.toml").read_text().split("[training]")[0]),

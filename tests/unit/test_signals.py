@@ -74,6 +74,45 @@ SHIELD = textwrap.dedent("""
 """)
 
 
+# A SIGTERM arriving while the handler of an earlier one runs, at each line it (and what it calls) executes in
+# turn: the handler's Event.set took a lock, and a second handler run inside it waited on that lock for ever.
+REENTERED = textwrap.dedent("""
+    import os, signal, sys
+    from fmlray import signals
+    signal.signal(signal.SIGTERM, signals.terminate)
+    signal.alarm(20)  # a hang ends the process with SIGALRM
+    for at in range(1, 40):
+        seen = [0]
+        def tracer(frame, event, arg):
+            if event == "call" and frame.f_code is signals.terminate.__code__ and not seen[0]:
+                seen[0] = 1
+            if seen[0] and event == "line":
+                seen[0] += 1
+                if seen[0] == at + 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return tracer
+        sys.settrace(tracer)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        except signals.Terminated:
+            pass
+        sys.settrace(None)
+        try:
+            signals.check()
+        except signals.Terminated:
+            pass
+        signals.reset()
+    print("ok")
+""")
+
+
+def test_a_sigterm_inside_the_handler_of_another_never_hangs():
+    done = subprocess.run([sys.executable, "-c", REENTERED], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
 def test_a_signal_during_shut_down_is_announced_and_the_shut_down_finishes():
     for sig in ("SIGINT", "SIGTERM"):
         out = subprocess.run([sys.executable, "-c", SHIELD, "1", sig], capture_output=True, text=True, timeout=60)
