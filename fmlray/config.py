@@ -457,6 +457,13 @@ class Config:
         for g in self.clients.groups:  # a task fits one dataset: checked here, where both are known
             resolve_task(g.task, dataset=self.data.dataset, num_classes=self.data.num_classes,
                          key=f"clients.groups[{g.name}].task")
+        if self.engine.state_dir:  # its first client rows would make the run's folder before the run could claim it
+            run = os.path.abspath(os.path.join(self.run.output_dir, self.run.name))
+            state = os.path.abspath(self.engine.state_dir)
+            own = [run, *(os.path.join(os.path.dirname(run), f".{self.run.name}.{end}") for end in ("new", "old"))]
+            _check(not any(state == f or state.startswith(f + os.sep) for f in own),
+                   f"engine.state_dir = {self.engine.state_dir!r} lies inside the run's own folder {run}; put it "
+                   "outside (a node-local scratch folder), or leave it empty")
         _check(self.algorithm.name != "fedrep" or self.algorithm.fedrep.body_epochs <= self.training.epochs,
                f"algorithm.fedrep.body_epochs = {self.algorithm.fedrep.body_epochs} is more than training.epochs = "
                f"{self.training.epochs}; lower it or raise training.epochs")

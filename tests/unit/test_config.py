@@ -92,12 +92,20 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("engine.address=true", "TOML reads true as a boolean; quote it: address = \"true\""),
     ("run.eval_clients=true", "run.eval_clients must be an integer or a string, got true"),
     ('run.eval_clients="a\u0000"', "holds a control character"),
+    # the disk store made the run's folder first: the run trained, then failed to take its name, leaving two folders
+    ('engine.state_dir="runs/digits-fml/state"', "engine.state_dir = 'runs/digits-fml/state' lies inside the run's own"),
+    ('engine.state_dir="runs/.digits-fml.new"', "lies inside the run's own folder"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_state_dir_beside_the_run_folder_or_of_another_run_is_fine():
+    for path in ("runs/state", "runs/digits-fml-state", "/tmp/state", "runs/other/state"):
+        assert load_config(None, [f"engine.state_dir={path!r}"]).engine.state_dir == path
 
 
 def test_bad_toml_file_and_missing_file(tmp_path):
