@@ -139,6 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     benchlib.check_at_least(p, "--rounds", args.rounds, 1)
     benchlib.check_at_least(p, "--warmup", args.warmup, 0)
     benchlib.check_tag(p, args.tag)
+    benchlib.check_at_least(p, "--seed", args.seed, 0)
     benchlib.check_out(p, args.out)
     return args
 
@@ -172,4 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.exit_with(main)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -87,14 +89,31 @@ def comma_list(kind: type) -> Callable[[str], list]:
 
 
 def check_out(p: argparse.ArgumentParser, out: Path, flag: str = "--out") -> None:
-    """Refuse (exit 2) a results folder that cannot be made: `out`, or the nearest of its parents that exists,
-    is not a folder. Called at parse time, before anything slow starts."""
+    """Refuse (exit 2) a results folder that cannot be made or written: `out`, or the nearest of its parents that
+    exists, is not a folder, or no folder can be made in it (tried: a read-only place, /proc). Called at parse
+    time, before anything slow starts; it makes nothing that stays."""
     for path in (out, *Path(out).absolute().parents):
         if path.exists():
             if not path.is_dir():
                 p.error(f"{flag}: {path} exists and is not a folder" if path == out else
                         f"{flag}: {out} cannot be made: {path} is not a folder")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=path))
+            except OSError as exc:
+                p.error(f"{flag}: {out} cannot be written: nothing can be made in {path} ({exc.strerror or exc})")
             return
+
+
+def exit_with(main: Callable[[], int | None]) -> None:
+    """Run a script's `main` and exit with its code; a setting fmlray refuses (an FmlrayError: e.g. too few rows
+    for the clients asked for, a seed below 0) is one line and exit 2, as fmlray's own commands say it."""
+    from fmlray.errors import FmlrayError
+    try:
+        code = main()
+    except FmlrayError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: fmlray refuses the run these options make: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def check_at_least(p: argparse.ArgumentParser, flag: str, value, low) -> None:
@@ -112,22 +131,39 @@ def check_fractions(p: argparse.ArgumentParser, flag: str, values: list[float]) 
         p.error(f"{flag}: each share must be in (0, 1]; got {bad[0]:g}")
 
 
+MAX_TAG = 64
+
+
 def check_tag(p: argparse.ArgumentParser, tag: str) -> None:
-    """Refuse (exit 2) a --tag that cannot be a word in a file name."""
-    if "/" in tag:
-        p.error(f"--tag is a word in the output names: it cannot hold '/'; got {tag!r}")
+    """Refuse (exit 2) a --tag that cannot be a word in a file name: a '/', a control character (a newline), or
+    more than MAX_TAG characters (the names it goes into must fit a file system's 255 bytes)."""
+    if "/" in tag or any(not c.isprintable() for c in tag) or len(tag) > MAX_TAG:
+        p.error(f"--tag is a word in the output names: at most {MAX_TAG} printable characters, no '/'; got {tag!r}"
+                if len(tag) <= MAX_TAG else f"--tag is a word in the output names: at most {MAX_TAG} characters; got "
+                f"{len(tag)}")
 
 
 def result_stem(script: str, workload: str, variant: str, out: Path) -> str:
     """'<script>-<workload>[-<variant>]-<N>cpu-<date>', the name every output of a run shares; '-2', '-3', ...
-    after it when `out` holds a record of that name already (a second run that day never replaces the first)."""
+    after it when `out` holds a record of that name already (a second run that day never replaces the first).
+    The name is claimed at once, by making its `.md` exclusively (a placeholder the run's report replaces), so
+    two runs started together take two names."""
     tag = f"-{variant}" if variant else ""
     stem = f"{script}-{workload}{tag}-{os.cpu_count()}cpu-{datetime.date.today().isoformat()}"
-    taken = lambda name: any(Path(out).glob(f"{name}.*")) or any(Path(out).glob(f"{name}-*"))  # noqa: E731
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    taken = lambda name: any(out.glob(f"{glob.escape(name)}.*")) or any(out.glob(f"{glob.escape(name)}-*"))  # noqa: E731
     n = 1
-    while taken(stem if n == 1 else f"{stem}-{n}"):
+    while True:
+        name = stem if n == 1 else f"{stem}-{n}"
+        if not taken(name):
+            try:
+                with open(out / f"{name}.md", "x") as f:
+                    f.write(f"# {name}\n\nThe run of this record has not finished (or it died): nothing here yet.\n")
+                return name
+            except FileExistsError:
+                pass  # another run took it meanwhile
         n += 1
-    return stem if n == 1 else f"{stem}-{n}"
 
 
 def write_parquet(rows: list[dict], path: Path, meta: dict) -> None:

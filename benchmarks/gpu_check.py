@@ -792,4 +792,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.exit_with(main)

@@ -3,7 +3,8 @@
 #
 #   benchmarks/gpu_check.sh [--cpu-dry-run [--smoke]] [--out DIR] [bench options, e.g. --data-root DIR --rounds 3]
 #
-# DIR (default: $OUT if set, else benchmarks/results/gpu-check-<date>) gets env.txt, run.log,
+# DIR (default: $OUT if set, else benchmarks/results/gpu-check-<date>, or -2, -3, ... after that day's first;
+# a DIR given must not hold an earlier record: it is refused) gets env.txt, run.log,
 # gpu-check.json, gpu-check-tf32.json and gpu-bench.{md,json,parquet,png} (8 files; 7 with --smoke).
 # Exits non-zero when a check fails,
 # when the benchmark fails, or when there is no CUDA GPU (unless --cpu-dry-run, which runs
@@ -15,14 +16,16 @@ py=${PYTHON:-python3}
 dry=()
 smoke=()
 out=${OUT:-$repo/benchmarks/results/gpu-check-$(date +%F)}
+given=${OUT:+1}
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-dry-run) dry=(--cpu-dry-run); shift ;;
         --smoke) smoke=(--smoke); shift ;;  # with --cpu-dry-run: CI's size (gpu_check.py --help)
         --out|--out=*)
             if [ "$1" = --out ]; then out=${2-}; shift $(( $# > 1 ? 2 : 1 )); else out=${1#--out=}; shift; fi
-            case $out in ""|-*) echo "gpu_check.sh: --out needs a folder" >&2; exit 2 ;; esac ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header above, before anything is made
+            case $out in ""|-*) echo "gpu_check.sh: --out needs a folder" >&2; exit 2 ;; esac
+            given=1 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header above, before anything is made
         *) break ;;
     esac
 done
@@ -35,6 +38,19 @@ cd "$repo" || exit 2
 checked=$("$py" benchmarks/gpu_check.py bench --check-args "${dry[@]}" "${smoke[@]}" --out "$out" "$@" 2>&1)
 if [ $? -eq 2 ]; then
     echo "$checked" >&2
+    exit 2
+fi
+# a record is never replaced: the default folder takes -2, -3, ... after a day's first; a given one must hold none
+held() {
+    local f
+    for f in "$1"/env.txt "$1"/run.log "$1"/gpu-check*.json "$1"/gpu-bench.*; do [ -e "$f" ] && return 0; done
+    return 1
+}
+if [ -z "$given" ]; then
+    base=$out; n=1
+    while held "$out"; do n=$((n + 1)); out=$base-$n; done
+elif held "$out"; then
+    echo "gpu_check.sh: $out holds an earlier record (env.txt, run.log, gpu-check.json, gpu-bench.*); give another --out" >&2
     exit 2
 fi
 mkdir -p "$out"

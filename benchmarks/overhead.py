@@ -477,6 +477,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--gpu-fractions: each share must be in (0, 1]")
     if args.gpu_fractions and not torch.cuda.is_available():
         p.error("--gpu-fractions needs a CUDA GPU, and torch sees none here")
+    benchlib.check_at_least(p, "--seed", args.seed, 0)
     benchlib.check_out(p, args.out)
 
 
@@ -516,4 +517,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.exit_with(main)

@@ -386,6 +386,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--fractions: each must be in (0, 1]")
     if args.rounds < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--rounds and --batch-size must be >= 1, --warmup >= 0")
+    benchlib.check_at_least(p, "--seed", args.seed, 0)
     benchlib.check_out(p, args.out)
 
 
@@ -425,4 +426,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.exit_with(main)

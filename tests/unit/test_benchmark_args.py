@@ -40,8 +40,14 @@ BAD = [  # script, arguments (FILE: an existing regular file), what the error li
     ("overhead", ["--smoke", "--out", "FILE"], "--out: FILE exists and is not a folder"),
     ("scaling", ["--smoke", "--out", "FILE/sub"], "--out: FILE/sub cannot be made: FILE is not a folder"),
     ("wholerun", ["--smoke", "--out", "FILE"], "--out: FILE exists and is not a folder"),
-    ("wholerun", ["--tag", "a/b"], "--tag is a word in the output names: it cannot hold '/'"),
-    ("batched", ["--tag", "a/b"], "--tag is a word in the output names: it cannot hold '/'"),
+    ("wholerun", ["--tag", "a/b"], "--tag is a word in the output names: at most 64 printable characters, no '/'"),
+    ("batched", ["--tag", "a/b"], "--tag is a word in the output names: at most 64 printable characters, no '/'"),
+    ("batched", ["--tag", "a\nb"], "at most 64 printable characters, no '/'; got 'a\\nb'"),  # a name with a newline
+    ("batched", ["--tag", "a" * 300], "at most 64 characters; got 300"),  # pyarrow failed on it after the run
+    ("batched", ["--seed", "-1"], "--seed must be >= 0; got -1"),  # fmlray refused it inside the run: tracebacks
+    ("overhead", ["--seed", "-1"], "--seed must be >= 0; got -1"),
+    ("scaling", ["--seed", "-1"], "--seed must be >= 0; got -1"),
+    ("batched", ["--out", "/proc/bench"], "--out: /proc/bench cannot be written: nothing can be made in /proc"),
     ("moves", ["--points", "digits:0:0.5"], "'digits:0:0.5': clients must be >= 1"),
     ("moves", ["--points", "digits:20:2"], "'digits:20:2': fraction must be in (0, 1]"),
     ("moves", ["--points", "synthetic:40:0.5,nope:20:0.5"], "'nope:20:0.5': dataset must be one of"),
@@ -97,6 +103,38 @@ def test_good_arguments_parse_and_make_nothing(tmp_path):
     argv = ["bench", "--check-args", "--cpu-dry-run", "--out", str(out), "--models", "lenet5", "--fractions", "1,0.25"]
     assert gpu_check.main(argv) == 0  # --check-args: checked, nothing run
     assert not out.exists()
+
+
+def test_two_records_claimed_at_once_or_with_glob_characters_get_two_names(tmp_path):
+    # two runs started together both found the name free and wrote one record; a tag "run[2]" never matched itself
+    import benchlib
+    first = benchlib.result_stem("batched", "clients", "", tmp_path)
+    assert benchlib.result_stem("batched", "clients", "", tmp_path) == f"{first}-2"  # claimed by the first call
+    tagged = benchlib.result_stem("batched", "clients", "run[2]", tmp_path)
+    assert "run[2]" in tagged and benchlib.result_stem("batched", "clients", "run[2]", tmp_path) == f"{tagged}-2"
+    assert "has not finished" in (tmp_path / f"{first}.md").read_text()  # what a run that died leaves
+
+
+def test_a_setting_fmlray_refuses_is_one_line_and_exit_2():
+    # a DataError raised while the script built its configs was a traceback
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--smoke", "--workload", "digits",
+                           "--max-train-samples", "30", "--ways", "serial", "--algorithms", "fedavg", "--out",
+                           str(REPO / "no-such-out")], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("overhead.py: error: fmlray refuses the run these options make: cannot give 20 clients")
+    assert not (REPO / "no-such-out").exists()
+
+
+def test_gpu_check_sh_never_replaces_a_record(tmp_path):
+    # run twice into one folder, it replaced all 7 files (run.log emptied within seconds of the second start)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.log").write_text("an earlier check")
+    proc = gpu_check_sh("--cpu-dry-run", "--smoke", "--out", str(out))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"gpu_check.sh: {out} holds an earlier record (env.txt, run.log, gpu-check.json, gpu-bench.*); give another --out"]
+    assert [p.name for p in out.iterdir()] == ["run.log"] and (out / "run.log").read_text() == "an earlier check"
 
 
 def test_gpu_state_check_without_cuda_says_so_in_one_line(capsys):
