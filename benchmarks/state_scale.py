@@ -324,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n} clients, checkpoint {'every round' if ckpt else 'never'}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 got = Path(tmp) / "row.json"
-                subprocess.run([sys.executable, __file__, "--one", f"{n},{int(ckpt)},{got}", "--rounds",
-                                str(args.rounds), "--per-round", str(args.per_round)], check=True)
+                done = subprocess.run([sys.executable, __file__, "--one", f"{n},{int(ckpt)},{got}", "--rounds",
+                                       str(args.rounds), "--per-round", str(args.per_round)])
+                if done.returncode:
+                    return done.returncode  # its one line (or its traceback) said why
                 rows.append(json.loads(got.read_text()))
     prepared: dict = {}
     if args.resume_check:
