@@ -52,6 +52,12 @@ def _got(value) -> str:
     return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
+def ascii_digits(text: str) -> bool:
+    """Whether `text` is a whole number written in ASCII digits: what `int(text)` is about to read. `str.isdigit`
+    alone also passes '²', on which `int` raises (a traceback where a list index, a port, a round was read)."""
+    return text.isascii() and text.isdigit()
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -613,7 +619,7 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any, full: str) -> None
         _check(isinstance(node, (dict, list)), f"--set {full}: '{'.'.join(path[:i])}' is a single value, "
                f"not a table; drop '.{'.'.join(path[i:])}'")
         if isinstance(node, list):
-            _check(part.isascii() and part.isdigit() and int(part) < len(node),
+            _check(ascii_digits(part) and int(part) < len(node),
                    f"--set {full}: '{part}' is not an index of the {len(node)} entries there")
             part = int(part)
         elif i < len(path) - 1:
@@ -688,7 +694,7 @@ def _holds(tree: dict[str, Any], dotted: str) -> bool:
     """`tree` has the key `dotted` (clients.groups[0].name or clients.groups.0.name: into lists too)."""
     node: Any = tree
     for part in re.sub(r"\[(\d+)\]", r".\1", dotted).split("."):
-        if isinstance(node, list) and part.isascii() and part.isdigit() and int(part) < len(node):
+        if isinstance(node, list) and ascii_digits(part) and int(part) < len(node):
             node = node[int(part)]
         elif isinstance(node, dict) and part in node:
             node = node[part]

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import tomli_w
 
 from fmlray import metrics, signals
-from fmlray.config import Config, quoted, to_dict
+from fmlray.config import Config, ascii_digits, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 
 # Written first into every folder fmlray makes: a folder without it is the user's, and never deleted.
@@ -511,7 +511,7 @@ def _holder(path: Path) -> str:
         pid = path.read_text().strip()
     except OSError:
         return ""
-    return f" (pid {pid})" if pid.isascii() and pid.isdigit() else ""
+    return f" (pid {pid})" if ascii_digits(pid) else ""
 
 
 def fsync_dir(path: Path) -> None:
@@ -688,7 +688,7 @@ def has_parts(run_dir: Path) -> bool:
 
 def _part_round(path: Path) -> int:
     name = path.name
-    if name.startswith("round-") and name.endswith(".parquet") and name[6:-8].isascii() and name[6:-8].isdigit():
+    if name.startswith("round-") and name.endswith(".parquet") and ascii_digits(name[6:-8]):
         return int(name[6:-8])
     return 0
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fmlray.config import Config, folder_name, load_config, load_toml, quoted, to_dict
+from fmlray.config import Config, ascii_digits, folder_name, load_config, load_toml, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.rundir import SEARCH_RECORD
 from fmlray.sweep import inside, overlap, override_keys, parallel_value
@@ -504,7 +504,7 @@ def _drop_stale_best(search: Search, kept: int) -> None:
     never offers a rank that is no longer one; only files this search wrote (never a link)."""
     for path in search.folder.glob("best-*.toml"):
         rank = path.name[len("best-"):-len(".toml")]
-        if rank.isascii() and rank.isdigit() and int(rank) > kept and _not_our_preset(search, path, int(rank)) is None:
+        if ascii_digits(rank) and int(rank) > kept and _not_our_preset(search, path, int(rank)) is None:
             path.unlink(missing_ok=True)
 
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fmlray import signals
-from fmlray.config import Config, folder_name, leaf_keys, load_config, load_toml, parse_override, quoted, to_dict
+from fmlray.config import Config, ascii_digits, folder_name, leaf_keys, load_config, load_toml, parse_override, quoted, to_dict
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
 from fmlray.rundir import MARKER, SEARCH_RECORD, SWEEP_TABLE, finished, read_parquet, resumable, write_atomic
@@ -176,7 +176,7 @@ def parallel_value(value, where: str) -> int | str:
     """`parallel` as given: a number of trials at once (>= 1) or "auto"."""
     if value == "auto" or (type(value) is int and 1 <= value <= 10_000):
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit() and 1 <= int(value) <= 10_000:
+    if isinstance(value, str) and ascii_digits(value) and 1 <= int(value) <= 10_000:
         return int(value)
     raise ConfigError(f"{where} must be a number of trials at once (1 to 10,000) or \"auto\", got {value!r}")
 

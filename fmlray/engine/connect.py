@@ -18,6 +18,7 @@ import psutil
 import ray
 
 from fmlray import signals
+from fmlray.config import ascii_digits
 from fmlray.errors import ResourceError
 
 
@@ -39,7 +40,7 @@ def _timeout(name: str, default: float) -> float:
 def _host_port(address: str) -> tuple[str, int] | None:
     """("host", port) of a plain "host:port" address; None for "auto", "ray://..." and forms Ray judges."""
     host, _, port = address.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or "://" in address:
+    if not host or not ascii_digits(port) or "://" in address:
         return None
     return host.strip("[]"), int(port)
 
