@@ -23,7 +23,7 @@ class Terminated(BaseException):
 # A plain flag, not a threading.Event: Event.set takes a lock, and a second SIGTERM arriving while the first
 # handler held it ran the handler again inside it, which then waited on that lock for ever (the process deaf to
 # every later SIGTERM). Only the main thread runs handlers and reads the flag.
-_seen = [False]
+_seen = False
 # Every SIGINT / SIGTERM a run took without ending at once: a stop after the round (`simulation.StopOnSignal`), or
 # a finish `shielded` from it. A run that ended anyway (the signal came in its last round, or while it wrote its
 # outputs) returns normally; a command with more runs to do (compare, a sequential sweep) stops after it.
@@ -31,18 +31,20 @@ _asked: list[str] = []
 
 
 def terminate(signum, frame) -> None:
-    _seen[0] = True
+    global _seen
+    _seen = True
     raise Terminated
 
 
 def check() -> None:
     """Raise `Terminated` if a SIGTERM came (and its raise was lost) since `reset`."""
-    if _seen[0]:
+    if _seen:
         raise Terminated
 
 
 def reset() -> None:
-    _seen[0] = False
+    global _seen
+    _seen = False
 
 
 def record(signum: int) -> None:

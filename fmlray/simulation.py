@@ -272,14 +272,15 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                               "or start a new run")
         # stopped or killed between its last checkpoint and the end of its outputs: they are written now
         console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
-        if resume.partition is not None and not os.path.lexists(folder.path / rundir.PARTITION_FILE):
-            # deleted: written back, as any resume does (a checkpoint without the partition's fingerprint, of an
-            # earlier fmlray, cannot vouch for the config's: its outputs are written without it)
+        put_back = resume.partition is not None and not os.path.lexists(folder.path / rundir.PARTITION_FILE)
+        if put_back:  # deleted: written back, as any resume does (a checkpoint without the partition's fingerprint,
+            # of an earlier fmlray, cannot vouch for the config's: its outputs are written without it)
             prepared = prepared or prepare(cfg)
             checkpoint.check_same_data(folder.path, resume, prepared.dataset, prepared.partition)
-            _first_writes(folder.path, None, cfg, prepared)
         with signals.shielded("writing the run's outputs"), \
                 _written(folder, "the run's outputs", cfg.run.checkpoint_every):
+            if put_back:
+                checkpoint.put_back_partition(folder.path, prepared.dataset, prepared.partition)
             summary = rundir.finish(folder.path, rundir.Records(folder.path, upto=resume.round), title(cfg))
         if report is not None:  # a Tune trial: its last round's figures
             report(summary[-1])
@@ -373,9 +374,9 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
     return folder.path, summary[-1]
 
 
-def _first_writes(run_dir: Path, checkpoints: Path | None, cfg: Config, prepared: Prepared) -> None:
+def _first_writes(run_dir: Path, checkpoints: Path, cfg: Config, prepared: Prepared) -> None:
     """A resumed run's first writes, once every check has passed: probes of its checkpoint folder (refused now,
-    not after a round; None: a run whose rounds are all done) and of its metrics/, its partition.npz if it was deleted (`checkpoint.put_back_partition`),
+    not after a round) and of its metrics/, its partition.npz if it was deleted (`checkpoint.put_back_partition`),
     its config (e.g. with more rounds than before). One that fails is one line, and leaves the run as it was (but
     for a partition.npz put back: the run's own)."""
     import tempfile
@@ -386,8 +387,7 @@ def _first_writes(run_dir: Path, checkpoints: Path | None, cfg: Config, prepared
         tempfile.TemporaryFile(dir=folder).close()
 
     parts = run_dir / rundir.PARTS  # a stopped run's metric rows by round, which `Records` tidies next
-    steps = [*([(checkpoints, lambda: probe(checkpoints))] if checkpoints else []),
-             *([(parts, lambda: probe(parts))] if parts.is_dir() else []),
+    steps = [(checkpoints, lambda: probe(checkpoints)), *([(parts, lambda: probe(parts))] if parts.is_dir() else []),
              (run_dir, lambda: checkpoint.put_back_partition(run_dir, prepared.dataset, prepared.partition)),
              (run_dir, lambda: rundir.write_config(run_dir, cfg))]
     for where, write in steps:
