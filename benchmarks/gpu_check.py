@@ -482,7 +482,7 @@ def run_check(args) -> int:
         os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
         torch.backends.cudnn.allow_tf32 = False  # the driver's own CUDA work, if any
     meta = environment(args)
-    out = args.out / ("gpu-check.json" if args.precision == "fp32" else "gpu-check-tf32.json")
+    out = args.out / check_name(args)
     checks = Checks()
     tol = tolerance(args)
     report = {"meta": meta, "precision": args.precision, "tolerance": tol, "checks": checks.items, "parity": {}, "runs": {}}
@@ -779,8 +779,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.algorithms, args.train_samples, args.rounds, args.warmup = ["lenet5"], ["fedavg"], 400, 1, 0
         args.fractions = [0.25]
     if not args.check_args:
+        # each step's own files are never replaced (gpu_check.sh gives every run a folder holding none; run by
+        # hand, a second run into the same --out would otherwise write over the first's record)
+        mine = [check_name(args)] if args.what == "check" else [f"gpu-bench.{x}" for x in ("md", "json", "parquet", "png")]
+        if held := [name for name in mine if (args.out / name).exists()]:
+            p.error(f"--out: {args.out} already holds {held[0]} from an earlier run; give another folder")
         args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def check_name(args) -> str:
+    """The file a `check` step writes in --out."""
+    return "gpu-check.json" if args.precision == "fp32" else "gpu-check-tf32.json"
 
 
 def main(argv=None) -> int:

@@ -89,6 +89,10 @@ def points(args) -> list[dict]:
     return merge_duplicates(out)
 
 
+def point_name(p: dict) -> str:
+    return f"{p['dataset']} × {p['clients']} clients, {p['actors']} actors, fraction {p['fraction']:g}"
+
+
 def merge_duplicates(pts: list[dict]) -> list[dict]:
     """One entry per distinct configuration, naming every sweep it belongs to."""
     seen: dict[tuple, dict] = {}
@@ -326,7 +330,7 @@ def markdown(meta: dict, summary: list[dict], startup: list[dict], probe: dict, 
         "when one actor trained them all: it returns the average, and aggregate ms is 0) + the new global state "
         "(analytic, from the state dict sizes).", "",
         benchlib.markdown_table(summary, POINT_COLUMNS), "",
-        *([f"Skipped (fmlray cannot partition them): {'; '.join(args.skipped)}", ""] if args.skipped else []),
+        *([f"Skipped (fmlray refused them): {'; '.join(args.skipped)}", ""] if args.skipped else []),
         "## Start-up", "",
         f"Ray up (ray.init, private, loopback): {probe['ray_up_s']:.2f} s. Cold start of {probe['what']}: data put "
         f"{probe['data_put_s']:.3f} s, actors ready {probe['actors_ready_s']:.2f} s, engine start "
@@ -338,7 +342,7 @@ def markdown(meta: dict, summary: list[dict], startup: list[dict], probe: dict, 
         benchlib.markdown_table(checks, [("check", "check", ""), ("value", "value", ".3f"), ("target", "target", ""),
                                          ("met", "met", "")]), "",
         "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], "",
-        "## Config (the first configuration; others change data.dataset/partition/min_samples, "
+        "## Config (the first configuration measured; others change data.dataset/partition/min_samples, "
         "clients.num_clients, clients.fraction, engine.num_actors and the group's num_cpus)", "",
         "```toml", tomli_w.dumps(to_dict(example_cfg)).strip(), "```", "",
     ])
@@ -405,11 +409,22 @@ def main(argv: list[str] | None = None) -> int:
     rows, startup, configs = [], [], []
     with benchlib.MemorySampler() as sampler:
         for p in pts:
-            got, start, cfg = run_point(p, args, sampler, log=lambda m: print(m, flush=True))
+            # A configuration fmlray refuses only once it starts (e.g. more actors than the cluster can place)
+            # is skipped and listed, as one it cannot partition is: the rows measured so far are kept.
+            try:
+                got, start, cfg = run_point(p, args, sampler, log=lambda m: print(m, flush=True))
+            except FmlrayError as exc:
+                args.skipped.append(f"{point_name(p)} ({str(exc).split(';')[0]})")
+                print(f"skipped {args.skipped[-1]}", flush=True)
+                continue
             rows += got
             startup.append(start)
-            configs.append(to_dict(cfg))
-    meta |= {"load_after": os.getloadavg(), "startup_probe": probe, "configs": configs}
+            configs.append(cfg)
+    if not rows:
+        print("no configuration could be measured: " + "; ".join(args.skipped), file=sys.stderr)
+        return 2
+    meta |= {"load_after": os.getloadavg(), "startup_probe": probe, "configs": [to_dict(c) for c in configs],
+             "skipped": args.skipped}
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     variant = "" if args.variant == "full" else args.variant
@@ -417,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     benchlib.write_parquet(rows, stem.with_suffix(".parquet"), meta)
     benchlib.write_parquet(startup, stem.with_name(stem.name + "-startup.parquet"), meta)
     plots = plot(summary, stem)
-    first = point_config(pts[0]["dataset"], pts[0]["clients"], pts[0]["actors"], pts[0]["fraction"], args)
-    report = markdown(meta, summary, startup, probe, plots, first, args)
+    report = markdown(meta, summary, startup, probe, plots, configs[0], args)
     stem.with_suffix(".md").write_text(report)
     print(report)
     print(f"wrote {stem}.parquet, -startup.parquet, .md and {len(plots)} PNGs")

@@ -12,7 +12,8 @@ Columns (the Parquet schema, also in the README):
                     test rows; client -1, samples: their test rows, note: "task <the group's task>") |
                     "excluded" (a client's update left out of the average; samples: its training rows,
                     note: why) | "recovered" (a client re-run elsewhere after its actor was lost; note: how)
-  loss      double  mean cross-entropy (train rows: the client's training loss); a client's rows are in its
+  loss      double  mean cross-entropy (train rows: the mean of the model's whole training loss over its steps,
+                    e.g. FML's α·CE + (1−α)·KL, FedProx's CE + penalty); a client's rows are in its
                     group's task space (fmlray.tasks), global_test rows in the dataset's classes
   accuracy  double
   samples   int64   rows the figure is over (round row: clients sampled)

@@ -64,7 +64,10 @@ def test_overhead_smoke_writes_parquet_and_markdown(tmp_path):
 
 
 def test_scaling_smoke_writes_parquet_markdown_and_plots(tmp_path):
-    run_script("scaling.py", tmp_path)
+    # 100000 actors cannot be placed (a share below Ray's smallest): that point is skipped and listed, and the
+    # points measured before it keep their rows (its refusal ended the script and lost them)
+    proc = run_script("scaling.py", tmp_path, "--actors", "2,100000")
+    assert "skipped synthetic × 20 clients, 100000 actors, fraction 1 (clients.groups[all].num_cpus" in proc.stdout
     table = pq.read_table(only(tmp_path, "scaling-synthetic-smoke-*[0-9].parquet"))
     assert {"dataset", "clients", "actors", "fraction", "round", "warmup", "sampled", "wall_s", "compute_s",
             "overhead_s", "overhead_ms_per_client", "aggregate_s", "bytes_round", "pss_driver_mib",
@@ -77,7 +80,8 @@ def test_scaling_smoke_writes_parquet_markdown_and_plots(tmp_path):
     assert {"data_put_s", "actors_ready_s", "engine_start_s", "dataset_bytes"} <= set(startup.column_names)
     for plot in ("time", "overhead", "memory"):
         assert only(tmp_path, f"scaling-*-{plot}.png").stat().st_size > 0
-    assert "## Start-up" in only(tmp_path, "scaling-*.md").read_text()
+    report = only(tmp_path, "scaling-*.md").read_text()
+    assert "## Start-up" in report and "Skipped (fmlray refused them): synthetic × 20 clients, 100000 actors" in report
 
 
 def test_every_benchmark_script_imports_what_it_needs_from_fmlray():

@@ -137,6 +137,21 @@ def test_gpu_check_sh_never_replaces_a_record(tmp_path):
     assert [p.name for p in out.iterdir()] == ["run.log"] and (out / "run.log").read_text() == "an earlier check"
 
 
+@pytest.mark.parametrize("argv, held", [(["check"], "gpu-check.json"),
+                                         (["check", "--precision", "default"], "gpu-check-tf32.json"),
+                                         (["bench"], "gpu-bench.parquet")])
+def test_gpu_check_py_run_by_hand_never_replaces_its_own_record(capsys, tmp_path, argv, held):
+    # gpu_check.sh gives each run an empty folder; gpu_check.py run by hand wrote its fixed names over a record
+    (tmp_path / held).write_text("an earlier record")
+    says = refusal(capsys, "gpu_check", [*argv, "--cpu-dry-run", "--out", str(tmp_path)])
+    assert says == f"--out: {tmp_path} already holds {held} from an earlier run; give another folder"
+    assert (tmp_path / held).read_text() == "an earlier record"
+    other = "gpu-bench.md" if argv[0] == "check" else "gpu-check.json"  # another step's file: the script's next step
+    (tmp_path / held).unlink()
+    (tmp_path / other).write_text("")
+    assert importlib.import_module("gpu_check").parse_args([*argv, "--cpu-dry-run", "--out", str(tmp_path)])
+
+
 def test_gpu_state_check_without_cuda_says_so_in_one_line(capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
