@@ -164,8 +164,11 @@ class RunFolder:
 
     def __exit__(self, *exc) -> None:
         try:
-            if not self.promoted and self._made:
-                shutil.rmtree(self.temp, ignore_errors=True)  # nothing worth keeping yet; the old run is as it was
+            if not self.promoted and self._made:  # nothing worth keeping yet; the old run is as it was
+                try:
+                    _delete_run(self.temp)  # its marker last: cut short, the next run of the name finishes it
+                except OSError:
+                    pass
         finally:
             self._release()
 
@@ -246,14 +249,17 @@ class RunFolder:
 
     def _recover(self) -> None:
         """Under the lock, finish what a writer killed mid-way left: a swap cut short between its two
-        renames puts the old run back; a stale new run or a replaced old one is deleted (marked ones only)."""
+        renames puts the old run back; a stale new run or a replaced old one is deleted (marked ones only, or
+        ones left with nothing in them: see `_emptied`)."""
         if _ours(self.aside):
             if os.path.lexists(self.final):
                 _delete_run(self.aside)
             else:
                 os.rename(self.aside, self.final)
-        if _ours(self.temp) or (self.temp.is_dir() and not any(self.temp.iterdir())):
-            shutil.rmtree(self.temp)
+        elif _emptied(self.aside):
+            _delete_run(self.aside)
+        if _ours(self.temp) or _emptied(self.temp):
+            _delete_run(self.temp)
         if _ours(self.final):
             _tidy_temporaries(self.final)
 
@@ -404,6 +410,16 @@ def _delete_run(folder: Path) -> None:
 
 def _ours(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / MARKER).is_file()
+
+
+_MARKER_BEING_WRITTEN = re.compile(re.escape(f".{MARKER}.") + r"\d+-[0-9a-f]{8}\.tmp")  # `_temporary`'s name for it
+
+
+def _emptied(folder: Path) -> bool:
+    """A hidden run folder holding nothing, or only its marker's temporary: a run killed before its marker was
+    in (`RunFolder.create`), or after the marker of one being deleted went (`_delete_run`). Nothing to lose."""
+    return (folder.is_dir() and not folder.is_symlink()
+            and all(_MARKER_BEING_WRITTEN.fullmatch(p.name) and p.is_file() for p in folder.iterdir()))
 
 
 def _take_lock(path: Path) -> int | None:

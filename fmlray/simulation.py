@@ -130,6 +130,7 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         stopping = stop()
         if save is not None and (stopping or (every and (rnd % every == 0 or rnd == rounds))):
             summary["checkpoint"] = save(rnd, engine, engine.fetch(state))
+            stopping = stopping or stop()  # asked while the checkpoint was written: it serves the stop
         if on_round is not None:
             on_round(summary)
         if stopping and rnd < rounds:
@@ -338,14 +339,22 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 records.relocate(folder.path)
                 engine.checkpoint_moved(writer.folder)
 
-        def replaces() -> bool:
-            """Whether this run has yet to replace an earlier one (`--overwrite`): a stop then keeps the earlier."""
-            return not folder.promoted and os.path.lexists(folder.final)
+        # Whether a stop keeps an earlier run (`--overwrite`) or comes after this run is bound to replace it is
+        # settled once, by the first to ask: the signal handler (which says which in its line) or the checkpoint
+        # about to take the name. dict.setdefault is one step, which a signal handler cannot cut in two.
+        fate: dict[str, str] = {}
+
+        def keeps_earlier() -> bool:
+            """Whether a stop now keeps the earlier run in place of this one."""
+            return (not folder.promoted and os.path.lexists(folder.final)
+                    and fate.setdefault("earlier", "kept") == "kept")
 
         def save(rnd: int, engine, state) -> dict:
-            if signalled() and replaces():
+            if signalled() and keeps_earlier():
                 raise RunDropped(rnd, folder.final)
             info = writer(rnd, engine, state)
+            if not folder.promoted and fate.setdefault("earlier", "replaced") == "kept":
+                raise RunDropped(rnd, folder.final)  # the stop came while the checkpoint was being written
             into_place()
             return info
 
@@ -359,7 +368,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 report(summary)
 
         with StopOnSignal(console, lambda: f"keeping the earlier run {folder.final}, without a checkpoint"
-                          if replaces() else "with a checkpoint") as signalled:
+                          if keeps_earlier() else "with a checkpoint") as signalled:
             simulate(cfg, prepared.dataset, prepared.partition, engine, resume=resume, save=save, restored=True,
                      record=record, stop=lambda: signalled() or asked(), on_round=on_round, console=console)
     finally:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -307,6 +308,100 @@ def test_a_swap_cut_short_puts_the_old_run_back(tmp_path):
         with RunFolder(out, "a"):
             pass
     assert (out / "a" / "config.toml").read_text() == "old" and hidden(out) == []
+
+
+@pytest.mark.parametrize("left", [".a.new marker being written", ".a.new empty", ".a.old empty", ".a.old empty, no a"])
+def test_a_hidden_folder_a_kill_left_with_nothing_in_it_is_tidied_by_the_next_run(tmp_path, left):
+    # killed just before the marker went in (RunFolder.create), or just after the replaced run's marker went
+    # (its deletion): the folder holds nothing of anyone's, yet it was refused as "in the way" of every later run
+    out = tmp_path / "runs"
+    folder = out / left.split()[0]
+    folder.mkdir(parents=True)
+    if "marker being written" in left:
+        (folder / f".{MARKER}.4242-0123abcd.tmp").write_text("made by fmlray")
+    if "no a" not in left:
+        (out / "a").mkdir()
+        (out / "a" / MARKER).write_text("")
+        (out / "a" / "config.toml").write_text("the earlier run")
+    with RunFolder(out, "a", overwrite=True):
+        assert hidden(out) == [".a.lock"]
+    assert hidden(out) == []
+    if "no a" not in left:
+        assert (out / "a" / "config.toml").read_text() == "the earlier run"
+
+
+def test_a_hidden_folder_holding_more_than_a_marker_being_written_is_never_deleted(tmp_path, capsys, no_data):
+    out = tmp_path / "runs"
+    (out / ".a.new").mkdir(parents=True)
+    (out / ".a.new" / f".{MARKER}.4242-0123abcd.tmp").write_text("")
+    (out / ".a.new" / "mine.txt").write_text("someone's")
+    one_line(capsys, run(out, "a"), "(a folder without fmlray's marker) is in the way")
+    assert (out / ".a.new" / "mine.txt").read_text() == "someone's"
+
+
+def test_a_kill_at_any_step_of_deleting_a_stopped_new_run_leaves_what_the_next_run_tidies(tmp_path, monkeypatch):
+    # the hidden folder of a new run that stopped before its first checkpoint was deleted with shutil.rmtree, in
+    # directory order: a kill midway could leave its files without the marker, a folder no later run of the name
+    # could prove fmlray's, so every one was refused. Now the marker goes last, whatever step the kill lands at.
+    out = tmp_path / "runs"
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+    kill_at, killed = 0, True
+    while killed:  # a kill at the 1st, 2nd, ... deletion, until one lands after the last
+        kill_at, killed, calls = kill_at + 1, False, []
+
+        def step(real):
+            def call(path, *args, **kwargs):
+                if not (str(path).endswith(".a.lock") or Path(path) == out):  # the lock and runs/: not the folder's
+                    calls.append(os.fspath(path))
+                    if len(calls) == kill_at:
+                        raise KeyboardInterrupt
+                return real(path, *args, **kwargs)
+            return call
+
+        try:
+            with RunFolder(out, "a") as folder:
+                folder.temp.mkdir()
+                folder._made = True
+                for name in (MARKER, "config.toml", "partition.npz", "checkpoint/rows.npy", "checkpoint/manifest.json",
+                             "metrics/round-000001.parquet"):
+                    (folder.temp / name).parent.mkdir(exist_ok=True)
+                    (folder.temp / name).write_text("")
+                monkeypatch.setattr(os, "unlink", step(real_unlink))
+                monkeypatch.setattr(os, "rmdir", step(real_rmdir))
+        except KeyboardInterrupt:
+            killed = True
+        finally:
+            monkeypatch.setattr(os, "unlink", real_unlink)
+            monkeypatch.setattr(os, "rmdir", real_rmdir)
+        with RunFolder(out, "a"):  # not refused: what was left is tidied
+            pass
+        assert hidden(out) == [], (kill_at, calls)
+    assert kill_at > 8  # every file and folder of it was a kill's moment once
+
+
+def test_a_stop_while_an_overwriting_runs_first_checkpoint_is_written_keeps_the_earlier_run(tmp_path, capsys,
+                                                                                           monkeypatch):
+    # the stop was checked only before the checkpoint: one landing while it was written said "keeping the earlier
+    # run", then the new run took its place, deleted the earlier one and trained one round more
+    from fmlray import checkpoint
+    out = tmp_path / "runs"
+    assert run(out, "a") == 0
+    (out / "a" / "notes.txt").write_text("mine")
+    before = snapshot(out / "a")
+    real = checkpoint.Writer.__call__
+
+    def write(self, rnd, engine, state):
+        info = real(self, rnd, engine, state)
+        os.kill(os.getpid(), signal.SIGINT)  # the stop lands as the checkpoint's last file is written
+        return info
+
+    monkeypatch.setattr(checkpoint.Writer, "__call__", write)
+    capsys.readouterr()
+    assert run(out, "a", "--overwrite", "--set", "run.rounds=3", "--set", "run.checkpoint_every=1") == 130
+    printed = capsys.readouterr()
+    assert f"SIGINT: stopping after this round, keeping the earlier run {out / 'a'}, without a checkpoint" in printed.out
+    assert "round 2/3" not in printed.out and "before it replaced the earlier run" in printed.err
+    assert snapshot(out / "a") == before and hidden(out) == []
 
 
 @pytest.mark.parametrize("leftover", ["file", "folder"])
