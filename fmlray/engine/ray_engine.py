@@ -39,7 +39,7 @@ from fmlray.engine.connect import _timeout, connect, shut_down
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
                                      plan_actors, plan_store)
-from fmlray.engine.state import MANIFEST, RowRef, latest_rows, state_folder
+from fmlray.engine.state import MANIFEST, RowRef, latest_rows, state_folder, tidy_rows
 from fmlray.errors import FmlrayError, ResourceError
 from fmlray.progress import plain_warnings
 
@@ -183,6 +183,9 @@ class ClientActor:
         if self.host is not None:
             self.host.close()
             self.host = None
+        # a lost actor's rows of this run on this node (its lock died with it; its store never closed): the
+        # run's actors here are all started, so none is still to lock its file
+        tidy_rows(self.folder.parent, "*/*.rows", min_age_s=0)
         if self.scratch is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             try:

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import re
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -359,7 +360,7 @@ class DiskStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # held while this process lives: see `_tidy_scratch`
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # held while this process lives: see `tidy_rows`
         except OSError as exc:
             raise ResourceError(f"cannot write client state under {folder} ({exc.strerror}); "
                                 "set engine.state_dir to a writable node-local folder") from None
@@ -637,18 +638,34 @@ def state_folder(state_dir: str, run_token: str, host: str) -> tuple[Path, Path 
     when the user chose engine.state_dir: each store removes its file, and the folders it leaves empty)."""
     import tempfile
     if state_dir:
+        tidy_rows(Path(state_dir), "fmlray-*/*/*.rows", _rows_of_runs("fmlray-"))
         return Path(state_dir) / f"fmlray-{run_token}" / host, None
     _tidy_scratch(Path(tempfile.gettempdir()))
     root = Path(tempfile.gettempdir()) / f"fmlray-state-{run_token}"
     return root / host, root
 
 
+# a store's file under its run's folder: <run><token>/<host>/<Layout.name>.rows, as state_folder and DiskStore name them
+_ROWS_OF_A_HOST = r"(actor-\d+|serial)/[^/]+-[0-9a-f]{10}\.rows"
+
+
+def _rows_of_runs(prefix: str) -> str:
+    return re.escape(prefix) + r"[0-9a-f]{8}/" + _ROWS_OF_A_HOST
+
+
 def _tidy_scratch(tmp: Path, min_age_s: float = 60.0) -> None:
-    """Delete scratch rows that a killed run left (SIGKILL, a lost node: nothing ran its clean-up).
-    A live store holds an flock on its file; a file whose lock can be taken has no owner left.
-    (Files younger than `min_age_s` are spared: their owner may not have locked them yet.)"""
+    """The default scratch folders' rows that no live store holds (see `tidy_rows`)."""
+    tidy_rows(tmp, "fmlray-state-*/*/*.rows", _rows_of_runs("fmlray-state-"), min_age_s)
+
+
+def tidy_rows(base: Path, pattern: str, names: str = _ROWS_OF_A_HOST, min_age_s: float = 60.0) -> None:
+    """Delete the disk stores' row files under `base` (found by the glob `pattern`; only those whose path below
+    `base` is named as fmlray names them, the regex `names`) that no live store holds: a killed run's, or a lost
+    actor's (SIGKILL, a lost node: nothing ran its clean-up), and the folders they leave empty. A live store holds
+    an flock on its file; a file whose lock can be taken has no owner left. (Files younger than `min_age_s` are
+    spared: their owner may not have locked them yet.)"""
     try:
-        found = list(tmp.glob("fmlray-state-*/*/*.rows"))
+        found = [rows for rows in base.glob(pattern) if re.fullmatch(names, rows.relative_to(base).as_posix())]
     except OSError:  # a folder another run removed as it was listed (seen in CI): the next run tidies it
         return
     for rows in found:

@@ -362,8 +362,9 @@ def ray_kill(actor):
 @pytest.mark.parametrize("store", ["memory", "disk"])
 def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session, serial_one_group, tmp_path, store):
     from fmlray import checkpoint
+    state_dir = tmp_path / "state"  # a user's: what is left there stays (the default scratch folder is tidied later)
     cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2",
-                             f"engine.state_store={store!r}"])
+                             f"engine.state_store={store!r}", f"engine.state_dir={str(state_dir)!r}"])
     prepared = prepare(cfg)
     engine = KillsAnActorMidRound()
     engine.start(cfg, prepared.dataset, prepared.partition)
@@ -378,6 +379,8 @@ def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session,
     for rnd in (1, 2, 3):
         assert {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"} == set(range(20))
     assert engine.lost == {0} and set(engine.owner.values()) == {1}
+    # the lost actor's rows too are gone at the end (its store never closed; they stayed for good)
+    assert not list(state_dir.rglob("*.rows")) and not list(state_dir.glob("*/*"))
     assert_same(serial_one_group, Result(
         [r for r in result.rows if r["split"] != "recovered"], result.global_state))
 

@@ -1,5 +1,7 @@
 """The client state store: rows in memory or on disk, workspaces, the `auto` choice, streaming evaluation."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -174,14 +176,14 @@ def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp
 
     from fmlray.engine.state import _tidy_scratch
     layout = trained_workspace("lenet5", "sgd").layout
-    live = DiskStore(layout, tmp_path / "fmlray-state-live" / "actor-0")
+    live = DiskStore(layout, tmp_path / "fmlray-state-0000aaaa" / "actor-0")
     live.put(0)[:] = 1
     live.done(0)
     # a store in another process, killed with SIGKILL: its file stays, its lock goes with the process
     code = ("import sys; from fmlray.engine.state import DiskStore, Layout; from tests.unit.test_state import "
             "trained_workspace as t; s = DiskStore(t('lenet5', 'sgd').layout, sys.argv[1]); s.put(0); s.done(0); "
             "print('ready', flush=True); sys.stdin.read()")
-    dead = tmp_path / "fmlray-state-dead" / "actor-1"
+    dead = tmp_path / "fmlray-state-0000dead" / "actor-1"
     proc = subprocess.Popen([sys.executable, "-c", code, str(dead)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, cwd=Path(__file__).parents[2])
     assert proc.stdout.readline().strip() == "ready"
@@ -190,16 +192,34 @@ def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp
     assert rows.exists()  # its owner lives
     proc.kill()
     proc.wait()
-    old = tmp_path / "fmlray-state-young" / "actor-2" / "lenet5.rows"
+    old = tmp_path / "fmlray-state-0000beef" / "actor-2" / "lenet5-0123456789.rows"
     old.parent.mkdir(parents=True)
     old.write_bytes(b"x")  # unlocked but new: its owner may be about to lock it
     _tidy_scratch(tmp_path, min_age_s=60)
     assert old.exists() and rows.exists()  # both too young to judge
     os.utime(rows, (0, 0))
     _tidy_scratch(tmp_path, min_age_s=60)
-    assert not (tmp_path / "fmlray-state-dead").exists()  # the rows, then the emptied folders
+    assert not (tmp_path / "fmlray-state-0000dead").exists()  # the rows, then the emptied folders
     assert live.path.exists() and (live.get(0) == 1).all() and old.exists()
     live.close()
+
+
+def test_rows_a_killed_run_left_in_a_user_set_state_dir_are_tidied_by_the_next_run_there(tmp_path):
+    # they were never removed: only the default scratch folder was tidied
+    from fmlray.engine.state import state_folder
+    dead = tmp_path / "fmlray-0123abcd" / "actor-1" / "lenet5-0123456789.rows"
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(b"x")
+    os.utime(dead, (0, 0))  # unlocked, and old: its run was killed
+    mine = [tmp_path / "notes.rows", tmp_path / "fmlray-mine" / "a" / "b-0123456789.rows",
+            tmp_path / "fmlray-0123abcd" / "actor-1" / "notes.rows", tmp_path / "data" / "a" / "b.rows"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("a user's")
+        os.utime(path, (0, 0))
+    folder, scratch = state_folder(str(tmp_path), "89abcdef", "actor-0")
+    assert folder == tmp_path / "fmlray-89abcdef" / "actor-0" and scratch is None
+    assert not dead.exists() and all(p.read_text() == "a user's" for p in mine)
 
 
 def run(overrides, engine=None):
