@@ -204,6 +204,11 @@ def _last(refs):
     return refs[-1] if isinstance(refs, (list, tuple)) else refs
 
 
+def _span(rounds: list[int]) -> str:
+    return f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}" if rounds == list(
+        range(rounds[0], rounds[-1] + 1)) else ", ".join(map(str, rounds))
+
+
 def _count(items) -> list[tuple[str, int]]:
     return list(Counter(items).items())
 
@@ -377,6 +382,10 @@ class RayEngine:
         self.folder: Path | None = None
         self.refs: dict[int, RowRef] = {}
         self.saved_round = "round 0 (no checkpoint yet: their initial models)"
+        # the rounds trained since the last checkpoint: (round, its clients, its global state's ref, None when
+        # run.checkpoint_every = 0 keeps none); a lost actor's clients replay theirs to be where the run is
+        self.since_saved: list[tuple[int, list[int], ray.ObjectRef | None]] = []
+        self.trained_upto = 0
         self.infos = self._wait_ready()
         self.startup["actors ready"] = time.perf_counter() - began
         # Actors that may return a round's new global state themselves: only those beside the driver,
@@ -414,6 +423,8 @@ class RayEngine:
                                                          PROGRESS_EVERY_S)
 
         tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
+        if not self.stateless:
+            self.since_saved.append((rnd, list(client_ids), g_ref if self.cfg.run.checkpoint_every else None))
         moved = [] if self.stateless else self._migrate(self._rebalance(client_ids))
         done, failures = self._dispatch(client_ids, call, progress=progress, tag=tag,
                                         plan=self._deal(client_ids) if self.stateless else None)
@@ -426,6 +437,7 @@ class RayEngine:
         else:
             new_ref = None
         clients = [m for _, _, ms in done for m in ms]
+        self.trained_upto = rnd
         return RoundResult(new_ref, clients, self._take_failures() + failures)
 
     def evaluate(self, global_state, client_ids: list[int] | None = None, progress=None) -> EvalResult:
@@ -477,6 +489,7 @@ class RayEngine:
         shards = [s for _, _, part in done for s in part]
         self.folder, self.saved_round = Path(folder), f"round {rnd}"
         self.refs.update(latest_rows(shards))
+        self.since_saved = [r for r in self.since_saved if r[0] > rnd]
         return shards
 
     def placement(self) -> dict:
@@ -484,6 +497,7 @@ class RayEngine:
 
     def restore(self, folder: Path, refs: dict[int, RowRef], placement: dict | None = None) -> None:
         self.folder, self.refs, self.saved_round = Path(folder), dict(refs), "the resumed checkpoint"
+        self.since_saved = []
         self._place(placement)
         self._dispatch(sorted(self.owner), lambda a, ids: a.restore.remote(
             str(folder), {c: refs[c] for c in ids if c in refs}))
@@ -687,7 +701,30 @@ class RayEngine:
             self.owner.update(dict.fromkeys(ids, j))
         moved = ", ".join(f"{len(ids)} to actor {j}" for j, ids in sorted(plan.items()))
         return (f"actor {lost} lost ({type(exc).__name__}); its clients moved ({moved}) with their private "
-                f"state of {self.saved_round}; this round's update re-run")
+                f"state of {self.saved_round}{self._replay(plan)}; what it was doing for them re-run")
+
+    def _replay(self, plan: dict[int, list[int]]) -> str:
+        """Bring clients restored from the last checkpoint up to where the run is: each round trained since, in
+        order, for those of them it sampled, with that round's global state (their updates are dropped: the
+        round's average already holds them). Each client's draws come from (seed, round, client), so its private
+        state ends as it was on the lost actor, bit for bit. What the recovery note adds about it."""
+        done = [r for r in self.since_saved if r[0] <= self.trained_upto]
+        rounds = [t for t, ids, _ in done if any(c in ids for moved in plan.values() for c in moved)]
+        if not rounds:
+            return ""
+        if any(g is None for _, _, g in done):
+            return (f"; their updates of round(s) {_span(rounds)} are lost (run.checkpoint_every = 0 keeps no "
+                    "global model to replay them from), so the result differs from an uninterrupted run's")
+        for t, ids, g_ref in done:
+            sampled = set(ids)
+            calls = [self.actors[j].train.options(num_returns=2).remote(t, [c for c in moved if c in sampled], g_ref)
+                     for j, moved in sorted(plan.items()) if sampled.intersection(moved)]
+            try:
+                ray.get([metrics for _, metrics in calls])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                raise ResourceError(f"a second client actor was lost ({type(exc).__name__}) while a lost one's "
+                                    "clients were brought up to date; the last checkpoint is resumable") from None
+        return f", brought up to date by replaying round(s) {_span(rounds)}"
 
     def fetch(self, state):
         return ray.get(state) if isinstance(state, ray.ObjectRef) else state

@@ -359,14 +359,39 @@ def ray_kill(actor):
     ray.kill(actor, no_restart=True)
 
 
-@pytest.mark.parametrize("store", ["memory", "disk"])
-def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session, serial_one_group, tmp_path, store):
+class KillsAnActorWhileEvaluating(KillsAnActorMidRound):
+    """Kills actor 0 right after handing it its clients to evaluate after round `at`."""
+
+    def train_round(self, rnd, client_ids, global_state, progress=None):
+        self.rnd = rnd
+        return RayEngine.train_round(self, rnd, client_ids, global_state, progress)
+
+    def evaluate(self, global_state, client_ids=None, progress=None):
+        self.kill_now = self.rnd == self.at
+        return super().evaluate(global_state, client_ids, progress)
+
+
+LOSSES = [  # when actor 0 is lost, the store, run.checkpoint_every; the recovery note; the round that reports it
+    ("training round 2", "memory", 1, "private state of round 1; what it was doing", 2),
+    ("training round 2", "disk", 1, "private state of round 1; what it was doing", 2),
+    # the checkpoint is older than the round before: round 1 is replayed (the moved clients skipped it before)
+    ("training round 2", "memory", 3, "private state of round 0 (no checkpoint yet: their initial models), brought "
+     "up to date by replaying round(s) 1;", 2),
+    # after round 2's training, before its checkpoint: their round-2 state was lost with the actor (before, their
+    # round 2 was never trained again and they were evaluated as of round 1)
+    ("evaluating round 2", "memory", 1, "private state of round 1, brought up to date by replaying round(s) 2;", 3),
+]
+
+
+@pytest.mark.parametrize("when, store, every, note, reported", LOSSES, ids=[f"{w}-{s}-every{e}" for w, s, e, *_ in LOSSES])
+def test_an_actor_lost_is_recovered_and_the_result_is_the_uninterrupted_ones(ray_session, serial_one_group, tmp_path,
+                                                                              when, store, every, note, reported):
     from fmlray import checkpoint
     state_dir = tmp_path / "state"  # a user's: what is left there stays (the default scratch folder is tidied later)
-    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2",
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2", f"run.checkpoint_every={every}",
                              f"engine.state_store={store!r}", f"engine.state_dir={str(state_dir)!r}"])
     prepared = prepare(cfg)
-    engine = KillsAnActorMidRound()
+    engine = KillsAnActorMidRound() if when.startswith("training") else KillsAnActorWhileEvaluating()
     engine.start(cfg, prepared.dataset, prepared.partition)
     try:  # the victims' clients restart from the rows of the last checkpoint, on the survivor
         result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
@@ -374,8 +399,8 @@ def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session,
         engine.close()
     recovered = [r for r in result.rows if r["split"] == "recovered"]
     victims = set(engine.specs[0].client_ids)  # actor 0's block (cut by training rows, so not always 0-9)
-    assert {r["round"] for r in recovered} == {2} and {r["client"] for r in recovered} == victims
-    assert "actor 0 lost" in recovered[0]["note"] and "private state of round 1" in recovered[0]["note"]
+    assert {r["round"] for r in recovered} == {reported} and {r["client"] for r in recovered} == victims
+    assert "actor 0 lost" in recovered[0]["note"] and note in recovered[0]["note"], recovered[0]["note"]
     for rnd in (1, 2, 3):
         assert {r["client"] for r in result.rows if r["round"] == rnd and r["split"] == "train"} == set(range(20))
     assert engine.lost == {0} and set(engine.owner.values()) == {1}
@@ -383,6 +408,21 @@ def test_an_actor_killed_mid_round_is_recovered_and_nothing_is_lost(ray_session,
     assert not list(state_dir.rglob("*.rows")) and not list(state_dir.glob("*/*"))
     assert_same(serial_one_group, Result(
         [r for r in result.rows if r["split"] != "recovered"], result.global_state))
+
+
+def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session, tmp_path):
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2", "run.checkpoint_every=0"])
+    prepared = prepare(cfg)
+    engine = KillsAnActorMidRound()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        result = simulate(cfg, prepared.dataset, prepared.partition, engine)
+    finally:
+        engine.close()
+    [note] = {r["note"] for r in result.rows if r["split"] == "recovered"}
+    assert note.endswith("private state of round 0 (no checkpoint yet: their initial models); their updates of "
+                         "round(s) 1 are lost (run.checkpoint_every = 0 keeps no global model to replay them from), "
+                         "so the result differs from an uninterrupted run's; what it was doing for them re-run"), note
 
 
 def test_an_actor_lost_mid_round_with_dealt_stateless_clients_loses_nothing(ray_session):
