@@ -89,7 +89,8 @@ def group_rows(rnd: int, rows: list[dict], tasks: dict[str, str]) -> list[dict]:
 
 
 def recovery_rows(rnd: int, failures: list[dict], groups: list[str]) -> list[dict]:
-    """One row per client whose actor was lost this round and whose update was re-run elsewhere."""
+    """One row per client whose actor was lost this round and whose work (training, evaluating, checkpointing) was
+    done again elsewhere."""
     return [row(rnd, cid, groups[cid], split="recovered", note=f["note"]) for f in failures for cid in f["clients"]]
 
 

@@ -120,7 +120,8 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
             ev = engine.evaluate(state, tested, progress=console and console.phase(
                 f"  evaluating {tag}", cfg.clients.num_clients if tested is None else len(tested)))
             evaluated = metrics.eval_rows(rnd, ev.clients, ev.global_test, len(dataset.y_test), groups)
-            new += evaluated + (metrics.group_rows(rnd, evaluated, by_task) if by_task else [])
+            new += (evaluated + (metrics.group_rows(rnd, evaluated, by_task) if by_task else [])
+                    + metrics.recovery_rows(rnd, ev.failures, groups))
         new.append(metrics.row(rnd, samples=len(ids), seconds=time.perf_counter() - started))
         if record is None:
             kept += new

@@ -32,6 +32,7 @@ class RoundResult:
 class EvalResult:
     clients: list[dict]  # per client: client, test_samples, local_/global_ loss and accuracy
     global_test: tuple[float, float] | None  # (loss, accuracy) of the global model on the global test set
+    failures: list[dict] = field(default_factory=list)  # as RoundResult's: actors lost while evaluating
 
 
 class Engine(Protocol):

@@ -451,9 +451,8 @@ class RayEngine:
                                         meanwhile=lambda: test.append(
                                             evaluate_global(self.cfg, self.dataset, self.fetch(global_state))),
                                         progress=progress, tag=tag)
-        self.failures += failures  # reported with the next round
         clients = sorted((r for _, _, rs in done for r in rs), key=lambda r: r["client"])
-        return EvalResult(clients, test[0])
+        return EvalResult(clients, test[0], failures)
 
     def check_writable(self, folder: Path) -> None:
         """Every actor writes a file into the run's `folder`, and the driver must see it: on a cluster the

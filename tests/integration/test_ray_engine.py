@@ -372,6 +372,7 @@ class KillsAnActorWhileEvaluating(KillsAnActorMidRound):
 
 
 LOSSES = [  # when actor 0 is lost, the store, run.checkpoint_every; the recovery note; the round that reports it
+    # (a loss while evaluating was reported with the next round: never, after the last)
     ("training round 2", "memory", 1, "private state of round 1; what it was doing", 2),
     ("training round 2", "disk", 1, "private state of round 1; what it was doing", 2),
     # the checkpoint is older than the round before: round 1 is replayed (the moved clients skipped it before)
@@ -379,7 +380,7 @@ LOSSES = [  # when actor 0 is lost, the store, run.checkpoint_every; the recover
      "up to date by replaying round(s) 1;", 2),
     # after round 2's training, before its checkpoint: their round-2 state was lost with the actor (before, their
     # round 2 was never trained again and they were evaluated as of round 1)
-    ("evaluating round 2", "memory", 1, "private state of round 1, brought up to date by replaying round(s) 2;", 3),
+    ("evaluating round 2", "memory", 1, "private state of round 1, brought up to date by replaying round(s) 2;", 2),
 ]
 
 
