@@ -132,6 +132,12 @@ def simulate(cfg: Config, dataset: Dataset, partition: Partition, engine: Engine
         if save is not None and (stopping or (every and (rnd % every == 0 or rnd == rounds))):
             summary["checkpoint"] = save(rnd, engine, engine.fetch(state))
             stopping = stopping or stop()  # asked while the checkpoint was written: it serves the stop
+            if (stopping or rnd == rounds) and (late := engine.take_failures()):  # no next round to say them
+                more = metrics.recovery_rows(rnd, late, groups)
+                if record is None:
+                    kept += more
+                else:
+                    record(rnd, new + more)  # the round's file again, whole
         if on_round is not None:
             on_round(summary)
         if stopping and rnd < rounds:

@@ -64,6 +64,9 @@ class Engine(Protocol):
     def checkpoint_moved(self, folder: Path) -> None:
         """The last checkpoint's folder was renamed to `folder` (a new run moved into place)."""
 
+    def take_failures(self) -> list[dict]:
+        """Hosts lost since the last round's result said (while checkpointing), as RoundResult's `failures`."""
+
     def fetch(self, state) -> State | None:
         """The global state as numpy arrays (an engine may keep it elsewhere between rounds)."""
 

@@ -438,7 +438,7 @@ class RayEngine:
             new_ref = None
         clients = [m for _, _, ms in done for m in ms]
         self.trained_upto = rnd
-        return RoundResult(new_ref, clients, self._take_failures() + failures)
+        return RoundResult(new_ref, clients, self.take_failures() + failures)
 
     def evaluate(self, global_state, client_ids: list[int] | None = None, progress=None) -> EvalResult:
         # the actors' evaluations are submitted first, so the driver's own global-test pass overlaps them
@@ -482,9 +482,16 @@ class RayEngine:
     def checkpoint(self, rnd: int, folder: Path) -> list[dict]:
         """Every actor writes its clients' rows changed since the last checkpoint into `folder`."""
         index = {a: i for i, a in enumerate(self.actors)}
-        done, failures = self._dispatch(sorted(self.owner), lambda a, ids: a.checkpoint.remote(
-            str(folder), f"rows-r{rnd:06d}-a{index[a]}"))
-        self.failures += failures
+        calls: Counter = Counter()
+
+        def call(a, ids):
+            # an actor's second call (a lost actor's clients, done again by it) writes files of their own: under
+            # the first call's names it replaced that call's rows, which the manifest still named (damaged)
+            calls[a] += 1
+            return a.checkpoint.remote(str(folder), f"rows-r{rnd:06d}-a{index[a]}"
+                                       + (f"-{calls[a]}" if calls[a] > 1 else ""))
+        done, failures = self._dispatch(sorted(self.owner), call)
+        self.failures += failures  # reported with the next round, or with this one if it is the last (simulate)
         shards = [s for _, _, part in done for s in part]
         self.folder, self.saved_round = Path(folder), f"round {rnd}"
         self.refs.update(latest_rows(shards))
@@ -523,7 +530,7 @@ class RayEngine:
         """A lost actor's clients are restored from here from now on."""
         self.folder = Path(folder)
 
-    def _take_failures(self) -> list[dict]:
+    def take_failures(self) -> list[dict]:
         out, self.failures = self.failures, []
         return out
 

@@ -69,6 +69,9 @@ class SerialEngine:
     def checkpoint_moved(self, folder: Path) -> None:
         pass  # nothing here remembers where the checkpoint is
 
+    def take_failures(self) -> list[dict]:
+        return []  # one process: nothing to lose
+
     def fetch(self, state: State | None) -> State | None:
         return state
 

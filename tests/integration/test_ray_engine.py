@@ -371,6 +371,21 @@ class KillsAnActorWhileEvaluating(KillsAnActorMidRound):
         return super().evaluate(global_state, client_ids, progress)
 
 
+class KillsAnActorWhileCheckpointing(KillsAnActorMidRound):
+    """Kills actor 0 right after asking it for its rows of round `at`'s checkpoint."""
+
+    at = 3  # the last round of QUICK: no next round to report the loss with
+
+    def train_round(self, rnd, client_ids, global_state, progress=None):
+        return RayEngine.train_round(self, rnd, client_ids, global_state, progress)
+
+    def checkpoint(self, rnd, folder):
+        self.kill_now = rnd == self.at
+        return super().checkpoint(rnd, folder)
+
+
+FAULTS = {"training": KillsAnActorMidRound, "evaluating": KillsAnActorWhileEvaluating,
+          "checkpointing": KillsAnActorWhileCheckpointing}
 LOSSES = [  # when actor 0 is lost, the store, run.checkpoint_every; the recovery note; the round that reports it
     # (a loss while evaluating was reported with the next round: never, after the last)
     ("training round 2", "memory", 1, "private state of round 1; what it was doing", 2),
@@ -381,6 +396,9 @@ LOSSES = [  # when actor 0 is lost, the store, run.checkpoint_every; the recover
     # after round 2's training, before its checkpoint: their round-2 state was lost with the actor (before, their
     # round 2 was never trained again and they were evaluated as of round 1)
     ("evaluating round 2", "memory", 1, "private state of round 1, brought up to date by replaying round(s) 2;", 2),
+    # the survivor wrote the moved clients' rows under its own file's name, over its own rows (a damaged checkpoint
+    # that the manifest named twice), and the loss was never reported (no next round)
+    ("checkpointing round 3", "disk", 1, "private state of round 2, brought up to date by replaying round(s) 3;", 3),
 ]
 
 
@@ -392,7 +410,7 @@ def test_an_actor_lost_is_recovered_and_the_result_is_the_uninterrupted_ones(ray
     cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2", f"run.checkpoint_every={every}",
                              f"engine.state_store={store!r}", f"engine.state_dir={str(state_dir)!r}"])
     prepared = prepare(cfg)
-    engine = KillsAnActorMidRound() if when.startswith("training") else KillsAnActorWhileEvaluating()
+    engine = FAULTS[when.split()[0]]()
     engine.start(cfg, prepared.dataset, prepared.partition)
     try:  # the victims' clients restart from the rows of the last checkpoint, on the survivor
         result = simulate(cfg, prepared.dataset, prepared.partition, engine, save=checkpoint.Writer(tmp_path, cfg))
@@ -409,6 +427,11 @@ def test_an_actor_lost_is_recovered_and_the_result_is_the_uninterrupted_ones(ray
     assert not list(state_dir.rglob("*.rows")) and not list(state_dir.glob("*/*"))
     assert_same(serial_one_group, Result(
         [r for r in result.rows if r["split"] != "recovered"], result.global_state))
+    resume = checkpoint.load(tmp_path, cfg)  # whole: every row it names passes its checksum
+    restored = SerialEngine()
+    restored.start(cfg, prepared.dataset, prepared.partition)
+    restored.restore(resume.folder, resume.refs(), resume.placement)
+    restored.close()
 
 
 def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session, tmp_path):
