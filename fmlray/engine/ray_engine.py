@@ -199,6 +199,24 @@ _OUT_OF_MEMORY = ("a node ran out of memory and Ray's memory monitor killed a cl
                   "(clients.fraction); the last checkpoint is resumable")
 
 
+# how Ray says a call's actor died (RayTaskError, an error of the call itself, is not among them)
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _lost_before_round_1(exc: Exception, then: str) -> ResourceError:
+    if "low on memory" in str(exc):  # Ray's memory monitor
+        return ResourceError(_OUT_OF_MEMORY)
+    return ResourceError(f"a client actor was lost before round 1 ({type(exc).__name__}: a node went away or its "
+                         f"process was killed); {then}")
+
+
+def _second_loss(exc: Exception) -> ResourceError:
+    if "low on memory" in str(exc):
+        return ResourceError(_OUT_OF_MEMORY)
+    return ResourceError(f"a second client actor was lost ({type(exc).__name__}) while a lost one's clients moved to "
+                         "it; the last checkpoint is resumable")
+
+
 def _last(refs):
     """The ref a call is done with: its last return (a call may return several)."""
     return refs[-1] if isinstance(refs, (list, tuple)) else refs
@@ -402,6 +420,9 @@ class RayEngine:
                                 "num_cpus/num_gpus")
         try:
             return ray.get(refs[:-1])
+        except _LOST as exc:
+            self.close()
+            raise _lost_before_round_1(exc, "run the same command again") from None
         except ray.exceptions.RayTaskError as exc:
             self.close()
             if isinstance(exc.cause, FmlrayError):
@@ -460,8 +481,14 @@ class RayEngine:
         names = [f".probe-{i}" for i in range(len(self.actors))]
         # a resumed run goes on in its folder (--resume cannot move it): the remedy is there, not run.output_dir
         resumed = f"fmlray run --resume {folder.parent}" if (folder / MANIFEST).is_file() else None
+        probes = [a.probe.remote(str(folder), n) for a, n in zip(self.actors, names)]
         try:
-            paths = ray.get([a.probe.remote(str(folder), n) for a, n in zip(self.actors, names)])
+            paths = ray.get(probes)
+        except _LOST as exc:
+            ray.wait(probes, num_returns=len(probes), timeout=10)
+            for n in names:  # what the others wrote
+                (folder / n).unlink(missing_ok=True)
+            raise _lost_before_round_1(exc, f"continue with: {resumed}" if resumed else "start the run again") from None
         except ray.exceptions.RayTaskError as exc:
             first = str(exc.cause).strip().splitlines()[0] if exc.cause else type(exc).__name__
             fix = (f"make it writable from every node (shared storage on a cluster), then continue with: {resumed}"
@@ -632,7 +659,7 @@ class RayEngine:
             raise
         except ray.exceptions.OutOfMemoryError:
             raise ResourceError(_OUT_OF_MEMORY) from None
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        except _LOST as exc:
             if "low on memory" in str(exc):  # Ray's memory monitor killed it: a survivor would be next
                 raise ResourceError(_OUT_OF_MEMORY) from None
             return None, exc
@@ -701,8 +728,11 @@ class RayEngine:
             plan.setdefault(j, []).append(cid)
             load[j] += 1
         folder = None if self.folder is None else str(self.folder)
-        ray.get([self.actors[j].adopt.remote(ids, folder, {c: self.refs[c] for c in ids if c in self.refs})
-                 for j, ids in plan.items()])
+        try:
+            ray.get([self.actors[j].adopt.remote(ids, folder, {c: self.refs[c] for c in ids if c in self.refs})
+                     for j, ids in plan.items()])
+        except _LOST as exc:
+            raise _second_loss(exc) from None
         for j, ids in plan.items():
             self.owner.update(dict.fromkeys(ids, j))
         moved = ", ".join(f"{len(ids)} to actor {j}" for j, ids in sorted(plan.items()))
@@ -727,9 +757,8 @@ class RayEngine:
                      for j, moved in sorted(plan.items()) if sampled.intersection(moved)]
             try:
                 ray.get([metrics for _, metrics in calls])
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                raise ResourceError(f"a second client actor was lost ({type(exc).__name__}) while a lost one's "
-                                    "clients were brought up to date; the last checkpoint is resumable") from None
+            except _LOST as exc:
+                raise _second_loss(exc) from None
         return f", brought up to date by replaying round(s) {_span(rounds)}"
 
     def fetch(self, state):

@@ -434,6 +434,22 @@ def test_an_actor_lost_is_recovered_and_the_result_is_the_uninterrupted_ones(ray
     restored.close()
 
 
+def test_an_actor_lost_before_round_1_is_one_line(ray_session, tmp_path):
+    # killed between "ready" and round 1 (while the run folder is probed), it was Ray's ActorDiedError traceback
+    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2"])
+    prepared = prepare(cfg)
+    engine = RayEngine()
+    engine.start(cfg, prepared.dataset, prepared.partition)
+    try:
+        ray_kill(engine.actors[1])
+        with pytest.raises(ResourceError, match=r"^a client actor was lost before round 1 \(ActorDiedError: a node "
+                                                r"went away or its process was killed\); start the run again$"):
+            engine.check_writable(tmp_path)
+    finally:
+        engine.close()
+    assert not list(tmp_path.iterdir())  # the survivor's probe file too
+
+
 def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session, tmp_path):
     cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2", "run.checkpoint_every=0"])
     prepared = prepare(cfg)
