@@ -450,15 +450,9 @@ def test_an_actor_lost_before_round_1_is_one_line(ray_session, tmp_path):
     assert not list(tmp_path.iterdir())  # the survivor's probe file too
 
 
-def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session, tmp_path):
-    cfg = load_config(None, [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2", "run.checkpoint_every=0"])
-    prepared = prepare(cfg)
-    engine = KillsAnActorMidRound()
-    engine.start(cfg, prepared.dataset, prepared.partition)
-    try:
-        result = simulate(cfg, prepared.dataset, prepared.partition, engine)
-    finally:
-        engine.close()
+def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session):
+    result, _ = simulate_with(KillsAnActorMidRound(), [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2",
+                                                       "run.checkpoint_every=0"])
     [note] = {r["note"] for r in result.rows if r["split"] == "recovered"}
     assert note.endswith("private state of round 0 (no checkpoint yet: their initial models); their updates of "
                          "round(s) 1 are lost (run.checkpoint_every = 0 keeps no global model to replay them from), "
