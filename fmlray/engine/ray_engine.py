@@ -445,7 +445,10 @@ class RayEngine:
 
         tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
         if not self.stateless:
-            self.since_saved.append((rnd, list(client_ids), g_ref if self.cfg.run.checkpoint_every else None))
+            every = self.cfg.run.checkpoint_every
+            self.since_saved.append((rnd, list(client_ids), g_ref if every else None))
+            if every and len(self.since_saved) > every:  # no checkpoint where one was due (a benchmark driving
+                self.since_saved = [(t, ids, None) for t, ids, _ in self.since_saved]  # rounds): kept no longer
         moved = [] if self.stateless else self._migrate(self._rebalance(client_ids))
         done, failures = self._dispatch(client_ids, call, progress=progress, tag=tag,
                                         plan=self._deal(client_ids) if self.stateless else None)
@@ -749,8 +752,10 @@ class RayEngine:
         if not rounds:
             return ""
         if any(g is None for _, _, g in done):
-            return (f"; their updates of round(s) {_span(rounds)} are lost (run.checkpoint_every = 0 keeps no "
-                    "global model to replay them from), so the result differs from an uninterrupted run's")
+            why = ("run.checkpoint_every = 0 keeps" if not self.cfg.run.checkpoint_every else
+                   "without the checkpoints run.checkpoint_every asks for, the run keeps")
+            return (f"; their updates of round(s) {_span(rounds)} are lost ({why} no global model to replay them "
+                    "from), so the result differs from an uninterrupted run's")
         for t, ids, g_ref in done:
             sampled = set(ids)
             calls = [self.actors[j].train.options(num_returns=2).remote(t, [c for c in moved if c in sampled], g_ref)

@@ -450,13 +450,19 @@ def test_an_actor_lost_before_round_1_is_one_line(ray_session, tmp_path):
     assert not list(tmp_path.iterdir())  # the survivor's probe file too
 
 
-def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session):
-    result, _ = simulate_with(KillsAnActorMidRound(), [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2",
-                                                       "run.checkpoint_every=0"])
+@pytest.mark.parametrize("every, why", [
+    (0, "run.checkpoint_every = 0 keeps"),
+    # a driver that writes no checkpoint (simulate without `save`, a benchmark): the global models are not kept
+    # past checkpoint_every rounds (they piled up in the object store, one a round)
+    (1, "without the checkpoints run.checkpoint_every asks for, the run keeps")])
+def test_without_checkpoints_a_lost_actors_clients_lose_their_rounds_and_the_note_says_so(ray_session, every, why):
+    result, engine = simulate_with(KillsAnActorMidRound(), [*QUICK, ONE_GROUP, "engine.kind=ray", "engine.num_actors=2",
+                                                            f"run.checkpoint_every={every}"])
     [note] = {r["note"] for r in result.rows if r["split"] == "recovered"}
-    assert note.endswith("private state of round 0 (no checkpoint yet: their initial models); their updates of "
-                         "round(s) 1 are lost (run.checkpoint_every = 0 keeps no global model to replay them from), "
+    assert note.endswith(f"private state of round 0 (no checkpoint yet: their initial models); their updates of "
+                         f"round(s) 1 are lost ({why} no global model to replay them from), "
                          "so the result differs from an uninterrupted run's; what it was doing for them re-run"), note
+    assert all(g is None for _, _, g in engine.since_saved)
 
 
 def test_an_actor_lost_mid_round_with_dealt_stateless_clients_loses_nothing(ray_session):
