@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -157,12 +158,10 @@ def result_stem(script: str, workload: str, variant: str, out: Path) -> str:
     while True:
         name = stem if n == 1 else f"{stem}-{n}"
         if not taken(name):
-            try:
+            with contextlib.suppress(FileExistsError):  # another run took it meanwhile: try the next
                 with open(out / f"{name}.md", "x") as f:
                     f.write(f"# {name}\n\nThe run of this record has not finished (or it died): nothing here yet.\n")
                 return name
-            except FileExistsError:
-                pass  # another run took it meanwhile
         n += 1
 
 

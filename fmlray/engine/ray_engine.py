@@ -185,7 +185,7 @@ class ClientActor:
             self.host = None
         # a lost actor's rows of this run on this node (its lock died with it; its store never closed): the
         # run's actors here are all started, so none is still to lock its file
-        tidy_rows(self.folder.parent, "*/*.rows", min_age_s=0)
+        tidy_rows(self.folder.parent, min_age_s=0)
         if self.scratch is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             try:
@@ -203,18 +203,20 @@ _OUT_OF_MEMORY = ("a node ran out of memory and Ray's memory monitor killed a cl
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
+def _lost(exc: Exception, what: str) -> ResourceError:
+    """One line for an actor lost where no recovery follows: Ray's memory monitor's advice if it killed it, else
+    `what`."""
+    return ResourceError(_OUT_OF_MEMORY if "low on memory" in str(exc) else what)
+
+
 def _lost_before_round_1(exc: Exception, then: str) -> ResourceError:
-    if "low on memory" in str(exc):  # Ray's memory monitor
-        return ResourceError(_OUT_OF_MEMORY)
-    return ResourceError(f"a client actor was lost before round 1 ({type(exc).__name__}: a node went away or its "
-                         f"process was killed); {then}")
+    return _lost(exc, f"a client actor was lost before round 1 ({type(exc).__name__}: a node went away or its "
+                      f"process was killed); {then}")
 
 
 def _second_loss(exc: Exception) -> ResourceError:
-    if "low on memory" in str(exc):
-        return ResourceError(_OUT_OF_MEMORY)
-    return ResourceError(f"a second client actor was lost ({type(exc).__name__}) while a lost one's clients moved to "
-                         "it; the last checkpoint is resumable")
+    return _lost(exc, f"a second client actor was lost ({type(exc).__name__}) while a lost one's clients moved to "
+                      "it; the last checkpoint is resumable")
 
 
 def _last(refs):
@@ -400,9 +402,9 @@ class RayEngine:
         self.folder: Path | None = None
         self.refs: dict[int, RowRef] = {}
         self.saved_round = "round 0 (no checkpoint yet: their initial models)"
-        # the rounds trained since the last checkpoint: (round, its clients, its global state's ref, None when
-        # run.checkpoint_every = 0 keeps none); a lost actor's clients replay theirs to be where the run is
-        self.since_saved: list[tuple[int, list[int], ray.ObjectRef | None]] = []
+        # the rounds trained since the last checkpoint: (round, its clients, its global state's ref), or (round,
+        # None, None) where none is kept (see train_round); a lost actor's clients replay theirs to be where the run is
+        self.since_saved: list[tuple[int, list[int] | None, ray.ObjectRef | None]] = []
         self.trained_upto = 0
         self.infos = self._wait_ready()
         self.startup["actors ready"] = time.perf_counter() - began
@@ -446,9 +448,9 @@ class RayEngine:
         tag = f"train {rnd} {uuid.uuid4().hex[:8]}"
         if not self.stateless:
             every = self.cfg.run.checkpoint_every
-            self.since_saved.append((rnd, list(client_ids), g_ref if every else None))
+            self.since_saved.append((rnd, list(client_ids), g_ref) if every else (rnd, None, None))
             if every and len(self.since_saved) > every:  # no checkpoint where one was due (a benchmark driving
-                self.since_saved = [(t, ids, None) for t, ids, _ in self.since_saved]  # rounds): kept no longer
+                self.since_saved = [(t, None, None) for t, _, _ in self.since_saved]  # rounds): kept no longer
         moved = [] if self.stateless else self._migrate(self._rebalance(client_ids))
         done, failures = self._dispatch(client_ids, call, progress=progress, tag=tag,
                                         plan=self._deal(client_ids) if self.stateless else None)
@@ -748,14 +750,15 @@ class RayEngine:
         round's average already holds them). Each client's draws come from (seed, round, client), so its private
         state ends as it was on the lost actor, bit for bit. What the recovery note adds about it."""
         done = [r for r in self.since_saved if r[0] <= self.trained_upto]
-        rounds = [t for t, ids, _ in done if any(c in ids for moved in plan.values() for c in moved)]
-        if not rounds:
-            return ""
-        if any(g is None for _, _, g in done):
+        if any(ids is None for _, ids, _ in done):
             why = ("run.checkpoint_every = 0 keeps" if not self.cfg.run.checkpoint_every else
                    "without the checkpoints run.checkpoint_every asks for, the run keeps")
-            return (f"; their updates of round(s) {_span(rounds)} are lost ({why} no global model to replay them "
-                    "from), so the result differs from an uninterrupted run's")
+            return (f"; their updates since then are lost ({why} no global model to replay them from), so the "
+                    "result differs from an uninterrupted run's")
+        moving = {c for moved in plan.values() for c in moved}
+        rounds = [t for t, ids, _ in done if moving.intersection(ids)]
+        if not rounds:
+            return ""
         for t, ids, g_ref in done:
             sampled = set(ids)
             calls = [self.actors[j].train.options(num_returns=2).remote(t, [c for c in moved if c in sampled], g_ref)

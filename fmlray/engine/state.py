@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import errno
 import fcntl
+import glob
 import hashlib
 import mmap
 import os
@@ -638,32 +639,24 @@ def state_folder(state_dir: str, run_token: str, host: str) -> tuple[Path, Path 
     when the user chose engine.state_dir: each store removes its file, and the folders it leaves empty)."""
     import tempfile
     if state_dir:
-        tidy_rows(Path(state_dir), "fmlray-*/*/*.rows", _rows_of_runs("fmlray-"))
+        tidy_rows(Path(state_dir), "fmlray-")
         return Path(state_dir) / f"fmlray-{run_token}" / host, None
-    _tidy_scratch(Path(tempfile.gettempdir()))
+    tidy_rows(Path(tempfile.gettempdir()), "fmlray-state-")
     root = Path(tempfile.gettempdir()) / f"fmlray-state-{run_token}"
     return root / host, root
 
 
-# a store's file under its run's folder: <run><token>/<host>/<Layout.name>.rows, as state_folder and DiskStore name them
-_ROWS_OF_A_HOST = r"(actor-\d+|serial)/[^/]+-[0-9a-f]{10}\.rows"
-
-
-def _rows_of_runs(prefix: str) -> str:
-    return re.escape(prefix) + r"[0-9a-f]{8}/" + _ROWS_OF_A_HOST
-
-
-def _tidy_scratch(tmp: Path, min_age_s: float = 60.0) -> None:
-    """The default scratch folders' rows that no live store holds (see `tidy_rows`)."""
-    tidy_rows(tmp, "fmlray-state-*/*/*.rows", _rows_of_runs("fmlray-state-"), min_age_s)
-
-
-def tidy_rows(base: Path, pattern: str, names: str = _ROWS_OF_A_HOST, min_age_s: float = 60.0) -> None:
-    """Delete the disk stores' row files under `base` (found by the glob `pattern`; only those whose path below
-    `base` is named as fmlray names them, the regex `names`) that no live store holds: a killed run's, or a lost
-    actor's (SIGKILL, a lost node: nothing ran its clean-up), and the folders they leave empty. A live store holds
-    an flock on its file; a file whose lock can be taken has no owner left. (Files younger than `min_age_s` are
-    spared: their owner may not have locked them yet.)"""
+def tidy_rows(base: Path, runs: str | None = None, min_age_s: float = 60.0) -> None:
+    """Delete the disk stores' row files under `base` that no live store holds: a killed run's, or a lost actor's
+    (SIGKILL, a lost node: nothing ran its clean-up), and the folders they leave empty. `base` is one run's folder
+    (`runs` None), or holds runs' folders named `runs` + their token; only files named as `state_folder` and
+    `DiskStore` name them (<host>/<layout>.rows below a run's folder) are touched. A live store holds an flock on
+    its file; a file whose lock can be taken has no owner left. (Files younger than `min_age_s` are spared: their
+    owner may not have locked them yet.)"""
+    names = r"(actor-\d+|serial)/[^/]+-[0-9a-f]{10}\.rows"
+    pattern = "*/*.rows"
+    if runs is not None:
+        names, pattern = re.escape(runs) + r"[0-9a-f]{8}/" + names, f"{glob.escape(runs)}*/{pattern}"
     try:
         found = [rows for rows in base.glob(pattern) if re.fullmatch(names, rows.relative_to(base).as_posix())]
     except OSError:  # a folder another run removed as it was listed (seen in CI): the next run tidies it

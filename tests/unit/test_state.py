@@ -159,13 +159,13 @@ def test_a_scratch_folder_another_run_removes_while_it_is_listed_does_not_fail_a
     # two runs on one machine: one's end removed /tmp/fmlray-state-<token> while the other's start listed /tmp
     from pathlib import Path
 
-    from fmlray.engine.state import _tidy_scratch
+    from fmlray.engine.state import tidy_rows
 
     def gone(self, pattern):
         yield from ()
         raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "fmlray-state-x"))
     monkeypatch.setattr(Path, "glob", gone)
-    _tidy_scratch(tmp_path)  # best effort: no error
+    tidy_rows(tmp_path, "fmlray-state-")  # best effort: no error
 
 
 def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp_path):
@@ -174,7 +174,7 @@ def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp
     import sys
     from pathlib import Path
 
-    from fmlray.engine.state import _tidy_scratch
+    from fmlray.engine.state import tidy_rows
     layout = trained_workspace("lenet5", "sgd").layout
     live = DiskStore(layout, tmp_path / "fmlray-state-0000aaaa" / "actor-0")
     live.put(0)[:] = 1
@@ -187,7 +187,7 @@ def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp
     proc = subprocess.Popen([sys.executable, "-c", code, str(dead)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, cwd=Path(__file__).parents[2])
     assert proc.stdout.readline().strip() == "ready"
-    _tidy_scratch(tmp_path, min_age_s=0)
+    tidy_rows(tmp_path, "fmlray-state-", min_age_s=0)
     [rows] = dead.glob("*.rows")
     assert rows.exists()  # its owner lives
     proc.kill()
@@ -195,10 +195,10 @@ def test_scratch_rows_a_killed_run_left_are_tidied_and_a_live_stores_are_not(tmp
     old = tmp_path / "fmlray-state-0000beef" / "actor-2" / "lenet5-0123456789.rows"
     old.parent.mkdir(parents=True)
     old.write_bytes(b"x")  # unlocked but new: its owner may be about to lock it
-    _tidy_scratch(tmp_path, min_age_s=60)
+    tidy_rows(tmp_path, "fmlray-state-", min_age_s=60)
     assert old.exists() and rows.exists()  # both too young to judge
     os.utime(rows, (0, 0))
-    _tidy_scratch(tmp_path, min_age_s=60)
+    tidy_rows(tmp_path, "fmlray-state-", min_age_s=60)
     assert not (tmp_path / "fmlray-state-0000dead").exists()  # the rows, then the emptied folders
     assert live.path.exists() and (live.get(0) == 1).all() and old.exists()
     live.close()
