@@ -183,9 +183,9 @@ class ClientActor:
         if self.host is not None:
             self.host.close()
             self.host = None
-        # a lost actor's rows of this run on this node (its lock died with it; its store never closed): the
-        # run's actors here are all started, so none is still to lock its file
-        tidy_rows(self.folder.parent, min_age_s=0)
+        # a lost actor's rows of this run on this node (its lock dies with its process; its store never closed):
+        # the run's actors here are all started, so none is still to lock its file, and the others close now
+        tidy_rows(self.folder.parent, min_age_s=0, wait_s=10)
         if self.scratch is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             try:

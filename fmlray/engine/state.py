@@ -646,13 +646,14 @@ def state_folder(state_dir: str, run_token: str, host: str) -> tuple[Path, Path 
     return root / host, root
 
 
-def tidy_rows(base: Path, runs: str | None = None, min_age_s: float = 60.0) -> None:
+def tidy_rows(base: Path, runs: str | None = None, min_age_s: float = 60.0, wait_s: float = 0.0) -> None:
     """Delete the disk stores' row files under `base` that no live store holds: a killed run's, or a lost actor's
     (SIGKILL, a lost node: nothing ran its clean-up), and the folders they leave empty. `base` is one run's folder
     (`runs` None), or holds runs' folders named `runs` + their token; only files named as `state_folder` and
     `DiskStore` name them (<host>/<layout>.rows below a run's folder) are touched. A live store holds an flock on
     its file; a file whose lock can be taken has no owner left. (Files younger than `min_age_s` are spared: their
-    owner may not have locked them yet.)"""
+    owner may not have locked them yet.) A held file is tried again for up to `wait_s` seconds: a store closing,
+    or the process of an actor just killed, lets go of its lock a moment later."""
     names = r"(actor-\d+|serial)/[^/]+-[0-9a-f]{10}\.rows"
     pattern = "*/*.rows"
     if runs is not None:
@@ -661,22 +662,29 @@ def tidy_rows(base: Path, runs: str | None = None, min_age_s: float = 60.0) -> N
         found = [rows for rows in base.glob(pattern) if re.fullmatch(names, rows.relative_to(base).as_posix())]
     except OSError:  # a folder another run removed as it was listed (seen in CI): the next run tidies it
         return
-    for rows in found:
+    deadline = time.monotonic() + wait_s
+    while (found := [rows for rows in found if _held(rows, min_age_s)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _held(rows: Path, min_age_s: float) -> bool:
+    """Delete `rows` (and the folders it leaves empty) unless a live store holds it: whether one does."""
+    try:
+        if time.time() - rows.stat().st_mtime < min_age_s:
+            return False  # spared, not waited for
+        fd = os.open(rows, os.O_RDWR)
+    except OSError:
+        return False  # gone meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rows.unlink(missing_ok=True)
+    except OSError:
+        return True  # a live run's
+    finally:
+        os.close(fd)
+    for folder in (rows.parent, rows.parent.parent):
         try:
-            if time.time() - rows.stat().st_mtime < min_age_s:
-                continue
-            fd = os.open(rows, os.O_RDWR)
+            folder.rmdir()  # once empty
         except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            rows.unlink(missing_ok=True)
-        except OSError:
-            continue  # a live run's
-        finally:
-            os.close(fd)
-        for folder in (rows.parent, rows.parent.parent):
-            try:
-                folder.rmdir()  # once empty
-            except OSError:
-                break
+            break
+    return False
