@@ -314,7 +314,7 @@ def cmd_sweep(args) -> int:
 def cmd_tune(args) -> int:
     from fmlray.jobs import check_path
     from fmlray.rundir import check_writable
-    from fmlray.search import RECORD, format_best, plan_search, run_search, unranked
+    from fmlray.search import RECORD, failures, format_best, plan_search, ranks, run_search, unranked
     from fmlray.sweep import parallel_value
     from fmlray.trials import TrialsStopped
 
@@ -331,11 +331,11 @@ def cmd_tune(args) -> int:
               f"with: fmlray tune {args.tune_file} --resume", file=sys.stderr)
         return 130
     print(format_best(rows, search))
-    warning = unranked(search, rows)
-    if warning:
-        print(f"fmlray: warning: {warning}", file=sys.stderr)
+    for warning in (unranked(search, rows), failures(rows)):
+        if warning:
+            print(f"fmlray: warning: {warning}", file=sys.stderr)
     print(f"wrote {folder / 'trials.parquet'} and " + ", ".join(
-        str(folder / f"best-{i}.toml") for i in range(1, min(search.top, len(rows)) + 1)))
+        str(folder / f"best-{i}.toml") for i in range(1, min(search.top, len(ranks(rows))) + 1)))
     return 0
 
 
@@ -357,7 +357,8 @@ def cmd_partition(args) -> int:
         check_path(save, "--save")
         folder = save.is_dir() or args.save.endswith(("/", os.sep))  # Path drops a trailing slash
         if folder or not save.parent.is_dir():
-            what = "is a folder" if folder else f"is in a folder that does not exist ({save.parent})"
+            what = ("is a folder" if folder else f"is in {save.parent}, which is a file, not a folder"
+                    if save.parent.exists() else f"is in a folder that does not exist ({save.parent})")
             raise FmlrayError(f"--save {args.save} {what}; give a file path in an existing folder, e.g. partition.csv")
         if not os.access(save.parent, os.W_OK):  # before the table is computed and printed
             raise FmlrayError(f"--save {save}: its folder {save.parent} cannot be written; choose a writable path")
@@ -516,7 +517,10 @@ def _quiet_stdout() -> None:
 
 _YOURS_TO_FIX = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space on that disk (its quota is full)",
                  errno.EACCES: "give this user access to it", errno.EPERM: "give this user access to it",
-                 errno.EROFS: "use a writable place"}
+                 errno.EROFS: "use a writable place",
+                 errno.ENAMETOOLONG: "use shorter names (a folder or file name holds at most 255 bytes)",
+                 errno.ELOOP: "a symlink on that path leads back to itself: fix or remove it",
+                 errno.ENOTDIR: "a part of that path is a file, not a folder: give a path through folders"}
 
 
 def _os_error(exc: OSError) -> str:

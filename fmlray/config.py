@@ -162,6 +162,8 @@ class RunConfig:
 
     def __post_init__(self):
         folder_name("run.name", self.name)
+        _check(bool(self.output_dir), "run.output_dir is empty; give the folder that holds the run folders "
+               "(\"runs\", or \".\" for this one)")
         _path(self, "run.output_dir")
         _between("run.seed", self.seed, 0, 2**63 - 1)
         _between("run.rounds", self.rounds, 1, INT32_MAX)
@@ -238,7 +240,9 @@ class GroupConfig:
 
     def __post_init__(self):
         key = f"clients.groups[{self.name}]"
-        _check(bool(self.name) and self.name.isprintable(), "clients.groups: every group needs a name")
+        _check(bool(self.name.strip()) and self.name.isprintable(), "clients.groups: every group needs a name")
+        _check(self.name.strip() == self.name, f"clients.groups: the name {self.name!r} has surrounding spaces; drop "
+               "them (tables and plots would show the group as another)")
         _one_of(f"{key}.local_model", self.local_model, MODELS)
         _between(f"{key}.count", self.count, 0, MAX_CLIENTS)
         _at_least(f"{key}.share", self.share, 0)
@@ -384,7 +388,9 @@ class FedRepConfig:
 
     def __post_init__(self):
         _between("algorithm.fedrep.head_layers", self.head_layers, 0, 1000)
-        _between("algorithm.fedrep.body_epochs", self.body_epochs, 0, INT32_MAX)
+        _check(self.body_epochs != 0, "algorithm.fedrep.body_epochs = 0 never trains the shared representation (the "
+               "global model would stay as it starts); give at least 1")
+        _between("algorithm.fedrep.body_epochs", self.body_epochs, 1, INT32_MAX)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,6 +436,8 @@ class AlgorithmConfig:
     def schedule_keys(self) -> list[str]:
         """The keys that spread a hyper-parameter over run.rounds (FML's α/β schedule): where any is set, a run's
         length is part of its experiment (a resumed run cannot be extended)."""
+        if self.name not in ("fml", "dml"):  # the only ones that read algorithm.fml
+            return []
         return [f"algorithm.fml.{k}" for k in ("alpha_end", "beta_end") if getattr(self.fml, k) is not None]
 
 
@@ -604,7 +612,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     _check(bool(sep) and bool(key.strip()), f"--set {text!r} must look like section.key=value")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        # a bare word is a string (run.name=x); one opening as TOML does was meant as TOML: taken as a string,
+        # `run.name="x` named a folder '"x' and `training={lr=}` read as "must be a table"
+        _check(raw.isprintable(), f"--set {key.strip()}={raw.strip()!r} holds a control character (e.g. a NUL, "
+               "newline or tab); remove it")
+        _check(not raw.strip().startswith(('"', "'", "[", "{")),
+               f"--set {key.strip()}={raw.strip()}: the value is not valid TOML ({str(exc).partition(' (')[0]}); "
+               "close its quotes, brackets or braces, e.g. run.name=\"x\" or training={lr = 0.1}")
         value = raw.strip()
     except RecursionError:  # tomllib parses nesting recursively: some hundred levels exhaust Python's stack
         raise ConfigError(f"--set {key.strip()}=...: the value nests lists or tables {_TOO_DEEP}") from None
@@ -663,14 +678,22 @@ def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{kind} {path} cannot be read: {exc.strerror}") from None
 
 
+def refuse_other_kind(spec: dict[str, Any], path: str | Path, kind: str) -> None:
+    """A ConfigError naming the command that reads `path`, when it is one of the other files fmlray reads (a
+    config, a sweep or a tune file) given where a `kind` goes."""
+    found = next((k for k in ("sweep", "tune") if k in spec), None) or \
+        ("config" if any(k in spec for k in to_dict(Config())) else None)
+    if found is not None and found != kind:
+        run = "fmlray run --config" if found == "config" else f"fmlray {found}"
+        raise ConfigError(f"{path} is a {found} file, not a {kind} file: run it with {run} {path}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the TOML file (its tables replace the defaults key by key), then --set's."""
     tree, given = to_dict(Config()), {}
     if path is not None:
         given = load_toml(path)
-        for kind in ("sweep", "tune"):  # the other files fmlray reads, given where a config goes
-            if kind in given:
-                raise ConfigError(f"{path} is a {kind} file, not a config: run it with fmlray {kind} {path}")
+        refuse_other_kind(given, path, "config")
         for section, table in given.items():
             if isinstance(table, dict) and isinstance(tree.get(section), dict):
                 _merge(tree[section], table)

@@ -42,11 +42,14 @@ from pathlib import Path
 
 import tomli_w
 
-from fmlray.config import Config, ascii_digits, folder_name, load_config, load_toml, quoted, to_dict
+from fmlray.config import (Config, ascii_digits, folder_name, leaf_keys, load_config, load_toml, quoted,
+                           refuse_other_kind, to_dict)
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.rundir import SEARCH_RECORD
 from fmlray.sweep import inside, overlap, override_keys, parallel_value
 
+RANDINT_CHECKED = 1000  # a randint range up to this wide has each of its values checked (~3 ms a value) before the
+# search starts; a wider one its ends, and a trial whose values then make no valid run fails alone
 RECORD = SEARCH_RECORD  # in the search's folder: its fingerprint and parallel, for --resume
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 KEYS = {"name", "base", "output_dir", "set", "metric", "mode", "samples", "search", "scheduler", "grace_rounds",
@@ -99,11 +102,24 @@ class Search:
                                        f"run.output_dir={quoted(str(self.folder))}"])
 
     def build(self, config: dict, trial_id: str) -> tuple[str, Config]:
+        """The trial's run: its name and config; a ConfigError naming the trial's values where they make no valid
+        config together (plan_search tries each range's ends and every whole number a randint draws)."""
         from fmlray.trials import search_run_name
         name = search_run_name(trial_id)
-        return name, self.config(config, name)
+        try:
+            return name, self.config(config, name)
+        except ConfigError as exc:
+            given = ", ".join(f"{p.key}={literal(config[p.key])}" for p in self.params)
+            raise ConfigError(f"with {given}: {exc}") from None
 
-    def bundles(self, cfg: Config) -> list[dict]:
+    def bundles(self, config: dict) -> list[dict]:
+        """The placement group of the trial drawing `config`: a driver's bundle alone for values that make no
+        valid config (the trial then only reports its failure)."""
+        from fmlray.engine.resources import DRIVER_MEMORY
+        try:
+            cfg = self.build(config, "_0")[1]
+        except ConfigError:
+            return [{"memory": DRIVER_MEMORY}]
         return self.bundles_of["plan"](cfg)
 
     @property
@@ -167,6 +183,7 @@ def plan_search(path: str | Path) -> Search:
 
     path = Path(path)
     spec = load_toml(path, "tune file")
+    refuse_other_kind(spec, path, "tune")
     if set(spec) - {"tune", "param"} or not isinstance(spec.get("tune"), dict):
         raise ConfigError(f"{path}: a tune file has a [tune] table and [[param]] tables (found {sorted(spec)})")
     s, where = spec["tune"], str(path)
@@ -201,7 +218,9 @@ def plan_search(path: str | Path) -> Search:
         taken = next((k for k in UNSEARCHABLE if overlap(p.key.strip(), k)), None)
         if taken is not None:
             raise ConfigError(f"{where}: param {p.key}: {taken} cannot be searched: {UNSEARCHABLE[taken]}")
-        hidden = next((c for c in common_keys if inside(c, p.key.strip())), None)
+        # replaced in every trial: inside a key that every value sets (a table value sets only its own keys)
+        hidden = next((c for c in common_keys if all(any(inside(c, leaf) for leaf in leaf_keys(p.key.strip(), v))
+                                                     for v in p.values)), None)
         if hidden is not None:
             raise ConfigError(f"{where}: tune.set sets {hidden}, but param {p.key.strip()} replaces it in every "
                               "trial; drop it from tune.set")
@@ -213,6 +232,9 @@ def plan_search(path: str | Path) -> Search:
     real = {p.key for p in params if p.kind in ("uniform", "loguniform")}  # they draw floats, whatever the ends
     ends = [{p.key: float(p.values[i]) if p.key in real else p.values[i] for p in params} for i in (0, -1)]
     ends += [{p.key: v} for p in params if p.kind in ("choice", "grid") for v in p.values]
+    for p in params:  # a whole number inside a range can be what is invalid (6 clients over three groups' shares)
+        if p.kind == "randint" and p.values[1] - p.values[0] <= RANDINT_CHECKED:
+            ends += [{**end, p.key: v} for v in range(p.values[0] + 1, p.values[1]) for end in ends[:2]]
     for values in ends:  # every end of every range must make a valid config, and one that reports the metric
         given = ", ".join(f"{k}={literal(v)}" for k, v in values.items())
         try:
@@ -266,6 +288,53 @@ def changed(old: dict, new: dict) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if k not in old or k not in new or old[k] != new[k])
 
 
+def check_trial_folders(search: Search) -> None:
+    """Each trial's run folder still holds that trial's run (its config one this search plans, with the values
+    it drew): Tune keeps a finished trial's figures, and one whose folder was replaced since (`fmlray run
+    --overwrite`) would be ranked by figures no folder holds any more."""
+    for run_dir in sorted(search.folder.iterdir()):
+        saved = run_dir / "config.toml"
+        if not re.fullmatch(r"trial-\d{5,}", run_dir.name) or not saved.is_file():
+            continue
+        try:
+            tree = to_dict(load_config(saved))
+        except ConfigError as exc:
+            raise FmlrayError(f"{saved} cannot be read by this fmlray ({exc}); move {run_dir} away") from None
+        values = {p.key: _value_at(tree, p.key) for p in search.params}
+        try:
+            why = None if _ABSENT in values.values() else replaced(run_dir, search.config(values, run_dir.name))
+        except ConfigError:
+            why = f"{run_dir} holds a run of another config than this search plans; move it away, then resume again"
+        if why:
+            raise FmlrayError(why)
+
+
+def replaced(run_dir: Path, cfg: Config) -> str | None:
+    """Why the run in a trial's folder `run_dir` is not that trial's run of config `cfg`, or None."""
+    from fmlray.sweep import finished_otherwise
+
+    diff = finished_otherwise(run_dir, cfg)
+    return None if not diff else (
+        f"{run_dir} holds a run of another config than this search's trial (differs in {', '.join(diff[:5])}"
+        f"{', ...' if len(diff) > 5 else ''}): it was replaced since the trial ran; move it away, then resume again")
+
+
+_ABSENT = object()
+
+
+def _value_at(tree: dict, dotted: str):
+    """The value of config key `dotted` (clients.groups.0.name: into lists too) in `tree`, or _ABSENT."""
+    node = tree
+    for part in dotted.split("."):
+        if isinstance(node, list) and ascii_digits(part) and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return _ABSENT
+    return node
+
+
 def resume_point(search: Search, where: str) -> tuple[Path | None, int | str]:
     """The Tune experiment a stopped search continues from (None: no trial started, so the search starts from
     the beginning with the plan it recorded), and the `parallel` it started with; a one-line FmlrayError
@@ -296,6 +365,7 @@ def resume_point(search: Search, where: str) -> tuple[Path | None, int | str]:
     tune_dir = search.folder.resolve() / ".tune"
     runs = sorted(d for d in tune_dir.iterdir() if d.is_dir() and tune.Tuner.can_restore(d))
     if runs:
+        check_trial_folders(search)
         return runs[-1], parallel
     # Stopped between recording its plan and Tune's first state: no trial ran, so starting afresh with that plan
     # loses nothing, and also covers a kill -9 there (cleaning up on a signal would not) and deletes nothing.
@@ -382,6 +452,9 @@ def _run_search(search: Search, path: str | Path, echo, parallel: int | str | No
             shut_down()
     rows = ranked(search, grid)
     write_outputs(search, rows)
+    if rows and not ranks(rows):
+        raise FmlrayError(f"every trial of {search.name} failed (their reasons are in {search.folder / 'trials.parquet'}"
+                          f"); {failures(rows).partition('; ')[2]}")
     return search.folder, rows
 
 
@@ -395,16 +468,33 @@ def ranked(search: Search, grid) -> list[dict]:
         m = result.metrics or {}
         if "round" not in m:
             continue
+        failed = m.get("error", "") if m.get("status") == "failed" else ""
         row = {"trial": search_run_name(m.get("trial_id", "_?")), "rounds": int(m["round"]),
-               "complete": int(m["round"]) == search.rounds, **{p.key: result.config[p.key] for p in search.params},
-               **{k: float(m.get(k, math.nan)) for k in METRICS}}
+               "complete": int(m["round"]) == search.rounds and not failed,
+               **{p.key: result.config[p.key] for p in search.params},
+               **{k: float(m.get(k, math.nan)) for k in METRICS}, "error": failed}
         rows.append(row)
     sign = -1 if search.mode == "max" else 1
 
     def key(r):
         v = r[search.metric]
-        return (not r["complete"], math.isnan(v), sign * v if not math.isnan(v) else 0.0, r["trial"])
+        return (bool(r["error"]), not r["complete"], math.isnan(v), sign * v if not math.isnan(v) else 0.0, r["trial"])
     return sorted(rows, key=key)
+
+
+def ranks(rows: list[dict]) -> list[dict]:
+    """The ranked trials that did not fail: those a preset can be made of."""
+    return [r for r in rows if not r.get("error")]
+
+
+def failures(rows: list[dict]) -> str | None:
+    """A line on the trials that failed (their values diverged or made no valid run), or None."""
+    failed = [r for r in rows if r.get("error")]
+    if not failed:
+        return None
+    first = failed[0]
+    return (f"{len(failed)} of {len(rows)} trial(s) failed and rank last (trials.parquet's error column says why); "
+            f"{first['trial']}: {first['error']}")
 
 
 def _mixed(search: Search, rows: list[dict]) -> list[str]:
@@ -485,18 +575,19 @@ def write_outputs(search: Search, rows: list[dict]) -> None:
     if not rows:
         return
     # again, as the sweep's `combine` checks its table: a file may have come since the resume began
-    check_outputs(search, "then continue the search with --resume to write its outputs", min(search.top, len(rows)))
+    best = ranks(rows)[: search.top]
+    check_outputs(search, "then continue the search with --resume to write its outputs", len(best))
     mixed = _mixed(search, rows)
     table = pa.Table.from_pylist([{**r, **{k: literal(r[k]) for k in mixed}} for r in rows])
     write_atomic(search.folder / "trials.parquet", lambda f: pq.write_table(table, f))
-    for rank, row in enumerate(rows[: search.top], 1):
+    for rank, row in enumerate(best, 1):
         values = {p.key: row[p.key] for p in search.params}
         cfg = search.config(values, f"{search.name}-best-{rank}")
         head = (f"# fmlray tune {search.name}: rank {rank} of {len(rows)} by {search.metric} ({search.mode}) = "
                 f"{row[search.metric]:.4f} after {row['rounds']} of {search.rounds} rounds ({row['trial']}); "
                 + ", ".join(f"{k} = {literal(v)}" for k, v in values.items()) + "\n")
         write_atomic(search.folder / f"best-{rank}.toml", (head + tomli_w.dumps(to_dict(cfg))).encode())
-    _drop_stale_best(search, min(search.top, len(rows)))
+    _drop_stale_best(search, len(best))
 
 
 def _drop_stale_best(search: Search, kept: int) -> None:
@@ -512,6 +603,7 @@ def unranked(search: Search, rows: list[dict]) -> str | None:
     """A warning when no trial reported the metric (every value NaN: the ranking is arbitrary), else None.
     `plan_search` refuses what it can know beforehand; a partial global model (FedPer's body) is only
     known to go untested once the trials ran."""
+    rows = ranks(rows)
     if rows and all(math.isnan(r[search.metric]) for r in rows):
         return (f"no trial reported tune.metric = {search.metric!r}, so the ranking is arbitrary; search again "
                 "with a metric the trials report")
@@ -524,6 +616,6 @@ def format_best(search_rows: list[dict], search: Search) -> str:
     head = ["rank", "trial", *keys, "rounds", search.metric]
     cells = [[str(i), r["trial"], *(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys),
               f"{r['rounds']}/{search.rounds}", f"{r[search.metric]:.4f}"]
-             for i, r in enumerate(search_rows[: search.top], 1)]
+             for i, r in enumerate(ranks(search_rows)[: search.top], 1)]
     width = [max(len(x) for x in col) for col in zip(head, *cells)]
     return "\n".join("  ".join(f"{x:<{w}}" for x, w in zip(line, width)) for line in [head, *cells])

@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fmlray import signals
-from fmlray.config import Config, ascii_digits, folder_name, leaf_keys, load_config, load_toml, parse_override, quoted, to_dict
+from fmlray.config import (Config, ascii_digits, folder_name, leaf_keys, load_config, load_toml, parse_override, quoted,
+                           refuse_other_kind, to_dict)
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.metrics import SCHEMA
 from fmlray.rundir import MARKER, SEARCH_RECORD, SWEEP_TABLE, finished, read_parquet, resumable, write_atomic
@@ -199,6 +200,7 @@ def plan_sweep(path: str | Path) -> Sweep:
     """`plan`, with how the sweep file asks to execute it."""
     path = Path(path)
     spec = load_toml(path, "sweep file")
+    refuse_other_kind(spec, path, "sweep")
     unknown = set(spec) - {"sweep", "axis"}
     if unknown or not isinstance(spec.get("sweep"), dict):
         raise ConfigError(f"{path}: a sweep file has a [sweep] table and [[axis]] tables (found {sorted(spec)})")
@@ -330,7 +332,7 @@ def check_found(run_dir: Path, name: str, cfg: Config, asked, elsewhere: str = S
             check_history(run_dir, checkpoint.load(run_dir, cfg).round)
         except FmlrayError as exc:
             raise FmlrayError(f"run {name}: {exc}") from None
-    diff = _finished_otherwise(run_dir, cfg)
+    diff = finished_otherwise(run_dir, cfg)
     if diff:
         raise FmlrayError(f"run {name} {'finished' if finished(run_dir) else 'stopped'} in {run_dir} with "
                           f"another config than {asked} now asks for "
@@ -344,7 +346,7 @@ def check_found(run_dir: Path, name: str, cfg: Config, asked, elsewhere: str = S
 RESULT_KEYS = ("rounds", "eval_every", "eval_clients")  # beyond checkpoint.fixed_config
 
 
-def _finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
+def finished_otherwise(run_dir: Path, cfg: Config) -> list[str]:
     """The keys in which the finished (or stopped, resumable) run in `run_dir`, if any, differs from `cfg`. A
     stopped run counts too: resumed with other rounds it would end as neither the old run nor the new."""
     from fmlray.checkpoint import differences, fixed_config

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fmlray import signals
 from fmlray.config import Config
-from fmlray.errors import FmlrayError
+from fmlray.errors import ConfigError, DataError, FmlrayError, TrainingError
 from fmlray.rundir import finished
 
 STATS = ("mean", "std", "min", "p10")
@@ -150,10 +150,24 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
                      "error": f"this node has no folder {launch_dir} (where the sweep was started); on a "
                               "cluster give the sweep an absolute output_dir on storage every node shares"})
         return
-    name, cfg = (config["run"], trials[config["run"]].cfg) if build is None else \
-        build(config, tune.get_context().get_trial_id())
+    if build is None:
+        name, cfg = config["run"], trials[config["run"]].cfg
+    else:
+        name = search_run_name(tune.get_context().get_trial_id())
+        try:
+            name, cfg = build(config, tune.get_context().get_trial_id())
+        except FmlrayError as exc:  # values drawn together that no check before the search could try
+            tune.report({**{k: math.nan for k in METRICS}, "round": 0, "run": name, "node": node,
+                         "status": "failed", "error": " ".join(str(exc).splitlines())})
+            return
     run_dir = Path(cfg.run.output_dir) / name
     if build is not None and finished(run_dir):
+        from fmlray.search import replaced
+        why = replaced(run_dir, cfg)  # by `fmlray run --overwrite`, since this trial began
+        if why:
+            tune.report({**{k: math.nan for k in METRICS}, "round": 0, "run": name, "node": node,
+                         "status": "error", "error": why})
+            return
         # finished after the last state Tune wrote before a crash: its figures, not a second run
         from fmlray.metrics import summaries
         from fmlray.rundir import read_run
@@ -181,8 +195,11 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
     except RunInterrupted:
         status = {"status": "stopped"}
     except FmlrayError as exc:
-        status = {"status": "error", "error": " ".join(str(exc).splitlines())}
-    tune.report({**{k: math.nan for k in METRICS}, **last,  # NaN figures: a run that failed before round 1
+        # a search's trial whose values diverge or make no valid run fails alone (a search explores ranges; its
+        # other trials go on, and a resume keeps it as failed); anything else stops the sweep or search
+        own = build is not None and isinstance(exc, (TrainingError, ConfigError, DataError))
+        status = {"status": "failed" if own else "error", "error": " ".join(str(exc).splitlines())}
+    tune.report({**{k: math.nan for k in METRICS}, "round": 0, **last,  # NaN figures: failed before round 1
                  "run": name, "node": node, "resumed": resume is not None, "run_seconds": time.perf_counter() - started,
                  "began": began, "ended": time.time(), "log": " | ".join(log), **status})
     if build is not None and status["status"] == "stopped":
@@ -229,10 +246,11 @@ def _progress_callback(echo: Callable[[str], None], order: Callable[[str], int],
         def on_trial_complete(self, iteration, trials, trial, **info):
             name = name_of(trial)
             r = self.results.get(name, {})
-            if r.get("status") not in ("done", "stopped", "running"):
+            if r.get("status") not in ("done", "stopped", "running", "failed"):
                 return
             status = f"stopped early by the scheduler after round {r['round']}" if r["status"] == "running" else \
-                r["status"]
+                f"failed {'after round %d' % r['round'] if r['round'] else 'before round 1'} ({r['error']})" \
+                if r["status"] == "failed" else r["status"]
             took = time.perf_counter() - self.started.get(name, time.perf_counter())
             last = self.last_figures(name)
             echo(f"[{order(name)}/{total}] {name}: {status}{' (resumed)' if r.get('resumed') else ''} "
@@ -329,7 +347,7 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
             trainable = tune.with_parameters(_trial, trials={}, control=control, launch_dir=os.getcwd(),
                                              build=search.build)
             trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
-                search.bundles(search.build(config, "_0")[1])))
+                search.bundles(config)))
             param_space, extra = search.param_space, search.tune_config(parallel)
         if restore is not None:  # the scheduler, searcher and RunConfig come back from Tune's records
             tuner = tune.Tuner.restore(str(restore), trainable, resume_unfinished=True, resume_errored=True,

@@ -633,7 +633,16 @@ def test_a_sweep_or_tune_file_given_as_a_config_says_which_command_runs_it(capsy
         path = repo / "experiments" / name
         assert main(["config", "--config", str(path)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"fmlray: error: {path} is a {kind} file, not a config: run it with fmlray {kind} {path}", err
+        assert err == f"fmlray: error: {path} is a {kind} file, not a config file: run it with fmlray {kind} {path}", err
+    # and each file where another kind goes: it was "a tune file has a [tune] table ... (found ['axis', 'sweep'])"
+    config = repo / "fmlray" / "presets" / "fmnist-fml.toml"  # (audit 40)
+    for command, path, kind, run in (("tune", repo / "experiments" / "digits.toml", "sweep", "fmlray sweep"),
+                                     ("sweep", repo / "experiments" / "tune-digits.toml", "tune", "fmlray tune"),
+                                     ("sweep", config, "config", "fmlray run --config"),
+                                     ("tune", config, "config", "fmlray run --config")):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"fmlray: error: {path} is a {kind} file, not a {command} file: run it with {run} {path}", err
 
 
 PROBE = '''
@@ -712,3 +721,22 @@ def test_an_unforeseen_os_error_the_user_can_fix_is_one_line_with_what_to_do_and
     monkeypatch.setattr(fmlray.cli, "cmd_report", other)
     assert main(["report", "runs/a"]) == 1  # not the user's to fix: as before
     assert capsys.readouterr().err == "fmlray: error: Input/output error\n"
+
+
+@pytest.mark.parametrize("argv", [["config", "--config", "{long}.toml"], ["run", "--config", "{long}.toml"],
+                                  ["compare", "--config", "{long}.toml"], ["partition", "--config", "{long}.toml"],
+                                  ["partition", "--save", "{long}.csv"], ["report", "{long}"],
+                                  ["run", "--resume", "{long}"], ["sweep", "{long}.toml"], ["tune", "{long}.toml"],
+                                  ["tune", "--resume", "{long}.toml"]])
+def test_a_path_with_a_name_too_long_for_the_system_is_one_line_and_exit_2(tmp_path, capsys, argv):
+    # each was "fmlray: error: File name too long (...)", exit 1: the first stat of the path raised (audit 40)
+    long = str(tmp_path / ("y" * 300))
+    fail(capsys, [a.format(long=long) for a in argv], "a folder or file name holds at most 255 bytes")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_path_through_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    fail(capsys, ["partition", "--save", str(tmp_path / "afile" / "p.csv"), "--set", "clients.num_clients=2"],
+         f"is in {tmp_path / 'afile'}, which is a file, not a folder")  # was "a folder that does not exist"
+    assert (tmp_path / "afile").read_text() == "mine"

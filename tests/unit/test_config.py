@@ -165,6 +165,20 @@ def test_alpha_beta_schedule_is_linear_over_rounds():
     assert FMLConfig().at_round(4, 10) == (0.5, 0.5)
 
 
+def test_only_the_algorithms_that_read_algorithm_fml_follow_its_schedule():
+    # fedavg with alpha_end set could not be extended: "follows a schedule over its 1 rounds" (audit 40)
+    for name, keys_ in (("fml", ["algorithm.fml.alpha_end"]), ("dml", ["algorithm.fml.alpha_end"]), ("fedavg", []),
+                        ("ditto", [])):
+        cfg = load_config(None, [f"algorithm.name={name}", "algorithm.fml.alpha_end=0.2"])
+        assert cfg.algorithm.schedule_keys() == keys_, name
+
+
+def test_fedrep_with_no_body_epoch_is_refused():
+    # it ran, and its global model never changed: the shared representation trains only in body epochs (audit 40)
+    with pytest.raises(ConfigError, match="body_epochs = 0 never trains the shared representation"):
+        load_config(None, ["algorithm.name=fedrep", "algorithm.fedrep.body_epochs=0"])
+
+
 def test_resolved_config_round_trips_through_toml(tmp_path):
     import tomli_w
     cfg = load_config(None, ["algorithm.fml.beta_end=0.8", "clients.num_clients=7"])
@@ -289,3 +303,20 @@ def test_a_table_given_to_set_sets_its_keys_and_keeps_the_files_others(tmp_path)
     assert config.leaf_keys("training", {"lr": 0.1, "x": {"y": 1}}) == ["training.lr", "training.x.y"]
     groups = load_config(None, ["clients.groups.1={num_cpus=2}"]).clients.groups  # an entry of a list too
     assert (groups[1].num_cpus, groups[1].local_model) == (2.0, "lenet5")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ('run.name="x', "--set run.name=\"x: the value is not valid TOML"),  # was a run folder named '"x'
+    ("training={lr=}", "--set training={lr=}: the value is not valid TOML"),  # was "training must be a table"
+    ("clients.groups.0.local_model=[mlp", "the value is not valid TOML"),
+    ('run.output_dir=""', "run.output_dir is empty"),  # the run went into the current folder
+    ('clients.groups.0.name=" "', "every group needs a name"),
+    ('clients.groups.0.name="a "', "the name 'a ' has surrounding spaces")])
+def test_values_that_were_taken_as_something_else_are_refused(override, fragment):
+    with pytest.raises(ConfigError) as exc:  # audit 40
+        load_config(None, [override])
+    assert fragment in str(exc.value)
+
+
+def test_a_bare_word_is_still_a_string():
+    assert load_config(None, ["run.name=plain-word", "engine.kind=serial"]).run.name == "plain-word"

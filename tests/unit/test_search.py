@@ -457,3 +457,76 @@ def test_resume_of_a_folder_that_is_not_a_searchs_says_so_and_offers_no_start_th
         assert len(err.splitlines()) == 1 and "is not a search's folder" in err, err
         assert "without --resume" not in err and "choose another tune.name or output_dir" in err, err
     assert sorted(p.name for p in folder.iterdir()) == ["lr-0.01-seed0", "results.parquet"]
+
+
+THREE_GROUPS = """
+[clients]
+num_clients = 5
+[[clients.groups]]
+name = "a"
+share = 0.45
+[[clients.groups]]
+name = "b"
+share = 0.45
+[[clients.groups]]
+name = "c"
+share = 0.1
+"""
+
+
+def test_every_whole_number_a_randint_draws_is_checked_before_the_search_starts(tmp_path):
+    # 5 and 7 clients give each group one; 6 leaves group c none. Only the ends were checked: the search stopped
+    # at that trial, and neither a new start (the folder exists) nor --resume (it drew 6 again) could go on (audit 40)
+    (tmp_path / "base.toml").write_text(THREE_GROUPS)
+    text = GOOD.format(out=tmp_path / "runs").replace('samples = 5', 'samples = 5\nbase = "base.toml"').replace(
+        'key = "training.optimizer"\ngrid = ["sgd", "adam"]', 'key = "clients.num_clients"\nrandint = [5, 7]')
+    with pytest.raises(ConfigError) as info:
+        plan(tmp_path, text)
+    assert "clients.num_clients=6" in str(info.value) and "gets no client" in str(info.value), info.value
+    assert plan(tmp_path, text.replace("randint = [5, 7]", "randint = [7, 9]")).params[1].values == (7, 9)
+
+
+def test_a_searched_table_hides_only_the_keys_its_values_set(tmp_path):
+    # training = {lr = ...} sets training.lr alone (tables merge key by key): tune.set's training.epochs
+    # stays in every trial; it was refused as "param training replaces it in every trial" (audit 40)
+    text = GOOD.format(out=tmp_path / "runs").replace('"run.rounds=4"', '"run.rounds=4", "training.epochs=1"').replace(
+        'key = "training.optimizer"\ngrid = ["sgd", "adam"]', 'key = "training"\nchoice = [{lr = 0.1}, {lr = 0.2}]')
+    s = plan(tmp_path, text)
+    assert s.config({"algorithm.fml.alpha": 0.5, "training": {"lr": 0.2}}).training.epochs == 1
+    with pytest.raises(ConfigError, match="tune.set sets training.lr, but param training replaces it"):
+        plan(tmp_path, text.replace('"training.epochs=1"', '"training.lr=0.3"'))
+
+
+def test_failed_trials_rank_last_are_never_a_preset_and_are_one_warning(tmp_path):
+    import pyarrow.parquet as pq
+
+    from fmlray.search import failures, format_best, ranks, unranked, write_outputs
+    s, rows = four_trials(tmp_path)
+    for r in rows:
+        r["error"] = ""
+    rows[0].update(error="every client's update went NaN in round 2", complete=False, rounds=1)
+    rows = rows[1:] + rows[:1]  # as `ranked` sorts them: failed last
+    write_outputs(s, rows)
+    table = pq.read_table(s.folder / "trials.parquet").to_pylist()
+    assert [t["error"] for t in table] == ["", "", "", "every client's update went NaN in round 2"]
+    assert [p.name for p in sorted(s.folder.glob("best-*.toml"))] == ["best-1.toml", "best-2.toml", "best-3.toml"]
+    assert "trial-00000" not in "".join(p.read_text() for p in s.folder.glob("best-*.toml"))
+    assert "trial-00000" not in format_best(rows, s) and len(ranks(rows)) == 3
+    assert failures(rows) == ("1 of 4 trial(s) failed and rank last (trials.parquet's error column says why); "
+                              "trial-00000: every client's update went NaN in round 2")
+    assert failures(rows[:3]) is None and unranked(s, rows) is None
+
+
+def test_resume_refuses_a_trial_folder_replaced_by_another_run(tmp_path, capsys):
+    # `fmlray run --set run.name=trial-00000 --overwrite` into the search's folder: resume still ranked the
+    # trial by the figures Tune kept for it, though its folder held a run of another config (audit 40)
+    from fmlray.cli import main
+    path, search = resumable_search(tmp_path)
+    assert main(["run", "--set", "engine.kind=serial", "--set", "run.rounds=1", "--set", "clients.num_clients=4",
+                 "--set", "training.epochs=1", "--set", f"run.output_dir={search.folder}",
+                 "--set", "run.name=trial-00000"]) == 0
+    capsys.readouterr()
+    with pytest.raises(FmlrayError) as info:
+        resume_point(search, str(path))
+    assert f"{search.folder / 'trial-00000'} holds a run of another config than this search's trial" in str(info.value)
+    assert "run.rounds" in str(info.value)
