@@ -337,17 +337,25 @@ def check_same_data(run_dir: Path, resume: Resume, dataset, partition) -> None:
 
 
 def put_back_partition(run_dir: Path, dataset, partition) -> None:
-    """Write a resumed run's deleted partition.npz back from the config's partition, which `check_same_data`
-    found to be the one the checkpoint was trained on; a file there (put back meanwhile) is never replaced."""
-    from fmlray.data import save_partition
-    from fmlray.rundir import PARTITION_FILE, write_new
+    """Write a resumed run's deleted partition.npz (and partition.csv, its client × class counts) back from the
+    config's partition, which `check_same_data` found to be the one the checkpoint was trained on; a file there
+    (put back meanwhile) is never replaced."""
+    import pyarrow.csv
 
-    saved = Path(run_dir) / PARTITION_FILE
-    if os.path.lexists(saved):
-        return
-    buf = io.BytesIO()
-    save_partition(buf, partition, dataset.fingerprint())
-    try:
-        write_new(saved, buf.getvalue())
-    except FileExistsError:
-        pass
+    from fmlray.data import save_partition
+    from fmlray.data.report import partition_counts
+    from fmlray.rundir import PARTITION, PARTITION_FILE, write_new
+
+    for name in (PARTITION_FILE, PARTITION):
+        saved = Path(run_dir) / name
+        if os.path.lexists(saved):
+            continue
+        buf = io.BytesIO()
+        if name == PARTITION_FILE:
+            save_partition(buf, partition, dataset.fingerprint())
+        else:
+            pyarrow.csv.write_csv(partition_counts(dataset, partition), buf)
+        try:
+            write_new(saved, buf.getvalue())
+        except FileExistsError:
+            pass

@@ -273,7 +273,7 @@ def _shared_ray(cfg):
 def cmd_sweep(args) -> int:
     from fmlray.config import ConfigError
     from fmlray.jobs import check_path
-    from fmlray.rundir import check_length, check_writable, writing
+    from fmlray.rundir import check_length, check_writable, finished, writing
     from fmlray.sweep import SweepStopped, parallel_value, plan_sweep, run_planned
 
     sweep = plan_sweep(args.sweep_file)  # every config checked before the first run starts
@@ -294,7 +294,8 @@ def cmd_sweep(args) -> int:
             if tune:  # the trials' Ray: joined or started by the executor, which leaves it as it found it
                 out = run_planned(sweep, args.sweep_file, echo, parallel or sweep.parallel, False)
             else:
-                with _shared_ray(sweep.runs[0].cfg):
+                left = [r for r in sweep.runs if not finished(sweep.folder / r.name)]  # none: no Ray to start
+                with _shared_ray(left[0].cfg) if left else contextlib.nullcontext():
                     out = run_planned(sweep, args.sweep_file, Console(), None, True)
     except RunInterrupted as stop:
         print(f"fmlray: stopped after round {stop.round}; run the same sweep again to continue", file=sys.stderr)

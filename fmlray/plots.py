@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +41,8 @@ def accuracy_plot(summary: list[dict], title: str, path: Path | BinaryIO) -> Non
     ax.set_title("\n".join(textwrap.wrap(title, 85)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    with warnings.catch_warnings():  # a run name in a script the font lacks (名前) draws as boxes: one warning a
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")  # glyph and step was noise
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -501,6 +501,9 @@ def writing(folder: Path, key: str):
         _remove_empty(made)
         raise
     try:
+        for own in (folder, (folder / SEARCH_RECORD).parent):  # a killed command's table, presets, plan record
+            if own.is_dir() and not own.is_symlink():
+                _tidy_temporaries(own)
         yield
     finally:
         lock_file.unlink(missing_ok=True)  # while still held: see _take_lock
@@ -756,6 +759,13 @@ def not_a_run(path: Path, resume: bool) -> str | None:
             return (f"{path} does not exist: an --overwrite that was cut short left the earlier run in {aside}; "
                     f"any fmlray run with run.name = {path.name!r} there puts it back first (or rename it yourself)")
         return f"{path} does not exist; give a run's folder (e.g. runs/digits-fml)"
+    if path.is_symlink() and not path.exists():  # os.path.exists follows it: a link to nowhere, or a loop
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{path} is a symlink that leads back to itself; give a run's folder"
+        return f"{path} is a symlink to {os.readlink(path)}, which does not exist; give a run's folder"
     if not path.is_dir():
         inside = f", {path.parent}" if (path.parent / CONFIG).is_file() else " (e.g. runs/digits-fml)"
         return f"{path} is a file; give the run's folder{inside}"
@@ -777,6 +787,8 @@ def not_a_run(path: Path, resume: bool) -> str | None:
         return (f"{path} is the hidden folder of {what}, not a run to {'resume' if resume else 'report'}; the next "
                 f"fmlray run named {hidden[1]!r} there {then}")
     if (path / MARKER).is_file() and not (path / CONFIG).is_file():
+        if os.path.lexists(path / CONFIG):
+            return f"{path / CONFIG} is not a file; put the run's {CONFIG} back there (fmlray wrote it when the run began)"
         return f"{path} is an fmlray run whose {CONFIG} is missing; put it back (fmlray wrote it when the run began)"
     return None
 

@@ -210,13 +210,15 @@ def keep_task_classes(cfg: Config, dataset: Dataset, partition: Partition) -> Pa
         train[cid] = train[cid][~np.isin(dataset.y_train[train[cid]], dropped)]
         kept = test[cid][~np.isin(dataset.y_test[test[cid]], dropped)]
         where = f"client {cid} (group {cfg.clients.groups[gi].name}, task {task.describe()})"
-        if len(train[cid]) < cfg.data.min_samples:
+        if len(train[cid]) < cfg.data.min_samples:  # each fix offered only where that key can still move
+            lower = "lower data.min_samples, " if cfg.data.min_samples > 1 else ""
             raise DataError(f"{where} keeps {len(train[cid])} training rows of its task's classes, fewer than "
-                            f"data.min_samples = {cfg.data.min_samples}; lower data.min_samples, map fewer classes "
-                            "to -1, or use another partition")
+                            f"data.min_samples = {cfg.data.min_samples}; {lower}map fewer classes to -1, or use "
+                            "another partition")
         if len(kept) == 0 and len(test[cid]):
-            raise DataError(f"{where} keeps no test rows of its task's classes; map fewer classes to -1, raise "
-                            "data.max_test_samples, or use another partition")
+            raise_max = "raise data.max_test_samples, " if cfg.data.max_test_samples else ""
+            raise DataError(f"{where} keeps no test rows of its task's classes; map fewer classes to -1, {raise_max}"
+                            "or use another partition")
         test[cid] = kept
     return Partition(tuple(train), tuple(test))
 
@@ -280,7 +282,8 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                               "or start a new run")
         # stopped or killed between its last checkpoint and the end of its outputs: they are written now
         console(f"{title(cfg)}: ran its {resume.round} rounds; writing its outputs")
-        put_back = resume.partition is not None and not os.path.lexists(folder.path / rundir.PARTITION_FILE)
+        put_back = resume.partition is not None and not all(os.path.lexists(folder.path / name)
+                                                            for name in (rundir.PARTITION_FILE, rundir.PARTITION))
         if put_back:  # deleted: written back, as any resume does (a checkpoint without the partition's fingerprint,
             # of an earlier fmlray, cannot vouch for the config's: its outputs are written without it)
             prepared = prepared or prepare(cfg)

@@ -297,12 +297,15 @@ class _Unfinished(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None  # Ray's error is also an instance of its cause
         return not isinstance(exc, LeftUnfinished) and not (
-            self.stopping() and str(record.msg).startswith("Trials did not complete"))
+            self.stopping() and str(record.msg).startswith("Trials did not complete")) and not (
+            # restoring a search: the trials that had not reported when it stopped, which now run again
+            str(record.msg).startswith("Failed to fetch metrics for"))
 
 
 @contextlib.contextmanager
 def _quiet_unfinished(stopping: Callable[[], bool]):
-    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune")]
+    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune",
+                                              "ray.tune.analysis.experiment_analysis")]
     quiet = _Unfinished(stopping)
     for one in loggers:
         one.addFilter(quiet)
@@ -349,21 +352,21 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
             trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
                 search.bundles(config)))
             param_space, extra = search.param_space, search.tune_config(parallel)
-        if restore is not None:  # the scheduler, searcher and RunConfig come back from Tune's records
-            tuner = tune.Tuner.restore(str(restore), trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=param_space)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" or search else parallel,
-                                            reuse_actors=True, **extra),
-                run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str(storage.resolve()),
-                                          verbose=0, callbacks=[Relay()]))
-        # our handlers, not Tune's; Tune's old console output, which verbose=0 silences wholly
-        with _environ(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0"), listening(progress), \
-                _quiet_unfinished(lambda: signalled() or bool(progress.errors)):  # then fmlray says why itself
-            grid = tuner.fit()
+        with _quiet_unfinished(lambda: signalled() or bool(progress.errors)):  # then fmlray says why itself
+            if restore is not None:  # the scheduler, searcher and RunConfig come back from Tune's records
+                tuner = tune.Tuner.restore(str(restore), trainable, resume_unfinished=True, resume_errored=True,
+                                           param_space=param_space)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=param_space,
+                    tune_config=tune.TuneConfig(max_concurrent_trials=None if parallel == "auto" or search else parallel,
+                                                reuse_actors=True, **extra),
+                    run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"),
+                                              storage_path=str(storage.resolve()), verbose=0, callbacks=[Relay()]))
+            # our handlers, not Tune's; Tune's old console output, which verbose=0 silences wholly
+            with _environ(TUNE_DISABLE_SIGINT_HANDLER="1", RAY_AIR_NEW_OUTPUT="0"), listening(progress):
+                grid = tuner.fit()
         stopping = signalled()
     ray.kill(control)
     if progress.errors:

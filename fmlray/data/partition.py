@@ -144,6 +144,8 @@ def _fewer(cfg: DataConfig) -> str:
     ways = ["lower clients.num_clients"]
     if cfg.max_train_samples:
         ways.append(f"raise data.max_train_samples (now {cfg.max_train_samples}; 0 keeps every row)")
+    if cfg.dataset in HELD_OUT and cfg.test_fraction > 0 and not cfg.max_train_samples:  # held out of its rows
+        ways.append(f"lower data.test_fraction (now {cfg.test_fraction:g})")
     if cfg.min_samples > 1:
         ways.append("lower data.min_samples")
     return ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]

@@ -740,3 +740,45 @@ def test_a_path_through_a_file_is_one_line_and_exit_2(tmp_path, capsys):
     fail(capsys, ["partition", "--save", str(tmp_path / "afile" / "p.csv"), "--set", "clients.num_clients=2"],
          f"is in {tmp_path / 'afile'}, which is a file, not a folder")  # was "a folder that does not exist"
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_report_and_resume_of_a_broken_link_or_a_folder_for_config_say_so(tmp_path, capsys):
+    # each said "X is a file" / "config.toml is missing" (audit 40)
+    from fmlray.rundir import MARKER
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    run_dir = tmp_path / "r"
+    (run_dir / "config.toml").mkdir(parents=True)
+    (run_dir / MARKER).write_text("")
+    for command in (["report"], ["run", "--resume"]):
+        fail(capsys, [*command, str(tmp_path / "loop")], f"{tmp_path / 'loop'} is a symlink that leads back to itself")
+        fail(capsys, [*command, str(run_dir)], f"{run_dir / 'config.toml'} is not a file; put the run's config.toml back")
+    fail(capsys, ["report", str(tmp_path / "dangling")],
+         f"{tmp_path / 'dangling'} is a symlink to {tmp_path / 'nowhere'}, which does not exist")
+    fail(capsys, ["run", "--resume", str(tmp_path / "dangling")], f"{tmp_path / 'nowhere'} does not exist")
+
+
+def test_a_partition_refused_offers_only_the_fixes_this_config_can_still_make(capsys):
+    # digits' test rows come out of its training rows: data.test_fraction was never named; a task that keeps too
+    # little offered "lower data.min_samples" at 1 and "raise data.max_test_samples" at 0 (all rows) (audit 40)
+    fail(capsys, ["partition", "--set", "data.test_fraction=0.99", "--set", "clients.num_clients=3"],
+         "lower data.test_fraction (now 0.99)")
+    two = ["--set", "clients.groups.0.task=[0,1,-1,-1,-1,-1,-1,-1,-1,-1]",
+           "--set", "clients.groups.1.task=[0,1,-1,-1,-1,-1,-1,-1,-1,-1]", "--set", "data.min_samples=1",
+           "--set", "data.dirichlet_alpha=0.05", "--set", "clients.num_clients=10"]
+    err = fail(capsys, ["partition", *two], "keeps 0 training rows of its task's classes")
+    assert "lower data.min_samples" not in err and "max_test_samples" not in err, err
+
+
+def test_a_run_name_in_a_script_the_plots_font_lacks_is_drawn_without_a_warning_per_glyph(tmp_path):
+    # run.name=ü-名前 printed four "fmlray: warning: Glyph ... missing from font(s) DejaVu Sans" lines (audit 40)
+    import warnings
+
+    from fmlray.plots import accuracy_plot
+    summary = [{"round": r, "local": {"mean": 0.5, "p10": 0.4}, "global_clients": None, "global_test": 0.6}
+               for r in (1, 2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        accuracy_plot(summary, "ü-名前: fml", tmp_path / "a.png")
+    assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
+    assert (tmp_path / "a.png").stat().st_size > 1000

@@ -722,13 +722,14 @@ def test_a_deleted_partition_npz_is_written_back_where_the_checkpoint_vouches_fo
     import shutil
     assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
     run_dir = tmp_path / "digits-fml"
-    saved = (run_dir / "partition.npz").read_bytes()
+    saved, table = (run_dir / "partition.npz").read_bytes(), (run_dir / "partition.csv").read_bytes()
     older, other = tmp_path / "older", tmp_path / "other"
     (run_dir / "partition.npz").unlink()
     shutil.copytree(run_dir, older)
     shutil.copytree(run_dir, other)
+    (run_dir / "partition.csv").unlink()  # it stayed missing (audit 40)
     assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 0
-    assert (run_dir / "partition.npz").read_bytes() == saved
+    assert (run_dir / "partition.npz").read_bytes() == saved and (run_dir / "partition.csv").read_bytes() == table
     # an older checkpoint keeps no fingerprint of the partition: nothing vouches for the config's
     _edit_manifest(older, version=2, global_crc32=None, partition=None)
     before = snapshot(older)

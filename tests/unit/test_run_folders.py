@@ -554,3 +554,20 @@ def test_the_temporary_files_of_a_writer_killed_in_a_run_folder_are_deleted_by_t
     dead.write_bytes(b"x")
     assert run(tmp_path, "r", "--overwrite") == 0
     assert "added since" not in capsys.readouterr().err and not dead.exists()
+
+
+def test_a_sweep_or_search_command_deletes_the_temporaries_a_killed_one_left_in_its_folder(tmp_path):
+    # a sweep killed while it wrote results.parquet (a search: trials.parquet, .tune/search.json) left the
+    # half-written .results.parquet.<pid>-<hex>.tmp for ever, through every later run of the sweep (audit 39)
+    from fmlray.rundir import SEARCH_RECORD, writing
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    folder = tmp_path / "sweep"
+    (folder / SEARCH_RECORD).parent.mkdir(parents=True)
+    dead = [folder / f".results.parquet.{gone}-0123abcd.tmp", folder / f".best-1.toml.{gone}-0123abcd.tmp",
+            (folder / SEARCH_RECORD).parent / f".search.json.{gone}-0123abcd.tmp"]
+    kept = [folder / f".trials.parquet.{os.getpid()}-89abcdef.tmp", folder / ".notes.tmp"]  # alive; not fmlray's
+    for path in dead + kept:
+        path.write_bytes(b"x")
+    with writing(folder, "sweep.output_dir"):
+        assert not any(p.exists() for p in dead) and all(p.exists() for p in kept)

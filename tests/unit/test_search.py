@@ -530,3 +530,16 @@ def test_resume_refuses_a_trial_folder_replaced_by_another_run(tmp_path, capsys)
         resume_point(search, str(path))
     assert f"{search.folder / 'trial-00000'} holds a run of another config than this search's trial" in str(info.value)
     assert "run.rounds" in str(info.value)
+
+
+def test_tunes_failed_to_fetch_metrics_warning_on_restore_is_not_shown(caplog):
+    # `tune --resume` after a kill printed Tune's multi-line "Failed to fetch metrics for 2 trial(s): -
+    # _trial_...: FileNotFoundError(...)" for the trials that had not reported yet (they run again; audit 39)
+    import logging
+
+    from fmlray.trials import _quiet_unfinished
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    with caplog.at_level(logging.WARNING), _quiet_unfinished(lambda: False):
+        analysis.warning("Failed to fetch metrics for 2 trial(s):\n- _trial_af56c_00001: FileNotFoundError('...')")
+        analysis.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]

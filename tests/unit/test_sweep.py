@@ -437,3 +437,18 @@ def test_a_sweep_through_a_link_to_its_folder_and_one_by_the_folders_own_path_ta
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_sequential_sweep_whose_runs_are_all_finished_starts_no_ray(tmp_path, capsys, monkeypatch):
+    # it started a private Ray (~5 s) only to find every run done (audit 39)
+    from fmlray.engine import connect
+    spec = one_axis(tmp_path, '"clients.num_clients=4"', "algorithm", '["algorithm.name=fedavg"]')
+    assert main(["sweep", str(spec)]) == 0
+    spec.write_text(spec.read_text().replace("engine.kind=serial", "engine.kind=ray"))  # engine.* may change
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a Ray started for a sweep with nothing left to run")
+    monkeypatch.setattr(connect, "connect", no_ray)
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    assert "[1/1] fedavg-s0: done" in capsys.readouterr().out
