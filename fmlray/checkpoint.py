@@ -39,7 +39,7 @@ FOLDER = "checkpoint"
 # only these are deleted once superseded; anything else there (a user's copy of a checkpoint) stays.
 OWN = re.compile(r"\.?(global-r\d+\.npz|rows-r\d+-[^/]+?\.npy|manifest\.json)(\.[\w-]*\.?tmp)?|\.probe-\d+")
 # 3: the global model's checksum ("global_crc32") and the partition's fingerprint; 2 (read still) had neither
-VERSION, READS = 3, (2, 3)
+VERSION, READS = 4, (2, 3, 4)
 # The row files a manifest may name (anything else, e.g. "../partition.npz", makes it a damaged checkpoint; its
 # global model is the round's, `global_name`)
 ROWS_NAME = re.compile(r"rows-r\d+-[^/]+?\.npy")
@@ -137,6 +137,7 @@ class Writer:
             manifest = {"version": VERSION, "round": rnd, "global": glob if global_state is not None else None,
                         "global_crc32": checksum, "config": self.config, "shards": shards,
                         "placement": engine.placement(), "data": self.data, "partition": self.partition}
+            manifest["manifest_crc32"] = manifest_checksum(manifest)
             write_atomic(self.folder / MANIFEST, json.dumps(manifest).encode(), durable=True)
             fsync_dir(self.folder)
         except OSError as exc:
@@ -155,6 +156,13 @@ def _live(shards: list[dict]) -> list[dict]:
     """The row files that still hold some client's latest row, oldest first."""
     latest = latest_rows(shards)
     return [s for s in shards if any(latest[int(c)].file == s["file"] for c in s["cids"])]
+
+
+def manifest_checksum(manifest: dict) -> int:
+    """A CRC-32 of a manifest's content but this checksum itself (VERSION 4 on): a manifest edited since it was
+    written (a client's id moved to another row, which each row's own checksum still matches) is refused."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_crc32"}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode()) & 0xFFFFFFFF
 
 
 def global_name(rnd: int) -> str:
@@ -221,6 +229,9 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
         ok = False
     if not ok:
         raise FmlrayError(f"{path} is damaged or not a checkpoint this fmlray can read; start the run again")
+    if manifest["version"] >= 4 and manifest.get("manifest_crc32") != manifest_checksum(manifest):
+        raise FmlrayError(f"{path} is damaged (it fails its checksum: edited since the checkpoint was written); "
+                          "resume from another copy or start the run again")
     if cfg is not None:
         n = cfg.clients.num_clients
         if any(not 0 <= c < n for s in shards for c in s["cids"]) or any(len(set(s["cids"])) < len(s["cids"])

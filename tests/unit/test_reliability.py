@@ -76,11 +76,15 @@ def _damage_manifest(run_dir, how):
         path.write_bytes(how)
 
 
-def _edit_cids(run_dir, cids):
+def _edit_cids(run_dir, cids, sign=True):
+    """The first row file's first client ids replaced; with `sign`, the manifest's checksum made anew (as by
+    someone who meant it: what fmlray checks beyond the checksum)."""
     import json
     path = run_dir / "checkpoint" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["shards"][0]["cids"][:len(cids)] = cids  # a client id the run does not have, or one twice
+    if sign:
+        manifest["manifest_crc32"] = checkpoint.manifest_checksum(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -110,6 +114,8 @@ def _edit_manifest(run_dir, **changes):
             manifest.pop(key, None)
         else:
             manifest[key] = value
+    if manifest.get("version", 4) >= 4:  # signed anew, so that what is checked beyond the checksum is reached
+        manifest["manifest_crc32"] = checkpoint.manifest_checksum(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -158,6 +164,9 @@ def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpo
      "manifest.json is damaged"),
     (lambda d: _edit_cids(d, [99]), "names clients that a run of"),
     (lambda d: _edit_cids(d, [1, 1]), "or one client twice in a file"),
+    # two clients' rows swapped by hand: each row still matched its checksum, so each client resumed the other's
+    # state (a client left out of its file, with its checksum: its state restarted untrained) (audit 40)
+    (lambda d: _edit_cids(d, [1, 0], sign=False), "manifest.json is damaged (it fails its checksum: edited since"),
     (lambda d: _damage_row(d, "flip"), "fails its checksum"),
     (lambda d: _damage_row(d, "missing"), "is missing"),
     (lambda d: _damage_row(d, "garbage"), "is missing or damaged"),
@@ -316,6 +325,8 @@ def test_a_checkpoint_from_before_the_algorithm_keys_resumes_and_they_stay_at_th
     manifest = json.loads(path.read_text())
     for key in ("server_lr", "ditto", "fedper", "fedrep", "apfl", "lgfedavg"):
         del manifest["config"]["algorithm"][key]
+    manifest["version"] = 3  # as that fmlray wrote it: without the manifest's own checksum
+    del manifest["manifest_crc32"]
     path.write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["run", "--resume", str(tmp_path / "digits-fml"), "--set", "run.rounds=2",
