@@ -24,7 +24,7 @@ Tune scheduler reading a named figure of each round; prints the best configs and
                                # not run.name, run.output_dir, run.rounds or run.eval_every
 
 Outputs, in <output_dir>/<name>/: one run folder per trial (trial-00000, ...: metrics, checkpoint),
-trials.parquet (every trial's values and last figures), best-1.toml ... (full configs for
+trials.parquet (every trial's values and last figures; a failed one's reason), best-1.toml ... (full configs for
 `fmlray run --config`), and Tune's own records under .tune/, with the plan the search started with
 (.tune/search.json): `fmlray tune FILE --resume` continues a stopped or crashed search only if FILE
 still plans the same search.

@@ -10,7 +10,8 @@ checkpoints, same metrics), and reports every round's summary to Tune. Trials ne
 Stopping: SIGINT / SIGTERM reach the sweep's process only. It tells the trials through a small
 `Control` actor, which each trial asks once a round; a trial then checkpoints and ends its run after
 the round it is in (a rerun resumes it), and trials not started yet end at once. The first failed run
-stops the others the same way, as the sequential loop stops at it. A search's stopped trials end as
+stops the others the same way, as the sequential loop stops at it; but a search's trial whose values
+diverge or make no valid run fails alone (reported as "failed": the search explores ranges). A search's stopped trials end as
 errored in Tune's records (`LeftUnfinished`), so `fmlray tune --resume` restores the experiment
 (`Tuner.restore`) and runs them again, each from its run's checkpoint.
 
