@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from fmlray.config import load_config  # noqa: E402
+from fmlray.config import load_config, to_dict  # noqa: E402
 from fmlray.engine.host import ClientHost, initial_global_state  # noqa: E402
 from fmlray.simulation import prepare  # noqa: E402
 
@@ -60,13 +60,17 @@ CASES = {c.name: c for c in [
 SMOKE = [Case("digits", "mlp", "fedavg", 8, train_samples=400)]
 
 
-def host_for(case: Case, mode: str, seed: int) -> tuple[ClientHost, object]:
+def case_config(case: Case, mode: str, seed: int):
     group = f"clients.groups=[{{name='all', share=1.0, local_model='{case.model}'}}]"
-    cfg = load_config(None, [
+    return load_config(None, [
         f"run.seed={seed}", f"data.dataset='{case.dataset}'", f"data.partition='{case.partition}'",
         f"data.max_train_samples={case.train_samples}", f"clients.num_clients={case.clients}", group,
         f"model.meme='{case.model}'", "training.epochs=1", "training.batch_size=32",
         f"algorithm.name='{case.algorithm}'", f"training.batching='{mode}'", "training.max_batched_clients=1000"])
+
+
+def host_for(case: Case, mode: str, seed: int) -> tuple[ClientHost, object]:
+    cfg = case_config(case, mode, seed)
     prepared = prepare(cfg)
     host = ClientHost(cfg, prepared.dataset, prepared.partition, list(range(case.clients)))
     return host, initial_global_state(cfg, prepared.dataset)
@@ -148,7 +152,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = SMOKE if args.smoke else [CASES[c] for c in args.cases]
     rounds = 1 if args.smoke else args.rounds
-    meta = benchlib.run_meta(args) | {"load_before": os.getloadavg()}
+    meta = benchlib.run_meta(args) | {"load_before": os.getloadavg(), "configs": {
+        f"{c.name} {m}": to_dict(case_config(c, m, args.seed)) for c in cases for m in MODES}}
     rows = []
     spawn = multiprocessing.get_context("spawn")  # nothing of this process's heap or imports carried over
     for case in cases:
@@ -165,7 +170,8 @@ def main(argv=None) -> int:
         f"batch 32, SGD momentum 0.9, weight decay 5e-4; {args.warmup} warm-up + {rounds} timed rounds per mode, "
         "modes taking turns; median ms per round of `host.train` (load, train, store, partial sum). Dirichlet(0.5) unless iid.", "",
         benchlib.markdown_table(summary, COLUMNS), "",
-        benchlib.png_link("speed-up of vmap and auto over sequential", args.out / f"{stem}.png"), ""])
+        benchlib.png_link("speed-up of vmap and auto over sequential", args.out / f"{stem}.png"), "",
+        benchlib.configs_markdown(meta["configs"]), ""])
     (args.out / f"{stem}.md").write_text(report)
     plot(summary, args.out / f"{stem}.png")
     print(report)

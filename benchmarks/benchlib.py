@@ -201,6 +201,34 @@ def environment_markdown(meta: dict) -> str:
     ])
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    """A config dict as dotted keys (a list's entries by index: clients.groups.0.name)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        return {prefix: tree}
+    return {k: v for key, value in items for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def configs_markdown(configs: dict[str, dict]) -> str:
+    """The fmlray configs the numbers were measured with (label -> `to_dict` of a Config): the first whole, as
+    TOML, each other as the keys in which it differs from the first."""
+    import tomli_w
+
+    if not configs:
+        return ""
+    (first_label, first), *others = configs.items()
+    base = _flat(first)
+    lines = [f"Config of `{first_label}`" + (" (the others differ only where listed below)" if others else "") + ":",
+             "", "```toml", tomli_w.dumps(first).strip(), "```"]
+    if others:
+        lines.append("")
+    for label, cfg in others:
+        diff = {k: v for k, v in _flat(cfg).items() if base.get(k, object()) != v}
+        lines.append(f"- `{label}`: " + (", ".join(f"{k} = {json.dumps(v)}" for k, v in sorted(diff.items()))
+                                         or "the same"))
+    return "\n".join(lines)
+
+
 def run_meta(args: argparse.Namespace) -> dict:
     """What every output records beside the numbers."""
     return {"hardware": hardware(), "versions": versions(), "args": vars(args),

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, overhead
 
 import benchlib  # noqa: E402
 import overhead  # noqa: E402
+from fmlray.config import to_dict  # noqa: E402
 from fmlray.engine.host import initial_global_state  # noqa: E402
 from fmlray.engine.ray_engine import RayEngine  # noqa: E402
 from fmlray.engine.serial import SerialEngine  # noqa: E402
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     benchlib.start_ray(os.cpu_count() or 1)
     alone, _ = second_round(SerialEngine(), cfg, prepared)
     ray_cfg = cfg.replace(engine=dataclasses.replace(cfg.engine, kind="ray", num_actors=2))
+    meta["configs"] = {"alone (serial engine)": to_dict(cfg), "beside (Ray engine)": to_dict(ray_cfg)}
     started = time.perf_counter()
     beside, owner = second_round(RayEngine(), ray_cfg, prepared)
     meta |= {"load_after": os.getloadavg(), "ray_seconds": time.perf_counter() - started}
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                                        ("ratio", "beside ÷ alone", ".3f")]), "",
         benchlib.markdown_table(rows, [("client", "client", "d"), ("rows", "rows", "d"), ("actor", "actor", "d"),
                                        ("alone_s", "alone s", ".3f"), ("beside_s", "beside s", ".3f"),
-                                       ("ratio", "beside ÷ alone", ".3f")]), ""]
+                                       ("ratio", "beside ÷ alone", ".3f")]), "",
+        benchlib.configs_markdown(meta["configs"]), ""]
     (args.out / f"{stem}.md").write_text("\n".join(report))
     plot(rows, f"contention: {args.algorithm}, {size}; summed beside ÷ alone {total:.3f}", args.out / f"{stem}.png")
     print(f"summed update beside ÷ alone {total:.3f}; wrote {args.out / stem}.parquet, .md and .png")

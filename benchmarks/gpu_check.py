@@ -778,12 +778,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.models, args.algorithms, args.train_samples, args.rounds, args.warmup = ["lenet5"], ["fedavg"], 400, 1, 0
         args.fractions = [0.25]
+    # each step's own files are never replaced (gpu_check.sh gives every run a folder holding none; run by hand, a
+    # second run into the same --out would otherwise write over the first's record); --check-args says so too
+    mine = [check_name(args)] if args.what == "check" else [f"gpu-bench.{x}" for x in ("md", "json", "parquet", "png")]
+    if held := [name for name in mine if (args.out / name).exists()]:
+        p.error(f"--out: {args.out} already holds {held[0]} from an earlier run; give another folder")
     if not args.check_args:
-        # each step's own files are never replaced (gpu_check.sh gives every run a folder holding none; run by
-        # hand, a second run into the same --out would otherwise write over the first's record)
-        mine = [check_name(args)] if args.what == "check" else [f"gpu-bench.{x}" for x in ("md", "json", "parquet", "png")]
-        if held := [name for name in mine if (args.out / name).exists()]:
-            p.error(f"--out: {args.out} already holds {held[0]} from an earlier run; give another folder")
         args.out.mkdir(parents=True, exist_ok=True)
     return args
 

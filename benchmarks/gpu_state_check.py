@@ -14,6 +14,7 @@ keeps rounding from compounding). Exit 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import benchlib  # noqa: E402  (beside this script)
 from fmlray import aggregate
 from fmlray.config import load_config
 from fmlray.engine.host import ClientHost, initial_global_state
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", flush=True)
+    # what a record of this output needs beside its numbers (the H100 record of 2026-11-26 lacked the CPU)
+    print("hardware:", json.dumps(benchlib.hardware()), "versions:", json.dumps(benchlib.versions()),
+          "commit:", benchlib.git_commit(), flush=True)
     failed = 0
 
     def expect(name, ok, detail):

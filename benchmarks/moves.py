@@ -27,6 +27,7 @@ import benchlib  # noqa: E402
 import overhead  # noqa: E402
 import scaling  # noqa: E402
 import fmlray.engine.ray_engine as ray_engine  # noqa: E402
+from fmlray.config import to_dict  # noqa: E402
 from fmlray.engine.host import initial_global_state  # noqa: E402
 from fmlray.simulation import prepare, sample_clients  # noqa: E402
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     setting, rows = ray_engine.MOVE_MIN_ROWS, []
     for dataset, clients, fraction in args.points:
         cfg = config(dataset, clients, fraction, args.rounds)
+        meta.setdefault("configs", {})[f"{dataset}:{clients}:{fraction:g}"] = to_dict(cfg)
         prepared = prepare(cfg)
         sizes = [len(r) for r in prepared.partition.train]
         for turn in range(1 if args.smoke else 2):  # the smoke run checks the script, not a drift-fair figure
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             ("rows_min", "rows min", "d"), ("rows_median", "median", "g"), ("rows_max", "max", "d"),
             ("on_ms", "on ms/round", ".1f"), ("off_ms", "off ms/round", ".1f"), ("ratio", "on ÷ off", ".3f"),
             ("away", "away", "d")]), "",
-        benchlib.png_link("ms per round with moves on and off", args.out / f"{stem}.png"), ""]
+        benchlib.png_link("ms per round with moves on and off", args.out / f"{stem}.png"), "",
+        benchlib.configs_markdown(meta["configs"]), ""]
     (args.out / f"{stem}.md").write_text("\n".join(report))
     plot(summary, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.parquet, .md and .png")

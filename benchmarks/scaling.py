@@ -381,7 +381,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.actors = args.actors or size["actors"]
     args.fractions = args.fractions or size["fractions"]
     args.rounds = size["rounds"] if args.rounds is None else args.rounds
-    args.base_actors = args.base_actors or os.cpu_count() or 1
+    args.base_actors = (os.cpu_count() or 1) if args.base_actors is None else args.base_actors  # 0: refused below
     if unknown := [d for d in args.datasets if d not in DATASETS]:
         p.error(f"--datasets: unknown {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     if min(args.clients) < 1 or min(args.actors + [args.base_actors]) < 1:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from fmlray import checkpoint  # noqa: E402
-from fmlray.config import load_config  # noqa: E402
+from fmlray.config import load_config, to_dict  # noqa: E402
 from fmlray.engine.ray_engine import RayEngine  # noqa: E402
 from fmlray.engine.host import initial_global_state  # noqa: E402
 from fmlray.simulation import eval_clients, prepare, sample_clients  # noqa: E402
@@ -147,7 +147,7 @@ def one(clients: int, rounds: int, per_round: int, ckpt: bool, prepared_by_n: di
                 engine.close()
         steady = rows[1:] if len(rows) > 1 else rows  # round 1 also warms the actors up
         mean = lambda k: float(np.mean([r[k] for r in steady]))  # noqa: E731
-        return {"clients": clients, "per_round": per_round, "rounds": rounds, "checkpoint": ckpt,
+        return {"config": to_dict(cfg), "clients": clients, "per_round": per_round, "rounds": rounds, "checkpoint": ckpt,
                 "store": engine.plan.kind, "row_mib": engine.plan.row_bytes["cnn5"] / 2**20,
                 "clients_with_rows": stored,
                 "round_s": mean("round_s"), "train_s": mean("train_s"), "eval_s": mean("eval_s"),
@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                 if done.returncode:
                     return done.returncode  # its one line (or its traceback) said why
                 rows.append(json.loads(got.read_text()))
+                meta.setdefault("configs", {})[f"{n} clients, checkpoint {'every round' if ckpt else 'never'}"] = \
+                    rows[-1].pop("config")
     prepared: dict = {}
     if args.resume_check:
         benchlib.start_ray(num_cpus=2)
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"- resume check, {c['clients']:,} clients, {c['rounds']} rounds stopped at {c['rounds'] // 2}: "
                      f"global model max |diff| {c['max_abs_diff_global']:.2e}, private rows equal: "
                      f"{c['private_rows_equal']} ({c['clients_with_rows']} clients with rows)")
+    lines += ["", benchlib.configs_markdown(meta.get("configs", {}))]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / f"{stem}.png")
     print("\n".join(lines))

@@ -94,12 +94,24 @@ def test_every_benchmark_script_imports_what_it_needs_from_fmlray():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def records_configs(parquet, report: str, *labels: str) -> None:
+    """The record names the fmlray configs its numbers came from, in the Parquet's metadata and the Markdown:
+    batched, contention, moves and state_scale recorded none (audit 42)."""
+    import json
+    meta = json.loads(pq.read_schema(parquet).metadata[b"fmlray_benchmark"])
+    assert set(labels) <= set(meta["configs"]) and all("algorithm" in c for c in meta["configs"].values()), meta
+    assert f"Config of `{labels[0]}`" in report and "```toml" in report and "[algorithm]" in report, report
+
+
 def test_batched_smoke_writes_parquet_and_markdown(tmp_path):
     run_script("batched.py", tmp_path)
     rows = pq.read_table(only(tmp_path, "batched-clients-smoke-*.parquet")).to_pylist()
     assert {r["mode"] for r in rows} == {"sequential", "vmap", "auto"} and all(r["seconds"] > 0 for r in rows)
     report = only(tmp_path, "batched-clients-smoke-*.md").read_text()
     assert "vmap speed-up" in report and f"]({a_png(only(tmp_path, 'batched-clients-smoke-*.png')).name})" in report
+    records_configs(only(tmp_path, "batched-clients-smoke-*.parquet"), report, *(f"{rows[0]['case']} {m}" for m in
+                                                                                ("sequential", "vmap", "auto")))
+    assert "training.batching = \"vmap\"" in report, report  # the others: where they differ from the first
 
 
 def test_wholerun_smoke_writes_parquet_and_markdown(tmp_path):
@@ -164,6 +176,8 @@ def test_contention_smoke_writes_each_clients_update_alone_and_beside_another_ac
     assert no_nan([r["ratio"] for r in rows]) and all(r["alone_s"] > 0 and r["beside_s"] > 0 for r in rows)
     report = only(tmp_path, "contention-fmnist-fedavg-smoke-*.md").read_text()
     assert "beside ÷ alone" in report and f"]({a_png(only(tmp_path, 'contention-*.png')).name})" in report
+    records_configs(only(tmp_path, "contention-fmnist-fedavg-smoke-*.parquet"), report, "alone (serial engine)",
+                    "beside (Ray engine)")
 
 
 def test_moves_smoke_times_rounds_with_clients_moving_and_not(tmp_path):
@@ -173,6 +187,7 @@ def test_moves_smoke_times_rounds_with_clients_moving_and_not(tmp_path):
     assert no_nan([r["s_per_round"] for r in rows]) and all(r["away"] == 0 for r in rows if not r["moving"])
     report = only(tmp_path, "moves-fml-smoke-*.md").read_text()
     assert "on ÷ off" in report and f"]({a_png(only(tmp_path, 'moves-fml-smoke-*.png')).name})" in report
+    records_configs(only(tmp_path, "moves-fml-smoke-*.parquet"), report, "synthetic:40:0.5")
 
 
 def test_gpu_check_refuses_smoke_size_on_a_real_gpu_run_with_one_line():

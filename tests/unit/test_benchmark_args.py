@@ -47,6 +47,7 @@ BAD = [  # script, arguments (FILE: an existing regular file), what the error li
     ("batched", ["--seed", "-1"], "--seed must be >= 0; got -1"),  # fmlray refused it inside the run: tracebacks
     ("overhead", ["--seed", "-1"], "--seed must be >= 0; got -1"),
     ("scaling", ["--seed", "-1"], "--seed must be >= 0; got -1"),
+    ("scaling", ["--base-actors", "0"], "--base-actors must be >= 1"),  # it ran the whole default sweep (audit 42)
     ("batched", ["--out", "/proc/bench"], "--out: /proc/bench cannot be written: nothing can be made in /proc"),
     ("moves", ["--points", "digits:0:0.5"], "'digits:0:0.5': clients must be >= 1"),
     ("moves", ["--points", "digits:20:2"], "'digits:20:2': fraction must be in (0, 1]"),
@@ -146,6 +147,9 @@ def test_gpu_check_py_run_by_hand_never_replaces_its_own_record(capsys, tmp_path
     says = refusal(capsys, "gpu_check", [*argv, "--cpu-dry-run", "--out", str(tmp_path)])
     assert says == f"--out: {tmp_path} already holds {held} from an earlier run; give another folder"
     assert (tmp_path / held).read_text() == "an earlier record"
+    # --check-args says so too (it passed them, exit 0, and the run then refused; audit 42)
+    says = refusal(capsys, "gpu_check", [*argv, "--cpu-dry-run", "--check-args", "--out", str(tmp_path)])
+    assert says == f"--out: {tmp_path} already holds {held} from an earlier run; give another folder"
     other = "gpu-bench.md" if argv[0] == "check" else "gpu-check.json"  # another step's file: the script's next step
     (tmp_path / held).unlink()
     (tmp_path / other).write_text("")
