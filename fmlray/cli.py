@@ -326,7 +326,7 @@ def cmd_tune(args) -> int:
     try:
         with _resume_hint(f"fmlray tune {args.tune_file} --resume", (search.folder / RECORD).is_file):
             folder, rows = run_search(args.tune_file, echo=lambda s: print(s, flush=True), parallel=parallel,
-                                      resume=args.resume)
+                                      resume=args.resume, search=search)
     except TrialsStopped:
         print("fmlray: stopped; unfinished trials go on from their last checkpoint, if they reached one; continue "
               f"with: fmlray tune {args.tune_file} --resume", file=sys.stderr)

@@ -48,7 +48,7 @@ from fmlray.errors import ConfigError, FmlrayError
 from fmlray.rundir import SEARCH_RECORD
 from fmlray.sweep import inside, overlap, override_keys, parallel_value
 
-RANDINT_CHECKED = 1000  # a randint range up to this wide has each of its values checked (~3 ms a value) before the
+RANDINT_CHECKED = 256  # a randint range up to this wide has each of its values checked (~3 ms a value) before the
 # search starts; a wider one its ends, and a trial whose values then make no valid run fails alone
 RECORD = SEARCH_RECORD  # in the search's folder: its fingerprint and parallel, for --resume
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -304,7 +304,8 @@ def check_trial_folders(search: Search) -> None:
         try:
             why = None if _ABSENT in values.values() else replaced(run_dir, search.config(values, run_dir.name))
         except ConfigError:
-            why = f"{run_dir} holds a run of another config than this search plans; move it away, then resume again"
+            why = (f"{run_dir} holds a run of another config than this search plans; put the trial's own run back "
+                   "there, or search again under another tune.name")
         if why:
             raise FmlrayError(why)
 
@@ -316,7 +317,8 @@ def replaced(run_dir: Path, cfg: Config) -> str | None:
     diff = finished_otherwise(run_dir, cfg)
     return None if not diff else (
         f"{run_dir} holds a run of another config than this search's trial (differs in {', '.join(diff[:5])}"
-        f"{', ...' if len(diff) > 5 else ''}): it was replaced since the trial ran; move it away, then resume again")
+        f"{', ...' if len(diff) > 5 else ''}): it was replaced since the trial ran; put the trial's own run back "
+        "there, or search again under another tune.name")
 
 
 _ABSENT = object()
@@ -390,12 +392,12 @@ def _write_record(search: Search, parallel: int | str) -> None:
 
 
 def run_search(path: str | Path, echo=print, parallel: int | str | None = None,
-               resume: bool = False) -> tuple[Path, list[dict]]:
+               resume: bool = False, search: Search | None = None) -> tuple[Path, list[dict]]:
     """Run the search (or, with `resume`, continue it in its folder); write trials.parquet and the best
-    configs as presets; return (folder, ranked rows)."""
+    configs as presets; return (folder, ranked rows). `search`: `path` planned already."""
     from fmlray.rundir import writing
 
-    search = plan_search(path)
+    search = search or plan_search(path)
     with writing(search.folder, "tune.output_dir"):  # one command at a time on a search's folder and Tune state
         return _run_search(search, path, echo, parallel, resume)
 
@@ -425,7 +427,10 @@ def _run_search(search: Search, path: str | Path, echo, parallel: int | str | No
                           "tune.name or output_dir, or move it away")
     parallel = search.parallel if parallel is None else parallel
     corners = [{p.key: p.values[i] for p in search.params} for i in (0, -1)]  # each parameter's ends
-    check_data({f"{search.name} at {', '.join(f'{k}={v}' for k, v in c.items())}": search.config(c) for c in corners})
+    # and every value a choice or grid lists (a dataset among them: its files), each data setup loaded once
+    values = corners + [{p.key: v} for p in search.params if p.kind in ("choice", "grid") for v in p.values[1:-1]]
+    check_data({f"{search.name} at {', '.join(f'{k}={literal(v)}' for k, v in c.items())}": search.config(c)
+                for c in values})
     started = connect(search.config(corners[0]).engine.address)
     try:
         cap = capacity()
@@ -454,7 +459,8 @@ def _run_search(search: Search, path: str | Path, echo, parallel: int | str | No
     write_outputs(search, rows)
     if rows and not ranks(rows):
         raise FmlrayError(f"every trial of {search.name} failed (their reasons are in {search.folder / 'trials.parquet'}"
-                          f"); {failures(rows).partition('; ')[2]}")
+                          f"); {failures(rows).partition('; ')[2]}; change the ranges and search again under "
+                          f"another tune.name (or move {search.folder} away)")
     return search.folder, rows
 
 
@@ -468,7 +474,8 @@ def ranked(search: Search, grid) -> list[dict]:
         m = result.metrics or {}
         if "round" not in m:
             continue
-        failed = m.get("error", "") if m.get("status") == "failed" else ""
+        # "error": finished with one in Tune's records, as fmlray before 2026-11-30 reported a diverged trial
+        failed = m.get("error", "") or "failed" if m.get("status") in ("failed", "error") else ""
         row = {"trial": search_run_name(m.get("trial_id", "_?")), "rounds": int(m["round"]),
                "complete": int(m["round"]) == search.rounds and not failed,
                **{p.key: result.config[p.key] for p in search.params},
@@ -492,7 +499,7 @@ def failures(rows: list[dict]) -> str | None:
     failed = [r for r in rows if r.get("error")]
     if not failed:
         return None
-    first = failed[0]
+    first = min(failed, key=lambda r: r["trial"])  # the first drawn
     return (f"{len(failed)} of {len(rows)} trial(s) failed and rank last (trials.parquet's error column says why); "
             f"{first['trial']}: {first['error']}")
 

@@ -76,8 +76,8 @@ class TrialsStopped(Exception):
 
 
 class LeftUnfinished(Exception):
-    """Ends a search's trial that a signal stopped (or that never started): Tune then records it as
-    errored, not finished, and `fmlray tune --resume` (`Tuner.restore(resume_errored=True)`) runs it
+    """Ends a search's trial that a signal stopped (or that never started), or whose error stops the search:
+    Tune then records it as errored, not finished, and `fmlray tune --resume` (`Tuner.restore(resume_errored=True)`) runs it
     again, from its run's checkpoint. A sweep's trial just returns: a sweep's rerun finds its
     unfinished runs by their folders."""
 
@@ -143,13 +143,19 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
         if build is not None:
             raise LeftUnfinished("not started: the search was stopping")
         return
+    def stops(error: str) -> None:
+        """Report an error that stops the sweep or search. A search's trial then ends as errored in Tune's
+        records, so that --resume runs it again (one returning normally is finished for good)."""
+        tune.report({**{k: math.nan for k in METRICS}, "round": 0, "node": node, "status": "error", "error": error})
+        if build is not None:
+            raise LeftUnfinished(error)
+
     try:
         # Tune starts a trial in a folder of its own; the run's relative paths are the sweep's
         os.chdir(launch_dir)
     except OSError:
-        tune.report({"status": "error", "node": node, **{k: math.nan for k in METRICS},
-                     "error": f"this node has no folder {launch_dir} (where the sweep was started); on a "
-                              "cluster give the sweep an absolute output_dir on storage every node shares"})
+        stops(f"this node has no folder {launch_dir} (where the sweep was started); on a cluster give the sweep "
+              "an absolute output_dir on storage every node shares")
         return
     if build is None:
         name, cfg = config["run"], trials[config["run"]].cfg
@@ -162,12 +168,15 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
                          "status": "failed", "error": " ".join(str(exc).splitlines())})
             return
     run_dir = Path(cfg.run.output_dir) / name
+    if build is not None and os.path.lexists(run_dir) and not finished(run_dir) and not checkpoint.exists(run_dir):
+        stops(f"{run_dir} is in the way of this trial's run (it holds no run of this search); move it away, then "
+              "continue the search with fmlray tune FILE --resume")
+        return
     if build is not None and finished(run_dir):
         from fmlray.search import replaced
         why = replaced(run_dir, cfg)  # by `fmlray run --overwrite`, since this trial began
         if why:
-            tune.report({**{k: math.nan for k in METRICS}, "round": 0, "run": name, "node": node,
-                         "status": "error", "error": why})
+            stops(why)
             return
         # finished after the last state Tune wrote before a crash: its figures, not a second run
         from fmlray.metrics import summaries
@@ -205,6 +214,8 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
                  "began": began, "ended": time.time(), "log": " | ".join(log), **status})
     if build is not None and status["status"] == "stopped":
         raise LeftUnfinished(f"stopped after round {last.get('round', 0)}; its checkpoint is in {run_dir}")
+    if build is not None and status["status"] == "error":  # it stops the search; --resume runs it again
+        raise LeftUnfinished(status["error"])
 
 
 def search_run_name(trial_id: str) -> str:
@@ -270,6 +281,8 @@ def _progress_callback(echo: Callable[[str], None], order: Callable[[str], int],
             name = name_of(trial)
             if self.results.get(name, {}).get("status") in ("stopped", "skipped"):  # left for a resume
                 self.on_trial_complete(iteration, trials, trial, **info)
+                return
+            if self.results.get(name, {}).get("status") == "error":  # said already, by its report
                 return
             where = getattr(trial, "error_file", None) or "Tune's trial folder"
             self.errors[name] = f"the trial failed ({_last_line(where)}); its traceback is in {where}"

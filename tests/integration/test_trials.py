@@ -333,7 +333,6 @@ def test_a_trial_that_fails_inside_the_search_fails_alone_and_ranks_last(ray_ses
     # every end of every range makes a valid config; 100 clients of 100 rows (of 1,438) is the combination
     # that fails, in its trial. The search stopped there, exit 2, and could be neither started again (its folder
     # existed) nor resumed (the trial failed again): a search explores ranges, so that trial fails alone (audit 40)
-    import pyarrow.parquet as pq
     path = spec(tmp_path, text=MIDDLE)
     assert main(["tune", str(path)]) == 0
     captured = capsys.readouterr()
@@ -353,3 +352,31 @@ def test_a_trial_that_fails_inside_the_search_fails_alone_and_ranks_last(ray_ses
     captured = capsys.readouterr()
     assert not [line for line in captured.out.splitlines() if line.startswith("[")], captured.out
     assert repr(pq.read_table(folder / "trials.parquet").to_pylist()) == repr(trials)  # NaN figures: by repr
+
+
+def test_a_trial_whose_error_stops_the_search_runs_again_on_resume(ray_session, tmp_path, capsys):
+    # a folder in the second trial's way stopped the search (exit 2), but its trial returned normally: Tune
+    # recorded it finished, --resume never ran it, and it was ranked and written as best-N.toml with NaN figures,
+    # 0 of its rounds (audit 41). Its advice was `fmlray run`'s (--set run.name, --overwrite)
+    path = spec(tmp_path, text=RESUMABLE.replace('name = "r"', 'name = "o"').replace("samples = 3", "samples = 2"))
+    folder = tmp_path / "runs" / "o"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fmlray", "tune", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (folder / "trial-00000").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (folder / "trial-00001").mkdir()  # while the first trial runs: in the second's way
+    (folder / "trial-00001" / "mine.txt").write_text("mine")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, (out, err[-3000:])
+    line = err.strip().splitlines()[-1]
+    assert "trial-00001 is in the way of this trial's run" in line and "--resume" in line, err[-3000:]
+    assert "Traceback" not in err and "--overwrite" not in line, err[-3000:]
+    shutil.move(folder / "trial-00001", tmp_path / "aside")
+    assert main(["tune", str(path), "--resume"]) == 0
+    assert "[2/2] trial-00001: done" in capsys.readouterr().out
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert sorted((t["trial"], t["complete"], t["error"]) for t in trials) == [("trial-00000", True, ""),
+                                                                              ("trial-00001", True, "")]
+    assert (tmp_path / "aside" / "mine.txt").read_text() == "mine"

@@ -177,6 +177,9 @@ def test_a_search_in_a_relative_folder_resumes_from_tunes_absolute_path(tmp_path
               'set = ["engine.kind=serial", "data.dataset=\'cifar10\'"]\n\n[[axis]]\nname = "lr"\n'
               'values = ["training.lr=0.01", "training.lr=0.02"]\n'),
     ("tune", GOOD.replace("[0.1, 0.9]", "[0.1, 0.9]\n\n[[param]]\nkey = \"clients.num_clients\"\nrandint = [4, 900]")),
+    # a dataset between a choice's ends: its trials failed alone, "cifar10 not found" (audit 41)
+    ("tune", GOOD.replace('key = "training.optimizer"\ngrid = ["sgd", "adam"]',
+                          'key = "data.dataset"\nchoice = ["digits", "cifar10", "digits"]')),
 ])
 def test_a_trial_whose_data_cannot_be_prepared_is_one_line_before_tune_writes_anything(tmp_path, capsys, command,
                                                                                      text):
@@ -515,6 +518,26 @@ def test_failed_trials_rank_last_are_never_a_preset_and_are_one_warning(tmp_path
     assert failures(rows) == ("1 of 4 trial(s) failed and rank last (trials.parquet's error column says why); "
                               "trial-00000: every client's update went NaN in round 2")
     assert failures(rows[:3]) is None and unranked(s, rows) is None
+    # the reason said is the first drawn trial's, not the best ranked failure's (audit 41)
+    rows[1].update(error="every client's update went NaN in round 1", complete=False, rounds=0)
+    assert failures(rows).endswith("trial-00000: every client's update went NaN in round 2")
+
+
+def test_a_trial_an_earlier_fmlray_finished_with_an_error_ranks_as_failed(tmp_path):
+    # before 2026-11-30 a diverged trial reported status "error" and ended normally: resumed now, it was ranked
+    # as a success and written as a preset (audit 41)
+    from types import SimpleNamespace
+
+    from fmlray.search import failures, ranked, ranks
+    from fmlray.trials import METRICS
+    s = plan(tmp_path, GOOD.format(out=tmp_path / "runs"))
+    values = {"algorithm.fml.alpha": 0.5, "training.optimizer": "sgd"}
+    ok = {"trial_id": "a_00000", "round": 4, "status": "done", **{m: 0.5 for m in METRICS}}
+    old = {"trial_id": "a_00001", "round": 1, "status": "error", "error": "round 2: every update went NaN",
+           **{m: 0.6 for m in METRICS}}
+    rows = ranked(s, [SimpleNamespace(metrics=m, config=values) for m in (old, ok)])
+    assert [r["trial"] for r in ranks(rows)] == ["trial-00000"] and rows[-1]["error"] == old["error"]
+    assert failures(rows).startswith("1 of 2 trial(s) failed")
 
 
 def test_resume_refuses_a_trial_folder_replaced_by_another_run(tmp_path, capsys):
