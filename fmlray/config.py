@@ -713,8 +713,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise
 
 
-def _holds(tree: dict[str, Any], dotted: str) -> bool:
-    """`tree` has the key `dotted` (clients.groups[0].name or clients.groups.0.name: into lists too)."""
+ABSENT = object()  # what `value_at` finds where a tree has no such key
+
+
+def value_at(tree: dict[str, Any], dotted: str) -> Any:
+    """The value of key `dotted` (clients.groups[0].name or clients.groups.0.name: into lists too) in `tree`, a
+    config as nested dicts and lists; ABSENT where it has none."""
     node: Any = tree
     for part in re.sub(r"\[(\d+)\]", r".\1", dotted).split("."):
         if isinstance(node, list) and ascii_digits(part) and int(part) < len(node):
@@ -722,8 +726,12 @@ def _holds(tree: dict[str, Any], dotted: str) -> bool:
         elif isinstance(node, dict) and part in node:
             node = node[part]
         else:
-            return False
-    return True
+            return ABSENT
+    return node
+
+
+def _holds(tree: dict[str, Any], dotted: str) -> bool:
+    return value_at(tree, dotted) is not ABSENT
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import tomli_w
 
-from fmlray.config import (Config, ascii_digits, folder_name, leaf_keys, load_config, load_toml, quoted,
-                           refuse_other_kind, to_dict)
+from fmlray.config import (ABSENT, Config, ascii_digits, folder_name, leaf_keys, load_config, load_toml, quoted,
+                           refuse_other_kind, to_dict, value_at)
 from fmlray.errors import ConfigError, FmlrayError
 from fmlray.rundir import SEARCH_RECORD
 from fmlray.sweep import inside, overlap, override_keys, parallel_value
@@ -300,9 +300,11 @@ def check_trial_folders(search: Search) -> None:
             tree = to_dict(load_config(saved))
         except ConfigError as exc:
             raise FmlrayError(f"{saved} cannot be read by this fmlray ({exc}); move {run_dir} away") from None
-        values = {p.key: _value_at(tree, p.key) for p in search.params}
+        values = {p.key: value_at(tree, p.key) for p in search.params}
         try:
-            why = None if _ABSENT in values.values() else replaced(run_dir, search.config(values, run_dir.name))
+            if any(v is ABSENT for v in values.values()):  # e.g. a searched group its config lacks
+                raise ConfigError("no such key")
+            why = replaced(run_dir, search.config(values, run_dir.name))
         except ConfigError:
             why = (f"{run_dir} holds a run of another config than this search plans; put the trial's own run back "
                    "there, or search again under another tune.name")
@@ -319,22 +321,6 @@ def replaced(run_dir: Path, cfg: Config) -> str | None:
         f"{run_dir} holds a run of another config than this search's trial (differs in {', '.join(diff[:5])}"
         f"{', ...' if len(diff) > 5 else ''}): it was replaced since the trial ran; put the trial's own run back "
         "there, or search again under another tune.name")
-
-
-_ABSENT = object()
-
-
-def _value_at(tree: dict, dotted: str):
-    """The value of config key `dotted` (clients.groups.0.name: into lists too) in `tree`, or _ABSENT."""
-    node = tree
-    for part in dotted.split("."):
-        if isinstance(node, list) and ascii_digits(part) and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return _ABSENT
-    return node
 
 
 def resume_point(search: Search, where: str) -> tuple[Path | None, int | str]:
