@@ -481,6 +481,11 @@ class Config:
         _check(self.algorithm.name != "fedrep" or self.algorithm.fedrep.body_epochs <= self.training.epochs,
                f"algorithm.fedrep.body_epochs = {self.algorithm.fedrep.body_epochs} is more than training.epochs = "
                f"{self.training.epochs}; lower it or raise training.epochs")
+        # the head trains in the epochs before the body's: with none, each client's head stayed the round-0 one
+        _check(self.algorithm.name != "fedrep" or self.algorithm.fedrep.body_epochs < self.training.epochs,
+               f"algorithm.fedrep.body_epochs = {self.algorithm.fedrep.body_epochs} takes every one of training.epochs "
+               f"= {self.training.epochs}, so the clients' heads would never train (FedRep trains the head first, then "
+               "the body); raise training.epochs or lower algorithm.fedrep.body_epochs")
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)

@@ -177,6 +177,12 @@ def test_fedrep_with_no_body_epoch_is_refused():
     # it ran, and its global model never changed: the shared representation trains only in body epochs (audit 40)
     with pytest.raises(ConfigError, match="body_epochs = 0 never trains the shared representation"):
         load_config(None, ["algorithm.name=fedrep", "algorithm.fedrep.body_epochs=0"])
+    # and none on the head: with training.epochs = 1 (and the default body_epochs = 1) each client's head stayed
+    # the round-0 global one, a FedAvg of the body under a fixed random head (audit 44)
+    with pytest.raises(ConfigError, match="body_epochs = 1 takes every one of training.epochs = 1, so the clients' "
+                                          "heads would never train"):
+        load_config(None, ["algorithm.name=fedrep", "training.epochs=1"])
+    assert load_config(None, ["algorithm.name=fedrep", "training.epochs=2"]).algorithm.fedrep.body_epochs == 1
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
