@@ -99,11 +99,12 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def stats(values: list[float]) -> dict[str, float] | None:
-    """Mean, std, min and 10th percentile across clients (None when there are none)."""
+    """Mean, std, min and 10th percentile across clients, and how many clients (None when there are none)."""
     if not values:
         return None
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "p10": float(np.percentile(a, 10))}
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "p10": float(np.percentile(a, 10)),
+            "clients": len(values)}
 
 
 def round_summary(rows: list[dict]) -> dict:
@@ -163,11 +164,14 @@ def progress_line(s: dict, rounds: int) -> str:
 
 def format_summary(s: dict, title: str) -> str:
     """The end-of-run table: mean, std, min and p10 of accuracy across clients."""
-    lines = [title, f"{'accuracy (round ' + str(s['round']) + ')':<34}{'mean':>8}{'std':>8}{'min':>8}{'p10':>8}"]
+    # clients: how many were tested (run.eval_clients: all, the round's sampled ones, or those and N others)
+    lines = [title, f"{'accuracy (round ' + str(s['round']) + ')':<34}{'mean':>8}{'std':>8}{'min':>8}{'p10':>8}"
+                    f"{'clients':>9}"]
     for label, key in (("local models, own test splits", "local"), ("global model, client test splits", "global_clients")):
         st = s[key]
         if st:
-            lines.append(f"{label:<34}" + "".join(f"{_fmt(st[k]):>8}" for k in ("mean", "std", "min", "p10")))
+            lines.append(f"{label:<34}" + "".join(f"{_fmt(st[k]):>8}" for k in ("mean", "std", "min", "p10"))
+                         + (f"{st['clients']:>9}" if "clients" in st else ""))
     if s["global_test"] is not None:
         lines.append(f"{'global model, global test set':<34}{_fmt(s['global_test']):>8}")
     if s.get("groups"):

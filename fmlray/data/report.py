@@ -24,16 +24,27 @@ def partition_counts(dataset: Dataset, partition: Partition) -> pa.Table:
     return pa.table(columns)
 
 
+SHOWN = (20, 10)  # the first and last clients printed of a larger partition (10,000 printed 10,004 lines)
+
+
 def format_partition(table: pa.Table) -> str:
-    """Right-aligned text table with a header, the clients' rows and a total row."""
+    """Right-aligned text table with a header, the clients' rows and a total row; of more than 50 clients the first
+    20 and the last 10, a line saying how many are left out, and the fewest / median / most of each column."""
     names = table.column_names
-    rows = [[str(v) for v in row.values()] for row in table.to_pylist()]
-    totals = ["total"] + [str(sum(table.column(n).to_pylist())) for n in names[1:]]
-    widths = [max(len(n), len(t), *(len(r[i]) for r in rows)) for i, (n, t) in enumerate(zip(names, totals))]
+    n, (head, tail) = table.num_rows, SHOWN
+    shown = range(n) if n <= 50 else [*range(head), *range(n - tail, n)]
+    rows = [[str(table.column(c)[i].as_py()) for c in names] for i in shown]
+    totals = ["total"] + [str(sum(table.column(c).to_pylist())) for c in names[1:]]
+    spread = [] if n <= 50 else [[what] + [f"{f(table.column(c).to_numpy()):g}" for c in names[1:]]
+                                 for what, f in (("fewest", np.min), ("median", np.median), ("most", np.max))]
+    widths = [max(len(c), *(len(r[i]) for r in (totals, *rows, *spread))) for i, c in enumerate(names)]
 
     def line(cells: list[str]) -> str:
         """One row, each cell right-aligned to its column's width."""
         return "  ".join(cell.rjust(w) for cell, w in zip(cells, widths))
 
     rule = "-" * len(line(names))
-    return "\n".join([line(names), rule, *(line(r) for r in rows), rule, line(totals)])
+    body = [line(r) for r in rows]
+    if spread:
+        body.insert(head, f"... {n - head - tail} more clients (--save F.csv writes every row)")
+    return "\n".join([line(names), rule, *body, rule, line(totals), *(line(r) for r in spread)])

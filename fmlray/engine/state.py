@@ -650,7 +650,7 @@ def tidy_rows(base: Path, runs: str | None = None, min_age_s: float = 60.0, wait
     """Delete the disk stores' row files under `base` that no live store holds: a killed run's, or a lost actor's
     (SIGKILL, a lost node: nothing ran its clean-up), and the folders they leave empty. `base` is one run's folder
     (`runs` None), or holds runs' folders named `runs` + their token; only files named as `state_folder` and
-    `DiskStore` name them (<host>/<layout>.rows below a run's folder) are touched. A live store holds an flock on
+    `DiskStore` name them (<actor-N or serial>/<layout>.rows below a run's folder) are touched. A live store holds an flock on
     its file; a file whose lock can be taken has no owner left. (Files younger than `min_age_s` are spared: their
     owner may not have locked them yet.) A held file is tried again for up to `wait_s` seconds: a store closing,
     or the process of an actor just killed, lets go of its lock a moment later."""

@@ -766,6 +766,10 @@ def test_a_partition_refused_offers_only_the_fixes_this_config_can_still_make(ca
     two = ["--set", "clients.groups.0.task=[0,1,-1,-1,-1,-1,-1,-1,-1,-1]",
            "--set", "clients.groups.1.task=[0,1,-1,-1,-1,-1,-1,-1,-1,-1]", "--set", "data.min_samples=1",
            "--set", "data.dirichlet_alpha=0.05", "--set", "clients.num_clients=10"]
+    # more clients than rows in all: only fewer clients can help (it offered min_samples and test_fraction too)
+    fail(capsys, ["partition", "--set", "clients.num_clients=2000", "--set", "data.min_samples=1"],
+         "digits has 1438 training rows; lower clients.num_clients (digits has 1797 rows in all: fewer than one a "
+         "client)")
     err = fail(capsys, ["partition", *two], "keeps 0 training rows of its task's classes")
     assert "lower data.min_samples" not in err and "max_test_samples" not in err, err
 
@@ -782,3 +786,34 @@ def test_a_run_name_in_a_script_the_plots_font_lacks_is_drawn_without_a_warning_
         accuracy_plot(summary, "ü-名前: fml", tmp_path / "a.png")
     assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_the_summary_says_how_many_clients_its_figures_cover(tmp_path, capsys):
+    # at 5,000 clients, eval_clients "sampled", 100 and "all" gave local means 0.375, 0.302, 0.135 under one label
+    # and nothing in summary.txt, summary.json or `report` told them apart (audit 43)
+    import json
+    for how, count in (("sampled", 2), ("3", 5), ('"all"', 6)):  # 3: the 2 sampled and 3 others
+        name = f"e{count}"
+        assert main(["run", *QUICK, "--set", "clients.num_clients=6", "--set", "clients.fraction=0.34",
+                     "--set", f"run.eval_clients={how}", "--set", f"run.output_dir={tmp_path}",
+                     "--set", f"run.name={name}"]) == 0
+        capsys.readouterr()
+        assert main(["report", str(tmp_path / name)]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[1].split()[-1] == "clients" and table[2].split()[-1] == str(count), table
+        last = json.loads((tmp_path / name / "summary.json").read_text())[-1]
+        assert last["local"]["clients"] == count and last["global_clients"]["clients"] == count
+
+
+def test_a_partition_of_many_clients_prints_its_ends_and_spread_and_saves_every_row(tmp_path, capsys):
+    # 10,000 clients printed a 10,004-line table (audit 43)
+    import pyarrow.csv
+    save = tmp_path / "p.csv"
+    assert main(["partition", "--set", "clients.num_clients=60", "--set", "data.min_samples=5", "--save",
+                 str(save)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[22] == "... 30 more clients (--save F.csv writes every row)", lines
+    clients = [line.split()[0] for line in lines[2:33] if not line.startswith("...")]
+    assert clients == [str(c) for c in (*range(20), *range(50, 60))], clients
+    assert [line.split()[0] for line in lines[-5:-1]] == ["total", "fewest", "median", "most"], lines[-5:]
+    assert pyarrow.csv.read_csv(save).num_rows == 60
