@@ -77,9 +77,9 @@ class TrialsStopped(Exception):
 
 class LeftUnfinished(Exception):
     """Ends a search's trial that a signal stopped (or that never started), or whose error stops the search:
-    Tune then records it as errored, not finished, and `fmlray tune --resume` (`Tuner.restore(resume_errored=True)`) runs it
-    again, from its run's checkpoint. A sweep's trial just returns: a sweep's rerun finds its
-    unfinished runs by their folders."""
+    Tune then records it as errored, not finished, and `fmlray tune --resume`
+    (`Tuner.restore(resume_errored=True)`) runs it again, from its run's checkpoint. A sweep's trial just
+    returns: a sweep's rerun finds its unfinished runs by their folders."""
 
 
 class Control:
@@ -143,6 +143,7 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
         if build is not None:
             raise LeftUnfinished("not started: the search was stopping")
         return
+
     def stops(error: str) -> None:
         """Report an error that stops the sweep or search. A search's trial then ends as errored in Tune's
         records, so that --resume runs it again (one returning normally is finished for good)."""
