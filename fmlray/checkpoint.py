@@ -351,22 +351,12 @@ def put_back_partition(run_dir: Path, dataset, partition) -> None:
     """Write a resumed run's deleted partition.npz (and partition.csv, its client × class counts) back from the
     config's partition, which `check_same_data` found to be the one the checkpoint was trained on; a file there
     (put back meanwhile) is never replaced."""
-    import pyarrow.csv
+    from fmlray.rundir import PARTITION, PARTITION_FILE, partition_files, write_new
 
-    from fmlray.data import save_partition
-    from fmlray.data.report import partition_counts
-    from fmlray.rundir import PARTITION, PARTITION_FILE, write_new
-
-    for name in (PARTITION_FILE, PARTITION):
-        saved = Path(run_dir) / name
-        if os.path.lexists(saved):
-            continue
-        buf = io.BytesIO()
-        if name == PARTITION_FILE:
-            save_partition(buf, partition, dataset.fingerprint())
-        else:
-            pyarrow.csv.write_csv(partition_counts(dataset, partition), buf)
+    missing = [name for name in (PARTITION_FILE, PARTITION) if not os.path.lexists(Path(run_dir) / name)]
+    files = partition_files(dataset, partition) if missing else {}
+    for name in missing:
         try:
-            write_new(saved, buf.getvalue())
+            write_new(Path(run_dir) / name, files[name])
         except FileExistsError:
             pass

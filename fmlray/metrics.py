@@ -171,7 +171,7 @@ def format_summary(s: dict, title: str) -> str:
         st = s[key]
         if st:
             lines.append(f"{label:<34}" + "".join(f"{_fmt(st[k]):>8}" for k in ("mean", "std", "min", "p10"))
-                         + (f"{st['clients']:>9}" if "clients" in st else ""))
+                         + f"{st['clients']:>9}")
     if s["global_test"] is not None:
         lines.append(f"{'global model, global test set':<34}{_fmt(s['global_test']):>8}")
     if s.get("groups"):

@@ -87,6 +87,17 @@ def read_parquet(path: Path, **kwargs) -> pa.Table:
         return pq.read_table(f, **kwargs)
 
 
+def partition_files(dataset, partition) -> dict[str, bytes]:
+    """A run's partition.csv (its client × class counts) and partition.npz (each client's row indices, with the
+    dataset's fingerprint), as their bytes: written as a run starts, and put back by a resume that finds them gone."""
+    from fmlray.data import partition_counts, save_partition
+
+    counts, rows = io.BytesIO(), io.BytesIO()
+    pa.csv.write_csv(partition_counts(dataset, partition), counts)
+    save_partition(rows, partition, dataset.fingerprint())
+    return {PARTITION: counts.getvalue(), PARTITION_FILE: rows.getvalue()}
+
+
 def write_new(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all, and only where nothing is (FileExistsError otherwise: a user's file,
     a link, a device stay as they are): a temporary file (`_temporary`), then hard-linked to `path`, which,
@@ -187,19 +198,15 @@ class RunFolder:
                 + (f", with {len(added)} entr{'y' if len(added) == 1 else 'ies'} added to it since: "
                    f"{', '.join(added[:3])}{', ...' if len(added) > 3 else ''}" if added else ""))
 
-    def create(self, cfg: Config, partition_table: pa.Table, partition, data: str | None = None) -> Path:
+    def create(self, cfg: Config, dataset, partition) -> Path:
         """The new run's (still hidden) folder: the marker first, then the config and the partition."""
-        from fmlray.data import save_partition
-
         try:
             self.temp.mkdir()
             self._made = True
             write_atomic(self.temp / MARKER, b"made by fmlray; fmlray deletes a run folder only when this file is in it\n")
             write_config(self.temp, cfg)
-            buf = io.BytesIO()
-            pa.csv.write_csv(partition_table, buf)
-            write_atomic(self.temp / PARTITION, buf.getvalue())
-            write_atomic(self.temp / PARTITION_FILE, lambda f: save_partition(f, partition, data))
+            for name, data in partition_files(dataset, partition).items():
+                write_atomic(self.temp / name, data)
         except OSError as exc:
             raise FmlrayError(f"cannot write {exc.filename or self.temp} ({exc.strerror}); nothing of an earlier run "
                               "was changed; set run.output_dir to a writable folder") from None

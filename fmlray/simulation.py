@@ -257,7 +257,6 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
     import psutil
 
     from fmlray import rundir
-    from fmlray.data import partition_counts
     from fmlray.engine import make_engine
 
     began = time.perf_counter()
@@ -330,8 +329,7 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         console(f"ready in {time.perf_counter() - began:.1f}s "
                 f"({time.time() - psutil.Process().create_time():.1f}s since the process started{split})")
         if resume is None:
-            folder.create(cfg, partition_counts(prepared.dataset, prepared.partition), prepared.partition,
-                          prepared.dataset.fingerprint())
+            folder.create(cfg, prepared.dataset, prepared.partition)
         writer = checkpoint.Writer(folder.path, cfg, resume, data=prepared.dataset.fingerprint,
                                    partition=lambda: checkpoint.partition_fingerprint(prepared.partition))
         if resume is not None:  # its rows first: a damaged checkpoint is refused before the folder changes

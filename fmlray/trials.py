@@ -144,40 +144,39 @@ def _trial(config: dict, trials: dict[str, Trial], control, launch_dir: str, bui
             raise LeftUnfinished("not started: the search was stopping")
         return
 
-    def stops(error: str) -> None:
-        """Report an error that stops the sweep or search. A search's trial then ends as errored in Tune's
-        records, so that --resume runs it again (one returning normally is finished for good)."""
-        tune.report({**{k: math.nan for k in METRICS}, "round": 0, "node": node, "status": "error", "error": error})
-        if build is not None:
+    def ends(status: str, error: str) -> None:
+        """Report a trial that ends before its run trains: "failed" alone (a search's trial), or with an "error"
+        that stops the sweep or search; a search's trial then ends as errored in Tune's records, so that --resume
+        runs it again (one returning normally is finished for good)."""
+        tune.report({**{k: math.nan for k in METRICS}, "round": 0, "node": node, "status": status, "error": error})
+        if build is not None and status == "error":
             raise LeftUnfinished(error)
 
     try:
         # Tune starts a trial in a folder of its own; the run's relative paths are the sweep's
         os.chdir(launch_dir)
     except OSError:
-        stops(f"this node has no folder {launch_dir} (where the sweep was started); on a cluster give the sweep "
-              "an absolute output_dir on storage every node shares")
+        ends("error", f"this node has no folder {launch_dir} (where the sweep was started); on a cluster give the "
+             "sweep an absolute output_dir on storage every node shares")
         return
     if build is None:
         name, cfg = config["run"], trials[config["run"]].cfg
     else:
-        name = search_run_name(tune.get_context().get_trial_id())
         try:
             name, cfg = build(config, tune.get_context().get_trial_id())
         except FmlrayError as exc:  # values drawn together that no check before the search could try
-            tune.report({**{k: math.nan for k in METRICS}, "round": 0, "run": name, "node": node,
-                         "status": "failed", "error": " ".join(str(exc).splitlines())})
+            ends("failed", " ".join(str(exc).splitlines()))
             return
     run_dir = Path(cfg.run.output_dir) / name
     if build is not None and os.path.lexists(run_dir) and not finished(run_dir) and not checkpoint.exists(run_dir):
-        stops(f"{run_dir} is in the way of this trial's run (it holds no run of this search); move it away, then "
-              "continue the search with fmlray tune FILE --resume")
+        ends("error", f"{run_dir} is in the way of this trial's run (it holds no run of this search); move it away, "
+             "then continue the search with fmlray tune FILE --resume")
         return
     if build is not None and finished(run_dir):
         from fmlray.search import replaced
         why = replaced(run_dir, cfg)  # by `fmlray run --overwrite`, since this trial began
         if why:
-            stops(why)
+            ends("error", why)
             return
         # finished after the last state Tune wrote before a crash: its figures, not a second run
         from fmlray.metrics import summaries

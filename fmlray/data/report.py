@@ -24,7 +24,7 @@ def partition_counts(dataset: Dataset, partition: Partition) -> pa.Table:
     return pa.table(columns)
 
 
-SHOWN = (20, 10)  # the first and last clients printed of a larger partition (10,000 printed 10,004 lines)
+WHOLE, SHOWN = 50, (20, 10)  # a partition of more clients prints its first and last ones (10,000 printed 10,004 lines)
 
 
 def format_partition(table: pa.Table) -> str:
@@ -32,10 +32,10 @@ def format_partition(table: pa.Table) -> str:
     20 and the last 10, a line saying how many are left out, and the fewest / median / most of each column."""
     names = table.column_names
     n, (head, tail) = table.num_rows, SHOWN
-    shown = range(n) if n <= 50 else [*range(head), *range(n - tail, n)]
+    shown = range(n) if n <= WHOLE else [*range(head), *range(n - tail, n)]
     rows = [[str(table.column(c)[i].as_py()) for c in names] for i in shown]
     totals = ["total"] + [str(sum(table.column(c).to_pylist())) for c in names[1:]]
-    spread = [] if n <= 50 else [[what] + [f"{f(table.column(c).to_numpy()):g}" for c in names[1:]]
+    spread = [] if n <= WHOLE else [[what] + [f"{f(table.column(c).to_numpy()):g}" for c in names[1:]]
                                  for what, f in (("fewest", np.min), ("median", np.median), ("most", np.max))]
     widths = [max(len(c), *(len(r[i]) for r in (totals, *rows, *spread))) for i, c in enumerate(names)]
 
