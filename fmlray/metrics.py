@@ -9,14 +9,16 @@ Columns (the Parquet schema, also in the README):
                     "global" (the global model) or "" (round, excluded and recovered rows)
   split     string  "train" | "test" (the client's own test split) | "global_test" | "round" |
                     "group_test" (runs with tasks: per client group and model, the mean over its clients'
-                    test rows; client -1, samples: their test rows, note: "task <the group's task>") |
+                    test rows; client -1, samples: their test rows, note: "task <the group's task>"; NaN
+                    over 0 samples for a group none of whose clients was tested that round) |
                     "excluded" (a client's update left out of the average; samples: its training rows,
                     note: why) | "recovered" (a client re-run elsewhere after its actor was lost; note: how)
   loss      double  mean cross-entropy (train rows: the mean of the model's whole training loss over its steps,
                     e.g. FML's α·CE + (1−α)·KL, FedProx's CE + penalty); a client's rows are in its
                     group's task space (fmlray.tasks), global_test rows in the dataset's classes
-  accuracy  double
-  samples   int64   rows the figure is over (round row: clients sampled)
+  accuracy  double  (train rows: over every batch of every local epoch, as the model was while it trained)
+  samples   int64   rows the figure is over; train rows: the client's training rows (their loss and
+                    accuracy cover training.epochs passes over them); round row: clients sampled
   seconds   double  client update time (train rows), round wall time (round row)
   note      string  why a client's update was "excluded" (NaN/Inf), or how it was "recovered"
                     after its actor was lost; "" otherwise
@@ -77,15 +79,21 @@ def eval_rows(rnd: int, clients: list[dict], global_test: tuple[float, float] | 
 
 
 def group_rows(rnd: int, rows: list[dict], tasks: dict[str, str]) -> list[dict]:
-    """Per client group (`tasks`: group -> its task, described) and model: the mean loss and accuracy of its
-    clients' test rows among `rows`, each in the group's task space."""
+    """Per client group (`tasks`: group -> its task, described; every group, in its order) and model: the mean
+    loss and accuracy of its clients' test rows among `rows`, each in the group's task space. A group none of
+    whose clients was tested this round (run.eval_clients = "sampled") gets NaN over 0 samples: said, not left out."""
     by: dict[tuple[str, str], list[dict]] = {}
+    models: dict[str, None] = {}
     for r in rows:
         if r["split"] == "test":
             by.setdefault((r["group"], r["model"]), []).append(r)
-    return [row(rnd, -1, group, model, "group_test", loss=float(np.mean([r["loss"] for r in rs])),
-                accuracy=float(np.mean([r["accuracy"] for r in rs])), samples=sum(r["samples"] for r in rs),
-                note=f"task {tasks[group]}") for (group, model), rs in by.items()]
+            models[r["model"]] = None
+
+    def mean(rs: list[dict], key: str) -> float:
+        return float(np.mean([r[key] for r in rs])) if rs else NAN
+    return [row(rnd, -1, group, model, "group_test", loss=mean(rs, "loss"), accuracy=mean(rs, "accuracy"),
+                samples=sum(r["samples"] for r in rs), note=f"task {task}")
+            for group, task in tasks.items() for model in models for rs in [by.get((group, model), [])]]
 
 
 def recovery_rows(rnd: int, failures: list[dict], groups: list[str]) -> list[dict]:
@@ -176,14 +184,23 @@ def format_summary(s: dict, title: str) -> str:
         lines.append(f"{'global model, global test set':<34}{_fmt(s['global_test']):>8}")
     if s.get("groups"):
         lines.append("by group, own test splits in the group's task space (mean / p10 across its clients):")
-        wg = max(len("group"), *map(len, s["groups"])) + 2
-        wt = max(len(g["task"]) for g in s["groups"].values()) + 2
-        lines.append(f"  {'group':<{wg}}{'task':<{wt}}{'local':>8}{'p10':>8}{'global':>8}{'p10':>8}")
-        for group, g in s["groups"].items():
-            loc, glo = g["local"] or {}, g["global_clients"] or {}
-            lines.append(f"  {group:<{wg}}{g['task']:<{wt}}{_fmt(loc.get('mean')):>8}{_fmt(loc.get('p10')):>8}"
-                         f"{_fmt(glo.get('mean')):>8}{_fmt(glo.get('p10')):>8}")
+        lines += _group_table(s["groups"], [""] * len(s["groups"]))
     return "\n".join(lines)
+
+
+def _group_table(groups: dict[str, dict], first: list[str], head: str = "") -> list[str]:
+    """The per-group table of a run with tasks (`groups`: a summary's), one line per group, each led by its
+    `first` cell (e.g. the algorithm in `fmlray compare`; the header's is `head`): a group with no client
+    tested shows "-" and 0 clients."""
+    wf = max(map(len, [head, *first])) + 2 if head else 2
+    wg = max(len("group"), *map(len, groups)) + 2
+    wt = max(len(g["task"]) for g in groups.values()) + 2
+    out = [f"{head:<{wf}}{'group':<{wg}}{'task':<{wt}}{'local':>8}{'p10':>8}{'global':>8}{'p10':>8}{'clients':>9}"]
+    for cell, (group, g) in zip(first, groups.items()):
+        loc, glo = g["local"] or {}, g["global_clients"] or {}
+        out.append(f"{cell:<{wf}}{group:<{wg}}{g['task']:<{wt}}{_fmt(loc.get('mean')):>8}{_fmt(loc.get('p10')):>8}"
+                   f"{_fmt(glo.get('mean')):>8}{_fmt(glo.get('p10')):>8}{loc.get('clients', glo.get('clients', 0)):>9}")
+    return out
 
 
 def format_comparison(results: dict[str, dict]) -> str:
@@ -194,4 +211,11 @@ def format_comparison(results: dict[str, dict]) -> str:
         loc, glo = s["local"] or {}, s["global_clients"] or {}
         lines.append(f"{name:<10}{_fmt(loc.get('mean')):>12}{_fmt(loc.get('p10')):>11}{_fmt(glo.get('mean')):>16}"
                      f"{_fmt(glo.get('p10')):>12}{_fmt(s['global_test']):>13}")
+    tasked = {name: s["groups"] for name, s in results.items() if s.get("groups")}
+    if tasked:  # the global/clients column above mixes the groups' task spaces: each on its own
+        lines.append("by group, own test splits in the group's task space (mean / p10 across its clients):")
+        w = max(map(len, ["algorithm", *tasked]))
+        for i, (name, groups) in enumerate(tasked.items()):
+            table = _group_table(groups, [name.ljust(w)] + [""] * (len(groups) - 1), "algorithm")
+            lines += table if i == 0 else table[1:]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ finally:
 
 def accuracy_plot(summary: list[dict], title: str, path: Path | BinaryIO) -> None:
     """Mean accuracy across clients with its p10 as a dashed line, and the global test accuracy."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     rounds = [s["round"] for s in summary]
     for key, label, color in (("local", "local models (own test split)", "tab:blue"),
                               ("global_clients", "global model (client test splits)", "tab:orange")):
@@ -40,9 +40,9 @@ def accuracy_plot(summary: list[dict], title: str, path: Path | BinaryIO) -> Non
     ax.set_ylabel("accuracy")
     ax.set_title("\n".join(textwrap.wrap(title, 85)), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # below the axes: inside, wherever it went, it hid some curve's points (the p10 lines sit low early on)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
     with warnings.catch_warnings():  # a run name in a script the font lacks (名前) draws as boxes: one warning a
         warnings.filterwarnings("ignore", message="Glyph .* missing from")  # glyph and step was noise
-        fig.tight_layout()
         fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -308,9 +308,11 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
         if prepared is None:
             loading = time.perf_counter()
             prepared = prepare(cfg)
-            d = prepared.dataset
+            d, part = prepared.dataset, prepared.partition
+            held = (sum(map(len, part.train)), sum(map(len, part.test)))
             console(f"data: {len(d.y_train)} training and {len(d.y_test)} test rows of {cfg.data.dataset} over "
-                    f"{cfg.clients.num_clients} clients ({time.perf_counter() - loading:.1f}s)")
+                    f"{cfg.clients.num_clients} clients" + (f", who hold {held[0]} and {held[1]} of them" if held !=
+                    (len(d.y_train), len(d.y_test)) else "") + f" ({time.perf_counter() - loading:.1f}s)")
         if resume is not None:
             checkpoint.check_same_data(folder.path, resume, prepared.dataset, prepared.partition)
             checkpoint.check_global(folder.path, resume, cfg, prepared.dataset)

@@ -96,7 +96,9 @@ def _checked(of_class: tuple[int, ...], num_classes: int, key: str) -> tuple[int
     """An explicit task list, checked: one entry per class, labels 0..k-1 without gaps, k >= 2."""
     what = "give one task label (0, 1, ...) or -1 (the class is not in the task) per class"
     if len(of_class) != num_classes:
-        unmapped = f"; classes {len(of_class)}..{num_classes - 1} are unmapped" if len(of_class) < num_classes else ""
+        first, last = len(of_class), num_classes - 1
+        unmapped = ("" if first > last else f"; class {last} is unmapped" if first == last
+                    else f"; classes {first}..{last} are unmapped")
         raise ConfigError(f"{key} has {len(of_class)} entries but the dataset has {num_classes} classes{unmapped}; "
                           f"{what}")
     bad = [(c, label) for c, label in enumerate(of_class) if label < -1]

@@ -193,7 +193,7 @@ def size(nbytes: float) -> str:
 @dataclass(frozen=True)
 class StorePlan:
     kind: str  # "memory" | "disk"
-    row_bytes: dict[str, int]  # a client's private state, by local architecture (`local_arch`)
+    row_bytes: dict[str, int]  # a client's private state, by client group
     estimate: int  # private state if every client trained (the most a store can hold)
     line: str  # said once at start
 
@@ -210,7 +210,8 @@ def local_arch(cfg: Config, group) -> str:
 
 def row_bytes(cfg: Config, dataset) -> dict[str, int]:
     """Bytes of one client's private state (what its algorithm keeps: models or parts, optimisers, scalars)
-    per local architecture; {} when the algorithm keeps nothing on the clients."""
+    per client group (by name: what a group keeps depends on the algorithm, e.g. Ditto's personal model has the
+    global architecture whatever the group's local one); {} when the algorithm keeps nothing on the clients."""
     from fmlray.algorithms import build_algorithm
     from fmlray.engine.host import client_archs, private_layout
     from fmlray.engine.tasks import build_arch
@@ -222,7 +223,7 @@ def row_bytes(cfg: Config, dataset) -> dict[str, int]:
         models = {m.name: build_arch(a, dataset) for m, a in zip(algo.models, archs)}
         layout = private_layout(cfg, algo, models, archs)
         if layout.slots:
-            out[local_arch(cfg, g)] = layout.nbytes
+            out[g.name] = layout.nbytes
     return out
 
 
@@ -231,12 +232,12 @@ def plan_store(cfg: Config, dataset, node_memory: float, nodes: int = 1) -> Stor
     over `nodes`, fits in a quarter of a node's memory."""
     rows = row_bytes(cfg, dataset)
     sizes = cfg.clients.group_sizes()
-    local = [local_arch(cfg, g) for g in cfg.clients.groups]
-    estimate = sum(n * rows[a] for a, n in zip(local, sizes) if a in rows)
+    names = [g.name for g in cfg.clients.groups]
+    estimate = sum(n * rows[g] for g, n in zip(names, sizes) if g in rows)
     kind = cfg.engine.state_store
     if kind == "auto":
         kind = "memory" if estimate / max(nodes, 1) <= STORE_SHARE * node_memory else "disk"
-    per = ", ".join(f"{n:,} × {rows[a] / 2**20:.2f} MiB ({a})" for a, n in zip(local, sizes) if n and a in rows)
+    per = ", ".join(f"{g}: {n:,} × {rows[g] / 2**20:.2f} MiB" for g, n in zip(names, sizes) if n and g in rows)
     where = "in memory" if kind == "memory" else \
         f"on disk under {cfg.engine.state_dir or 'a scratch folder of each node'}"
     line = (f"private state: up to {size(estimate)} ({per or 'none'}), kept {where}"

@@ -119,6 +119,7 @@ TEN = "clients.groups=[{name='a', share=1.0, task=%s}]"
                           "parity, low-high, or give a list"),
     ([TEN % "'parity'", "data.dataset=cifar10"], "is not a task of cifar10; choose one of identity, or give"),
     ([TEN % "[0, 1, 0]"], "has 3 entries but the dataset has 10 classes; classes 3..9 are unmapped"),
+    ([TEN % "[0, 1, 0, 1, 0, 1, 0, 1, 0]"], "has 9 entries but the dataset has 10 classes; class 9 is unmapped"),
     ([TEN % "[0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1]"], "has 11 entries but the dataset has 10 classes; give one"),
     ([TEN % "[0, 2, 0, 2, 0, 2, 0, 2, 0, 2]"], "task label 1 has no class (labels used: 0, 2)"),
     ([TEN % "[0, 1, 2, 3, 4, 5, 6, 7, 8, 99999999999]"], "task label 9 has no class"),  # no range(10**11)
@@ -179,6 +180,62 @@ def test_three_task_groups_train_models_of_their_tasks_and_report_per_group():
     tests = [r for r in rows if r["split"] == "test" and r["round"] == 2 and r["group"] == "parity"]
     assert groups[2]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in tests if r["model"] == "local"]))
     assert len([r for r in rows if r["split"] == "global_test"]) == 2  # the global model: the global classes
+
+
+def test_every_group_is_reported_each_round_a_group_with_no_client_tested_as_none(tmp_path, capsys):
+    # one client of six sampled and tested a round: the two other groups' rows and summary lines were left out
+    sets = [*THREE, "clients.fraction=0.1", "run.eval_clients='sampled'", f"run.output_dir={tmp_path}"]
+    assert main(["run", *[x for o in sets for x in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    # the clients of group "three" hold only classes 0-2 of their rows: the data line says what they hold
+    assert "test rows of digits over 6 clients, who hold " in out
+    rows = pq.read_table(tmp_path / "digits-fml" / "metrics.parquet").to_pylist()
+    for rnd in (1, 2):
+        tested = {r["group"] for r in rows if r["round"] == rnd and r["split"] == "test"}
+        groups = [r for r in rows if r["round"] == rnd and r["split"] == "group_test"]
+        assert len(tested) == 1 and [(r["group"], r["model"]) for r in groups] == [
+            (g, m) for g in ("fine", "parity", "three") for m in ("local", "global")]
+        for r in groups:
+            assert (r["samples"] > 0 and 0 <= r["accuracy"] <= 1) if r["group"] in tested else \
+                (r["samples"] == 0 and math.isnan(r["accuracy"]) and math.isnan(r["loss"])), r
+    block = out.split("by group, own test splits", 1)[1].splitlines()[1:5]
+    assert block[0].split() == ["group", "task", "local", "p10", "global", "p10", "clients"]
+    untested = {"fine", "parity", "three"} - tested
+    for line in block[1:]:
+        cells = line.split()
+        assert cells[-5:] == ["-", "-", "-", "-", "0"] if cells[0] in untested else cells[-1] == "1", line
+    assert (tmp_path / "digits-fml" / "summary.json").read_text().count("NaN") == 0  # still strict JSON
+
+
+def test_compare_adds_each_algorithms_figures_by_group():
+    from fmlray.metrics import format_comparison
+    g = lambda mean, n: {"mean": mean, "std": 0.0, "min": mean, "p10": mean, "clients": n}  # noqa: E731
+    groups = {"fine": {"task": "identity (10 labels)", "local": g(0.5, 2), "global_clients": g(0.25, 2)},
+              "odd": {"task": "parity (2 labels)", "local": None, "global_clients": None}}
+    summary = {"local": g(0.5, 2), "global_clients": g(0.25, 2), "global_test": 0.125, "groups": groups}
+    lines = format_comparison({"fml": summary, "fedavg": {**summary, "local": None}}).splitlines()
+    assert lines[3] == "by group, own test splits in the group's task space (mean / p10 across its clients):"
+    assert [line.split() for line in lines[4:]] == [
+        ["algorithm", "group", "task", "local", "p10", "global", "p10", "clients"],
+        ["fml", "fine", "identity", "(10", "labels)", "0.5000", "0.5000", "0.2500", "0.2500", "2"],
+        ["odd", "parity", "(2", "labels)", "-", "-", "-", "-", "0"],
+        ["fedavg", "fine", "identity", "(10", "labels)", "0.5000", "0.5000", "0.2500", "0.2500", "2"],
+        ["odd", "parity", "(2", "labels)", "-", "-", "-", "-", "0"]]
+    assert len({len(line) for line in lines[4:]}) == 1  # one column layout for every algorithm
+    assert "by group" not in format_comparison({"fml": {**summary, "groups": None}})
+
+
+def test_the_private_state_line_names_each_group_by_what_its_algorithm_keeps():
+    # Ditto's personal model has the global architecture in every group: it was labelled with each group's
+    # local architecture ("lenet5-3way"), which Ditto never builds
+    from fmlray.engine.resources import plan_store
+    cfg = load_config(None, [*THREE, "algorithm.name=ditto"])
+    plan = plan_store(cfg, prepare(cfg).dataset, node_memory=2**34)
+    assert set(plan.row_bytes) == {"fine", "parity", "three"} and len(set(plan.row_bytes.values())) == 1
+    mib = plan.row_bytes["fine"] / 2**20
+    assert f"(fine: 2 × {mib:.2f} MiB, parity: 2 × {mib:.2f} MiB, three: 2 × {mib:.2f} MiB)" in plan.line
+    fml_plan = plan_store(load_config(None, [*THREE, "algorithm.name=fml"]), prepare(cfg).dataset, 2**34)
+    assert fml_plan.row_bytes["three"] != fml_plan.row_bytes["fine"]  # FML keeps the group's own local model
 
 
 def test_cli_refuses_a_bad_task_in_one_line(tmp_path, capsys):
