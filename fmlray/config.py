@@ -512,6 +512,13 @@ def _plain(value: Any) -> str:
     return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else str(value)
 
 
+def _label(item: Any, i: int) -> str:
+    """How a message names a list's item: a table by its plain name (clients.groups[parity], as the checks after
+    coercion name it), else by its position."""
+    name = item.get("name") if isinstance(item, dict) else None
+    return name if isinstance(name, str) and re.fullmatch(r"[\w-]{1,64}", name) else str(i)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
     origin = typing.get_origin(tp)
@@ -536,7 +543,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp, _) = typing.get_args(tp)
         what = "a list of tables" if dataclasses.is_dataclass(item_tp) else "a list"
         _check(isinstance(value, (list, tuple)), f"{key} must be {what}, got {_got(value)}")
-        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, item_tp, f"{key}[{_label(v, i)}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         _check(isinstance(value, dict), f"{key} must be a table, got {_got(value)}")
         return from_dict(tp, value, key)
@@ -722,12 +729,16 @@ ABSENT = object()  # what `value_at` finds where a tree has no such key
 
 
 def value_at(tree: dict[str, Any], dotted: str) -> Any:
-    """The value of key `dotted` (clients.groups[0].name or clients.groups.0.name: into lists too) in `tree`, a
-    config as nested dicts and lists; ABSENT where it has none."""
+    """The value of key `dotted` (clients.groups[0].name, clients.groups.0.name or, as messages name a table in
+    a list, clients.groups[parity].name: into lists too) in `tree`, a config as nested dicts and lists; ABSENT
+    where it has none."""
     node: Any = tree
-    for part in re.sub(r"\[(\d+)\]", r".\1", dotted).split("."):
+    for part in re.sub(r"\[([\w-]+)\]", r".\1", dotted).split("."):
+        named = [v for v in node if isinstance(v, dict) and v.get("name") == part] if isinstance(node, list) else []
         if isinstance(node, list) and ascii_digits(part) and int(part) < len(node):
             node = node[int(part)]
+        elif named:
+            node = named[0]
         elif isinstance(node, dict) and part in node:
             node = node[part]
         else:

@@ -79,7 +79,7 @@ def test_int_widens_to_float_but_not_the_reverse():
     ("data.download=yes", "data.download must be true or false"),
     ("run.name.x=1", "--set run.name.x: 'run.name' is a single value, not a table"),
     ("clients.groups.1.share.x=1", "'clients.groups.1.share' is a single value"),
-    ("clients.groups.0.num_gpus=inf", "clients.groups[0].num_gpus must be a finite number"),
+    ("clients.groups.0.num_gpus=inf", "clients.groups[mlp].num_gpus must be a finite number"),
     ('run.name="a\\u0085"', "holds a control character"),
     ("run.seed=9223372036854775808", "does not fit in 64 bits"),
     ("training.batching=jit", "training.batching = 'jit' is unknown; choose one of auto, sequential, vmap"),
@@ -294,7 +294,7 @@ def test_an_unknown_key_names_the_file_it_was_written_in(tmp_path):
     with pytest.raises(ConfigError, match=r"^unknown key 'training.lrx'"):  # from --set: no file to name
         load_config(write(tmp_path, "[training]\nlr = 0.1\n", "ok.toml"), ["training.lrx=1"])
     groups = write(tmp_path, "[[clients.groups]]\nname = 'a'\nshare = 1.0\nbogus = 1\n", "groups.toml")
-    with pytest.raises(ConfigError, match=re.escape(f"{groups}: unknown key 'clients.groups[0].bogus'")):
+    with pytest.raises(ConfigError, match=re.escape(f"{groups}: unknown key 'clients.groups[a].bogus'")):
         load_config(groups)  # inside a list of tables too
 
 

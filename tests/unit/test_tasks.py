@@ -129,6 +129,7 @@ TEN = "clients.groups=[{name='a', share=1.0, task=%s}]"
     ([TEN % "''"], "task is empty"),
     ([TEN % "3"], "task must be a string or a list, got 3"),
     ([TEN % "[0, 1.5]"], "task[1] must be an integer"),
+    ([TEN % "[true, 1, 0, 1, 0, 1, 0, 1, 0, 1]"], "clients.groups[a].task[0] must be an integer, got true"),  # by name
 ])
 def test_bad_tasks_are_one_clear_line(overrides, fragment):
     with pytest.raises(ConfigError) as info:
