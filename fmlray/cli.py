@@ -186,12 +186,12 @@ def cmd_compare(args) -> int:
     from fmlray.checkpoint import exists as checkpoint_exists
     from fmlray.metrics import format_comparison, summaries
     from fmlray.rundir import finished, read_run
-    from fmlray.simulation import RunDropped, RunInterrupted, check_shares, prepare, run_experiment
+    from fmlray.simulation import RunDropped, RunInterrupted, check_algorithm, prepare, run_experiment
 
     prepared = prepare(next(iter(runs.values())))  # one dataset and partition for every algorithm
     for name, one in runs.items():  # each algorithm's own settings, before any run is written
         try:
-            check_shares(one, prepared.dataset)
+            check_algorithm(one, prepared.dataset)
         except ConfigError as exc:
             raise ConfigError(f"compare's {name} run: {exc}") from None
     finals = {}

@@ -35,6 +35,9 @@ MODELS = ("mlp", "lenet5", "cnn", "cnn5", "resnet8", "resnet18")
 # The algorithm registry: each name is a module fmlray/algorithms/<name>.py (its hyper-parameters, if any, are
 # a section of AlgorithmConfig below, so that a bad value fails here, before torch is imported).
 ALGORITHMS = ("fml", "fedavg", "fedprox", "local", "ditto", "fedper", "fedrep", "fedbn", "apfl", "lgfedavg", "dml")
+# The built-in algorithms that never read algorithm.fml: an α/β schedule set there is unused by them. Any other
+# follows it (fml, dml, and one added to ALGORITHMS, which may be a copy of fml.py), so its length is kept.
+IGNORE_FML = ("fedavg", "fedprox", "local", "ditto", "fedper", "fedrep", "fedbn", "apfl", "lgfedavg")
 ENGINES = ("serial", "ray")
 EMNIST_SPLITS = {"balanced": 47, "byclass": 62, "bymerge": 47, "digits": 10, "letters": 26, "mnist": 10}  # classes
 FIXED_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100}  # the loaders check it
@@ -436,7 +439,7 @@ class AlgorithmConfig:
     def schedule_keys(self) -> list[str]:
         """The keys that spread a hyper-parameter over run.rounds (FML's α/β schedule): where any is set, a run's
         length is part of its experiment (a resumed run cannot be extended)."""
-        if self.name not in ("fml", "dml"):  # the only ones that read algorithm.fml
+        if self.name in IGNORE_FML:
             return []
         return [f"algorithm.fml.{k}" for k in ("alpha_end", "beta_end") if getattr(self.fml, k) is not None]
 

@@ -20,6 +20,10 @@ class TrainingError(FmlrayError):
     """Training diverged (NaN/Inf loss) or otherwise cannot go on."""
 
 
+class AlgorithmError(FmlrayError):
+    """An algorithm module breaks the contract of `fmlray.algorithms.base` (a new algorithm's mistake)."""
+
+
 class ResourceError(FmlrayError):
     """The cluster cannot host what the config asks for."""
 

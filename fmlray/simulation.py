@@ -168,18 +168,19 @@ def prepare(cfg: Config) -> Prepared:
             build_model(name, dataset.input_shape, dataset.num_classes)
         except ConfigError as exc:  # a misfit: said with the keys that chose this model
             raise ConfigError(f"{' and '.join(where)} = {name!r}: {exc}") from None
-    check_shares(cfg, dataset)
+    check_algorithm(cfg, dataset)
     return Prepared(dataset, partition)
 
 
-def check_shares(cfg: Config, dataset: Dataset) -> None:
-    """The algorithm shares something of the global model if it shares at all (e.g. FedPer's head is not
-    the whole model): else a ConfigError."""
+def check_algorithm(cfg: Config, dataset: Dataset) -> None:
+    """The algorithm builds, its loss keeps its contract (`check_loss`), and it shares something of the global
+    model if it shares at all (e.g. FedPer's head is not the whole model): else one line."""
     from fmlray.algorithms import build_algorithm
-    from fmlray.algorithms.base import layers
+    from fmlray.algorithms.base import check_loss, layers
     from fmlray.models import build_model
 
     algo, name = build_algorithm(cfg.algorithm, cfg.run.rounds), cfg.algorithm.name
+    check_loss(algo)
     if algo.shares is not None:
         meme = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
         try:

@@ -396,14 +396,14 @@ def tune_run(trials: list[Trial], parallel: int | str, storage: Path, echo: Call
 def check_data(runs: dict[str, Config]) -> None:
     """Each run's data loads and partitions, and its models fit it, here in the driver before Tune starts:
     a trial failing there would leave Tune's records behind for nothing. A data setup is loaded once."""
-    from fmlray.simulation import check_shares, prepare
+    from fmlray.simulation import check_algorithm, prepare
 
     loaded: dict[str, object] = {}
     for name, cfg in runs.items():
         key = repr((cfg.data, cfg.clients, cfg.model, cfg.run.seed))
         try:
             if key in loaded:
-                check_shares(cfg, loaded[key])
+                check_algorithm(cfg, loaded[key])
             else:
                 loaded[key] = prepare(cfg).dataset
         except FmlrayError as exc:

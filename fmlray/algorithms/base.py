@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fmlray.aggregate import Server
-from fmlray.errors import ConfigError, TrainingError
+from fmlray.errors import AlgorithmError, ConfigError, TrainingError
 from fmlray.optim import Optimizer
 
 # logits of each trained model, labels, round (1-based) -> one loss per trained model
@@ -43,6 +43,12 @@ class Model:
     # what a client's copy holds before its first round: "seed" draws it from (seed, client); "global" is
     # the round-0 global model (the same for every client). Keys it receives are the global's every round.
     init: str = "seed"
+
+    def __post_init__(self):  # a typo ("Global") was taken as the other value, silently
+        for key, allowed in (("arch", ("client", "global")), ("init", ("seed", "global"))):
+            if getattr(self, key) not in allowed:
+                raise AlgorithmError(f"Model({self.name!r}): {key} = {getattr(self, key)!r} is not one of "
+                                     f"{', '.join(map(repr, allowed))}")
 
 
 def all_keys(module: nn.Module) -> list[str]:
@@ -96,14 +102,14 @@ class Algorithm:
     def __post_init__(self):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names) or "global" in names:
-            raise ValueError(f"{self.name}: model names must be unique and not 'global', got {names}")
+            raise AlgorithmError(f"{self.name}: model names must be unique and not 'global', got {names}")
         unknown = ({self.shares} - {None}) | set(self.penalties) | (set(self.evaluates) - {"global"})
         if not unknown <= set(names):
-            raise ValueError(f"{self.name}: names {sorted(unknown - set(names))} are not among its models {names}")
+            raise AlgorithmError(f"{self.name}: names {sorted(unknown - set(names))} are not among its models {names}")
         if self.shares is not None and self.model(self.shares).arch != "global":
-            raise ValueError(f"{self.name}: the model that receives the global state must have arch 'global'")
+            raise AlgorithmError(f"{self.name}: the model that receives the global state must have arch 'global'")
         if any(m.init == "global" and m.arch != "global" for m in self.models):
-            raise ValueError(f"{self.name}: only a model of arch 'global' can start as the round-0 global model")
+            raise AlgorithmError(f"{self.name}: only a model of arch 'global' can start as the round-0 global model")
 
     @property
     def stateless(self) -> bool:
@@ -129,6 +135,36 @@ class Algorithm:
         if task is not None:
             out = {n: task_logits(z, task) if self.model(n).arch == "global" else z for n, z in out.items()}
         return out
+
+
+def check_loss(algo: Algorithm, classes: int = 3) -> None:
+    """`algo.loss` keeps its contract on a probe batch (random logits for each model it trains): one loss per
+    trained model, keyed by its name, each a scalar tensor with a gradient. A new algorithm's slip is then one
+    line before round 1; it was a traceback mid-round, or, for a key that names no model it trains, a term that
+    sequential training added to the backward pass and batched training dropped."""
+    gen = torch.Generator().manual_seed(0)
+    z = {n: torch.randn(4, classes, generator=gen).requires_grad_() for n in algo.trains}
+    y = torch.arange(4) % classes
+    where = f"algorithm {algo.name!r}: its loss(logits, y, rnd)"
+    try:
+        losses = algo.loss(z, y, 1)
+    except Exception as exc:  # noqa: BLE001 - the author's code: said in one line, with where it failed
+        said = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise AlgorithmError(f"{where} failed on a probe batch of logits keyed {list(algo.trains)} "
+                             f"({type(exc).__name__}{': ' + said if said else ''})") from None
+    if not isinstance(losses, dict) or set(losses) != set(algo.trains):
+        got = sorted(map(str, losses)) if isinstance(losses, dict) else f"a {type(losses).__name__}"
+        raise AlgorithmError(f"{where} must return a dict with one loss per model it trains, keyed "
+                             f"{list(algo.trains)}; it returned {got}")
+    for name, value in losses.items():
+        if not (isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point()):
+            what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else \
+                f"a {type(value).__name__}"
+            raise AlgorithmError(f"{where} gives {name!r} {what}; each loss must be a scalar float tensor (reduce "
+                                 "the batch, e.g. with a mean, and keep it a tensor: no .item())")
+        if not value.requires_grad:
+            raise AlgorithmError(f"{where} gives {name!r} a loss without a gradient: compute it from the logits "
+                                 "without detaching them (only a peer's logits, the teacher's, are detached)")
 
 
 def task_logits(z: Tensor, members: Tensor) -> Tensor:

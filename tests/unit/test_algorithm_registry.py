@@ -3,6 +3,7 @@ two places only, runs through the engine and gives FedPer's results; nothing out
 tests an algorithm's name."""
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,76 @@ def test_no_engine_aggregator_metrics_or_checkpoint_module_names_an_algorithm(pa
             assert not re.search(rf"['\"]{name}['\"]", text), f"{f.name} names algorithm {name!r}"
         assert not re.search(r"algorithm\.name\s*[!=]=|algo\.name\s*[!=]=", text), f"{f.name} tests an algorithm's name"
         assert "algorithm.fml" not in text and "algorithm.fedprox" not in text, f"{f.name} reads an algorithm's keys"
+
+
+def registered(tmp_path, monkeypatch, name: str, source: str | None) -> None:
+    """`source` saved as algorithm module `name` (None: no module) and `name` added to the registry."""
+    if source is not None:
+        (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.delitem(sys.modules, f"fmlray.algorithms.{name}", raising=False)  # another test's module of that name
+    monkeypatch.setattr(fmlray.algorithms, "__path__", [*fmlray.algorithms.__path__, str(tmp_path)])
+    monkeypatch.setattr(config, "ALGORITHMS", (*config.ALGORITHMS, name))
+
+
+# A new algorithm's likely slips, each the walkthrough with one edit: a traceback mid-round before (or, for an
+# extra key, a loss term that sequential training added and batched training dropped; for a typo in a Model's
+# init, the other value, silently)
+SLIPS = [
+    ('return {"local": cross_entropy(logits["local"], y)}', 'return {"loc": cross_entropy(logits["local"], y)}',
+     "algorithm 'slip': its loss(logits, y, rnd) must return a dict with one loss per model it trains, keyed "
+     "['local']; it returned ['loc']"),
+    ('return {"local": cross_entropy(logits["local"], y)}',
+     'return {"local": cross_entropy(logits["local"], y), "meme": cross_entropy(logits["local"], y)}',
+     "keyed ['local']; it returned ['local', 'meme']"),
+    ('cross_entropy(logits["local"], y)', 'cross_entropy(logits["local"], y).expand(4)',  # not reduced
+     "its loss(logits, y, rnd) gives 'local' a tensor of shape (4,); each loss must be a scalar float tensor"),
+    ('cross_entropy(logits["local"], y)', 'cross_entropy(logits["local"], y).item()',
+     "gives 'local' a float; each loss must be a scalar float tensor (reduce the batch, e.g. with a mean, and "
+     "keep it a tensor: no .item())"),
+    ('cross_entropy(logits["local"], y)', 'cross_entropy(logits["local"].detach(), y)',
+     "gives 'local' a loss without a gradient"),
+    ('cross_entropy(logits["local"], y)', 'cross_entropy(logits["meme"], y)',
+     "its loss(logits, y, rnd) failed on a probe batch of logits keyed ['local'] (KeyError: 'meme')"),
+    ('init="global")', 'init="Global")', "Model('local'): init = 'Global' is not one of 'seed', 'global'"),
+    ('Model("local", arch="global"', 'Model("local", arch="globl"',
+     "Model('local'): arch = 'globl' is not one of 'client', 'global'"),
+    ('evaluates=("local",)', 'evaluates=("locl",)', "slip: names ['locl'] are not among its models ['local']"),
+]
+
+
+@pytest.mark.parametrize("old, new, message", SLIPS, ids=[s[1][:40] for s in SLIPS])
+def test_a_new_algorithms_slip_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, old, new, message):
+    from fmlray.cli import main
+    source = walkthrough().replace('name="fedper"', 'name="slip"')
+    assert source.count(old) == 1
+    registered(tmp_path, monkeypatch, "slip", source.replace(old, new))
+    out = tmp_path / "runs"
+    assert main(["run", "--set", "algorithm.name=slip", "--set", "engine.kind=serial", "--set", f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fmlray: error: {message}" or (err.startswith("fmlray: error: ") and message in err), err
+    assert "\n" not in err and not out.exists()
+
+
+def test_a_registered_name_without_its_module_is_one_line(tmp_path, monkeypatch, capsys):
+    from fmlray.cli import main
+    registered(tmp_path, monkeypatch, "nosuch", None)
+    assert main(["run", "--set", "algorithm.name=nosuch", "--set", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fmlray: error: algorithm.name = 'nosuch' is in fmlray.config.ALGORITHMS but has no module "
+        "fmlray/algorithms/nosuch.py; add the module (README: Adding an algorithm)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_new_algorithm_keeps_the_length_of_an_fml_schedule_set_for_it(tmp_path, monkeypatch):
+    # a copy of fml.py reads algorithm.fml's schedule: its run was extended on resume, bending the schedule
+    registered(tmp_path, monkeypatch, "myfml", (ROOT / "fmlray/algorithms/fml.py").read_text())
+    cfg = config.load_config(None, ["algorithm.name=myfml", "algorithm.fml.alpha_end=0.1"])
+    assert cfg.algorithm.schedule_keys() == ["algorithm.fml.alpha_end"]
+    cfg = config.load_config(None, ["algorithm.name=fedavg", "algorithm.fml.alpha_end=0.1"])
+    assert cfg.algorithm.schedule_keys() == []  # a built-in that never reads it
+
+
+def test_the_algorithms_said_to_ignore_algorithm_fml_never_read_it():
+    assert set(config.IGNORE_FML) < set(config.ALGORITHMS)
+    for name in config.IGNORE_FML:
+        assert not re.search(r"\.fml\b", (ROOT / f"fmlray/algorithms/{name}.py").read_text()), name
