@@ -192,7 +192,8 @@ class DataConfig:
     max_train_samples: int = _key("stratified subsample of the training set; 0 keeps all", 0)
     max_test_samples: int = _key("stratified subsample of the test set; 0 keeps all", 0)
     emnist_split: str = _key(" | ".join(EMNIST_SPLITS) + " (dataset = \"emnist\")", "balanced")
-    synthetic_alpha: float = _key("FedProx Synthetic(alpha, beta): how much the clients' models differ", 1.0)
+    synthetic_alpha: float = _key("FedProx Synthetic(alpha, beta)'s alpha; as in the authors' generator it changes "
+                                  "no label (it shifts every class's logit alike): the data depend on beta", 1.0)
     synthetic_beta: float = _key("... and how much their inputs differ", 1.0)
     synthetic_dim: int = _key("features of the synthetic dataset", 60)
     synthetic_classes: int = _key("classes of the synthetic dataset", 10)

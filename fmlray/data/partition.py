@@ -44,7 +44,8 @@ def partition_dataset(dataset: Dataset, cfg: DataConfig, *, num_clients: int, se
         raise DataError(f"cannot partition among {num_clients} clients; clients.num_clients must be >= 1")
     if num_clients * cfg.min_samples > n:
         rows = n + (len(dataset.y_test) if cfg.dataset in HELD_OUT else 0)  # all a client set could ever split
-        fix = _fewer(cfg) if cfg.max_train_samples or num_clients <= rows else \
+        fix = "lower data.min_samples (the partition file fixes the clients and their rows)" \
+            if cfg.partition == "file" else _fewer(cfg) if cfg.max_train_samples or num_clients <= rows else \
             f"lower clients.num_clients ({dataset.name} has {rows} rows in all: fewer than one a client)"
         raise DataError(f"cannot give {num_clients} clients data.min_samples = {cfg.min_samples} training "
                         f"samples each: {dataset.name} has {n} training rows{_kept(cfg)}; {fix}")

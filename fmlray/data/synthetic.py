@@ -1,8 +1,11 @@
 """FedProx's Synthetic(alpha, beta) (Li et al., arXiv 1812.06127, section 5.1): natural clients.
 
-Client k draws its own softmax model and its own feature mean, so alpha controls how much the
-clients' models differ and beta how much their inputs differ. As in the authors' generator,
-N(m, s) takes s as the standard deviation.
+Client k draws its own softmax model and its own feature mean; the paper has alpha control how much the
+clients' models differ and beta how much their inputs differ. As in the authors' generator, N(m, s) takes s
+as the standard deviation, and alpha sets u_k ~ N(0, alpha), the mean of *every* entry of W_k and b_k: that
+adds u_k (sum(x) + 1) to every class's logit alike, so the labels, and the data, do not depend on alpha at all
+(the same draws follow for any alpha; tests/unit/test_data.py checks it). Kept as the authors wrote it, so that
+Synthetic(alpha, beta) means their data: in it only beta (and the per-client draws) make clients differ.
 """
 
 from __future__ import annotations

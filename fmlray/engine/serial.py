@@ -37,6 +37,7 @@ class SerialEngine:
         self.notes = [self.plan.line] + ([f"{cores} torch thread(s): the groups' num_cpus ({asked}) capped at the "
                                           f"{cores} core(s) this process may use"] if asked > cores else [])
         unused = [*(["engine.address"] if cfg.engine.address else []),  # what only the Ray engine reads
+                  *(["engine.num_actors"] if cfg.engine.num_actors else []),
                   *(f"clients.groups[{g.name}].num_gpus" for g in cfg.clients.groups if g.num_gpus > 0)]
         if unused:
             self.notes.append(f"the serial engine trains in this process on the CPU: {', '.join(unused)} unused")

@@ -817,3 +817,11 @@ def test_a_partition_of_many_clients_prints_its_ends_and_spread_and_saves_every_
     assert clients == [str(c) for c in (*range(20), *range(50, 60))], clients
     assert [line.split()[0] for line in lines[-5:-1]] == ["total", "fewest", "median", "most"], lines[-5:]
     assert pyarrow.csv.read_csv(save).num_rows == 60
+
+
+def test_the_serial_engine_names_the_ray_settings_it_does_not_use(tmp_path, capsys):
+    assert main(["run", "--set", "engine.kind=serial", "--set", "engine.num_actors=3", "--address", "10.0.0.1:6379",
+                 "--set", "clients.groups.0.num_gpus=0.5", "--set", "run.rounds=1", "--set", "training.epochs=1",
+                 "--set", f"run.output_dir={tmp_path}"]) == 0
+    assert ("the serial engine trains in this process on the CPU: engine.address, engine.num_actors, "
+            "clients.groups[mlp].num_gpus unused") in capsys.readouterr().out

@@ -96,6 +96,16 @@ def test_synthetic_shapes_owners_and_determinism():
     assert not np.array_equal(ds.x_train[:10], other.x_train[:10])
 
 
+def test_synthetic_alpha_changes_no_row_as_in_the_authors_generator():
+    # u ~ N(0, alpha) is the mean of every entry of W and b: it shifts every class's logit by u (sum(x) + 1)
+    kw = dict(num_clients=8, dataset="synthetic", synthetic_dim=20)
+    base = load(synthetic_alpha=0.0, **kw)
+    for alpha in (0.5, 1.0, 100.0):
+        other = load(synthetic_alpha=alpha, **kw)
+        assert np.array_equal(base.x_train, other.x_train) and np.array_equal(base.y_train, other.y_train), alpha
+    assert not np.array_equal(base.y_train, load(synthetic_beta=0.0, **kw).y_train)  # beta does change them
+
+
 def test_synthetic_clients_are_heterogeneous():
     ds = load(num_clients=10, dataset="synthetic", synthetic_alpha=1.0, synthetic_beta=1.0)
     hists = np.stack([np.bincount(ds.y_train[ds.train_owner == k], minlength=10) for k in range(10)])

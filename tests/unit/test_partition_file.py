@@ -73,6 +73,16 @@ def test_a_file_that_does_not_fit_is_one_line_and_exit_2(tmp_path, capsys, chang
     assert_refused(tmp_path, capsys, path, fragment)
 
 
+def test_a_floor_no_split_of_the_rows_can_meet_offers_only_the_floor_with_a_file(tmp_path, capsys):
+    # 20 clients x 80 rows > digits' 1,438: fewer clients or another test_fraction would make the file refused
+    out = tmp_path / "runs"
+    assert main(["run", *SERIAL, "--set", f"run.output_dir={out}", "--set", "data.partition=file", "--set",
+                 f"data.partition_file={str(write(tmp_path, **good()))!r}", "--set", "data.min_samples=80"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("; lower data.min_samples (the partition file fixes the clients and their rows)"), err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_missing_or_unreadable_file(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     for path, fragment in ((tmp_path / "none.npz", "does not exist"), (tmp_path / "bad.npz", "is not an .npz (a zip of .npy arrays; this one starts with b'nope'")):
