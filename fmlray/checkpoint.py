@@ -214,6 +214,7 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
         text = path.read_bytes()
     except OSError as exc:
         raise _unreadable(path, exc) from None
+    manifest = None
     try:
         manifest = json.loads(text)
         rnd, shards, glob_name = manifest["round"], manifest["shards"], manifest["global"]
@@ -228,8 +229,14 @@ def load(run_dir: Path, cfg: Config | None = None) -> Resume:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         ok = False
     if not ok:
+        newer = isinstance(manifest, dict) and type(manifest.get("version")) is int and manifest["version"] > VERSION
+        if newer:  # a good run of a later fmlray: "start again" would throw it away
+            raise FmlrayError(f"{path} is a checkpoint of a newer fmlray (VERSION {manifest['version']}; this one reads "
+                              f"{READS[0]} to {READS[-1]}); resume it with that fmlray, or upgrade this one")
         raise FmlrayError(f"{path} is damaged or not a checkpoint this fmlray can read; start the run again")
-    if manifest["version"] >= 4 and manifest.get("manifest_crc32") != manifest_checksum(manifest):
+    # VERSION 4 on, and any manifest carrying the checksum: one whose version was lowered by hand checks it too
+    if (manifest["version"] >= 4 or "manifest_crc32" in manifest) and \
+            manifest.get("manifest_crc32") != manifest_checksum(manifest):
         raise FmlrayError(f"{path} is damaged (it fails its checksum: edited since the checkpoint was written); "
                           "resume from another copy or start the run again")
     if cfg is not None:

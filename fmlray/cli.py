@@ -487,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     except FmlrayError as exc:
         print(f"fmlray: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
+    except UnicodeEncodeError as exc:  # a name beyond an ASCII locale (Python's UTF-8 mode off): file names, output
+        print(f"fmlray: error: {ascii(exc.object[exc.start:exc.end])} cannot be written in this locale's encoding "
+              f"({exc.encoding}); run fmlray under a UTF-8 locale (e.g. LANG=C.UTF-8) or with PYTHONUTF8=1",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt as exc:
         print(f"fmlray: interrupted; what no checkpoint held yet was dropped{_notes(exc)}", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -516,6 +517,17 @@ def _plain(value: Any) -> str:
     return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else str(value)
 
 
+def _utf8_in_another_locale(value: str) -> bool:
+    """`value` (from argv or a path) is UTF-8 text that a locale of another encoding could not decode."""
+    if sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return False
+    try:
+        value.encode("utf-8", "surrogateescape").decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _label(item: Any, i: int) -> str:
     """How a message names a list's item: a table by its plain name (clients.groups[parity], as the checks after
     coercion name it), else by its position."""
@@ -567,6 +579,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     _check(isinstance(value, tp), f"{key} must be {_TYPE_WORDS.get(tp) or 'a ' + _type_name(tp)}, got {_got(value)}")
     if tp is str:
         raw = [c for c in value if "\udc80" <= c <= "\udcff"]  # a path's byte that is not UTF-8 (os.fsdecode's escape)
+        if raw and _utf8_in_another_locale(value):
+            raise ConfigError(f"{key} = {ascii(value.encode('utf-8', 'surrogateescape').decode())} cannot be read in "
+                              f"this locale's encoding ({sys.getfilesystemencoding()}); run fmlray under a UTF-8 "
+                              "locale (e.g. LANG=C.UTF-8) or with PYTHONUTF8=1")
         if raw:
             raise ConfigError(f"{key} = {value.encode('utf-8', 'surrogateescape')!r} holds the byte "
                               f"{ord(raw[0]) - 0xdc00:#x}, which is not UTF-8 text, and fmlray keeps its settings as "

@@ -286,6 +286,10 @@ def run_planned(sweep: Sweep, path: str | Path, echo, parallel: int | str | None
         from fmlray.trials import run_trials
         run_trials(sweep, sweep.parallel if parallel is None else parallel, echo)
         return combine(folder, runs)
+    todo = {run.name: run.cfg for run in runs if not finished(folder / run.name)}
+    if todo:  # as the parallel executor does: a run whose data cannot be partitioned fails before the first starts
+        from fmlray.trials import check_data
+        check_data(todo)
     for i, run in enumerate(runs, 1):
         run_dir = folder / run.name
         check_found(run_dir, run.name, run.cfg, path)  # again: another command may have written there since

@@ -99,6 +99,22 @@ def test_a_closed_stdout_or_an_ascii_terminal_is_no_traceback(tmp_path):
     assert b"\\u2190" in ascii_.stdout  # the key table's arrow, escaped as Python's stderr escapes
 
 
+def test_a_name_an_ascii_locale_cannot_hold_is_one_line_naming_the_locale(tmp_path):
+    # with Python's UTF-8 mode off under the C locale: a traceback (os.fsencode), or "not UTF-8 text ... rename
+    # that folder", for a name the user typed in UTF-8 (audit 48)
+    env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    (tmp_path / "n.toml").write_text('[run]\nname = "na\u00efve"\n', encoding="utf-8")
+    fix = "run fmlray under a UTF-8 locale (e.g. LANG=C.UTF-8) or with PYTHONUTF8=1"
+    for argv, said in ((["-c", str(tmp_path / "n.toml")], f"'\\xef' cannot be written in this locale's encoding (ascii); "),
+                       (["--set", 'run.name="r\u00e9sum\u00e9"'], "run.name = 'r\\xe9sum\\xe9' cannot be read in this "
+                                                                  "locale's encoding (ascii); ")):
+        proc = subprocess.run([sys.executable, "-m", "fmlray", "run", *argv, "--set", "engine.kind=serial",
+                               "--set", f"run.output_dir={tmp_path / 'runs'}"], capture_output=True, timeout=120,
+                              env=env, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.decode() == f"fmlray: error: {said}{fix}\n", proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_whose_output_pipe_closes_stops_with_the_resume_command_on_stderr(tmp_path):
     """`fmlray run ... | head -6`: the run stops at its next line, as a shell tool does, and says how to go on."""
     proc = subprocess.Popen([sys.executable, "-m", "fmlray", "run", *QUICK, "--set", "run.rounds=4",

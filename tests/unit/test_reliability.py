@@ -167,6 +167,12 @@ def test_what_a_user_keeps_in_a_runs_checkpoint_folder_outlives_the_next_checkpo
     # two clients' rows swapped by hand: each row still matched its checksum, so each client resumed the other's
     # state (a client left out of its file, with its checksum: its state restarted untrained) (audit 40)
     (lambda d: _edit_cids(d, [1, 0], sign=False), "manifest.json is damaged (it fails its checksum: edited since"),
+    # ... with the version lowered to 3 as well (which has no checksum of its own): it resumed swapped (audit 48)
+    (lambda d: (_edit_cids(d, [1, 0], sign=False), _edit_manifest(d, version=3)),
+     "manifest.json is damaged (it fails its checksum: edited since"),
+    # a newer fmlray's: "damaged ... start the run again" would have thrown a good run away
+    (lambda d: _edit_manifest(d, version=99), "manifest.json is a checkpoint of a newer fmlray (VERSION 99; this one "
+                                              "reads 2 to 4); resume it with that fmlray, or upgrade this one"),
     (lambda d: _damage_row(d, "flip"), "fails its checksum"),
     (lambda d: _damage_row(d, "missing"), "is missing"),
     (lambda d: _damage_row(d, "garbage"), "is missing or damaged"),

@@ -245,13 +245,13 @@ def one_axis(tmp_path, common: str, axis: str, values: str):
     return spec
 
 
-def test_a_run_that_fails_in_a_sequential_sweep_is_named(tmp_path, capsys):
+def test_a_run_that_fails_in_a_sequential_sweep_is_named_before_any_run_starts(tmp_path, capsys):
     spec = one_axis(tmp_path, '"data.min_samples=1"', "clients", '[{ label = "few", set = ["clients.num_clients=4"] }, '
                     '{ label = "many", set = ["clients.num_clients=2000"] }]')
     assert main(["sweep", str(spec)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fmlray: error: run many-s0: cannot give 2000 clients") and len(err.splitlines()) == 1, err
-    assert (tmp_path / "runs" / "t" / "few-s0" / "metrics.parquet").is_file()
+    assert not (tmp_path / "runs" / "t" / "few-s0").exists()  # it ran first, then the sweep failed (audit 48)
 
 
 def test_a_sweep_run_killed_after_its_last_checkpoint_is_finished_by_the_rerun(tmp_path, capsys, monkeypatch):
