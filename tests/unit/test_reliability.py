@@ -719,7 +719,7 @@ def test_a_checkpoint_of_the_format_before_checksummed_global_models_resumes_and
     import shutil
     assert main(["run", *QUICK, "--set", f"run.output_dir={tmp_path}"]) == 0
     run_dir, other = tmp_path / "digits-fml", tmp_path / "other"
-    _edit_manifest(run_dir, version=2, global_crc32=None, partition=None)
+    _edit_manifest(run_dir, version=2, global_crc32=None, partition=None, manifest_crc32=None)
     shutil.copytree(run_dir, other)
     shutil.copy(run_dir / "partition.npz", other / "checkpoint" / "global-r000001.npz")
     before = snapshot(other)
@@ -748,7 +748,7 @@ def test_a_deleted_partition_npz_is_written_back_where_the_checkpoint_vouches_fo
     assert main(["run", "--resume", str(run_dir), "--set", "run.rounds=2"]) == 0
     assert (run_dir / "partition.npz").read_bytes() == saved and (run_dir / "partition.csv").read_bytes() == table
     # an older checkpoint keeps no fingerprint of the partition: nothing vouches for the config's
-    _edit_manifest(older, version=2, global_crc32=None, partition=None)
+    _edit_manifest(older, version=2, global_crc32=None, partition=None, manifest_crc32=None)
     before = snapshot(older)
     capsys.readouterr()
     assert main(["run", "--resume", str(older), "--set", "run.rounds=2"]) == 2
