@@ -237,13 +237,17 @@ def _dropped(stop) -> str:
 def _resume_hint(command: str, resumable: Callable[[], bool]):
     """A second Ctrl-C, a SIGTERM outside the rounds, or an OSError no check foresaw (output to a closed pipe or a
     full disk) ends the command at once: where it left something `resumable` (a run's checkpoint, a search's
-    recorded plan), `main`'s one line ends with the `command` that continues it."""
+    recorded plan), `main`'s one line ends with the `command` that continues it; so does a lost node's or actor's
+    error that ends saying the last checkpoint is resumable."""
+    from fmlray.errors import RESUMABLE, ResourceError
     try:
         yield
     except BaseException as exc:
         raised = signals.raised_by_handler(exc) or exc
         if isinstance(raised, (KeyboardInterrupt, signals.Terminated, OSError)) and resumable():
             raised.add_note(f"continue with: {command}")
+        elif isinstance(raised, ResourceError) and str(raised).endswith(RESUMABLE) and resumable():
+            raised.args = (f"{str(raised).removesuffix(RESUMABLE)}continue from the last checkpoint with: {command}",)
         raise
 
 

@@ -28,6 +28,11 @@ class ResourceError(FmlrayError):
     """The cluster cannot host what the config asks for."""
 
 
+# How a ResourceError mid-run ends when the run's last checkpoint stands; the CLI puts the command that resumes in
+# its place (`cli._resume_hint`)
+RESUMABLE = "the last checkpoint is resumable"
+
+
 # What numpy raises reading a damaged .npz, beyond a missing or unreadable file (OSError): a cut or altered zip, a
 # member flagged encrypted or stored by a method zipfile lacks (RuntimeError, NotImplementedError), damaged deflate
 # data (zlib.error), an .npy header claiming a shape too large to allocate (MemoryError) or impossible (ValueError).

@@ -20,6 +20,6 @@ def check_path(path: str | os.PathLike, what: str) -> None:
     """Refuse a relative path in a Ray job: it would resolve inside the job's working directory, a
     temporary copy that Ray deletes, while the run reports it as written."""
     if in_ray_job() and not Path(path).is_absolute():
-        raise ConfigError(f"{what}={str(path)!r} is relative, but this is a Ray job: it would land in the job's "
-                          f"temporary working directory ({os.getcwd()}); give an absolute path on the head node "
-                          "or on shared storage")
+        raise ConfigError(f"{what}={str(path)!r} is relative, but this is a Ray job: it would resolve inside the "
+                          f"job's temporary working directory ({os.getcwd()}), which Ray deletes; give an absolute "
+                          "path on the head node or on shared storage")

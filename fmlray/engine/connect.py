@@ -72,6 +72,20 @@ def _serves_ray(address: str, timeout: float) -> bool:
     return reply == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 
 
+def _asks_for_token(address: str, timeout: float) -> bool:
+    """Whether the GCS at `address` refuses a call without a token (Ray 2.60 turns token auth on for every new
+    head). A driver outside token mode then retried for ~20 s, printing a C++ warning each time, and failed
+    without saying why."""
+    import grpc
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=timeout)  # an empty GetClusterIdRequest
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
 def _check_head(address: str, hint: str) -> None:
     """Fail in one line, within FMLRAY_CONNECT_TIMEOUT_S, unless a Ray head answers at "host:port"."""
     if not _reachable(address):
@@ -82,6 +96,10 @@ def _check_head(address: str, hint: str) -> None:
     if not _serves_ray(address, timeout):
         raise ResourceError(f"{address} accepts connections but is not a Ray cluster (no Ray GCS answered within "
                             f"{timeout:g}s; FMLRAY_CONNECT_TIMEOUT_S sets this deadline); {hint}")
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and _asks_for_token(address, timeout):
+        raise ResourceError(f"the Ray cluster at {address} asks for a token (token authentication, on for every new "
+                            "head since Ray 2.60): set RAY_AUTH_MODE=token, with the head's token in "
+                            "~/.ray/auth_token or RAY_AUTH_TOKEN")
 
 
 def _ray_start_address() -> tuple[str, str | None]:
@@ -336,8 +354,13 @@ def abandon_early() -> None:
 def _connect(address: str) -> bool:
     _quiet_error_listener()
     _reread_auth()
+    where = "engine.address" if address else "RAY_ADDRESS"  # what the user set, for the messages
     address = address or os.environ.get("RAY_ADDRESS", "")
     hint = "check engine.address / RAY_ADDRESS, or leave both empty for a local Ray"
+    if address.lower().startswith(("http://", "https://")):  # Ray's own message on it is cut by our one line
+        raise ResourceError(f"{where} = {address} is an HTTP address (a dashboard's, for `ray job submit`); give "
+                            "the cluster's GCS address (HOST:PORT, 6379 unless `ray start --port` said otherwise), "
+                            "or \"auto\" for the `ray start` cluster on this machine")
     if not address:
         try:
             start_private_ray()
@@ -359,17 +382,18 @@ def _connect(address: str) -> bool:
     if address == "auto":
         path, recorded = _ray_start_address()
         if recorded is None:
-            raise ResourceError(f"engine.address=auto: no `ray start` cluster on this machine (no {path}); start "
-                                "one with `ray start --head`, give a cluster's address, or leave engine.address "
-                                "empty for a private local Ray")
+            raise ResourceError(f"{where}=auto: no `ray start` cluster on this machine (no {path}; a head started "
+                                "with --temp-dir keeps its file there: give its address, HOST:PORT, instead); start "
+                                f"one with `ray start --head`, give a cluster's address, or leave {where} empty for a "
+                                "private local Ray")
         if not _reachable(recorded):
-            raise ResourceError(f"engine.address=auto: {path} names {recorded}, but no Ray head answers there (a "
+            raise ResourceError(f"{where}=auto: {path} names {recorded}, but no Ray head answers there (a "
                                 "`ray start` that ended without `ray stop` left it); start the head again, delete "
-                                "that file, or leave engine.address empty for a private local Ray")
-        _check_head(recorded, hint)
+                                f"that file, or leave {where} empty for a private local Ray")
         # What Ray does for "auto" (and only then): token auth on when a token exists and the mode is unset.
         from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        _check_head(recorded, hint)
         address = recorded  # given as is: Ray's "auto" might pick another GCS from the process list
     else:
         _check_head(address, hint)

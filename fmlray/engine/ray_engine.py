@@ -40,7 +40,7 @@ from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
                                      plan_actors, plan_store)
 from fmlray.engine.state import MANIFEST, RowRef, latest_rows, state_folder, tidy_rows
-from fmlray.errors import FmlrayError, ResourceError
+from fmlray.errors import RESUMABLE, FmlrayError, ResourceError
 from fmlray.progress import plain_warnings
 
 # A client with private state moves to another actor only if it trains at least this many rows a round:
@@ -196,7 +196,7 @@ class ClientActor:
 
 _OUT_OF_MEMORY = ("a node ran out of memory and Ray's memory monitor killed a client actor; set "
                   "engine.state_store = \"disk\", lower engine.num_actors, or sample fewer clients a round "
-                  "(clients.fraction); the last checkpoint is resumable")
+                  f"(clients.fraction); {RESUMABLE}")
 
 
 # how Ray says a call's actor died (RayTaskError, an error of the call itself, is not among them)
@@ -215,8 +215,8 @@ def _lost_before_round_1(exc: Exception, then: str) -> ResourceError:
 
 
 def _second_loss(exc: Exception) -> ResourceError:
-    return _lost(exc, f"a second client actor was lost ({type(exc).__name__}) while a lost one's clients moved to "
-                      "it; the last checkpoint is resumable")
+    return _lost(exc, f"a second client actor was lost ({type(exc).__name__}: a node went away, or the cluster) "
+                      f"while a lost one's clients moved to it; {RESUMABLE}")
 
 
 def _last(refs):

@@ -154,6 +154,19 @@ def test_auto_joins_the_cluster_a_ray_start_recorded(private_head, tmp_path):
     assert "round 1/1" in proc.stdout and (tmp_path / "digits-fml" / "metrics.parquet").is_file()
 
 
+def test_an_address_of_a_head_that_asks_for_a_token_says_so_in_one_line(private_head, tmp_path):
+    # outside token mode, ray.init retried for ~20 s, printing a C++ warning each time, then said only that it
+    # could not connect (audit 45)
+    env = {k: v for k, v in private_head.env(PYTHONPATH=str(REPO)).items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    proc = subprocess.run([sys.executable, "-m", "fmlray", "run", "--address", private_head.gcs, "--set",
+                           f"run.output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"fmlray: error: the Ray cluster at {private_head.gcs} asks for a token (token authentication, on for every "
+        "new head since Ray 2.60): set RAY_AUTH_MODE=token, with the head's token in ~/.ray/auth_token or "
+        "RAY_AUTH_TOKEN"], proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
 def fmlray_job(*args: str) -> list[str]:
     """What `ray job submit` runs: this checkout (uploaded as the working dir) under the head's python."""
     return ["--working-dir", str(REPO), "--", "python", "-m", "fmlray", "run", "--set", "engine.kind=ray",

@@ -114,8 +114,9 @@ def test_auto_without_a_ray_start_cluster_says_so(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"fmlray: error: engine.address=auto: no `ray start` cluster on this machine (no {tmpdir}/ray/"
-        "ray_current_cluster); start one with `ray start --head`, give a cluster's address, or leave "
-        "engine.address empty for a private local Ray"]
+        "ray_current_cluster; a head started with --temp-dir keeps its file there: give its address, HOST:PORT, "
+        "instead); start one with `ray start --head`, give a cluster's address, or leave engine.address empty for "
+        "a private local Ray"]
 
 
 class Quiet(http.server.BaseHTTPRequestHandler):

@@ -841,3 +841,14 @@ def test_the_serial_engine_names_the_ray_settings_it_does_not_use(tmp_path, caps
                  "--set", f"run.output_dir={tmp_path}"]) == 0
     assert ("the serial engine trains in this process on the CPU: engine.address, engine.num_actors, "
             "clients.groups[mlp].num_gpus unused") in capsys.readouterr().out
+
+
+def test_a_lost_actors_error_ends_with_the_command_that_resumes_the_run():
+    # "... the last checkpoint is resumable" said that it was, not how (audit 45: the head killed mid-run)
+    from fmlray.cli import _resume_hint
+    from fmlray.errors import RESUMABLE, ResourceError
+    for resumable, said in ((True, "continue from the last checkpoint with: fmlray run --resume runs/x"),
+                            (False, RESUMABLE)):
+        with pytest.raises(ResourceError) as info, _resume_hint("fmlray run --resume runs/x", lambda: resumable):
+            raise ResourceError(f"a second client actor was lost; {RESUMABLE}")
+        assert str(info.value) == f"a second client actor was lost; {said}"

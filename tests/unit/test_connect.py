@@ -92,8 +92,21 @@ def test_auto_with_a_stale_address_file_names_the_file_and_the_dead_address(ray_
 
 def test_ray_address_auto_in_the_environment_means_the_same(ray_tmpdir, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "auto")
-    with pytest.raises(ResourceError, match="no `ray start` cluster on this machine"):
-        connect("")
+    with pytest.raises(ResourceError, match="^RAY_ADDRESS=auto: no `ray start` cluster on this machine"):
+        connect("")  # named as the user set it (it said engine.address=auto)
+
+
+@pytest.mark.parametrize("set_as", ["engine.address", "RAY_ADDRESS"])
+def test_an_http_address_says_what_to_give_instead(monkeypatch, set_as):
+    # Ray's own message was cut, by the one line, just before its advice ("To fix this, either:)")
+    import ray
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265" if set_as == "RAY_ADDRESS" else "")
+    with pytest.raises(ResourceError) as caught:
+        connect("http://127.0.0.1:8265" if set_as == "engine.address" else "")
+    assert str(caught.value) == (f"{set_as} = http://127.0.0.1:8265 is an HTTP address (a dashboard's, for `ray job "
+                                 "submit`); give the cluster's GCS address (HOST:PORT, 6379 unless `ray start --port` "
+                                 "said otherwise), or \"auto\" for the `ray start` cluster on this machine")
 
 
 @pytest.mark.parametrize("where", ["a file", "too deep"])
