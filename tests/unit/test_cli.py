@@ -105,7 +105,7 @@ def test_a_name_an_ascii_locale_cannot_hold_is_one_line_naming_the_locale(tmp_pa
     env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
     (tmp_path / "n.toml").write_text('[run]\nname = "na\u00efve"\n', encoding="utf-8")
     fix = "run fmlray under a UTF-8 locale (e.g. LANG=C.UTF-8) or with PYTHONUTF8=1"
-    for argv, said in ((["-c", str(tmp_path / "n.toml")], f"'\\xef' cannot be written in this locale's encoding (ascii); "),
+    for argv, said in ((["-c", str(tmp_path / "n.toml")], "'\\xef' cannot be written in this locale's encoding (ascii); "),
                        (["--set", 'run.name="r\u00e9sum\u00e9"'], "run.name = 'r\\xe9sum\\xe9' cannot be read in this "
                                                                   "locale's encoding (ascii); ")):
         proc = subprocess.run([sys.executable, "-m", "fmlray", "run", *argv, "--set", "engine.kind=serial",
