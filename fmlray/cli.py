@@ -159,6 +159,9 @@ def cmd_compare(args) -> int:
     names = list(ALGORITHMS) if args.algorithms.strip() == "all" else \
         [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ALGORITHMS]
+    if "all" in unknown:
+        raise ConfigError(f"--algorithms {args.algorithms!r}: \"all\" stands alone (every algorithm); give it "
+                          "alone, or list the algorithms")
     if not names:
         raise ConfigError(f"--algorithms {args.algorithms!r} names no algorithm; give at least one, e.g. "
                           "--algorithms fml,fedavg (or all)")

@@ -371,8 +371,11 @@ def check_new(folder: Path, overwrite: bool, hint: str = "") -> None:
         raise FmlrayError(f"{folder} is a file, not a run folder, so it is never deleted, even with --overwrite; "
                           "move it away yourself or choose another run.name")
     if not _ours(folder):
-        raise FmlrayError(f"{folder} was not made by fmlray (it has no {MARKER} file), so it is never deleted, "
-                          "even with --overwrite; move it away yourself or choose another run.name")
+        grid = ("a search's folder (fmlray tune made it), not a run's" if (folder / SEARCH_RECORD).is_file() else
+                "a sweep's folder (fmlray sweep made it), not a run's" if (folder / SWEEP_TABLE).is_file() else
+                f"not a run fmlray made (it has no {MARKER} file)")
+        raise FmlrayError(f"{folder} is {grid}, so it is never deleted, even with --overwrite; move it away "
+                          "yourself or choose another run.name")
 
 
 _TEMPORARY = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp")  # `_temporary`'s names
@@ -588,7 +591,28 @@ def resumable_config(run_dir: str | Path, overrides: list[str]) -> Config:
                           "engine.* and the groups' num_cpus / num_gpus may change; to go on elsewhere, copy the "
                           "folder and resume the copy)")
     place = [f"run.output_dir={quoted(str(run_dir.parent))}", f"run.name={quoted(run_dir.name)}"]
-    return load_config(run_dir / CONFIG, [*overrides, *place])
+    cfg = load_config(run_dir / CONFIG, [*overrides, *place])
+    owner = grid_of(run_dir)
+    if owner:
+        from fmlray.sweep import finished_otherwise
+        changed = finished_otherwise(run_dir, cfg)
+        if changed:  # extended in place, it was neither the grid's run nor a new one: the grid refused it for good
+            raise ConfigError(f"{run_dir} is a run of {owner}; changed there ({', '.join(changed[:3])}), it would no "
+                              "longer be that grid's run, and the grid would refuse it; copy the folder and resume "
+                              f"the copy (cp -a {run_dir} DEST, then fmlray run --resume DEST ...)")
+    return cfg
+
+
+def grid_of(run_dir: Path) -> str | None:
+    """The sweep or search `run_dir` is a run of ("the search in F" / "the sweep in F"), or None."""
+    parent = run_dir.parent
+    if (parent / SEARCH_RECORD).is_file():
+        return f"the search in {parent}"
+    try:  # a sweep's table names its runs (a user's results.parquet does not name this one)
+        runs = read_parquet(parent / SWEEP_TABLE, columns=["run"]).column("run").to_pylist()
+    except (pa.ArrowException, OSError, KeyError):
+        return None
+    return f"the sweep in {parent}" if run_dir.name in runs else None
 
 
 class Records:

@@ -319,8 +319,8 @@ def replaced(run_dir: Path, cfg: Config) -> str | None:
     diff = finished_otherwise(run_dir, cfg)
     return None if not diff else (
         f"{run_dir} holds a run of another config than this search's trial (differs in {', '.join(diff[:5])}"
-        f"{', ...' if len(diff) > 5 else ''}): it was replaced since the trial ran; put the trial's own run back "
-        "there, or search again under another tune.name")
+        f"{', ...' if len(diff) > 5 else ''}): it was replaced or changed since the trial ran; put the trial's own "
+        "run back there, or search again under another tune.name")
 
 
 def resume_point(search: Search, where: str) -> tuple[Path | None, int | str]:

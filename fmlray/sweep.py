@@ -214,7 +214,9 @@ def plan_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: sweep.executor = {executor!r} is unknown; choose \"loop\" (one run after "
                           "another) or \"tune\" (runs as Ray Tune trials in parallel)")
     parallel = parallel_value(s.get("parallel", "auto"), f"{path}: sweep.parallel")
-    if not isinstance(s.get("name"), str) or not s["name"]:
+    if "name" in s and not isinstance(s["name"], str):
+        raise ConfigError(f"{path}: sweep.name must be a string, got {s['name']!r}; quote it: name = \"...\"")
+    if not s.get("name"):
         raise ConfigError(f"{path}: [sweep] needs a name")
     folder_name(f"{path}: sweep.name", s["name"])
     base = path.parent / _text(s, "base", path) if "base" in s else None

@@ -32,7 +32,7 @@ def _timeout(name: str, default: float) -> float:
     except ValueError:
         raise ResourceError(f"{name}={os.environ[name]!r} is not a number of seconds") from None
     if not 0 < value <= MAX_TIMEOUT_S:  # NaN too; Ray's waits take at most ~24 days (int32 milliseconds)
-        raise ResourceError(f"{name} must be a number of seconds from 0 to {MAX_TIMEOUT_S:,} "
+        raise ResourceError(f"{name} must be a number of seconds above 0, at most {MAX_TIMEOUT_S:,} "
                             f"(unset: {default:g}), got {os.environ[name]!r}")
     return value
 

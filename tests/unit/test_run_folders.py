@@ -139,7 +139,7 @@ def test_a_folder_without_the_marker_is_never_deleted(tmp_path, capsys, no_data)
     (out / "src").mkdir(parents=True)
     (out / "src" / "main.py").write_text("print('mine')")
     one_line(capsys, run(out, "src"), "already exists")
-    one_line(capsys, run(out, "src", "--overwrite"), f"{out / 'src'} was not made by fmlray", MARKER,
+    one_line(capsys, run(out, "src", "--overwrite"), f"{out / 'src'} is not a run fmlray made", MARKER,
              "run.name")
     assert snapshot(out / "src") == {"main.py": b"print('mine')"} and hidden(out) == []
 
@@ -284,7 +284,7 @@ def test_compare_refuses_existing_algorithm_folders_before_loading_data(tmp_path
     argv = ["compare", "--set", "engine.kind=serial", "--set", f"run.output_dir={out}", "--set", "run.name=x",
             "--algorithms", "fml,fedavg"]
     one_line(capsys, main(argv), f"{out / 'x-fedavg'} already exists", "--overwrite")
-    one_line(capsys, main([*argv, "--overwrite"]), f"{out / 'x-fedavg'} was not made by fmlray")
+    one_line(capsys, main([*argv, "--overwrite"]), f"{out / 'x-fedavg'} is not a run fmlray made")
     assert sorted(p.name for p in out.iterdir()) == ["x-fedavg"] and not any((out / "x-fedavg").iterdir())
 
 

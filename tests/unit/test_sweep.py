@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,7 +82,8 @@ def test_bad_parallel_options_are_one_line_and_exit_2(tmp_path, capsys, argv, fr
     ("[sweep]\nname='x'\nbase=5\n", "sweep.base must be a non-empty string (in quotes), got 5"),
     ("[sweep]\nname='x'\noutput_dir=5\n", "sweep.output_dir must be a non-empty string"),
     ("[sweep]\nname='x'\noutput_dir=['runs']\n", "sweep.output_dir must be a non-empty string"),
-    ("[sweep]\nname=['x']\n", "needs a name"),
+    ("[sweep]\nname=['x']\n", "sweep.name must be a string, got ['x']; quote it"),
+    ("[sweep]\nname=5\n", "sweep.name must be a string, got 5"),
     ("[sweep]\nname='../x'\n", "sweep.name = '../x' must be a plain folder name"),
     ("[sweep]\nname='x'\nset='run.rounds=2'\n", "sweep.set must be a list of"),
     ("[sweep]\nname='x'\nset=[5]\n", "sweep.set must be a list of"),
@@ -452,3 +454,41 @@ def test_a_sequential_sweep_whose_runs_are_all_finished_starts_no_ray(tmp_path, 
     capsys.readouterr()
     assert main(["sweep", str(spec)]) == 0
     assert "[1/1] fedavg-s0: done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grid", ["sweep", "search"])
+def test_a_grids_run_changed_by_run_resume_is_refused_before_it_leaves_the_grid(tmp_path, capsys, grid):
+    # `fmlray run --resume <a sweep's run> --set run.rounds=2` extended it in place; the sweep (or search) then
+    # refused it for good as "another config's" (audit 48)
+    if grid == "sweep":
+        spec = one_axis(tmp_path, '"clients.num_clients=4"', "algorithm", '["algorithm.name=fedavg"]')
+        assert main(["sweep", str(spec)]) == 0
+        run = tmp_path / "runs" / "t" / "fedavg-s0"
+    else:  # a search's folder, as its record marks it
+        out = tmp_path / "runs" / "r"
+        assert main(["run", "--set", "engine.kind=serial", "--set", "run.rounds=1", "--set", "training.epochs=1",
+                     "--set", "clients.num_clients=4", "--set", f"run.output_dir={out}", "--set", "run.name=trial-00000"]) == 0
+        (out / ".tune").mkdir()
+        (out / ".tune" / "search.json").write_text("{}")
+        run = out / "trial-00000"
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "--set", "run.rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fmlray: error: {run} is a run of the {grid} in {run.parent}; changed there (run.rounds), it would "
+                   "no longer be that grid's run, and the grid would refuse it; copy the folder and resume the copy "
+                   f"(cp -a {run} DEST, then fmlray run --resume DEST ...)"), err
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    copy = tmp_path / "copy" / run.name
+    shutil.copytree(run, copy)
+    assert main(["run", "--resume", str(copy), "--set", "run.rounds=2"]) == 0  # the copy goes on
+
+
+def test_run_overwrite_onto_a_sweeps_folder_names_what_the_folder_is(tmp_path, capsys):
+    spec = one_axis(tmp_path, '"clients.num_clients=4"', "algorithm", '["algorithm.name=fedavg"]')
+    assert main(["sweep", str(spec)]) == 0
+    capsys.readouterr()
+    assert main(["run", "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.name=t", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()  # it said the folder "was not made by fmlray"
+    assert err == (f"fmlray: error: {tmp_path / 'runs' / 't'} is a sweep's folder (fmlray sweep made it), not a run's, "
+                   "so it is never deleted, even with --overwrite; move it away yourself or choose another run.name")
