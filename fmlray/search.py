@@ -146,6 +146,8 @@ def literal(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else quoted(k)} = {literal(v)}"
                                for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):  # on one line (tomli_w writes a list over several)
+        return "[" + ", ".join(map(literal, value)) + "]"
     return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
@@ -157,6 +159,9 @@ def _param(p, i: int, where: str) -> Param:
     kinds = [k for k in KINDS if isinstance(p, dict) and k in p]
     if not isinstance(p, dict) or set(p) != {"key", *kinds} or len(kinds) != 1 or not isinstance(p["key"], str):
         raise ConfigError(f"{where}: [[param]] {i} needs a key and exactly one of {', '.join(KINDS)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", p["key"]):  # "" or " training.lr ": its column kept the spaces
+        raise ConfigError(f"{where}: [[param]] {i}: key must be a config key such as \"training.lr\" (letters, "
+                          f"digits, _ and ., no spaces), got {p['key']!r}")
     kind, values = kinds[0], p[kinds[0]]
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: param {p['key']}: {kind} must be a non-empty list, got {values!r}")
@@ -215,16 +220,16 @@ def plan_search(path: str | Path) -> Search:
     params = tuple(_param(p, i, where) for i, p in enumerate(params))
     common_keys = override_keys(common, f"{where}: tune.set", PER_TRIAL)
     for i, p in enumerate(params):  # each searched key takes effect, and its column tells the truth
-        taken = next((k for k in UNSEARCHABLE if overlap(p.key.strip(), k)), None)
+        taken = next((k for k in UNSEARCHABLE if overlap(p.key, k)), None)
         if taken is not None:
             raise ConfigError(f"{where}: param {p.key}: {taken} cannot be searched: {UNSEARCHABLE[taken]}")
         # replaced in every trial: inside a key that every value sets (a table value sets only its own keys)
-        hidden = next((c for c in common_keys if all(any(inside(c, leaf) for leaf in leaf_keys(p.key.strip(), v))
+        hidden = next((c for c in common_keys if all(any(inside(c, leaf) for leaf in leaf_keys(p.key, v))
                                                      for v in p.values)), None)
         if hidden is not None:
-            raise ConfigError(f"{where}: tune.set sets {hidden}, but param {p.key.strip()} replaces it in every "
+            raise ConfigError(f"{where}: tune.set sets {hidden}, but param {p.key} replaces it in every "
                               "trial; drop it from tune.set")
-        twice = next((q.key for q in params[:i] if overlap(p.key.strip(), q.key.strip())), None)
+        twice = next((q.key for q in params[:i] if overlap(p.key, q.key)), None)
         if twice is not None:  # the same key, or one inside the other (training, training.lr)
             raise ConfigError(f"{where}: a key is searched twice ({twice}, {p.key}); give each key one [[param]]")
     search = Search(Path(output_dir).expanduser() / name, name, base, tuple(common), params, metric, mode, samples, scheduler,

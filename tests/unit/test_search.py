@@ -69,6 +69,10 @@ def test_a_tune_file_is_read_with_its_defaults(tmp_path):
      "tune.set: 'run.name=mine' sets run.name, which would be ignored: the search names each trial's run"),
     (('run.rounds=4"', 'run.rounds=4", "run.rounds=5"'), "tune.set: sets run.rounds twice"),
     (('"training.optimizer"', '"algorithm.fml"'), "a key is searched twice (algorithm.fml.alpha, algorithm.fml)"),
+    # an empty key read as "--set '=0.1' must look like section.key=value"; one with spaces kept them in its column
+    (('"training.optimizer"', '""'), "[[param]] 1: key must be a config key such as \"training.lr\" (letters, "
+                                     "digits, _ and ., no spaces), got ''"),
+    (('"training.optimizer"', '" training.optimizer "'), "got ' training.optimizer '"),
     (('grid = ["sgd", "adam"]', 'grid = ["sgd", "adam", "sgd"]'),
      'param training.optimizer: grid values "sgd" and "sgd" give the same config; list each value once'),
     (('"training.optimizer"\ngrid = ["sgd", "adam"]', '"training.lr"\ngrid = [0.01, 0.010]'),
@@ -567,3 +571,10 @@ def test_tunes_failed_to_fetch_metrics_warning_on_restore_is_not_shown(caplog):
         analysis.warning("Failed to fetch metrics for 2 trial(s):\n- _trial_af56c_00001: FileNotFoundError('...')")
         analysis.warning("another warning")
     assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
+def test_a_value_is_written_as_one_toml_literal():
+    from fmlray.search import literal
+    assert literal([0.1, 0.2]) == "[0.1, 0.2]"  # it was "[\n    0.1,\n    0.2,\n]" in messages and --set
+    assert literal({"lr": 0.1, "a b": [1, "x"]}) == '{lr = 0.1, "a b" = [1, "x"]}'
+    assert literal("sgd") == '"sgd"' and literal(True) == "true"
