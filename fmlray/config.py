@@ -266,7 +266,8 @@ class GroupConfig:
 @dataclass(frozen=True, kw_only=True)
 class ClientsConfig:
     num_clients: int = _key("clients in the federation", 20)
-    fraction: float = _key("share of clients sampled each round", 1.0)
+    fraction: float = _key("share of clients sampled each round: round(fraction × num_clients), halves to even "
+                           "(Python's round), at least 1", 1.0)
     groups: tuple[GroupConfig, ...] = _key(
         "client groups ([[clients.groups]] tables): local architecture, size and resources",
         (GroupConfig(name="mlp", local_model="mlp", share=0.5), GroupConfig(name="lenet5", local_model="lenet5", share=0.5)))

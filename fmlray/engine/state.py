@@ -418,10 +418,12 @@ class DiskStore:
     def get(self, cid: int) -> np.ndarray | None:
         if cid not in self.slot:
             return None
+        if self._flight is not None and self._flight[1] == cid:
+            # its write first: a read queued after a write that failed (a full disk) read the row before it, which
+            # a checkpoint then kept as the client's latest, its checksum good
+            self._settle()
         b = self._take_ahead(cid)
         if b is None:
-            if self._flight is not None and self._flight[1] == cid:
-                self._settle()
             b = self._free()
             self._read(b, cid)
         self._held = b
@@ -556,6 +558,8 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
     crcs = []
     fd = None
     try:
+        if isinstance(store, DiskStore):
+            store._settle()  # a store write that failed says so now, before any row of this file is taken
         fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # a run's file, as readable as the rest
         buf[:PAGE] = _npy_header((len(cids), width))  # direct I/O writes from page-aligned memory only
         _pwrite(fd, memoryview(buf)[:PAGE], 0)
@@ -575,11 +579,13 @@ def write_rows(path: Path, store: MemoryStore | DiskStore, cids: list[int]) -> l
         os.close(fd)
         fd = None
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # the store's own errors too (ResourceError): they left the file open and behind
         if fd is not None:
             os.close(fd)
         tmp.unlink(missing_ok=True)
-        raise ResourceError(cannot_write(f"checkpoint file {path}", path.parent, exc)) from None
+        if isinstance(exc, OSError):
+            raise ResourceError(cannot_write(f"checkpoint file {path}", path.parent, exc)) from None
+        raise
     return crcs
 
 

@@ -459,3 +459,59 @@ def test_a_write_direct_io_refuses_goes_on_buffered(tmp_path, monkeypatch):
     _pwrite(fd, b"abcdefgh", 0)
     os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"abcdefgh" and calls == [direct] * direct + [False] * 3
+
+
+@pytest.mark.parametrize("failing", [8, 5])
+def test_a_failed_store_write_is_never_checkpointed_as_the_clients_row(tmp_path, capsys, monkeypatch, failing):
+    # 8: round 2's last client's store write, still in flight when the checkpoint read its row back: the checkpoint
+    # kept its round-1 row with a good checksum and a resume went on from it (audit 50); 5: round 2's first
+    import errno
+    import json
+
+    from fmlray import cli
+    from fmlray.engine import state
+    real, writes = state._pwrite, []
+
+    def pwrite(fd, buf, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".rows"):
+            writes.append(offset)
+            if len(writes) == failing:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buf, offset)
+    monkeypatch.setattr(state, "_pwrite", pwrite)
+    run = tmp_path / "r"
+    assert cli.main(["run", "--set", "engine.kind=serial", "--set", "engine.state_store='disk'", "--set", "run.rounds=2",
+                     "--set", "training.epochs=1", "--set", "clients.num_clients=4", "--set", f"run.output_dir={tmp_path}",
+                     "--set", "run.name=r", "--set", "clients.groups=[{name='a', share=1.0}]"]) == 2
+    assert "cannot write client state to" in capsys.readouterr().err
+    assert json.loads((run / "checkpoint" / "manifest.json").read_text())["round"] == 1  # round 2 never checkpointed
+    assert not list(run.rglob("*.tmp"))
+    assert not [path for path in open_files() if ".tmp" in path]
+
+
+def open_files() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor, closed since
+            pass
+    return out
+
+
+def test_a_store_error_while_a_checkpoint_file_is_written_leaves_no_file_open_or_behind(tmp_path, monkeypatch):
+    # only an OSError was cleaned up: the store's ResourceError left the .tmp file, open for the process's life
+    from fmlray.engine.state import write_rows
+    store = DiskStore(trained_workspace("lenet5", "sgd").layout, tmp_path / "rows")
+    for cid in range(3):
+        store.put(cid)[:] = cid
+        store.done(cid)
+
+    def cut_short(cid):
+        raise ResourceError("the row file was cut short")
+    monkeypatch.setattr(store, "get", cut_short)
+    with pytest.raises(ResourceError, match="cut short"):
+        write_rows(tmp_path / "rows-r000001-x.npy", store, [0, 1, 2])
+    assert [p.name for p in tmp_path.iterdir()] == ["rows"]
+    assert not [path for path in open_files() if ".tmp" in path]
+    store.close()
