@@ -532,8 +532,8 @@ def _utf8_in_another_locale(value: str) -> bool:
 def _label(item: Any, i: int) -> str:
     """How a message names a list's item: a table by its plain name (clients.groups[parity], as the checks after
     coercion name it), else by its position."""
-    name = item.get("name") if isinstance(item, dict) else None
-    return name if isinstance(name, str) and re.fullmatch(r"[\w-]{1,64}", name) else str(i)
+    name = item.get("name") if isinstance(item, dict) else None  # not one of digits: it would read as an index
+    return name if isinstance(name, str) and re.fullmatch(r"[\w-]{1,64}", name) and not name.isdigit() else str(i)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

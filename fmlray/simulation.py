@@ -180,7 +180,7 @@ def check_algorithm(cfg: Config, dataset: Dataset) -> None:
     from fmlray.models import build_model
 
     algo, name = build_algorithm(cfg.algorithm, cfg.run.rounds), cfg.algorithm.name
-    check_loss(algo)
+    check_loss(algo, *_probe(cfg, algo, dataset))
     if algo.shares is not None:
         meme = build_model(cfg.model.meme, dataset.input_shape, dataset.num_classes)
         try:
@@ -192,6 +192,25 @@ def check_algorithm(cfg: Config, dataset: Dataset) -> None:
             raise ConfigError(f"algorithm {name!r} shares no part of model.meme {cfg.model.meme!r} "
                               f"({len(layers(meme))} layers) with these settings; change the layers it keeps or "
                               f"shares (algorithm.{name}.*) or use algorithm.name = \"local\"")
+
+
+def _probe(cfg: Config, algo, dataset: Dataset) -> tuple:
+    """What `check_loss` probes the loss with: a client of the first group's models, built as its host builds
+    them, and four of the run's training rows in the group's task space (with the task's members, if any)."""
+    import torch
+
+    from fmlray.engine.host import client_archs
+    from fmlray.engine.tasks import build_arch, task_members
+    from fmlray.tasks import of_group
+
+    group = cfg.clients.groups[0]
+    task = of_group(cfg, group)
+    models = {m.name: build_arch(a, dataset)
+              for m, a in zip(algo.models, client_archs(cfg, algo, group.local_model, task.num_labels))}
+    label = np.asarray(task.of_class)[dataset.y_train]
+    rows = np.flatnonzero(label >= 0)[:4]  # a task's classes only, as its clients hold
+    x, y = torch.as_tensor(dataset.x_train[rows]), torch.as_tensor(label[rows])
+    return models, x, y, None if task.identity else task_members(task, torch.device("cpu"))
 
 
 def keep_task_classes(cfg: Config, dataset: Dataset, partition: Partition) -> Partition:
@@ -274,8 +293,11 @@ def _run_in(folder, cfg: Config, prepared: Prepared | None, echo: Callable[[str]
                 raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds, over which "
                                   f"{' and '.join(cfg.algorithm.schedule_keys())} spread a schedule, so it cannot "
                                   "be extended; start a new run with more rounds")
-            raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; "
-                              f"add --set run.rounds=N (N > {resume.round}) to continue it")
+            grid = rundir.grid_of(folder.path)  # its rounds are the grid's: extended, it would leave it
+            raise FmlrayError(f"{folder.path} already ran its {resume.round} rounds; " + (
+                f"it is a run of {grid}, so to continue it copy the folder (cp -a {folder.path} DEST) and resume "
+                f"the copy with --set run.rounds=N (N > {resume.round})" if grid else
+                f"add --set run.rounds=N (N > {resume.round}) to continue it"))
         if resume.round > cfg.run.rounds:
             raise ConfigError(f"{folder.path} has a checkpoint of round {resume.round}, past run.rounds = "
                               f"{cfg.run.rounds}; resume with run.rounds >= {resume.round} (a run cannot go back), "

@@ -137,21 +137,21 @@ class Algorithm:
         return out
 
 
-def check_loss(algo: Algorithm, classes: int = 3) -> None:
-    """`algo.loss` keeps its contract on a probe batch (random logits for each model it trains): one loss per
-    trained model, keyed by its name, each a scalar tensor with a gradient. A new algorithm's slip is then one
-    line before round 1; it was a traceback mid-round, or, for a key that names no model it trains, a term that
-    sequential training added to the backward pass and batched training dropped."""
-    gen = torch.Generator().manual_seed(0)
-    z = {n: torch.randn(4, classes, generator=gen).requires_grad_() for n in algo.trains}
-    y = torch.arange(4) % classes
+def check_loss(algo: Algorithm, models: dict[str, nn.Module], x: Tensor, y: Tensor,
+               task: Tensor | None = None) -> None:
+    """`algo.loss` keeps its contract on a probe batch: `models` (a client's, as its group builds them) on a few of
+    the run's rows `x`, `y` (in the group's `task` space), through `algo.logits` as training calls it: one loss per
+    trained model, keyed by its name, each a scalar float tensor. A new algorithm's slip is then one line before
+    round 1; it was a traceback mid-round, or, for a key that names no model it trains, a term that sequential
+    training added to the backward pass and batched training dropped."""
+    scalars = {name: torch.tensor(float(v), requires_grad=True) for name, v in algo.scalars.items()}
     where = f"algorithm {algo.name!r}: its loss(logits, y, rnd)"
     try:
-        losses = algo.loss(z, y, 1)
+        losses = algo.loss(algo.logits(models, scalars, x, algo.trains, task), y, 1)
     except Exception as exc:  # noqa: BLE001 - the author's code: said in one line, with where it failed
         said = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise AlgorithmError(f"{where} failed on a probe batch of logits keyed {list(algo.trains)} "
-                             f"({type(exc).__name__}{': ' + said if said else ''})") from None
+        raise AlgorithmError(f"{where} failed on a probe batch of {len(y)} of the run's rows ({type(exc).__name__}"
+                             f"{': ' + said if said else ''})") from None
     if not isinstance(losses, dict) or set(losses) != set(algo.trains):
         got = sorted(map(str, losses)) if isinstance(losses, dict) else f"a {type(losses).__name__}"
         raise AlgorithmError(f"{where} must return a dict with one loss per model it trains, keyed "
@@ -162,9 +162,6 @@ def check_loss(algo: Algorithm, classes: int = 3) -> None:
                 f"a {type(value).__name__}"
             raise AlgorithmError(f"{where} gives {name!r} {what}; each loss must be a scalar float tensor (reduce "
                                  "the batch, e.g. with a mean, and keep it a tensor: no .item())")
-        if not value.requires_grad:
-            raise AlgorithmError(f"{where} gives {name!r} a loss without a gradient: compute it from the logits "
-                                 "without detaching them (only a peer's logits, the teacher's, are detached)")
 
 
 def task_logits(z: Tensor, members: Tensor) -> Tensor:

@@ -296,6 +296,10 @@ def test_an_unknown_key_names_the_file_it_was_written_in(tmp_path):
     groups = write(tmp_path, "[[clients.groups]]\nname = 'a'\nshare = 1.0\nbogus = 1\n", "groups.toml")
     with pytest.raises(ConfigError, match=re.escape(f"{groups}: unknown key 'clients.groups[a].bogus'")):
         load_config(groups)  # inside a list of tables too
+    digits = write(tmp_path, "[[clients.groups]]\nname = '1'\nshare = 1.0\ncolour = 1\n[[clients.groups]]\n"
+                             "name = '0'\nshare = 1.0\n", "digits.toml")
+    with pytest.raises(ConfigError, match=re.escape(f"{digits}: unknown key 'clients.groups[0].colour'")):
+        load_config(digits)  # a name of digits reads as an index: the item's own index, not group '1'
 
 
 def test_a_table_given_to_set_sets_its_keys_and_keeps_the_files_others(tmp_path):

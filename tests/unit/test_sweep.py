@@ -479,6 +479,10 @@ def test_a_grids_run_changed_by_run_resume_is_refused_before_it_leaves_the_grid(
                    "no longer be that grid's run, and the grid would refuse it; copy the folder and resume the copy "
                    f"(cp -a {run} DEST, then fmlray run --resume DEST ...)"), err
     assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    assert main(["run", "--resume", str(run)]) == 2  # finished: how to go on says the same
+    assert capsys.readouterr().err.strip().endswith(
+        f"already ran its 1 rounds; it is a run of the {grid} in {run.parent}, so to continue it copy the folder "
+        f"(cp -a {run} DEST) and resume the copy with --set run.rounds=N (N > 1)")
     copy = tmp_path / "copy" / run.name
     shutil.copytree(run, copy)
     assert main(["run", "--resume", str(copy), "--set", "run.rounds=2"]) == 0  # the copy goes on
