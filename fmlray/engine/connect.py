@@ -322,6 +322,17 @@ def shut_down() -> None:
     release()
 
 
+def own_ray_gone() -> bool:
+    """Whether this process started its Ray and that Ray's GCS or raylet has died: then nothing answers a call
+    (a SIGTERM to the whole process group reaches them too), and a wait for one only runs out its timeout."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    for name in ("gcs_server", "raylet"):
+        for info in (node.all_processes.get(name, []) if node is not None else []):
+            if info.process.poll() is not None:
+                return True
+    return False
+
+
 def _started_processes() -> list[psutil.Process]:
     """The processes of the Ray this process started, if it did (its head's daemons, and what the raylet
     started: agents, workers); none for a Ray it joined. `ray.shutdown` ends them, except where it comes

@@ -35,7 +35,7 @@ from fmlray.config import Config
 from fmlray.data import Dataset, Partition
 from fmlray.engine.aggregator import Aggregator
 from fmlray.engine.base import EvalResult, RoundResult
-from fmlray.engine.connect import _timeout, connect, shut_down
+from fmlray.engine.connect import _timeout, connect, own_ray_gone, shut_down
 from fmlray.engine.host import ClientHost, evaluate_global
 from fmlray.engine.resources import (ActorSpec, Capacity, bundle_capacity, check_memory, deal, match_bundles,
                                      plan_actors, plan_store)
@@ -217,6 +217,17 @@ def _lost_before_round_1(exc: Exception, then: str) -> ResourceError:
 def _second_loss(exc: Exception) -> ResourceError:
     return _lost(exc, f"a second client actor was lost ({type(exc).__name__}: a node went away, or the cluster) "
                       f"while a lost one's clients moved to it; {RESUMABLE}")
+
+
+def _wait_all(refs: list, timeout: float) -> list:
+    """Wait for `refs` up to `timeout` seconds; the ones still pending. In slices, so that a signal's handler runs
+    between them (one ray.wait held it off), and no longer than this process's own Ray lives: a SIGTERM to the whole
+    process group ends its GCS and raylet too, and a wait on them waited out Ray's 60 s GCS timeout, which then
+    ended the driver with exit 1."""
+    pending, deadline = list(refs), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline and not own_ray_gone():
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+    return pending
 
 
 def _last(refs):
@@ -414,7 +425,11 @@ class RayEngine:
 
     def _wait_ready(self) -> list[dict]:
         refs = [a.ready.remote() for a in self.actors] + [self.aggregator.__ray_ready__.remote()]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.ready_timeout)
+        pending = _wait_all(refs, self.ready_timeout)
+        if pending and own_ray_gone():
+            self.close()
+            raise ResourceError("this run's own Ray stopped (its GCS or raylet process ended) before round 1; start "
+                                "the run again")
         if pending:
             self.close()
             raise ResourceError(f"{len(pending)} of {len(refs)} actors did not start within {self.ready_timeout:g}s "
@@ -777,9 +792,9 @@ class RayEngine:
         closed = []  # the actors that dropped their clients: parked for the next run in a `reusing_actors` scope
         if actors:  # let each actor drop its store (a scratch disk store is deleted); a lost one cannot
             closing = {i: a.close.remote() for i, a in enumerate(actors) if i not in self.lost}
-            done, _ = ray.wait(list(closing.values()), num_returns=len(closing), timeout=30)
+            pending = _wait_all(list(closing.values()), 30)
             for i, ref in closing.items():
-                if ref in done:
+                if ref not in pending:
                     with contextlib.suppress(ray.exceptions.RayError):
                         ray.get(ref)
                         closed.append(i)
