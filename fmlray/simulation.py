@@ -199,14 +199,13 @@ def _probe(cfg: Config, algo, dataset: Dataset) -> tuple:
     them, and four of the run's training rows in the group's task space (with the task's members, if any)."""
     import torch
 
-    from fmlray.engine.host import client_archs
-    from fmlray.engine.tasks import build_arch, task_members
+    from fmlray.engine.host import client_archs, client_models
+    from fmlray.engine.tasks import task_members
     from fmlray.tasks import of_group
 
     group = cfg.clients.groups[0]
     task = of_group(cfg, group)
-    models = {m.name: build_arch(a, dataset)
-              for m, a in zip(algo.models, client_archs(cfg, algo, group.local_model, task.num_labels))}
+    models = client_models(algo, client_archs(cfg, algo, group.local_model, task.num_labels), dataset)
     label = np.asarray(task.of_class)[dataset.y_train]
     rows = np.flatnonzero(label >= 0)[:4]  # a task's classes only, as its clients hold
     x, y = torch.as_tensor(dataset.x_train[rows]), torch.as_tensor(label[rows])

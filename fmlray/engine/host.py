@@ -120,6 +120,11 @@ def client_archs(cfg: Config, algo: Algorithm, local_model: str, outputs: int | 
     return tuple(local if m.arch == "client" else cfg.model.meme for m in algo.models)
 
 
+def client_models(algo: Algorithm, archs: tuple[str, ...], dataset: Dataset) -> dict[str, nn.Module]:
+    """A client's models by name, of the architectures `client_archs` gives (on the CPU, freshly initialised)."""
+    return {m.name: build_arch(a, dataset) for m, a in zip(algo.models, archs)}
+
+
 @dataclass
 class Client:
     cid: int
@@ -213,7 +218,7 @@ class ClientHost:
     def _workspace(self, key: tuple[str, ...]) -> Workspace:
         ws = self.workspaces.get(key)
         if ws is None:
-            models = {m.name: build_arch(arch, self.dataset).to(self.device) for m, arch in zip(self.algo.models, key)}
+            models = {n: m.to(self.device) for n, m in client_models(self.algo, key, self.dataset).items()}
             layout = private_layout(self.cfg, self.algo, models, key)
             ws = self.workspaces[key] = Workspace(layout, models, {n: self._optimizer(m) for n, m in models.items()},
                                                   self.device)

@@ -213,14 +213,13 @@ def row_bytes(cfg: Config, dataset) -> dict[str, int]:
     per client group (by name: what a group keeps depends on the algorithm, e.g. Ditto's personal model has the
     global architecture whatever the group's local one); {} when the algorithm keeps nothing on the clients."""
     from fmlray.algorithms import build_algorithm
-    from fmlray.engine.host import client_archs, private_layout
-    from fmlray.engine.tasks import build_arch
+    from fmlray.engine.host import client_archs, client_models, private_layout
 
     algo = build_algorithm(cfg.algorithm, cfg.run.rounds)
     out = {}
     for g in cfg.clients.groups:
         archs = client_archs(cfg, algo, local_arch(cfg, g))
-        models = {m.name: build_arch(a, dataset) for m, a in zip(algo.models, archs)}
+        models = client_models(algo, archs, dataset)
         layout = private_layout(cfg, algo, models, archs)
         if layout.slots:
             out[g.name] = layout.nbytes
